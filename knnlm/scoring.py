@@ -1,0 +1,142 @@
+"""The kNN-LM interpolation formula: the one place it is written down.
+
+Given LM logits and the k nearest neighbours of the query hidden state (squared distances and
+the token ids stored as their values):
+
+    p_knn(v) = sum_{i : values_i = v} softmax(-dists / T)_i
+    log p(v) = logaddexp(log(1 - lam) + log_softmax(logits)(v), log(lam) + log p_knn(v))
+
+Everything is computed in fp32 log space. Conventions shared by the reference and the fused
+``csrc`` op (which is tested against the functions below):
+
+* ``dists`` may hold ``+inf`` for a missing / excluded neighbour: it gets zero weight. A row whose
+  neighbours are all ``+inf`` has no kNN mass at all, so ``log p_knn = -inf`` everywhere and the
+  result is ``log(1 - lam) + log p_lm``.
+* tokens that no neighbour votes for get ``log p_knn = -inf`` (no epsilon, no magic floor).
+* ``lam = 0`` returns ``log p_lm`` and ``lam = 1`` returns ``log p_knn`` exactly, without NaN.
+* ``values`` must be valid token ids in ``[0, V)``.
+
+``interpolate`` / ``interpolate_target`` dispatch to the fused op from ``knnlm.ops`` when it is
+available for the tensors' device and fall back to the torch reference otherwise.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+__all__ = [
+    "check_mixture_args",
+    "knn_log_weights",
+    "reference_knn_log_probs",
+    "reference_interpolate",
+    "reference_interpolate_target",
+    "interpolate",
+    "interpolate_target",
+]
+
+
+def check_mixture_args(lam: float, temperature: float) -> None:
+    """Raise ``ValueError`` with an actionable message for an invalid lambda / temperature."""
+    if not (0.0 <= float(lam) <= 1.0) or math.isnan(float(lam)):
+        raise ValueError(f"lambda must be in [0, 1], got {lam}")
+    if not float(temperature) > 0.0 or math.isinf(float(temperature)):
+        raise ValueError(f"temperature must be a positive finite number, got {temperature}")
+
+
+def _log_mix_weights(lam: float) -> tuple[float, float]:
+    """(log(1 - lam), log(lam)) with exact -inf at the ends."""
+    log_lm = math.log1p(-lam) if lam < 1.0 else -math.inf
+    log_knn = math.log(lam) if lam > 0.0 else -math.inf
+    return log_lm, log_knn
+
+
+def knn_log_weights(dists: torch.Tensor, temperature: float) -> torch.Tensor:
+    """log softmax(-dists / T) over the neighbour axis, fp32. (B, K) -> (B, K).
+
+    ``+inf`` distances get ``-inf`` weight; a row of only ``+inf`` gets ``-inf`` everywhere
+    (instead of the NaN a plain log_softmax would give).
+    """
+    scores = -dists.float() / temperature  # (B, K)
+    lse = torch.logsumexp(scores, dim=-1, keepdim=True)  # (B, 1)
+    out = scores - lse
+    return torch.where(torch.isneginf(lse), torch.full_like(out, -math.inf), out)
+
+
+def reference_knn_log_probs(dists: torch.Tensor, values: torch.Tensor, vocab_size: int,
+                            temperature: float) -> torch.Tensor:
+    """log p_knn as a dense (B, V) fp32 tensor, ``-inf`` where no neighbour votes."""
+    w = knn_log_weights(dists, temperature)  # (B, K)
+    # Stable per-token log-sum-exp of the neighbour weights: subtract the row max (0 unless the
+    # row is empty), sum in probability space, take the log. exp(w - max) <= 1, never overflows.
+    m = w.max(dim=-1, keepdim=True).values  # (B, 1)
+    m = torch.where(torch.isneginf(m), torch.zeros_like(m), m)
+    mass = torch.zeros(w.shape[0], vocab_size, dtype=torch.float32, device=w.device)
+    mass.scatter_add_(1, values.long(), torch.exp(w - m))  # (B, V)
+    return torch.log(mass) + m
+
+
+def reference_interpolate(logits: torch.Tensor, dists: torch.Tensor, values: torch.Tensor,
+                          lam: float, temperature: float) -> torch.Tensor:
+    """The spec. logits (B, V), dists (B, K), values (B, K) -> log p (B, V) fp32."""
+    check_mixture_args(lam, temperature)
+    lp_lm = torch.log_softmax(logits.float(), dim=-1)  # (B, V)
+    if lam == 0.0:
+        return lp_lm
+    lp_knn = reference_knn_log_probs(dists, values, logits.shape[-1], temperature)  # (B, V)
+    if lam == 1.0:
+        return lp_knn
+    log_lm, log_knn = _log_mix_weights(lam)
+    return torch.logaddexp(lp_lm + log_lm, lp_knn + log_knn)
+
+
+def reference_interpolate_target(logits: torch.Tensor, dists: torch.Tensor, values: torch.Tensor,
+                                 target: torch.Tensor, lam: float,
+                                 temperature: float) -> torch.Tensor:
+    """log p(target) only. logits (B, V), dists/values (B, K), target (B,) -> (B,) fp32.
+
+    Never materialises a (B, V) kNN distribution: the kNN mass of the target is a masked
+    log-sum-exp over the K neighbours.
+    """
+    check_mixture_args(lam, temperature)
+    logits = logits.float()
+    tgt = target.long()
+    lp_lm = logits.gather(1, tgt[:, None]).squeeze(1) - torch.logsumexp(logits, dim=-1)  # (B,)
+    if lam == 0.0:
+        return lp_lm
+    w = knn_log_weights(dists, temperature)  # (B, K)
+    hit = values.long() == tgt[:, None]  # (B, K)
+    lp_knn = torch.logsumexp(torch.where(hit, w, torch.full_like(w, -math.inf)), dim=-1)  # (B,)
+    if lam == 1.0:
+        return lp_knn
+    log_lm, log_knn = _log_mix_weights(lam)
+    return torch.logaddexp(lp_lm + log_lm, lp_knn + log_knn)
+
+
+def _fused(name: str, logits: torch.Tensor):
+    """The fused op for ``logits``' device, or None (the reference is used then)."""
+    from knnlm import ops  # local import: ops may JIT-compile on first use
+
+    return ops.get_op(name, logits.device)
+
+
+def interpolate(logits: torch.Tensor, dists: torch.Tensor, values: torch.Tensor, lam: float,
+                temperature: float, *, use_kernel: bool = True) -> torch.Tensor:
+    """Full kNN-LM log-distribution (B, V); the fused op when available, else the reference."""
+    check_mixture_args(lam, temperature)
+    op = _fused("knn_interpolate", logits) if use_kernel else None
+    if op is None:
+        return reference_interpolate(logits, dists, values, lam, temperature)
+    return op(logits, dists.float(), values, float(lam), float(temperature))
+
+
+def interpolate_target(logits: torch.Tensor, dists: torch.Tensor, values: torch.Tensor,
+                       target: torch.Tensor, lam: float, temperature: float, *,
+                       use_kernel: bool = True) -> torch.Tensor:
+    """kNN-LM log-probability of ``target`` (B,); the fused op when available."""
+    check_mixture_args(lam, temperature)
+    op = _fused("knn_interpolate_target", logits) if use_kernel else None
+    if op is None:
+        return reference_interpolate_target(logits, dists, values, target, lam, temperature)
+    return op(logits, dists.float(), values, target, float(lam), float(temperature))
