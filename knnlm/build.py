@@ -1,0 +1,309 @@
+"""The build loop: corpus -> tokens -> keys / values -> FAISS index, resumable.
+
+Phases (``header["status"]``):
+
+1. ``tokenizing``: every document is tokenized once into ``tokens.npy``, ``values.npy`` and
+   ``documents.json``. Cheap; an interrupted tokenization restarts from scratch.
+2. ``building``: windows (see ``knnlm.data.windows``) go through the model in batches of
+   ``batch_size``; the key rows of each batch are written at their final place in ``keys.npy``
+   and, once on disk, ``header["count"]`` advances. Batches are a pure function of the corpus and
+   the settings, so a resumed build recomputes exactly the batches an uninterrupted one would:
+   the bytes are identical.
+3. the index is trained and filled from ``keys.npy``, written atomically, and the status becomes
+   ``complete``.
+
+Memory is bounded by one batch of activations plus one chunk of keys while adding to the
+index, plus the index itself: keys are streamed to disk with ``pwrite``, never held in RAM.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import resource
+import shutil
+import time
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import numpy as np
+import torch
+
+from knnlm import __version__
+from knnlm.capture import capture_keys, find_key_module
+from knnlm.config import RESUME_KEYS, BuildConfig
+from knnlm.data import CorpusError, count_targets, iter_documents, resolve_sources, sha256_text, windows
+from knnlm.datastore import (DOCUMENTS, HEADER, INDEX, KEY_DTYPES, KEYS, TOKENS, VALUES, DatastoreError,
+                             model_identity, new_header, open_datastore, read_header, write_json_atomic)
+from knnlm.index import build_index, plan_index
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["build_datastore", "iter_batches"]
+
+_OWNED_FILES = (HEADER, HEADER + ".tmp", DOCUMENTS, TOKENS, VALUES, KEYS, INDEX, INDEX + ".tmp",
+                TOKENS + ".part", VALUES + ".part")
+TOKENIZE_BATCH_DOCS = 64  # documents per call of the (fast, batched) tokenizer
+
+
+def _peak_rss_mib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+
+
+def _key_dim(model, layer: str | None) -> int:
+    """Width of the key module's input, from a 2-token probe forward."""
+    device = next(model.parameters()).device
+    with torch.inference_mode(), capture_keys(model, layer, stop_after=True) as cap:
+        return int(cap.keys_of(torch.zeros(1, 2, dtype=torch.long, device=device)).shape[-1])
+
+
+def _check_out_dir(out: Path, identity: dict, cfg: BuildConfig, sources) -> dict | None:
+    """Decide what to do with ``out``: returns the header to resume from, or None to start fresh."""
+    header = read_header(out) if out.exists() else None
+    if header is None:
+        if out.exists() and any(out.iterdir()) and not cfg.overwrite:
+            raise DatastoreError(f"--out {out} exists, is not empty and holds no datastore; "
+                                 "choose an empty or new directory")
+        return None
+    if cfg.overwrite:
+        return None
+    theirs = header.get("model", {})
+    for fieldname in ("config_hash", "weights_fingerprint", "tokenizer_hash"):
+        if theirs.get(fieldname) != identity[fieldname]:
+            raise DatastoreError(
+                f"--out {out} holds a datastore of another model ({theirs.get('name_or_path')!r}, "
+                f"{fieldname} differs); choose another --out, or pass --overwrite to replace it")
+    if not cfg.resume:
+        raise DatastoreError(f"--out {out} already holds a datastore (status {header.get('status')!r}, "
+                             f"{header.get('count')}/{header.get('total')} rows); pass --resume to "
+                             "continue it, --overwrite to replace it, or choose another --out")
+    mine, old = cfg.settings(), header.get("build", {})
+    diff = [k for k in RESUME_KEYS if mine.get(k) != old.get(k)]
+    if diff:
+        k = diff[0]
+        raise DatastoreError(f"cannot --resume {out}: --{k.replace('_', '-')} is {mine.get(k)!r} now, "
+                             f"{old.get(k)!r} when the build started; use the same settings or --overwrite")
+    if [s.to_json() for s in sources] != header["corpus"]["sources"]:
+        raise DatastoreError(f"cannot --resume {out}: the input files differ from those the build started "
+                             "with (paths, sizes or hashes); use the same --data or --overwrite")
+    return header
+
+
+def _clear(out: Path) -> None:
+    for name in _OWNED_FILES:
+        (out / name).unlink(missing_ok=True)
+
+
+def _write_npy_from_raw(raw: Path, dest: Path, dtype, shape: tuple) -> None:
+    """Wrap a raw little-endian array file into a .npy file (streamed, constant memory)."""
+    tmp = dest.with_name(dest.name + ".tmp")
+    with open(tmp, "wb") as f, open(raw, "rb") as r:
+        np.lib.format.write_array_header_2_0(
+            f, {"descr": np.dtype(dtype).str, "fortran_order": False, "shape": shape})
+        shutil.copyfileobj(r, f, 1 << 22)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, dest)
+    raw.unlink()
+
+
+def _tokenize(out: Path, tokenizer, sources, cfg: BuildConfig, header: dict) -> None:
+    """Phase 1: tokens.npy, values.npy, documents.json; fills header totals."""
+    from tqdm.auto import tqdm
+
+    docs, n_tokens, n_rows = [], 0, 0
+    budget = cfg.max_tokens
+    tok_raw, val_raw = out / (TOKENS + ".part"), out / (VALUES + ".part")
+    bar = tqdm(desc="tokenizing", unit="doc", disable=not cfg.progress)
+    with open(tok_raw, "wb") as ft, open(val_raw, "wb") as fv:
+        pending: list = []
+
+        def flush():
+            nonlocal n_tokens, n_rows, budget
+            enc = tokenizer([d.text for d in pending], add_special_tokens=True, verbose=False)["input_ids"]
+            for d, ids in zip(pending, enc):
+                if budget is not None:
+                    ids = ids[:budget]
+                    budget -= len(ids)
+                arr = np.asarray(ids, dtype=np.int32)
+                ft.write(arr.tobytes())
+                fv.write(arr[1:].tobytes())
+                docs.append({"name": d.name, "source": d.source, "offset": n_tokens, "length": len(arr),
+                             "first_row": n_rows, "sha256": sha256_text(d.text)})
+                n_tokens += len(arr)
+                n_rows += count_targets(len(arr))
+                if budget == 0:
+                    break
+            bar.update(len(pending))
+            pending.clear()
+
+        for doc in iter_documents(sources, cfg.text_field):
+            pending.append(doc)
+            if len(pending) == TOKENIZE_BATCH_DOCS:
+                flush()
+            if budget == 0:
+                break
+        if pending and budget != 0:
+            flush()
+    bar.close()
+    if n_rows == 0:
+        raise CorpusError(f"the corpus has no tokens to predict ({len(docs)} documents, "
+                          f"{n_tokens} tokens); check --data / --glob / --text-field")
+    if int(max(tokenizer.vocab_size, len(tokenizer))) > np.iinfo(np.int32).max:  # pragma: no cover
+        raise CorpusError("vocabulary too large for int32 values")
+    _write_npy_from_raw(tok_raw, out / TOKENS, np.int32, (n_tokens,))
+    _write_npy_from_raw(val_raw, out / VALUES, np.int32, (n_rows,))
+    write_json_atomic(out / DOCUMENTS, docs)
+    header.update(status="building", count=0, total=n_rows, tokens=n_tokens)
+    header["corpus"]["documents"] = len(docs)
+    logger.info("tokenized %d documents: %d tokens, %d key rows", len(docs), n_tokens, n_rows)
+
+
+def iter_batches(documents: Sequence[dict], context: int, stride: int,
+                 batch_size: int) -> Iterator[tuple[int, list[tuple[int, int, int, int]]]]:
+    """Group the windows of all documents into batches, in row order.
+
+    Yields ``(first_row, [(doc, start, end, first_target), ...])``; each batch's rows are the
+    contiguous range starting at ``first_row``. A pure function of its arguments (resume relies
+    on it).
+    """
+    batch, row0, row = [], 0, 0
+    for di, doc in enumerate(documents):
+        for start, end, first in windows(doc["length"], context, stride):
+            if not batch:
+                row0 = row
+            batch.append((di, start, end, first))
+            row += end - first
+            if len(batch) == batch_size:
+                yield row0, batch
+                batch = []
+    if batch:
+        yield row0, batch
+
+
+def _allocate_keys(path: Path, n: int, dim: int, dtype) -> int:
+    """Create keys.npy at full size (sparse); return the byte offset of row 0."""
+    with open(path, "wb") as f:
+        np.lib.format.write_array_header_2_0(
+            f, {"descr": np.dtype(dtype).str, "fortran_order": False, "shape": (n, dim)})
+        offset = f.tell()
+        f.truncate(offset + n * dim * np.dtype(dtype).itemsize)
+    return offset
+
+
+def _keys_offset(path: Path) -> int:
+    with open(path, "rb") as f:
+        version = np.lib.format.read_magic(f)
+        np.lib.format._read_array_header(f, version)
+        return f.tell()
+
+
+def _extract(out: Path, model, header: dict, cfg: BuildConfig, key_layer: str) -> None:
+    """Phase 2: run the model over every window and write key rows; resumable."""
+    from tqdm.auto import tqdm
+
+    documents = json.loads((out / DOCUMENTS).read_text())
+    n, dim = int(header["total"]), int(header["key"]["dim"])
+    dtype = np.dtype(KEY_DTYPES[cfg.key_dtype])
+    keys_path = out / KEYS
+    if header["count"] == 0 or not keys_path.exists():
+        header["count"] = 0
+        offset = _allocate_keys(keys_path, n, dim, dtype)
+    else:
+        offset = _keys_offset(keys_path)
+    row_bytes = dim * dtype.itemsize
+    tokens = np.load(out / TOKENS, mmap_mode="r")
+    device = next(model.parameters()).device
+    pad_id = 0  # right padding is never attended to by a causal model; its outputs are dropped
+    start_count = int(header["count"])
+    bar = tqdm(total=n, initial=start_count, unit="tok", unit_scale=True, desc="extracting keys",
+               disable=not cfg.progress, smoothing=0.1)
+    t0 = time.time()
+    fd = os.open(keys_path, os.O_WRONLY)
+    try:
+        with torch.inference_mode(), capture_keys(model, key_layer, stop_after=True) as cap:
+            for row0, batch in iter_batches(documents, cfg.context, cfg.stride, cfg.batch_size):
+                nrows = sum(end - first for _, _, end, first in batch)
+                if row0 + nrows <= header["count"]:
+                    continue  # done before the interruption
+                if row0 != header["count"]:
+                    raise DatastoreError(f"{out}: row count {header['count']} is not at a batch boundary; "
+                                         "the datastore is corrupt, rebuild it with --overwrite")
+                width = max(end - start for _, start, end, _ in batch)
+                ids = np.full((len(batch), width), pad_id, dtype=np.int64)  # (B, T)
+                for b, (di, start, end, _) in enumerate(batch):
+                    o = documents[di]["offset"]
+                    ids[b, : end - start] = tokens[o + start: o + end]
+                h = cap.keys_of(torch.from_numpy(ids).to(device))  # (B, T, D)
+                # target j is predicted at position j - 1; positions are relative to the window
+                rows = torch.cat([h[b, first - 1 - start: end - 1 - start]
+                                  for b, (_, start, end, first) in enumerate(batch)])  # (nrows, D)
+                buf = rows.to(torch.float32).cpu().numpy().astype(dtype, copy=False).tobytes()
+                os.pwrite(fd, buf, offset + row0 * row_bytes)
+                os.fdatasync(fd)
+                header["count"] = row0 + nrows
+                write_json_atomic(out / HEADER, header)
+                bar.update(nrows)
+    finally:
+        os.close(fd)
+        bar.close()
+    dt = time.time() - t0
+    done = n - start_count
+    header["build"]["stats"] = {
+        "extract_seconds": round(dt, 2), "rows_this_run": done,
+        "tokens_per_second": round(done / dt, 1) if dt > 0 else None,
+        "peak_rss_mib_after_extract": round(_peak_rss_mib(), 1),
+    }
+    logger.info("extracted %d keys in %.1fs (%.0f tok/s)", done, dt, done / max(dt, 1e-9))
+
+
+def build_datastore(model, tokenizer, data: Sequence[str], out: str | os.PathLike,
+                    cfg: BuildConfig | None = None):
+    """Build (or resume) a datastore in ``out`` and return it opened (``knnlm.Datastore``).
+
+    Everything that can be checked before writing is checked first (paths, key layer, index
+    spec, the output directory); a failure while tokenizing a fresh build removes what it wrote.
+    """
+    cfg = cfg or BuildConfig()
+    out = Path(out)
+    max_pos = getattr(model.config, "max_position_embeddings", None)
+    if max_pos and cfg.context > max_pos:
+        raise DatastoreError(f"--context {cfg.context} exceeds the model's {max_pos} positions; lower it")
+    key_layer = find_key_module(model, cfg.layer)
+    dim = _key_dim(model, key_layer)
+    plan_index(cfg.index, 1 << 20, dim)  # parse check only; planned for real once N is known
+    sources = resolve_sources(data, cfg.globs, cfg.exclude)
+    identity = model_identity(model, tokenizer, key_layer)
+    header = _check_out_dir(out, identity, cfg, sources)
+    fresh = header is None
+    if fresh:
+        out.mkdir(parents=True, exist_ok=True)
+        _clear(out)
+        header = new_header(identity=identity, key_layer=key_layer, dim=dim, key_dtype=cfg.key_dtype,
+                            sources=sources, settings=cfg.settings(), version=__version__)
+        write_json_atomic(out / HEADER, header)
+    t_start = time.time()
+    if header["status"] == "tokenizing":
+        try:
+            _tokenize(out, tokenizer, sources, cfg, header)
+        except BaseException:
+            if fresh:
+                _clear(out)
+                if not any(out.iterdir()):
+                    out.rmdir()
+            raise
+        write_json_atomic(out / HEADER, header)
+    if header["status"] == "building" and header["count"] < header["total"]:
+        _extract(out, model, header, cfg, key_layer)
+        write_json_atomic(out / HEADER, header)
+    if header["status"] == "building":
+        plan = plan_index(cfg.index, int(header["total"]), dim)
+        logger.info("%s", plan.describe(int(header["total"]), dim))
+        header["index"] = build_index(out / KEYS, int(header["total"]), dim, plan, out / INDEX,
+                                      seed=cfg.seed, progress=cfg.progress)
+        header["build"].setdefault("stats", {})["peak_rss_mib"] = round(_peak_rss_mib(), 1)
+        header["build"]["stats"]["total_seconds_this_run"] = round(time.time() - t_start, 2)
+        header["status"] = "complete"
+        write_json_atomic(out / HEADER, header)
+    return open_datastore(out)

@@ -1,0 +1,180 @@
+"""``knnlm`` command line: thin subcommands over the library. Heavy imports happen per command."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+
+EXIT_USAGE = 2
+EXIT_INTERRUPTED = 130
+
+BUILD_EXAMPLES = """\
+examples:
+  # the CPython standard library with the bundled SmolLM2-135M, exact index
+  knnlm build-index --data "$(python -c 'import sysconfig; print(sysconfig.get_paths()["stdlib"])')" \\
+      --glob '*.py' --exclude 'test/*' --exclude 'idlelib/idle_test/*' --out runs/stdlib --index flat
+  # a jsonl corpus, GPU when present, IVF-PQ index, 1024-token windows scoring 512 new tokens each
+  knnlm build-index --model ./my-hf-model --data data.jsonl --text-field body --out runs/ds \\
+      --context 1024 --stride 512 --index ivfpq
+  # continue a build that was interrupted (same arguments + --resume)
+  knnlm build-index --data corpus/ --out runs/ds --resume
+"""
+
+INFO_EXAMPLES = """\
+examples:
+  knnlm info runs/stdlib
+  knnlm info runs/stdlib --json
+"""
+
+
+def _add_model_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("model")
+    g.add_argument("--model", default="smollm2", metavar="NAME",
+                   help="alias (smollm2, the bundled default), local directory, .gguf file, or a hub "
+                        "name in the local cache (default: %(default)s)")
+    g.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda, cuda:N (default: %(default)s)")
+    g.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+                   help="model weights dtype; auto = float32 on CPU, bfloat16 on CUDA (default: %(default)s)")
+
+
+def _add_corpus_args(p: argparse.ArgumentParser, required: bool = True) -> None:
+    g = p.add_argument_group("corpus")
+    g.add_argument("--data", nargs="+", required=required, metavar="PATH",
+                   help="text files, directories (recursive), .jsonl files or `datasets.save_to_disk` directories")
+    g.add_argument("--glob", action="append", default=None, metavar="PATTERN",
+                   help="file-name pattern inside directories, repeatable (default: every file)")
+    g.add_argument("--exclude", action="append", default=[], metavar="PATTERN",
+                   help="relative-path pattern to skip inside directories, repeatable (e.g. 'test/*')")
+    g.add_argument("--text-field", default="text", help="jsonl key / dataset column with the text (default: %(default)s)")
+    g.add_argument("--max-tokens", type=int, default=None, metavar="N",
+                   help="use only the first N corpus tokens (deterministic; default: all)")
+
+
+def _add_window_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("windows")
+    g.add_argument("--context", type=int, default=512, help="tokens per forward window (default: %(default)s)")
+    g.add_argument("--stride", type=int, default=None,
+                   help="new target tokens per window; smaller = more left context, more compute "
+                        "(default: context - 1, non-overlapping windows)")
+    g.add_argument("--batch-size", type=int, default=8, help="windows per forward pass (default: %(default)s)")
+
+
+def _build_parser() -> argparse.ArgumentParser:
+    from knnlm import __version__
+
+    parser = argparse.ArgumentParser(prog="knnlm", description="kNN-LM for Hugging Face causal language models.",
+                                     formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     epilog="run `knnlm COMMAND --help` for the options and examples of a command")
+    parser.add_argument("--version", action="version", version=f"knnlm {__version__}")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    b = sub.add_parser("build-index", help="build a datastore and FAISS index from a corpus",
+                       description="Extract the key hidden state for every corpus token, write the datastore "
+                                   "(keys, next-token values, JSON header) and build its FAISS index.",
+                       epilog=BUILD_EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+    _add_model_args(b)
+    _add_corpus_args(b)
+    _add_window_args(b)
+    g = b.add_argument_group("datastore")
+    g.add_argument("--out", required=True, metavar="DIR", help="datastore directory to create")
+    g.add_argument("--layer", default=None,
+                   help="key module path (e.g. model.layers.29.mlp) or decoder-layer index (e.g. -1); "
+                        "default: the input of the last layer's feed-forward block")
+    g.add_argument("--key-dtype", default="float16", choices=["float16", "float32"],
+                   help="storage dtype of the keys (default: %(default)s)")
+    g.add_argument("--index", default="auto", metavar="KIND",
+                   help="flat (exact), ivfpq, auto (flat up to 65,536 keys, IVF-SQfp16 while the keys fit "
+                        "in 8 GiB, IVF-PQ beyond), or a FAISS factory string (default: %(default)s)")
+    g.add_argument("--seed", type=int, default=0, help="seed of the index-training sample (default: %(default)s)")
+    g.add_argument("--resume", action="store_true", help="continue an interrupted build in --out")
+    g.add_argument("--overwrite", action="store_true", help="replace the datastore in --out")
+    g.add_argument("--quiet", action="store_true", help="no progress bars")
+    b.set_defaults(func=cmd_build_index)
+
+    i = sub.add_parser("info", help="print a datastore's header and sizes",
+                       description="Print what a datastore holds: model, key layer, sizes, index, build settings.",
+                       epilog=INFO_EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+    i.add_argument("datastore", metavar="DIR")
+    i.add_argument("--json", action="store_true", help="print the raw header as JSON")
+    i.set_defaults(func=cmd_info)
+    return parser
+
+
+def cmd_build_index(args) -> int:
+    from knnlm.build import build_datastore
+    from knnlm.config import BuildConfig
+    from knnlm.models import load_model
+
+    cfg = BuildConfig(context=args.context, stride=args.stride, batch_size=args.batch_size,
+                      key_dtype=args.key_dtype, layer=args.layer, globs=tuple(args.glob or ("*",)),
+                      exclude=tuple(args.exclude), text_field=args.text_field, index=args.index,
+                      max_tokens=args.max_tokens, seed=args.seed, resume=args.resume,
+                      overwrite=args.overwrite, progress=not args.quiet)
+    model, tokenizer = load_model(args.model, device=args.device, dtype=args.dtype)
+    ds = build_datastore(model, tokenizer, args.data, args.out, cfg)
+    print(_summary(ds.path, ds.header))
+    return 0
+
+
+def _summary(path, h: dict) -> str:
+    stats = h["build"].get("stats", {})
+    idx = h.get("index") or {}
+    lines = [
+        f"datastore {path}: {h['status']}",
+        f"  model      {h['model']['name_or_path']} ({h['model']['class']}), key {h['key']['layer']} "
+        f"dim {h['key']['dim']} {h['key']['dtype']}",
+        f"  corpus     {len(h['corpus']['sources'])} sources, {h['corpus']['documents']} documents, "
+        f"{h['tokens']:,} tokens",
+        f"  keys       {h['count']:,}/{h['total']:,} rows; windows of {h['window']['context']} "
+        f"tokens, stride {h['window']['stride']}",
+    ]
+    if stats.get("tokens_per_second"):
+        lines.append(f"  extract    {stats['extract_seconds']} s, {stats['tokens_per_second']:,} tok/s, "
+                     f"peak RSS {stats.get('peak_rss_mib_after_extract')} MiB")
+    if idx:
+        lines.append(f"  index      {idx['factory']} ({idx['ntotal']:,} vectors, nprobe {idx['nprobe']}, "
+                     f"{idx['bytes'] / 2**20:.1f} MiB, built in {idx['build_seconds']} s)")
+    return "\n".join(lines)
+
+
+def cmd_info(args) -> int:
+    from knnlm.datastore import DatastoreError, read_header
+
+    h = read_header(args.datastore)
+    if h is None:
+        raise DatastoreError(f"{args.datastore} holds no datastore (header.json missing)")
+    if args.json:
+        print(json.dumps(h, indent=1))
+    else:
+        print(_summary(args.datastore, h))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = _build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(levelname)s %(name)s: %(message)s")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return EXIT_USAGE
+    from knnlm.errors import KnnlmError
+
+    try:
+        return args.func(args)
+    except KnnlmError as e:
+        print(f"knnlm {args.command}: error: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        hint = " (continue with --resume)" if args.command == "build-index" else ""
+        print(f"knnlm {args.command}: interrupted{hint}", file=sys.stderr)
+        return EXIT_INTERRUPTED
+
+
+if __name__ == "__main__":
+    sys.exit(main())
