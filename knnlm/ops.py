@@ -1,13 +1,199 @@
-"""Loading the fused ``csrc`` interpolation op (placeholder until the kernel lands).
+"""Loading the fused ``csrc`` kNN-LM interpolation op.
 
-``get_op(name, device)`` returns a callable for the fused op on ``device`` or ``None``, in which
-case ``knnlm.scoring`` uses its torch reference.
+The op is a C++ (and, with a CUDA build of torch, CUDA) extension JIT-compiled with
+``torch.utils.cpp_extension.load`` (ninja) the first time it is asked for, once per process and
+thread-safely. It registers ``torch.ops.knnlm.knn_interpolate`` and
+``torch.ops.knnlm.knn_interpolate_target`` (schemas in ``csrc/knnlm.cpp``); this module adds
+their fake kernels for ``torch.compile`` / ``opcheck``.
+
+Build cache: ``$TORCH_EXTENSIONS_DIR`` when set, else ``$XDG_CACHE_HOME/knnlm/ext`` (default
+``~/.cache/knnlm/ext``), one sub-directory per torch version / build flavour; torch rebuilds when
+the sources or flags change. A cold build takes about a minute on a small CPU.
+
+``get_op(name, device)`` returns the op for ``device`` or ``None``; ``knnlm.scoring`` then uses
+its torch reference. When the extension cannot be built (no compiler, ``csrc/`` missing, build
+error) one warning says why and the reference is used. ``KNNLM_DISABLE_KERNEL=1`` turns the op
+off without a warning.
 """
 
 from __future__ import annotations
 
+import logging
+import os
+import shutil
+import sys
+import threading
+import warnings
+from pathlib import Path
+
 import torch
 
+__all__ = ["OP_NAMES", "csrc_dir", "get_op", "load_extension", "unavailable_reason"]
 
-def get_op(name: str, device: torch.device):
-    return None
+logger = logging.getLogger(__name__)
+
+OP_NAMES = ("knn_interpolate", "knn_interpolate_target")
+
+_lock = threading.Lock()
+_tried = False
+_loaded = False
+_reason: str | None = None  # why the extension is not loaded (None while untried / loaded)
+
+
+def csrc_dir() -> Path:
+    """``csrc/`` next to the package (source checkout or editable install)."""
+    return Path(__file__).resolve().parent.parent / "csrc"
+
+
+def _disabled() -> bool:
+    return os.environ.get("KNNLM_DISABLE_KERNEL", "").strip().lower() not in ("", "0", "false", "no")
+
+
+def _cpu_flags() -> list[str]:
+    """-O3, OpenMP (at::parallel_for is inline OpenMP) and AVX2/FMA when this CPU has them."""
+    flags = ["-O3", "-fopenmp"]
+    if sys.platform.startswith("linux"):
+        try:
+            info = Path("/proc/cpuinfo").read_text()
+        except OSError:
+            info = ""
+        cpu_flags = set()
+        for line in info.splitlines():
+            if line.startswith("flags"):
+                cpu_flags = set(line.split(":", 1)[1].split())
+                break
+        if {"avx2", "fma"} <= cpu_flags:
+            flags += ["-mavx2", "-mfma"]
+    return flags
+
+
+def _want_cuda() -> tuple[bool, str]:
+    if torch.version.cuda is None:
+        return False, "torch is a CPU-only build"
+    if not torch.cuda.is_available():
+        return False, "no CUDA device"
+    from torch.utils.cpp_extension import CUDA_HOME
+
+    if CUDA_HOME is None and shutil.which("nvcc") is None:
+        return False, "nvcc not found"
+    return True, ""
+
+
+def _build_root(flavour: str) -> Path:
+    env = os.environ.get("TORCH_EXTENSIONS_DIR")
+    if env:
+        root = Path(env)
+    else:
+        cache = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+        root = Path(cache) / "knnlm" / "ext"
+    version = torch.__version__.replace("+", "_").replace(".", "_")
+    path = root / f"torch{version}" / flavour
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def _register_fakes() -> None:
+    def _fake_interpolate(logits, dists, values, lam, temperature):
+        torch._check(logits.dim() == 2, lambda: "knnlm: logits must be 2-D [B, V]")
+        torch._check(dists.shape == values.shape, lambda: "knnlm: values must have the shape of dists")
+        return logits.new_empty(logits.shape, dtype=torch.float32)
+
+    def _fake_interpolate_target(logits, dists, values, target, lam, temperature):
+        torch._check(logits.dim() == 2, lambda: "knnlm: logits must be 2-D [B, V]")
+        torch._check(dists.shape == values.shape, lambda: "knnlm: values must have the shape of dists")
+        return logits.new_empty((logits.shape[0],), dtype=torch.float32)
+
+    torch.library.register_fake("knnlm::knn_interpolate")(_fake_interpolate)
+    torch.library.register_fake("knnlm::knn_interpolate_target")(_fake_interpolate_target)
+
+
+def _build() -> None:
+    """Compile + load the extension (caller holds the lock). Raises with the reason on failure."""
+    from torch.utils.cpp_extension import load
+
+    src = csrc_dir()
+    cpu_sources = [src / "knnlm.cpp", src / "cpu" / "interp_cpu.cpp"]
+    missing = [str(p) for p in cpu_sources if not p.is_file()]
+    if missing:
+        raise RuntimeError(f"csrc sources not found: {', '.join(missing)}")
+    if shutil.which(os.environ.get("CXX", "c++")) is None:
+        raise RuntimeError("no C++ compiler (c++ / $CXX) on PATH")
+    sources = [str(p) for p in cpu_sources]
+    cflags = _cpu_flags()
+    cuda, why_not = _want_cuda()
+    if cuda:
+        sources += [str(src / "cuda" / "knnlm_cuda.cpp")]
+        sources += sorted(str(p) for p in (src / "cuda").glob("*.cu"))
+    else:
+        logger.debug("knnlm: building the CPU kernel only (%s)", why_not)
+    isa = "avx2" if "-mavx2" in cflags else "generic"
+    flavour = f"{'cuda' if cuda else 'cpu'}_{isa}"
+    name = f"knnlm_ops_{flavour}"
+    build_dir = _build_root(flavour)
+    logger.info("knnlm: compiling the fused op %s in %s (first use; about a minute)", name, build_dir)
+    load(
+        name=name,
+        sources=sources,
+        extra_cflags=cflags,
+        extra_cuda_cflags=["-O3", "--use_fast_math"] if cuda else None,
+        extra_ldflags=["-fopenmp"],
+        extra_include_paths=[str(src)],
+        build_directory=str(build_dir),
+        with_cuda=cuda,
+        is_python_module=False,
+        verbose=logger.isEnabledFor(logging.DEBUG),
+    )
+
+
+def load_extension() -> bool:
+    """Build/load the extension once per process; True when the ops are registered."""
+    global _tried, _loaded, _reason
+    if _tried:
+        return _loaded
+    with _lock:
+        if _tried:
+            return _loaded
+        try:
+            if not hasattr(torch.ops.knnlm, "knn_interpolate"):
+                _build()
+            _register_fakes()
+            _loaded = True
+            logger.info("knnlm: fused op loaded")
+        except Exception as exc:  # noqa: BLE001 - any build failure means: use the reference
+            _reason = f"{type(exc).__name__}: {str(exc).strip().splitlines()[-1] if str(exc).strip() else ''}"
+            warnings.warn(
+                f"knnlm: the fused csrc op could not be built/loaded ({_reason}); "
+                "falling back to the torch reference implementation",
+                RuntimeWarning,
+                stacklevel=3,
+            )
+        finally:
+            _tried = True
+    return _loaded
+
+
+def unavailable_reason() -> str | None:
+    """Why the op is not available (None when it is, or has not been tried yet)."""
+    if _disabled():
+        return "disabled by KNNLM_DISABLE_KERNEL"
+    return _reason
+
+
+def get_op(name: str, device: torch.device | str):
+    """``torch.ops.knnlm.<name>`` when the extension is loaded with a kernel for ``device``'s
+    type, else ``None`` (the caller falls back to the torch reference)."""
+    if name not in OP_NAMES:
+        raise ValueError(f"unknown knnlm op {name!r}; expected one of {OP_NAMES}")
+    if _disabled():
+        return None
+    if not load_extension():
+        return None
+    dev_type = torch.device(device).type
+    key = {"cpu": "CPU", "cuda": "CUDA"}.get(dev_type)
+    if key is None:
+        return None
+    try:
+        has_kernel = torch._C._dispatch_has_kernel_for_dispatch_key(f"knnlm::{name}", key)
+    except Exception:  # noqa: BLE001 - private API; assume CPU only
+        has_kernel = key == "CPU"
+    return getattr(torch.ops.knnlm, name) if has_kernel else None

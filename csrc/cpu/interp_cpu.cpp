@@ -1,0 +1,340 @@
+// CPU implementation: rows in parallel with at::parallel_for (V is split across threads too when
+// there are few rows), the per-element math from csrc/interp.h, inner loops written over fixed
+// lane blocks so that the compiler vectorises them.
+//
+// knn_interpolate, per row:
+//   1. kNN prep (O(K)): validate values, neighbour log-weights, group duplicates (the output row
+//      is borrowed as a token -> neighbour-index scratch map), one log-mass per distinct token.
+//   2. one read of the logits: chunked online max / sum-exp (fp32), merged across V chunks.
+//   3. one write of the output: log p_lm + log(1 - lam) everywhere, then the log-space mix at
+//      the distinct neighbour tokens of the chunk. No V-sized temporaries.
+#include "cpu/interp_cpu.h"
+
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cstring>
+#include <vector>
+
+#include "checks.h"
+#include "interp.h"
+
+namespace knnlm {
+namespace {
+
+struct LoadF32 {
+  using T = float;
+  static float at(const T* p, int64_t i) { return p[i]; }
+};
+struct LoadF16 {
+  using T = uint16_t;
+  static float at(const T* p, int64_t i) { return half_bits_to_float(p[i]); }
+};
+struct LoadBF16 {
+  using T = uint16_t;
+  static float at(const T* p, int64_t i) { return bf16_bits_to_float(p[i]); }
+};
+
+constexpr int kLanes = 16;     // independent accumulators: one or two SIMD registers
+constexpr int64_t kChunk = 1024;  // elements per online-max step (stays in L1 for the 2nd look)
+
+// Online log-sum-exp of x[lo, hi): per chunk, a lane-wise max, one rescale of the running sum,
+// then a lane-wise sum of exp(x - max) over the (L1-resident) chunk: one exp per element.
+template <class L>
+LseState range_lse(const typename L::T* x, int64_t lo, int64_t hi) {
+  LseState st = lse_empty();
+  int64_t j = lo;
+  for (; j + kChunk <= hi; j += kChunk) {
+    float mx[kLanes];
+    for (int l = 0; l < kLanes; ++l) mx[l] = KNNLM_LOWEST;
+    for (int64_t k = 0; k < kChunk; k += kLanes) {
+      for (int l = 0; l < kLanes; ++l) {
+        const float v = L::at(x, j + k + l);
+        mx[l] = v > mx[l] ? v : mx[l];
+      }
+    }
+    float cm = st.m;
+    for (int l = 0; l < kLanes; ++l) cm = mx[l] > cm ? mx[l] : cm;
+    float acc[kLanes];
+    for (int l = 0; l < kLanes; ++l) acc[l] = 0.0f;
+    for (int64_t k = 0; k < kChunk; k += kLanes) {
+      for (int l = 0; l < kLanes; ++l) acc[l] += exp_nonpos(L::at(x, j + k + l) - cm);
+    }
+    float cs = 0.0f;
+    for (int l = 0; l < kLanes; ++l) cs += acc[l];
+    st.s = st.s * exp_nonpos(st.m - cm) + cs;
+    st.m = cm;
+  }
+  for (; j < hi; ++j) lse_push(st, L::at(x, j));
+  return st;
+}
+
+// out[lo, hi) = value at a token without kNN mass.
+template <class L>
+void range_write(const typename L::T* x, float* out, int64_t lo, int64_t hi, float row_max,
+                 float log_sum, const MixParams& p) {
+  if (p.mode == kKnnOnly) {
+    std::fill(out + lo, out + hi, neg_inf());
+  } else if (p.mode == kLmOnly) {
+    for (int64_t j = lo; j < hi; ++j) out[j] = lm_log_prob(L::at(x, j), row_max, log_sum);
+  } else {
+    MixParams q = p;
+    q.mode = kMix;  // a compile-time-known mode lets the loop vectorise
+    for (int64_t j = lo; j < hi; ++j)
+      out[j] = mix_no_knn(lm_log_prob(L::at(x, j), row_max, log_sum), q);
+  }
+}
+
+// Neighbour log-weights w_i = log softmax(-d / T)_i; returns false when the row has no kNN mass
+// (no neighbour or all distances +inf), as knnlm.scoring.knn_log_weights.
+inline bool knn_log_weights_row(const float* d, int64_t K, float T, float* w) {
+  float smax = neg_inf();
+  for (int64_t i = 0; i < K; ++i) {
+    w[i] = knn_score(d[i], T);
+    smax = w[i] > smax ? w[i] : smax;
+  }
+  if (smax == neg_inf()) return false;
+  float ssum = 0.0f;
+  for (int64_t i = 0; i < K; ++i) ssum += exp_nonpos(w[i] - smax);
+  const float lse = smax + logf(ssum);
+  for (int64_t i = 0; i < K; ++i) w[i] -= lse;
+  return true;
+}
+
+template <typename Idx>
+inline bool first_out_of_range(const Idx* v, int64_t n, int64_t V, int64_t* bad) {
+  for (int64_t i = 0; i < n; ++i) {
+    if (v[i] < 0 || static_cast<int64_t>(v[i]) >= V) {
+      *bad = static_cast<int64_t>(v[i]);
+      return true;
+    }
+  }
+  return false;
+}
+
+struct RangeError {
+  std::atomic<bool> hit{false};
+  int64_t row = 0, value = 0;
+  void set(int64_t r, int64_t v) {
+    bool expected = false;
+    if (hit.compare_exchange_strong(expected, true)) {
+      row = r;
+      value = v;
+    }
+  }
+};
+
+// How many V-chunks per row: enough tasks to keep every thread busy when B is small.
+int64_t chunks_per_row(int64_t B, int64_t V) {
+  const int64_t nt = std::max<int64_t>(1, at::get_num_threads());
+  if (B >= 4 * nt || V < 8192) return 1;
+  const int64_t want = (4 * nt + B - 1) / B;
+  return std::max<int64_t>(1, std::min<int64_t>(want, V / 4096));
+}
+
+// Row statistics (max, log sum exp(x - max)) of all rows with V split into P chunks per row;
+// prep(b) runs once per row (by the task holding chunk 0) before its chunk is read.
+template <class L, class Prep>
+void row_stats(const typename L::T* x, int64_t B, int64_t V, int64_t P, bool need_lse,
+               float* row_max, float* log_sum, const Prep& prep) {
+  std::vector<LseState> part(static_cast<size_t>(B * P), lse_empty());
+  at::parallel_for(0, B * P, 1, [&](int64_t t0, int64_t t1) {
+    for (int64_t t = t0; t < t1; ++t) {
+      const int64_t b = t / P, c = t % P;
+      if (c == 0) prep(b);
+      if (!need_lse) continue;
+      const int64_t lo = V * c / P, hi = V * (c + 1) / P;
+      part[t] = range_lse<L>(x + b * V, lo, hi);
+    }
+  });
+  for (int64_t b = 0; b < B; ++b) {
+    LseState st = part[b * P];
+    for (int64_t c = 1; c < P; ++c) st = lse_merge(st, part[b * P + c]);
+    row_max[b] = st.m;
+    log_sum[b] = st.s > 0.0f ? logf(st.s) : neg_inf();  // all -inf row: NaN output, like torch
+  }
+}
+
+template <class L, typename Idx>
+void interpolate_impl(const at::Tensor& logits, const at::Tensor& dists, const at::Tensor& values,
+                      const MixParams& p, float T, at::Tensor& out) {
+  const int64_t B = logits.size(0), V = logits.size(1), K = dists.size(1);
+  const auto* x = reinterpret_cast<const typename L::T*>(logits.const_data_ptr());
+  const float* d = dists.const_data_ptr<float>();
+  const Idx* v = values.const_data_ptr<Idx>();
+  float* o = out.mutable_data_ptr<float>();
+  const bool use_knn = p.mode != kLmOnly && K > 0;
+
+  // Per distinct neighbour token: its id (-1 for non-leaders / no kNN mass) and log-mass.
+  std::vector<int64_t> lead_tok(use_knn ? B * K : 0, -1);
+  std::vector<float> lead_lp(use_knn ? B * K : 0, neg_inf());
+  std::vector<float> row_max(B), log_sum(B);
+  RangeError err;
+
+  auto prep = [&](int64_t b) {
+    int64_t bad = 0;
+    if (first_out_of_range(v + b * K, K, V, &bad)) {
+      err.set(b, bad);
+      return;
+    }
+    if (!use_knn) return;
+    std::vector<float> w(K), gsum(K, 0.0f);
+    std::vector<int32_t> rep(K);
+    const Idx* vb = v + b * K;
+    if (!knn_log_weights_row(d + b * K, K, T, w.data())) return;  // no kNN mass in this row
+    // Group duplicates: borrow the output row as token -> last neighbour index (overwritten by
+    // the write pass later), so the representative of a token is its last occurrence.
+    float* slot = o + b * V;
+    for (int64_t i = 0; i < K; ++i) {
+      const int32_t ii = static_cast<int32_t>(i);
+      std::memcpy(slot + vb[i], &ii, sizeof(ii));
+    }
+    for (int64_t i = 0; i < K; ++i) std::memcpy(&rep[i], slot + vb[i], sizeof(int32_t));
+    float* gmax = lead_lp.data() + b * K;  // group max, then group log-mass, at the leader
+    for (int64_t i = 0; i < K; ++i) gmax[rep[i]] = w[i] > gmax[rep[i]] ? w[i] : gmax[rep[i]];
+    for (int64_t i = 0; i < K; ++i)
+      if (gmax[rep[i]] != neg_inf()) gsum[rep[i]] += exp_nonpos(w[i] - gmax[rep[i]]);
+    for (int64_t i = 0; i < K; ++i) {
+      if (rep[i] == i) {
+        lead_tok[b * K + i] = static_cast<int64_t>(vb[i]);
+        gmax[i] = group_log_mass(gmax[i], gsum[i]);
+      }
+    }
+  };
+
+  const int64_t P = chunks_per_row(B, V);
+  row_stats<L>(x, B, V, P, p.mode != kKnnOnly, row_max.data(), log_sum.data(), prep);
+  TORCH_CHECK(!err.hit.load(), "knnlm: values must be token ids in [0, V) with V = ", V,
+              ", got ", err.value, " in row ", err.row);
+
+  at::parallel_for(0, B * P, 1, [&](int64_t t0, int64_t t1) {
+    for (int64_t t = t0; t < t1; ++t) {
+      const int64_t b = t / P, c = t % P;
+      const int64_t lo = V * c / P, hi = V * (c + 1) / P;
+      const typename L::T* xb = x + b * V;
+      float* ob = o + b * V;
+      range_write<L>(xb, ob, lo, hi, row_max[b], log_sum[b], p);
+      if (!use_knn) continue;
+      for (int64_t i = 0; i < K; ++i) {
+        const int64_t tok = lead_tok[b * K + i];
+        if (tok >= lo && tok < hi) {
+          const float lp_lm =
+              p.mode == kKnnOnly ? neg_inf() : lm_log_prob(L::at(xb, tok), row_max[b], log_sum[b]);
+          ob[tok] = mix_value(lp_lm, lead_lp[b * K + i], p);
+        }
+      }
+    }
+  });
+}
+
+template <class L, typename Idx, typename Tdx>
+void interpolate_target_impl(const at::Tensor& logits, const at::Tensor& dists,
+                             const at::Tensor& values, const at::Tensor& target,
+                             const MixParams& p, float T, at::Tensor& out) {
+  const int64_t B = logits.size(0), V = logits.size(1), K = dists.size(1);
+  const auto* x = reinterpret_cast<const typename L::T*>(logits.const_data_ptr());
+  const float* d = dists.const_data_ptr<float>();
+  const Idx* v = values.const_data_ptr<Idx>();
+  const Tdx* tg = target.const_data_ptr<Tdx>();
+  float* o = out.mutable_data_ptr<float>();
+  std::vector<float> row_max(B), log_sum(B), lp_knn(B, neg_inf());
+  RangeError err, terr;
+
+  auto prep = [&](int64_t b) {
+    int64_t bad = 0;
+    if (first_out_of_range(v + b * K, K, V, &bad)) err.set(b, bad);
+    if (first_out_of_range(tg + b, 1, V, &bad)) terr.set(b, bad);
+    if (p.mode == kLmOnly || K == 0) return;
+    std::vector<float> w(K);
+    if (!knn_log_weights_row(d + b * K, K, T, w.data())) return;
+    // The target's log-mass: log-sum-exp of the weights of the neighbours voting for it.
+    const int64_t t = static_cast<int64_t>(tg[b]);
+    const Idx* vb = v + b * K;
+    float gmax = neg_inf(), gsum = 0.0f;
+    for (int64_t i = 0; i < K; ++i)
+      if (static_cast<int64_t>(vb[i]) == t) gmax = w[i] > gmax ? w[i] : gmax;
+    if (gmax == neg_inf()) return;
+    for (int64_t i = 0; i < K; ++i)
+      if (static_cast<int64_t>(vb[i]) == t) gsum += exp_nonpos(w[i] - gmax);
+    lp_knn[b] = group_log_mass(gmax, gsum);
+  };
+
+  const int64_t P = chunks_per_row(B, V);
+  row_stats<L>(x, B, V, P, p.mode != kKnnOnly, row_max.data(), log_sum.data(), prep);
+  TORCH_CHECK(!err.hit.load(), "knnlm: values must be token ids in [0, V) with V = ", V,
+              ", got ", err.value, " in row ", err.row);
+  TORCH_CHECK(!terr.hit.load(), "knnlm: target must be token ids in [0, V) with V = ", V,
+              ", got ", terr.value, " in row ", terr.row);
+  for (int64_t b = 0; b < B; ++b) {
+    const float lp_lm = p.mode == kKnnOnly
+                            ? neg_inf()
+                            : lm_log_prob(L::at(x + b * V, static_cast<int64_t>(tg[b])),
+                                          row_max[b], log_sum[b]);
+    o[b] = mix_value(lp_lm, lp_knn[b], p);
+  }
+}
+
+template <class F>
+void dispatch_logits(at::ScalarType t, const F& f) {
+  switch (t) {
+    case at::kFloat: f(LoadF32{}); break;
+    case at::kHalf: f(LoadF16{}); break;
+    case at::kBFloat16: f(LoadBF16{}); break;
+    default: TORCH_CHECK(false, "knnlm: unsupported logits dtype ", t);
+  }
+}
+
+template <class F>
+void dispatch_index(at::ScalarType t, const F& f) {
+  if (t == at::kLong) {
+    f(int64_t{});
+  } else {
+    f(int32_t{});
+  }
+}
+
+}  // namespace
+
+at::Tensor knn_interpolate_cpu(const at::Tensor& logits_in, const at::Tensor& dists_in,
+                               const at::Tensor& values_in, double lam, double temperature) {
+  check_inputs(logits_in, dists_in, values_in, lam, temperature);
+  TORCH_CHECK(logits_in.device().is_cpu(), "knnlm: CPU kernel got a ", logits_in.device(), " tensor");
+  const at::Tensor logits = logits_in.contiguous(), dists = dists_in.contiguous(),
+                   values = values_in.contiguous();
+  at::Tensor out = at::empty(logits.sizes(), logits.options().dtype(at::kFloat));
+  if (out.numel() == 0) return out;
+  const MixParams p = make_mix(lam);
+  dispatch_logits(logits.scalar_type(), [&](auto ld) {
+    dispatch_index(values.scalar_type(), [&](auto idx) {
+      interpolate_impl<decltype(ld), decltype(idx)>(logits, dists, values, p,
+                                                     static_cast<float>(temperature), out);
+    });
+  });
+  return out;
+}
+
+at::Tensor knn_interpolate_target_cpu(const at::Tensor& logits_in, const at::Tensor& dists_in,
+                                      const at::Tensor& values_in, const at::Tensor& target_in,
+                                      double lam, double temperature) {
+  check_inputs(logits_in, dists_in, values_in, lam, temperature);
+  check_target(logits_in, target_in);
+  TORCH_CHECK(logits_in.device().is_cpu(), "knnlm: CPU kernel got a ", logits_in.device(), " tensor");
+  const at::Tensor logits = logits_in.contiguous(), dists = dists_in.contiguous(),
+                   values = values_in.contiguous(), target = target_in.contiguous();
+  at::Tensor out = at::empty({logits.size(0)}, logits.options().dtype(at::kFloat));
+  if (out.numel() == 0) return out;
+  TORCH_CHECK(logits.size(1) > 0, "knnlm: empty vocabulary (V = 0)");
+  const MixParams p = make_mix(lam);
+  dispatch_logits(logits.scalar_type(), [&](auto ld) {
+    dispatch_index(values.scalar_type(), [&](auto idx) {
+      dispatch_index(target.scalar_type(), [&](auto tdx) {
+        interpolate_target_impl<decltype(ld), decltype(idx), decltype(tdx)>(
+            logits, dists, values, target, p, static_cast<float>(temperature), out);
+      });
+    });
+  });
+  return out;
+}
+
+}  // namespace knnlm

@@ -1,0 +1,171 @@
+// Per-element math of the fused kNN-LM interpolation, shared by the CPU (csrc/cpu) and CUDA
+// (csrc/cuda) kernels so that both run the very same code. No torch includes: this header is
+// compiled by nvcc in the .cu files as well as by the host compiler.
+//
+// The formula and its conventions are specified by the torch reference in knnlm/scoring.py:
+//   log p(v) = logaddexp(log(1 - lam) + log_softmax(logits)(v), log(lam) + log p_knn(v))
+//   p_knn(v) = sum_{i : values_i = v} softmax(-dists / T)_i
+// +inf distance = missing neighbour (zero weight); all-+inf row => log p_knn = -inf everywhere;
+// lam = 0 -> log p_lm exactly, lam = 1 -> log p_knn exactly.
+#pragma once
+
+#include <math.h>
+#include <stdint.h>
+#include <string.h>
+
+#if defined(__CUDACC__)
+#define KNNLM_HD __host__ __device__ __forceinline__
+#else
+#define KNNLM_HD inline
+#endif
+
+namespace knnlm {
+
+// -FLT_MAX: the initial running max of the online log-sum-exp. Finite on purpose, so that a
+// -inf logit seen first gives exp(-inf - (-FLT_MAX)) = 0 instead of exp(NaN).
+#define KNNLM_LOWEST (-3.402823466e+38f)
+
+KNNLM_HD float neg_inf() { return -INFINITY; }
+
+KNNLM_HD float bits_to_float(uint32_t u) {
+  float f;
+  memcpy(&f, &u, sizeof(f));
+  return f;
+}
+
+KNNLM_HD uint32_t float_to_bits(float f) {
+  uint32_t u;
+  memcpy(&u, &f, sizeof(u));
+  return u;
+}
+
+// ---- input conversions (branch-free so the host compiler can vectorise them) ----------------
+
+// IEEE binary16 bits -> fp32 (exact; handles zero/denormal/inf/NaN).
+KNNLM_HD float half_bits_to_float(uint16_t h) {
+  const uint32_t w = (uint32_t)h << 16;
+  const uint32_t sign = w & 0x80000000u;
+  const uint32_t two_w = w + w;
+  // normal / inf / NaN: shift the exponent+mantissa into place and rebias by scaling.
+  const float normalized = bits_to_float((two_w >> 4) + (0xE0u << 23)) * 1.925929944387236e-34f;  // 2^-112
+  // zero / denormal: build 0.5 + m * 2^-24 and subtract 0.5 (exact).
+  const float denormalized = bits_to_float((two_w >> 17) | (126u << 23)) - 0.5f;
+  const uint32_t r = sign | (two_w < (1u << 27) ? float_to_bits(denormalized) : float_to_bits(normalized));
+  return bits_to_float(r);
+}
+
+// bfloat16 bits -> fp32 (exact).
+KNNLM_HD float bf16_bits_to_float(uint16_t h) { return bits_to_float((uint32_t)h << 16); }
+
+// ---- exp for non-positive arguments ----------------------------------------------------------
+// Every exp in the op is of a value minus a running/row/group maximum, i.e. x <= 0. Cephes-style
+// range reduction + degree-6 polynomial (about 1 ulp), written branch-free. Results below
+// exp(-87.3) (fp32 denormals) are flushed to 0: they are < 1e-38 relative to the max term that is
+// always part of the same sum, so they cannot change a result. exp(-inf) = 0, NaN propagates.
+KNNLM_HD float exp_nonpos(float x) {
+  const float xc = x < -87.0f ? -87.0f : x;       // keep 2^n a normal number
+  const float n = floorf(xc * 1.44269504088896341f + 0.5f);
+  float r = xc - n * 0.693359375f;                 // ln2 split in two for an exact reduction
+  r = r - n * -2.12194440e-4f;
+  float p = 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  p = p * r * r + r + 1.0f;
+  const float scale = bits_to_float((uint32_t)((int32_t)n + 127) << 23);
+  const float y = p * scale;
+  return x < -87.0f ? 0.0f : y;  // NaN < -87 is false: NaN goes through and propagates
+}
+
+// ---- online log-sum-exp state: lse = m + log(s) ----------------------------------------------
+
+struct LseState {
+  float m;  // running max (KNNLM_LOWEST when empty)
+  float s;  // sum of exp(x - m)
+};
+
+KNNLM_HD LseState lse_empty() {
+  LseState st;
+  st.m = KNNLM_LOWEST;
+  st.s = 0.0f;
+  return st;
+}
+
+// Fold one element in with a single exp: rescale the sum only when the max moves.
+KNNLM_HD void lse_push(LseState& st, float x) {
+  const float d = x - st.m;
+  if (d > 0.0f) {
+    st.s = st.s * exp_nonpos(-d) + 1.0f;
+    st.m = x;
+  } else {
+    st.s += exp_nonpos(d);  // d = NaN for a NaN logit: propagates into s
+  }
+}
+
+// Merge two states (associative up to rounding): used for lane / warp / thread reductions.
+KNNLM_HD LseState lse_merge(LseState a, LseState b) {
+  LseState r;
+  r.m = a.m > b.m ? a.m : b.m;
+  r.s = a.s * exp_nonpos(a.m - r.m) + b.s * exp_nonpos(b.m - r.m);
+  return r;
+}
+
+// log(sum exp(x)) of the state; -inf when it saw no finite element.
+KNNLM_HD float lse_value(LseState st) { return st.s > 0.0f ? st.m + logf(st.s) : neg_inf(); }
+
+// ---- the mixture ------------------------------------------------------------------------------
+
+// Same definition as torch.logaddexp: max + log1p(exp(-|a - b|)), and a when both are -inf.
+KNNLM_HD float log_add_exp(float a, float b) {
+  const float mx = a > b ? a : b;
+  const float mn = a > b ? b : a;
+  if (mx == neg_inf()) return mx;
+  return mx + log1pf(exp_nonpos(mn - mx));
+}
+
+enum MixMode : int { kLmOnly = 0, kKnnOnly = 1, kMix = 2 };
+
+struct MixParams {
+  int mode;        // MixMode
+  float log_lm;    // log(1 - lam), -inf for lam = 1
+  float log_knn;   // log(lam), -inf for lam = 0
+};
+
+// Host side: computed in double and rounded once, as the reference does with Python floats.
+KNNLM_HD MixParams make_mix(double lam) {
+  MixParams p;
+  p.mode = lam == 0.0 ? kLmOnly : (lam == 1.0 ? kKnnOnly : kMix);
+  p.log_lm = lam < 1.0 ? (float)log1p(-lam) : neg_inf();
+  p.log_knn = lam > 0.0 ? (float)log(lam) : neg_inf();
+  return p;
+}
+
+// log p_lm(v) from the logit and the row statistics, exactly as torch.log_softmax orders it:
+// (x - max) - log(sum exp(x - max)).
+KNNLM_HD float lm_log_prob(float x, float row_max, float log_sum) { return (x - row_max) - log_sum; }
+
+// Output value at a token no neighbour votes for (log p_knn = -inf).
+KNNLM_HD float mix_no_knn(float lp_lm, const MixParams& p) {
+  if (p.mode == kLmOnly) return lp_lm;
+  if (p.mode == kKnnOnly) return neg_inf();
+  return lp_lm + p.log_lm;
+}
+
+// Output value at a token with kNN log-mass lp_knn (may be -inf).
+KNNLM_HD float mix_value(float lp_lm, float lp_knn, const MixParams& p) {
+  if (p.mode == kLmOnly) return lp_lm;
+  if (p.mode == kKnnOnly) return lp_knn;
+  return log_add_exp(lp_lm + p.log_lm, lp_knn + p.log_knn);
+}
+
+// kNN score of one neighbour: -dist / T, as the reference computes it (+inf dist -> -inf).
+KNNLM_HD float knn_score(float dist, float temperature) { return -dist / temperature; }
+
+// log-sum-exp of a group of scores given the group max (-inf max => -inf, no NaN).
+KNNLM_HD float group_log_mass(float gmax, float gsum) {
+  return gmax == neg_inf() ? neg_inf() : gmax + logf(gsum);
+}
+
+}  // namespace knnlm
