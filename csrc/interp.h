@@ -50,7 +50,9 @@ KNNLM_HD float half_bits_to_float(uint16_t h) {
   const float normalized = bits_to_float((two_w >> 4) + (0xE0u << 23)) * 1.925929944387236e-34f;  // 2^-112
   // zero / denormal: build 0.5 + m * 2^-24 and subtract 0.5 (exact).
   const float denormalized = bits_to_float((two_w >> 17) | (126u << 23)) - 0.5f;
-  const uint32_t r = sign | (two_w < (1u << 27) ? float_to_bits(denormalized) : float_to_bits(normalized));
+  const uint32_t is_denormal = 0u - (uint32_t)(two_w < (1u << 27));  // all ones / zero mask
+  const uint32_t r = sign | (float_to_bits(denormalized) & is_denormal) |
+                     (float_to_bits(normalized) & ~is_denormal);
   return bits_to_float(r);
 }
 
@@ -63,9 +65,12 @@ KNNLM_HD float bf16_bits_to_float(uint16_t h) { return bits_to_float((uint32_t)h
 // exp(-87.3) (fp32 denormals) are flushed to 0: they are < 1e-38 relative to the max term that is
 // always part of the same sum, so they cannot change a result. exp(-inf) = 0, NaN propagates.
 KNNLM_HD float exp_nonpos(float x) {
-  const float xc = x < -87.0f ? -87.0f : x;       // keep 2^n a normal number
-  const float n = floorf(xc * 1.44269504088896341f + 0.5f);
-  float r = xc - n * 0.693359375f;                 // ln2 split in two for an exact reduction
+  const float xc = x < -87.0f ? -87.0f : x;  // keep 2^n a normal number
+  // n = round(xc / ln2) by the 1.5 * 2^23 magic-number trick (branch-free, vectorises; the
+  // compilers keep the two additions since fast-math reassociation is never enabled).
+  const float biased = xc * 1.44269504088896341f + 12582912.0f;
+  const float n = biased - 12582912.0f;
+  float r = xc - n * 0.693359375f;  // ln2 split in two for an exact reduction
   r = r - n * -2.12194440e-4f;
   float p = 1.9875691500e-4f;
   p = p * r + 1.3981999507e-3f;
@@ -74,7 +79,8 @@ KNNLM_HD float exp_nonpos(float x) {
   p = p * r + 1.6666665459e-1f;
   p = p * r + 5.0000001201e-1f;
   p = p * r * r + r + 1.0f;
-  const float scale = bits_to_float((uint32_t)((int32_t)n + 127) << 23);
+  // 2^n: the low mantissa bits of `biased` hold n (two's complement), n + 127 is in [1, 127].
+  const float scale = bits_to_float((float_to_bits(biased) + 127u) << 23);
   const float y = p * scale;
   return x < -87.0f ? 0.0f : y;  // NaN < -87 is false: NaN goes through and propagates
 }
@@ -147,10 +153,10 @@ KNNLM_HD MixParams make_mix(double lam) {
 KNNLM_HD float lm_log_prob(float x, float row_max, float log_sum) { return (x - row_max) - log_sum; }
 
 // Output value at a token no neighbour votes for (log p_knn = -inf).
+// Written with selects only (no early returns) so that loops over it vectorise.
 KNNLM_HD float mix_no_knn(float lp_lm, const MixParams& p) {
-  if (p.mode == kLmOnly) return lp_lm;
-  if (p.mode == kKnnOnly) return neg_inf();
-  return lp_lm + p.log_lm;
+  const float shifted = lp_lm + (p.mode == kLmOnly ? 0.0f : p.log_lm);
+  return p.mode == kKnnOnly ? neg_inf() : shifted;
 }
 
 // Output value at a token with kNN log-mass lp_knn (may be -inf).
@@ -164,8 +170,11 @@ KNNLM_HD float mix_value(float lp_lm, float lp_knn, const MixParams& p) {
 KNNLM_HD float knn_score(float dist, float temperature) { return -dist / temperature; }
 
 // log-sum-exp of a group of scores given the group max (-inf max => -inf, no NaN).
+// A single-member group has gsum = exp(0) = 1 exactly: its log-mass is gmax (log(1) = 0), so the
+// log is skipped for it.
 KNNLM_HD float group_log_mass(float gmax, float gsum) {
-  return gmax == neg_inf() ? neg_inf() : gmax + logf(gsum);
+  if (gmax == neg_inf()) return neg_inf();
+  return gsum == 1.0f ? gmax : gmax + logf(gsum);
 }
 
 }  // namespace knnlm

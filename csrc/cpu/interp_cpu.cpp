@@ -36,54 +36,46 @@ struct LoadBF16 {
   static float at(const T* p, int64_t i) { return bf16_bits_to_float(p[i]); }
 };
 
-constexpr int kLanes = 16;     // independent accumulators: one or two SIMD registers
-constexpr int64_t kChunk = 1024;  // elements per online-max step (stays in L1 for the 2nd look)
+constexpr int64_t kChunk = 2048;  // elements per online-max step (stays in L1 for the 2nd look)
 
-// Online log-sum-exp of x[lo, hi): per chunk, a lane-wise max, one rescale of the running sum,
-// then a lane-wise sum of exp(x - max) over the (L1-resident) chunk: one exp per element.
+// The hot loops carry `#pragma omp simd` (the extension is built with -fopenmp): it lets the
+// compiler vectorise the max / sum reductions (reassociation across SIMD lanes) and the
+// branch-free helpers of interp.h.
+
+// Online log-sum-exp of x[lo, hi): per chunk, its max, one rescale of the running sum, then the
+// sum of exp(x - max) over the (L1-resident) chunk: one exp per element, one read from memory.
 template <class L>
 LseState range_lse(const typename L::T* x, int64_t lo, int64_t hi) {
   LseState st = lse_empty();
-  int64_t j = lo;
-  for (; j + kChunk <= hi; j += kChunk) {
-    float mx[kLanes];
-    for (int l = 0; l < kLanes; ++l) mx[l] = KNNLM_LOWEST;
-    for (int64_t k = 0; k < kChunk; k += kLanes) {
-      for (int l = 0; l < kLanes; ++l) {
-        const float v = L::at(x, j + k + l);
-        mx[l] = v > mx[l] ? v : mx[l];
-      }
-    }
+  for (int64_t j = lo; j < hi; j += kChunk) {
+    const int64_t n = std::min(kChunk, hi - j);
+    const typename L::T* xc = x + j;
     float cm = st.m;
-    for (int l = 0; l < kLanes; ++l) cm = mx[l] > cm ? mx[l] : cm;
-    float acc[kLanes];
-    for (int l = 0; l < kLanes; ++l) acc[l] = 0.0f;
-    for (int64_t k = 0; k < kChunk; k += kLanes) {
-      for (int l = 0; l < kLanes; ++l) acc[l] += exp_nonpos(L::at(x, j + k + l) - cm);
+#pragma omp simd reduction(max : cm)
+    for (int64_t k = 0; k < n; ++k) {
+      const float v = L::at(xc, k);
+      cm = v > cm ? v : cm;  // a NaN logit is skipped here and poisons the sum below
     }
     float cs = 0.0f;
-    for (int l = 0; l < kLanes; ++l) cs += acc[l];
+#pragma omp simd reduction(+ : cs)
+    for (int64_t k = 0; k < n; ++k) cs += exp_nonpos(L::at(xc, k) - cm);
     st.s = st.s * exp_nonpos(st.m - cm) + cs;
     st.m = cm;
   }
-  for (; j < hi; ++j) lse_push(st, L::at(x, j));
   return st;
 }
 
 // out[lo, hi) = value at a token without kNN mass.
 template <class L>
-void range_write(const typename L::T* x, float* out, int64_t lo, int64_t hi, float row_max,
-                 float log_sum, const MixParams& p) {
+void range_write(const typename L::T* __restrict x, float* __restrict out, int64_t lo, int64_t hi,
+                 float row_max, float log_sum, const MixParams& p) {
   if (p.mode == kKnnOnly) {
     std::fill(out + lo, out + hi, neg_inf());
-  } else if (p.mode == kLmOnly) {
-    for (int64_t j = lo; j < hi; ++j) out[j] = lm_log_prob(L::at(x, j), row_max, log_sum);
-  } else {
-    MixParams q = p;
-    q.mode = kMix;  // a compile-time-known mode lets the loop vectorise
-    for (int64_t j = lo; j < hi; ++j)
-      out[j] = mix_no_knn(lm_log_prob(L::at(x, j), row_max, log_sum), q);
+    return;
   }
+  const MixParams q = p;
+#pragma omp simd
+  for (int64_t j = lo; j < hi; ++j) out[j] = mix_no_knn(lm_log_prob(L::at(x, j), row_max, log_sum), q);
 }
 
 // Neighbour log-weights w_i = log softmax(-d / T)_i; returns false when the row has no kNN mass
@@ -96,6 +88,7 @@ inline bool knn_log_weights_row(const float* d, int64_t K, float T, float* w) {
   }
   if (smax == neg_inf()) return false;
   float ssum = 0.0f;
+#pragma omp simd reduction(+ : ssum)
   for (int64_t i = 0; i < K; ++i) ssum += exp_nonpos(w[i] - smax);
   const float lse = smax + logf(ssum);
   for (int64_t i = 0; i < K; ++i) w[i] -= lse;
@@ -133,27 +126,52 @@ int64_t chunks_per_row(int64_t B, int64_t V) {
   return std::max<int64_t>(1, std::min<int64_t>(want, V / 4096));
 }
 
-// Row statistics (max, log sum exp(x - max)) of all rows with V split into P chunks per row;
-// prep(b) runs once per row (by the task holding chunk 0) before its chunk is read.
-template <class L, class Prep>
-void row_stats(const typename L::T* x, int64_t B, int64_t V, int64_t P, bool need_lse,
-               float* row_max, float* log_sum, const Prep& prep) {
+// Drives the per-row work. prep(b) runs once per row before its logits are read (kNN part,
+// validation); the row statistics (max, log sum exp(x - max)) are then computed and finish(b, lo,
+// hi, row_max, log_sum) produces the output of columns [lo, hi). With P = 1 (enough rows for all
+// threads) it is a single parallel region and each row is written right after it is read (still
+// in cache); with V split into P chunks per row, partial statistics are merged in between.
+template <class L, class Prep, class Finish>
+void run_rows(const typename L::T* x, int64_t B, int64_t V, bool need_lse, const Prep& prep,
+              const Finish& finish) {
+  auto stats = [](LseState st, float* row_max, float* log_sum) {
+    *row_max = st.m;
+    *log_sum = st.s > 0.0f ? logf(st.s) : neg_inf();  // all -inf row: NaN output, like torch
+  };
+  const int64_t P = chunks_per_row(B, V);
+  if (P == 1) {
+    at::parallel_for(0, B, 1, [&](int64_t b0, int64_t b1) {
+      for (int64_t b = b0; b < b1; ++b) {
+        prep(b);
+        float row_max = 0.0f, log_sum = 0.0f;
+        if (need_lse) stats(range_lse<L>(x + b * V, 0, V), &row_max, &log_sum);
+        finish(b, int64_t{0}, V, row_max, log_sum);
+      }
+    });
+    return;
+  }
   std::vector<LseState> part(static_cast<size_t>(B * P), lse_empty());
   at::parallel_for(0, B * P, 1, [&](int64_t t0, int64_t t1) {
     for (int64_t t = t0; t < t1; ++t) {
       const int64_t b = t / P, c = t % P;
       if (c == 0) prep(b);
-      if (!need_lse) continue;
-      const int64_t lo = V * c / P, hi = V * (c + 1) / P;
-      part[t] = range_lse<L>(x + b * V, lo, hi);
+      if (need_lse) part[t] = range_lse<L>(x + b * V, V * c / P, V * (c + 1) / P);
     }
   });
-  for (int64_t b = 0; b < B; ++b) {
-    LseState st = part[b * P];
-    for (int64_t c = 1; c < P; ++c) st = lse_merge(st, part[b * P + c]);
-    row_max[b] = st.m;
-    log_sum[b] = st.s > 0.0f ? logf(st.s) : neg_inf();  // all -inf row: NaN output, like torch
+  std::vector<float> row_max(B, 0.0f), log_sum(B, 0.0f);
+  if (need_lse) {
+    for (int64_t b = 0; b < B; ++b) {
+      LseState st = part[b * P];
+      for (int64_t c = 1; c < P; ++c) st = lse_merge(st, part[b * P + c]);
+      stats(st, &row_max[b], &log_sum[b]);
+    }
   }
+  at::parallel_for(0, B * P, 1, [&](int64_t t0, int64_t t1) {
+    for (int64_t t = t0; t < t1; ++t) {
+      const int64_t b = t / P, c = t % P;
+      finish(b, V * c / P, V * (c + 1) / P, row_max[b], log_sum[b]);
+    }
+  });
 }
 
 template <class L, typename Idx>
@@ -169,7 +187,7 @@ void interpolate_impl(const at::Tensor& logits, const at::Tensor& dists, const a
   // Per distinct neighbour token: its id (-1 for non-leaders / no kNN mass) and log-mass.
   std::vector<int64_t> lead_tok(use_knn ? B * K : 0, -1);
   std::vector<float> lead_lp(use_knn ? B * K : 0, neg_inf());
-  std::vector<float> row_max(B), log_sum(B);
+  std::vector<char> row_ok(B, 0);
   RangeError err;
 
   auto prep = [&](int64_t b) {
@@ -178,6 +196,7 @@ void interpolate_impl(const at::Tensor& logits, const at::Tensor& dists, const a
       err.set(b, bad);
       return;
     }
+    row_ok[b] = 1;
     if (!use_knn) return;
     std::vector<float> w(K), gsum(K, 0.0f);
     std::vector<int32_t> rep(K);
@@ -203,29 +222,24 @@ void interpolate_impl(const at::Tensor& logits, const at::Tensor& dists, const a
     }
   };
 
-  const int64_t P = chunks_per_row(B, V);
-  row_stats<L>(x, B, V, P, p.mode != kKnnOnly, row_max.data(), log_sum.data(), prep);
-  TORCH_CHECK(!err.hit.load(), "knnlm: values must be token ids in [0, V) with V = ", V,
-              ", got ", err.value, " in row ", err.row);
-
-  at::parallel_for(0, B * P, 1, [&](int64_t t0, int64_t t1) {
-    for (int64_t t = t0; t < t1; ++t) {
-      const int64_t b = t / P, c = t % P;
-      const int64_t lo = V * c / P, hi = V * (c + 1) / P;
-      const typename L::T* xb = x + b * V;
-      float* ob = o + b * V;
-      range_write<L>(xb, ob, lo, hi, row_max[b], log_sum[b], p);
-      if (!use_knn) continue;
-      for (int64_t i = 0; i < K; ++i) {
-        const int64_t tok = lead_tok[b * K + i];
-        if (tok >= lo && tok < hi) {
-          const float lp_lm =
-              p.mode == kKnnOnly ? neg_inf() : lm_log_prob(L::at(xb, tok), row_max[b], log_sum[b]);
-          ob[tok] = mix_value(lp_lm, lead_lp[b * K + i], p);
-        }
+  auto finish = [&](int64_t b, int64_t lo, int64_t hi, float row_max, float log_sum) {
+    if (!row_ok[b]) return;  // out-of-range values: reported below, nothing written
+    const typename L::T* xb = x + b * V;
+    float* ob = o + b * V;
+    range_write<L>(xb, ob, lo, hi, row_max, log_sum, p);
+    if (!use_knn) return;
+    for (int64_t i = 0; i < K; ++i) {
+      const int64_t tok = lead_tok[b * K + i];
+      if (tok >= lo && tok < hi) {
+        const float lp_lm =
+            p.mode == kKnnOnly ? neg_inf() : lm_log_prob(L::at(xb, tok), row_max, log_sum);
+        ob[tok] = mix_value(lp_lm, lead_lp[b * K + i], p);
       }
     }
-  });
+  };
+  run_rows<L>(x, B, V, p.mode != kKnnOnly, prep, finish);
+  TORCH_CHECK(!err.hit.load(), "knnlm: values must be token ids in [0, V) with V = ", V,
+              ", got ", err.value, " in row ", err.row);
 }
 
 template <class L, typename Idx, typename Tdx>
@@ -238,13 +252,18 @@ void interpolate_target_impl(const at::Tensor& logits, const at::Tensor& dists,
   const Idx* v = values.const_data_ptr<Idx>();
   const Tdx* tg = target.const_data_ptr<Tdx>();
   float* o = out.mutable_data_ptr<float>();
-  std::vector<float> row_max(B), log_sum(B), lp_knn(B, neg_inf());
+  std::vector<float> lp_knn(B, neg_inf());
+  std::vector<char> row_ok(B, 0);
   RangeError err, terr;
 
   auto prep = [&](int64_t b) {
     int64_t bad = 0;
-    if (first_out_of_range(v + b * K, K, V, &bad)) err.set(b, bad);
-    if (first_out_of_range(tg + b, 1, V, &bad)) terr.set(b, bad);
+    const bool bad_values = first_out_of_range(v + b * K, K, V, &bad);
+    if (bad_values) err.set(b, bad);
+    const bool bad_target = first_out_of_range(tg + b, 1, V, &bad);
+    if (bad_target) terr.set(b, bad);
+    if (bad_values || bad_target) return;
+    row_ok[b] = 1;
     if (p.mode == kLmOnly || K == 0) return;
     std::vector<float> w(K);
     if (!knn_log_weights_row(d + b * K, K, T, w.data())) return;
@@ -260,19 +279,19 @@ void interpolate_target_impl(const at::Tensor& logits, const at::Tensor& dists,
     lp_knn[b] = group_log_mass(gmax, gsum);
   };
 
-  const int64_t P = chunks_per_row(B, V);
-  row_stats<L>(x, B, V, P, p.mode != kKnnOnly, row_max.data(), log_sum.data(), prep);
+  auto finish = [&](int64_t b, int64_t lo, int64_t, float row_max, float log_sum) {
+    if (lo != 0 || !row_ok[b]) return;  // one chunk per row writes; bad rows are reported below
+    const float lp_lm =
+        p.mode == kKnnOnly
+            ? neg_inf()
+            : lm_log_prob(L::at(x + b * V, static_cast<int64_t>(tg[b])), row_max, log_sum);
+    o[b] = mix_value(lp_lm, lp_knn[b], p);
+  };
+  run_rows<L>(x, B, V, p.mode != kKnnOnly, prep, finish);
   TORCH_CHECK(!err.hit.load(), "knnlm: values must be token ids in [0, V) with V = ", V,
               ", got ", err.value, " in row ", err.row);
   TORCH_CHECK(!terr.hit.load(), "knnlm: target must be token ids in [0, V) with V = ", V,
               ", got ", terr.value, " in row ", terr.row);
-  for (int64_t b = 0; b < B; ++b) {
-    const float lp_lm = p.mode == kKnnOnly
-                            ? neg_inf()
-                            : lm_log_prob(L::at(x + b * V, static_cast<int64_t>(tg[b])),
-                                          row_max[b], log_sum[b]);
-    o[b] = mix_value(lp_lm, lp_knn[b], p);
-  }
 }
 
 template <class F>
