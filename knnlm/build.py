@@ -33,7 +33,8 @@ import torch
 from knnlm import __version__
 from knnlm.capture import capture_keys, find_key_module
 from knnlm.config import RESUME_KEYS, BuildConfig
-from knnlm.data import CorpusError, count_targets, iter_documents, resolve_sources, sha256_text, windows
+from knnlm.data import (CorpusError, Source, count_targets, iter_documents, resolve_sources, sha256_text,
+                        windows)
 from knnlm.datastore import (DOCUMENTS, HEADER, INDEX, KEY_DTYPES, KEYS, TOKENS, VALUES, DatastoreError,
                              model_identity, new_header, open_datastore, read_header, write_json_atomic)
 from knnlm.index import build_index, plan_index
@@ -45,6 +46,7 @@ __all__ = ["build_datastore", "iter_batches"]
 _OWNED_FILES = (HEADER, HEADER + ".tmp", DOCUMENTS, TOKENS, VALUES, KEYS, INDEX, INDEX + ".tmp",
                 TOKENS + ".part", VALUES + ".part")
 TOKENIZE_BATCH_DOCS = 64  # documents per call of the (fast, batched) tokenizer
+COMMIT_SECONDS = 5.0  # how often finished rows are fsync'ed and recorded in the header
 
 
 def _peak_rss_mib() -> float:
@@ -195,7 +197,8 @@ def _allocate_keys(path: Path, n: int, dim: int, dtype) -> int:
 def _keys_offset(path: Path) -> int:
     with open(path, "rb") as f:
         version = np.lib.format.read_magic(f)
-        np.lib.format._read_array_header(f, version)
+        read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+        read(f)
         return f.tell()
 
 
@@ -216,19 +219,29 @@ def _extract(out: Path, model, header: dict, cfg: BuildConfig, key_layer: str) -
     tokens = np.load(out / TOKENS, mmap_mode="r")
     device = next(model.parameters()).device
     pad_id = 0  # right padding is never attended to by a causal model; its outputs are dropped
-    start_count = int(header["count"])
+    start_count = cursor = int(header["count"])
     bar = tqdm(total=n, initial=start_count, unit="tok", unit_scale=True, desc="extracting keys",
                disable=not cfg.progress, smoothing=0.1)
     t0 = time.time()
     fd = os.open(keys_path, os.O_WRONLY)
+    last_commit = time.time()
+
+    def commit(rows: int) -> None:
+        """Make rows [0, rows) durable, then record them: count never runs ahead of the disk."""
+        nonlocal last_commit
+        os.fdatasync(fd)
+        header["count"] = rows
+        write_json_atomic(out / HEADER, header)
+        last_commit = time.time()
+
     try:
         with torch.inference_mode(), capture_keys(model, key_layer, stop_after=True) as cap:
             for row0, batch in iter_batches(documents, cfg.context, cfg.stride, cfg.batch_size):
                 nrows = sum(end - first for _, _, end, first in batch)
-                if row0 + nrows <= header["count"]:
+                if row0 + nrows <= start_count:
                     continue  # done before the interruption
-                if row0 != header["count"]:
-                    raise DatastoreError(f"{out}: row count {header['count']} is not at a batch boundary; "
+                if row0 != cursor:
+                    raise DatastoreError(f"{out}: row count {start_count} is not at a batch boundary; "
                                          "the datastore is corrupt, rebuild it with --overwrite")
                 width = max(end - start for _, start, end, _ in batch)
                 ids = np.full((len(batch), width), pad_id, dtype=np.int64)  # (B, T)
@@ -241,9 +254,9 @@ def _extract(out: Path, model, header: dict, cfg: BuildConfig, key_layer: str) -
                                   for b, (_, start, end, first) in enumerate(batch)])  # (nrows, D)
                 buf = rows.to(torch.float32).cpu().numpy().astype(dtype, copy=False).tobytes()
                 os.pwrite(fd, buf, offset + row0 * row_bytes)
-                os.fdatasync(fd)
-                header["count"] = row0 + nrows
-                write_json_atomic(out / HEADER, header)
+                cursor = row0 + nrows
+                if time.time() - last_commit >= COMMIT_SECONDS or cursor == n:
+                    commit(cursor)
                 bar.update(nrows)
     finally:
         os.close(fd)
@@ -258,10 +271,11 @@ def _extract(out: Path, model, header: dict, cfg: BuildConfig, key_layer: str) -
     logger.info("extracted %d keys in %.1fs (%.0f tok/s)", done, dt, done / max(dt, 1e-9))
 
 
-def build_datastore(model, tokenizer, data: Sequence[str], out: str | os.PathLike,
+def build_datastore(model, tokenizer, data: Sequence[str] | Sequence[Source], out: str | os.PathLike,
                     cfg: BuildConfig | None = None):
     """Build (or resume) a datastore in ``out`` and return it opened (``knnlm.Datastore``).
 
+    ``data`` is a list of input paths, or of ``Source`` from ``resolve_sources`` (already checked).
     Everything that can be checked before writing is checked first (paths, key layer, index
     spec, the output directory); a failure while tokenizing a fresh build removes what it wrote.
     """
@@ -273,7 +287,8 @@ def build_datastore(model, tokenizer, data: Sequence[str], out: str | os.PathLik
     key_layer = find_key_module(model, cfg.layer)
     dim = _key_dim(model, key_layer)
     plan_index(cfg.index, 1 << 20, dim)  # parse check only; planned for real once N is known
-    sources = resolve_sources(data, cfg.globs, cfg.exclude)
+    sources = list(data) if all(isinstance(d, Source) for d in data) and data else \
+        resolve_sources(data, cfg.globs, cfg.exclude)
     identity = model_identity(model, tokenizer, key_layer)
     header = _check_out_dir(out, identity, cfg, sources)
     fresh = header is None

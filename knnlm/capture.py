@@ -128,15 +128,25 @@ def capture_keys(model: nn.Module, layer: str | None = None, *, stop_after: bool
     path = find_key_module(model, layer)
     module = model.get_submodule(path)
     cap = Capture(path, model, stop_after)
+    batch_shape: list[torch.Size] = []  # (B, T) of the current forward call
+
+    def model_hook(_mod, args, kwargs):
+        x = kwargs.get("input_ids", kwargs.get("inputs_embeds", args[0] if args else None))
+        if x is not None:
+            batch_shape[:] = [x.shape[:2]]
 
     def hook(_mod, args, kwargs):
         x = args[0] if args else next(iter(kwargs.values()))
+        if x.dim() == 2 and batch_shape and x.shape[0] == batch_shape[0].numel():
+            x = x.view(*batch_shape[0], x.shape[-1])  # OPT flattens (B, T, D) -> (B*T, D)
         cap.keys = x.detach()
         if stop_after:
             raise _StopForward
 
-    handle = module.register_forward_pre_hook(hook, with_kwargs=True)
+    handles = [model.register_forward_pre_hook(model_hook, with_kwargs=True),
+               module.register_forward_pre_hook(hook, with_kwargs=True)]
     try:
         yield cap
     finally:
-        handle.remove()
+        for h in handles:
+            h.remove()

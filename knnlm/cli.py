@@ -107,6 +107,7 @@ def _build_parser() -> argparse.ArgumentParser:
 def cmd_build_index(args) -> int:
     from knnlm.build import build_datastore
     from knnlm.config import BuildConfig
+    from knnlm.data import resolve_sources
     from knnlm.models import load_model
 
     cfg = BuildConfig(context=args.context, stride=args.stride, batch_size=args.batch_size,
@@ -114,8 +115,9 @@ def cmd_build_index(args) -> int:
                       exclude=tuple(args.exclude), text_field=args.text_field, index=args.index,
                       max_tokens=args.max_tokens, seed=args.seed, resume=args.resume,
                       overwrite=args.overwrite, progress=not args.quiet)
+    sources = resolve_sources(args.data, cfg.globs, cfg.exclude)  # fail fast, before loading the model
     model, tokenizer = load_model(args.model, device=args.device, dtype=args.dtype)
-    ds = build_datastore(model, tokenizer, args.data, args.out, cfg)
+    ds = build_datastore(model, tokenizer, sources, args.out, cfg)
     print(_summary(ds.path, ds.header))
     return 0
 
@@ -159,6 +161,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(levelname)s %(name)s: %(message)s")
+    logging.getLogger("faiss").setLevel(logging.WARNING)  # "Loading faiss with AVX2 support" etc.
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     if not getattr(args, "func", None):
         parser.print_help()

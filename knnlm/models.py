@@ -86,8 +86,10 @@ def load_model(name: str = DEFAULT_MODEL, *, device: str | None = "auto", dtype:
     torch_dtype = _resolve_dtype(dtype, dev)
     where, gguf = _locate(name)
     kwargs = {"gguf_file": gguf} if gguf else {}
+    logger.info("loading model %s (%s) on %s", name, gguf or where, dev)
     verbosity = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()  # GGUF de-quantisation and hub warnings are noise here
+    hf_logging.disable_progress_bar()
     try:
         tokenizer = AutoTokenizer.from_pretrained(where, local_files_only=True, **kwargs)
         model = AutoModelForCausalLM.from_pretrained(where, dtype=torch_dtype, local_files_only=True,
@@ -99,6 +101,7 @@ def load_model(name: str = DEFAULT_MODEL, *, device: str | None = "auto", dtype:
             f"an alias ({', '.join(ALIASES)}) or a hub name already in the local cache)") from None
     finally:
         hf_logging.set_verbosity(verbosity)
+        hf_logging.enable_progress_bar()
     model.to(dev).eval()
     if not getattr(model, "name_or_path", None):
         model.name_or_path = name

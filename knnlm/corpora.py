@@ -1,0 +1,90 @@
+"""Real corpora available on every machine: the CPython standard library sources.
+
+The split is deterministic and committed (``knnlm/splits/stdlib_{train,test}.txt``, paths
+relative to the stdlib root): a file is held out when the SHA-1 of its relative path is 0 modulo
+``TEST_MODULUS``. Both lists are ordered by that hash, so any prefix of the train list (e.g. with
+``--max-tokens``) is a uniform sample of files rather than the alphabetically first packages.
+
+``python -m knnlm.corpora stdlib-train`` prints the absolute paths, one per line, for shells::
+
+    knnlm build-index --data $(python -m knnlm.corpora stdlib-train) --out runs/stdlib
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import sys
+import sysconfig
+from pathlib import Path
+
+from knnlm.errors import KnnlmError
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["stdlib_root", "stdlib_files", "make_stdlib_split", "TEST_MODULUS"]
+
+TEST_MODULUS = 25  # ~4 % of the files are held out
+SPLITS_DIR = Path(__file__).parent / "splits"
+# directories of tests, vendored packages and generated data, relative to the stdlib root
+_EXCLUDED_PARTS = {"site-packages", "test", "tests", "idle_test", "__pycache__", "lib-dynload"}
+
+
+def stdlib_root() -> Path:
+    return Path(sysconfig.get_paths()["stdlib"])
+
+
+def _key(rel: str) -> int:
+    return int(hashlib.sha1(rel.encode()).hexdigest()[:12], 16)
+
+
+def make_stdlib_split(root: Path | None = None) -> dict[str, list[str]]:
+    """Recompute the split from the files on disk (what produced the committed lists)."""
+    root = root or stdlib_root()
+    rels = []
+    for f in root.rglob("*.py"):
+        rel = f.relative_to(root).as_posix()
+        if set(Path(rel).parts[:-1]) & _EXCLUDED_PARTS or rel.startswith("_sysconfigdata"):
+            continue
+        try:
+            f.read_text(encoding="utf-8")
+        except UnicodeDecodeError:
+            continue
+        rels.append(rel)
+    rels.sort(key=lambda r: (_key(r), r))
+    return {"train": [r for r in rels if _key(r) % TEST_MODULUS],
+            "test": [r for r in rels if _key(r) % TEST_MODULUS == 0]}
+
+
+def stdlib_files(split: str, root: Path | None = None) -> list[str]:
+    """Absolute paths of the committed ``split`` ("train" or "test") that exist on this machine."""
+    if split not in ("train", "test"):
+        raise KnnlmError(f"unknown stdlib split {split!r}; use train or test")
+    root = root or stdlib_root()
+    rels = (SPLITS_DIR / f"stdlib_{split}.txt").read_text().split()
+    paths = [root / r for r in rels]
+    present = [str(p) for p in paths if p.is_file()]
+    if len(present) < len(paths):
+        logger.warning("%d of %d stdlib %s files are missing on this Python (%s)",
+                       len(paths) - len(present), len(paths), split, root)
+    if not present:
+        raise KnnlmError(f"none of the stdlib {split} files exist under {root}")
+    return present
+
+
+def _main(argv: list[str]) -> int:
+    if len(argv) != 1 or argv[0] not in ("stdlib-train", "stdlib-test", "write-split"):
+        print("usage: python -m knnlm.corpora {stdlib-train|stdlib-test|write-split}", file=sys.stderr)
+        return 2
+    if argv[0] == "write-split":
+        SPLITS_DIR.mkdir(exist_ok=True)
+        for name, rels in make_stdlib_split().items():
+            (SPLITS_DIR / f"stdlib_{name}.txt").write_text("\n".join(rels) + "\n")
+            print(f"{name}: {len(rels)} files")
+        return 0
+    print("\n".join(stdlib_files(argv[0].split("-")[1])))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(_main(sys.argv[1:]))

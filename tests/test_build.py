@@ -1,0 +1,132 @@
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import make_tiny_model
+from knnlm import build as build_mod
+from knnlm import capture as capture_mod
+from knnlm.build import build_datastore
+from knnlm.capture import capture_keys
+from knnlm.config import BuildConfig
+from knnlm.datastore import DatastoreError, model_identity, open_datastore, read_header
+
+
+def _build(model, tok, corpus, out, **kw):
+    kw.setdefault("index", "flat")
+    return build_datastore(model, tok, [corpus], out, BuildConfig(progress=False, **kw))
+
+
+def _forward_keys(model, ids):
+    with torch.inference_mode(), capture_keys(model) as cap:
+        model(input_ids=torch.tensor([ids]))
+        return cap.pop()[0].float()
+
+
+def test_one_key_per_target_equal_to_plain_forward(tiny_model, tiny_tokenizer, corpus_dir, tmp_path):
+    ds = _build(tiny_model, tiny_tokenizer, corpus_dir, tmp_path / "ds", context=32, stride=12, batch_size=3,
+                key_dtype="float32")
+    assert len(ds) == sum(d["length"] - 1 for d in ds.documents) == ds.keys.shape[0]
+    for di, doc in enumerate(ds.documents[:2]):
+        toks = ds.document_tokens(di).tolist()
+        rows = slice(doc["first_row"], doc["first_row"] + doc["length"] - 1)
+        np.testing.assert_array_equal(ds.values[rows], toks[1:])  # value of key j-1 is token j
+        # the first window's keys equal a plain forward over the document prefix (causal model)
+        ref = _forward_keys(tiny_model, toks[:32])
+        torch.testing.assert_close(torch.from_numpy(ds.keys[rows][:31].copy()), ref[:31], atol=1e-5, rtol=1e-5)
+        # a later target j (window [j_end - 32, j_end)) equals a forward over exactly that window
+        from knnlm.data import windows
+
+        start, end, first = list(windows(len(toks), 32, 12))[2]
+        ref = _forward_keys(tiny_model, toks[start:end])
+        got = torch.from_numpy(ds.keys[rows][first - 1: end - 1].copy())
+        torch.testing.assert_close(got, ref[first - 1 - start:end - 1 - start], atol=1e-5, rtol=1e-5)
+
+
+def test_document_shorter_than_context_matches_full_forward(tiny_model, tiny_tokenizer, tmp_path):
+    f = tmp_path / "short.txt"
+    f.write_text("def f(x):\n    return x + 1\n")
+    ds = _build(tiny_model, tiny_tokenizer, f, tmp_path / "ds", context=256, key_dtype="float32")
+    ref = _forward_keys(tiny_model, ds.document_tokens(0).tolist())
+    torch.testing.assert_close(torch.from_numpy(ds.keys[:].copy()), ref[:-1], atol=1e-5, rtol=1e-5)
+
+
+def test_header_round_trip_and_refusals(tiny_model, tiny_tokenizer, corpus_dir, tmp_path):
+    ds = _build(tiny_model, tiny_tokenizer, corpus_dir, tmp_path / "ds", context=64)
+    h = read_header(tmp_path / "ds")
+    assert h["status"] == "complete" and h["count"] == h["total"] == len(ds)
+    assert h["key"] == {"layer": "model.layers.1.mlp", "kind": "ffn_input", "dim": 32, "dtype": "float16"}
+    assert h["window"] == {"context": 64, "stride": 63}
+    assert [s["path"].split("/")[-1] for s in h["corpus"]["sources"]] == sorted(p.name for p in corpus_dir.iterdir())
+    assert all(len(s["sha256"]) == 64 and s["size"] > 0 for s in h["corpus"]["sources"])
+    assert h["index"]["factory"] == "Flat" and h["index"]["ntotal"] == len(ds)
+    ident = model_identity(tiny_model, tiny_tokenizer, "model.layers.1.mlp")
+    ds.check_compatible(ident)
+    other = model_identity(make_tiny_model("llama", seed=1), tiny_tokenizer, "model.layers.1.mlp")
+    with pytest.raises(DatastoreError, match="model weights"):
+        ds.check_compatible(other)
+    with pytest.raises(DatastoreError, match="tokenizer"):
+        ds.check_compatible(dict(ident, tokenizer_hash="0" * 16))
+    # files that disagree with the header are refused
+    np.save(tmp_path / "ds" / "values.npy", np.zeros(3, dtype=np.int32))
+    with pytest.raises(DatastoreError, match="values.npy"):
+        open_datastore(tmp_path / "ds")
+
+
+class _Crash(Exception):
+    pass
+
+
+def test_resume_after_interruption_is_byte_identical(tiny_model, tiny_tokenizer, corpus_dir, tmp_path, monkeypatch):
+    kw = dict(context=48, batch_size=6)
+    monkeypatch.setattr(build_mod, "COMMIT_SECONDS", 0.0)  # record progress after every batch
+    _build(tiny_model, tiny_tokenizer, corpus_dir, tmp_path / "full", **kw)
+    calls = {"n": 0}
+    real = capture_mod.Capture.keys_of
+
+    def crashing(self, ids):
+        calls["n"] += 1
+        if calls["n"] == 4:
+            raise _Crash
+        return real(self, ids)
+
+    monkeypatch.setattr(capture_mod.Capture, "keys_of", crashing)
+    with pytest.raises(_Crash):
+        _build(tiny_model, tiny_tokenizer, corpus_dir, tmp_path / "part", **kw)
+    h = read_header(tmp_path / "part")
+    assert h["status"] == "building" and 0 < h["count"] < h["total"]
+    with pytest.raises(DatastoreError, match="incomplete"):
+        open_datastore(tmp_path / "part")
+    with pytest.raises(DatastoreError, match="--resume"):
+        _build(tiny_model, tiny_tokenizer, corpus_dir, tmp_path / "part", **kw)
+    monkeypatch.setattr(capture_mod.Capture, "keys_of", real)
+    _build(tiny_model, tiny_tokenizer, corpus_dir, tmp_path / "part", resume=True, **kw)
+    for name in ("keys.npy", "values.npy", "tokens.npy", "documents.json", "index.faiss"):
+        assert (tmp_path / "full" / name).read_bytes() == (tmp_path / "part" / name).read_bytes(), name
+
+
+def test_resume_refuses_changed_settings_and_other_models(tiny_model, tiny_tokenizer, corpus_dir, tmp_path):
+    _build(tiny_model, tiny_tokenizer, corpus_dir, tmp_path / "ds", context=24)
+    with pytest.raises(DatastoreError, match="--context"):
+        _build(tiny_model, tiny_tokenizer, corpus_dir, tmp_path / "ds", context=32, resume=True)
+    with pytest.raises(DatastoreError, match="another model"):
+        _build(make_tiny_model("llama", seed=1), tiny_tokenizer, corpus_dir, tmp_path / "ds", context=24, resume=True)
+
+
+def test_max_tokens_is_a_prefix(tiny_model, tiny_tokenizer, corpus_dir, tmp_path):
+    full = _build(tiny_model, tiny_tokenizer, corpus_dir, tmp_path / "a", context=24)
+    part = _build(tiny_model, tiny_tokenizer, corpus_dir, tmp_path / "b", context=24, max_tokens=700)
+    assert int(part.header["tokens"]) == 700
+    np.testing.assert_array_equal(part.tokens, full.tokens[:700])
+
+
+def test_failed_tokenization_leaves_nothing(tiny_model, tiny_tokenizer, tmp_path):
+    d = tmp_path / "c"
+    d.mkdir()
+    (d / "a.txt").write_text("fine text\n")
+    (d / "b.txt").write_bytes(b"\xff\xfe bad")
+    from knnlm.data import CorpusError
+
+    with pytest.raises(CorpusError, match="UTF-8"):
+        _build(tiny_model, tiny_tokenizer, d, tmp_path / "out")
+    assert not (tmp_path / "out").exists()

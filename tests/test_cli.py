@@ -1,0 +1,77 @@
+import subprocess
+import sys
+
+import pytest
+
+from knnlm.cli import main
+from knnlm.datastore import DatastoreError, open_datastore
+
+
+def _run(capsys, *argv):
+    code = main(list(map(str, argv)))
+    cap = capsys.readouterr()
+    return code, cap.out, cap.err
+
+
+def _assert_no_valid_datastore(path):
+    if path.exists():
+        with pytest.raises(DatastoreError):
+            open_datastore(path)
+
+
+def test_build_and_info(capsys, tiny_model_dir, corpus_dir, tmp_path):
+    out = tmp_path / "ds"
+    code, stdout, err = _run(capsys, "build-index", "--model", tiny_model_dir, "--data", corpus_dir, "--out", out,
+                             "--context", 64, "--quiet", "--index", "flat")
+    assert code == 0, err
+    assert "complete" in stdout and "tok/s" in stdout and "Flat" in stdout
+    assert len(open_datastore(out)) > 1000
+    code, stdout, _ = _run(capsys, "info", out)
+    assert code == 0 and "model.layers.1.mlp" in stdout
+
+
+@pytest.mark.parametrize("case", ["missing", "empty", "binary", "unknown-model", "bad-index", "bad-layer",
+                                  "bad-stride", "other-model"])
+def test_bad_input_one_line_error(case, capsys, tiny_model_dir, other_model_dir, corpus_dir, tmp_path):
+    out = tmp_path / "ds"
+    data, model, extra = corpus_dir, tiny_model_dir, []
+    if case == "missing":
+        data = tmp_path / "does-not-exist"
+    elif case == "empty":
+        data = tmp_path / "empty.txt"
+        data.write_text("")
+    elif case == "binary":
+        data = tmp_path / "blob.bin"
+        data.write_bytes(bytes(range(256)) * 4)
+    elif case == "unknown-model":
+        model = tmp_path / "no-such-model"
+    elif case == "bad-index":
+        extra = ["--index", "IVFbogus,PQ"]
+    elif case == "bad-layer":
+        extra = ["--layer", "model.layers.7.mlp"]
+    elif case == "bad-stride":
+        extra = ["--stride", "64"]
+    elif case == "other-model":
+        code, _, err = _run(capsys, "build-index", "--model", other_model_dir, "--data", corpus_dir, "--out", out,
+                            "--context", 64, "--quiet", "--index", "flat")
+        assert code == 0, err
+    code, stdout, err = _run(capsys, "build-index", "--model", model, "--data", data, "--out", out,
+                             "--context", 64, "--quiet", *extra)
+    assert code == 2
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("knnlm build-index: error: "), err
+    if case == "other-model":
+        assert "another model" in err
+        open_datastore(out)  # the other model's datastore is untouched and still valid
+    else:
+        _assert_no_valid_datastore(out)
+
+
+def test_help_documents_every_option_with_examples():
+    res = subprocess.run([sys.executable, "-m", "knnlm.cli", "build-index", "--help"], capture_output=True,
+                         text=True, check=True)
+    for opt in ("--model", "--data", "--glob", "--exclude", "--text-field", "--max-tokens", "--context", "--stride",
+                "--batch-size", "--out", "--layer", "--key-dtype", "--index", "--seed", "--resume", "--overwrite",
+                "--device", "--dtype", "--quiet"):
+        assert opt in res.stdout
+    assert "examples:" in res.stdout and "knnlm build-index --data" in res.stdout
