@@ -137,7 +137,7 @@ def _build() -> None:
         name=name,
         sources=sources,
         extra_cflags=cflags,
-        extra_cuda_cflags=["-O3", "--use_fast_math"] if cuda else None,
+        extra_cuda_cflags=["-O3"] if cuda else None,  # no fast-math: keep fp32 exp/log accuracy
         extra_ldflags=["-fopenmp"],
         extra_include_paths=[str(src)],
         build_directory=str(build_dir),
@@ -162,7 +162,9 @@ def load_extension() -> bool:
             _loaded = True
             logger.info("knnlm: fused op loaded")
         except Exception as exc:  # noqa: BLE001 - any build failure means: use the reference
-            _reason = f"{type(exc).__name__}: {str(exc).strip().splitlines()[-1] if str(exc).strip() else ''}"
+            lines = [ln for ln in str(exc).strip().splitlines() if ln.strip()]
+            _reason = f"{type(exc).__name__}: {lines[0] if lines else 'unknown error'}"
+            logger.debug("knnlm: fused op build failure", exc_info=True)
             warnings.warn(
                 f"knnlm: the fused csrc op could not be built/loaded ({_reason}); "
                 "falling back to the torch reference implementation",

@@ -208,3 +208,33 @@ def test_disable_env(monkeypatch):
 def test_unknown_op_name():
     with pytest.raises(ValueError, match="unknown knnlm op"):
         ops.get_op("knn_nope", torch.device("cpu"))
+
+
+def test_fallback_warns_once_without_compiler(tmp_path):
+    """No compiler: one warning saying why, and scoring falls back to the reference."""
+    import os
+    import subprocess
+    import sys
+
+    code = (
+        "import warnings, torch\n"
+        "warnings.simplefilter('always')\n"
+        "from knnlm import ops, scoring\n"
+        "with warnings.catch_warnings(record=True) as rec:\n"
+        "    warnings.simplefilter('always')\n"
+        "    assert ops.get_op('knn_interpolate', torch.device('cpu')) is None\n"
+        "    assert ops.get_op('knn_interpolate_target', torch.device('cpu')) is None\n"
+        "    x = torch.randn(2, 50); d = torch.rand(2, 4); v = torch.randint(0, 50, (2, 4))\n"
+        "    out = scoring.interpolate(x, d, v, 0.5, 1.0)\n"
+        "    assert torch.equal(out, scoring.reference_interpolate(x, d, v, 0.5, 1.0))\n"
+        "msgs = [str(w.message) for w in rec if 'knnlm' in str(w.message)]\n"
+        "assert len(msgs) == 1, msgs\n"
+        "assert 'no C++ compiler' in msgs[0], msgs\n"
+        "print('OK')\n"
+    )
+    env = dict(os.environ, CXX=str(tmp_path / "no-such-compiler"),
+               TORCH_EXTENSIONS_DIR=str(tmp_path / "ext"))
+    env.pop("KNNLM_DISABLE_KERNEL", None)
+    res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                         cwd=str(ops.csrc_dir().parent), timeout=120)
+    assert res.returncode == 0 and "OK" in res.stdout, res.stderr[-2000:]
