@@ -25,7 +25,7 @@ import resource
 import shutil
 import time
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Sequence
 
 import numpy as np
 import torch
@@ -33,19 +33,18 @@ import torch
 from knnlm import __version__
 from knnlm.capture import capture_keys, find_key_module
 from knnlm.config import RESUME_KEYS, BuildConfig
-from knnlm.data import (CorpusError, Source, count_targets, iter_documents, resolve_sources, sha256_text,
-                        windows)
+from knnlm.data import (CorpusError, Source, count_targets, iter_batches, iter_documents, resolve_sources,
+                        sha256_text, tokenize_documents)
 from knnlm.datastore import (DOCUMENTS, HEADER, INDEX, KEY_DTYPES, KEYS, TOKENS, VALUES, DatastoreError,
                              model_identity, new_header, open_datastore, read_header, write_json_atomic)
 from knnlm.index import build_index, plan_index
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["build_datastore", "iter_batches"]
+__all__ = ["build_datastore"]
 
 _OWNED_FILES = (HEADER, HEADER + ".tmp", DOCUMENTS, TOKENS, VALUES, KEYS, INDEX, INDEX + ".tmp",
                 TOKENS + ".part", VALUES + ".part")
-TOKENIZE_BATCH_DOCS = 64  # documents per call of the (fast, batched) tokenizer
 COMMIT_SECONDS = 5.0  # how often finished rows are fsync'ed and recorded in the header
 
 
@@ -115,73 +114,27 @@ def _tokenize(out: Path, tokenizer, sources, cfg: BuildConfig, header: dict) -> 
     from tqdm.auto import tqdm
 
     docs, n_tokens, n_rows = [], 0, 0
-    budget = cfg.max_tokens
     tok_raw, val_raw = out / (TOKENS + ".part"), out / (VALUES + ".part")
     bar = tqdm(desc="tokenizing", unit="doc", disable=not cfg.progress)
     with open(tok_raw, "wb") as ft, open(val_raw, "wb") as fv:
-        pending: list = []
-
-        def flush():
-            nonlocal n_tokens, n_rows, budget
-            enc = tokenizer([d.text for d in pending], add_special_tokens=True, verbose=False)["input_ids"]
-            for d, ids in zip(pending, enc):
-                if budget is not None:
-                    ids = ids[:budget]
-                    budget -= len(ids)
-                arr = np.asarray(ids, dtype=np.int32)
-                ft.write(arr.tobytes())
-                fv.write(arr[1:].tobytes())
-                docs.append({"name": d.name, "source": d.source, "offset": n_tokens, "length": len(arr),
-                             "first_row": n_rows, "sha256": sha256_text(d.text)})
-                n_tokens += len(arr)
-                n_rows += count_targets(len(arr))
-                if budget == 0:
-                    break
-            bar.update(len(pending))
-            pending.clear()
-
-        for doc in iter_documents(sources, cfg.text_field):
-            pending.append(doc)
-            if len(pending) == TOKENIZE_BATCH_DOCS:
-                flush()
-            if budget == 0:
-                break
-        if pending and budget != 0:
-            flush()
+        for d, arr in tokenize_documents(tokenizer, iter_documents(sources, cfg.text_field), cfg.max_tokens):
+            ft.write(arr.tobytes())
+            fv.write(arr[1:].tobytes())
+            docs.append({"name": d.name, "source": d.source, "offset": n_tokens, "length": len(arr),
+                         "first_row": n_rows, "sha256": sha256_text(d.text)})
+            n_tokens += len(arr)
+            n_rows += count_targets(len(arr))
+            bar.update(1)
     bar.close()
     if n_rows == 0:
         raise CorpusError(f"the corpus has no tokens to predict ({len(docs)} documents, "
                           f"{n_tokens} tokens); check --data / --glob / --text-field")
-    if int(max(tokenizer.vocab_size, len(tokenizer))) > np.iinfo(np.int32).max:  # pragma: no cover
-        raise CorpusError("vocabulary too large for int32 values")
     _write_npy_from_raw(tok_raw, out / TOKENS, np.int32, (n_tokens,))
     _write_npy_from_raw(val_raw, out / VALUES, np.int32, (n_rows,))
     write_json_atomic(out / DOCUMENTS, docs)
     header.update(status="building", count=0, total=n_rows, tokens=n_tokens)
     header["corpus"]["documents"] = len(docs)
     logger.info("tokenized %d documents: %d tokens, %d key rows", len(docs), n_tokens, n_rows)
-
-
-def iter_batches(documents: Sequence[dict], context: int, stride: int,
-                 batch_size: int) -> Iterator[tuple[int, list[tuple[int, int, int, int]]]]:
-    """Group the windows of all documents into batches, in row order.
-
-    Yields ``(first_row, [(doc, start, end, first_target), ...])``; each batch's rows are the
-    contiguous range starting at ``first_row``. A pure function of its arguments (resume relies
-    on it).
-    """
-    batch, row0, row = [], 0, 0
-    for di, doc in enumerate(documents):
-        for start, end, first in windows(doc["length"], context, stride):
-            if not batch:
-                row0 = row
-            batch.append((di, start, end, first))
-            row += end - first
-            if len(batch) == batch_size:
-                yield row0, batch
-                batch = []
-    if batch:
-        yield row0, batch
 
 
 def _allocate_keys(path: Path, n: int, dim: int, dtype) -> int:

@@ -16,13 +16,15 @@ import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Iterable, Iterator, Sequence
+
+import numpy as np
 
 logger = logging.getLogger(__name__)
 
 __all__ = [
     "CorpusError", "Source", "Document", "resolve_sources", "iter_documents", "windows",
-    "count_targets", "sha256_file", "sha256_text",
+    "count_targets", "iter_batches", "tokenize_documents", "sha256_file", "sha256_text",
 ]
 
 
@@ -183,3 +185,65 @@ def windows(n_tokens: int, context: int, stride: int) -> Iterator[tuple[int, int
 def count_targets(n_tokens: int) -> int:
     """Number of (key, value) rows a document of ``n_tokens`` tokens contributes."""
     return max(n_tokens - 1, 0)
+
+
+def iter_batches(documents: Sequence[dict], context: int, stride: int,
+                 batch_size: int) -> Iterator[tuple[int, list[tuple[int, int, int, int]]]]:
+    """Group the windows of all documents into batches, in row order.
+
+    Yields ``(first_row, [(doc, start, end, first_target), ...])``; each batch's rows are the
+    contiguous range starting at ``first_row``. A pure function of its arguments (resume relies
+    on it).
+    """
+    batch, row0, row = [], 0, 0
+    for di, doc in enumerate(documents):
+        for start, end, first in windows(doc["length"], context, stride):
+            if not batch:
+                row0 = row
+            batch.append((di, start, end, first))
+            row += end - first
+            if len(batch) == batch_size:
+                yield row0, batch
+                batch = []
+    if batch:
+        yield row0, batch
+
+
+TOKENIZE_BATCH_DOCS = 64  # documents per call of the (fast, batched) tokenizer
+
+
+def tokenize_documents(tokenizer, documents: Iterable[Document],
+                       max_tokens: int | None = None) -> Iterator[tuple[Document, np.ndarray]]:
+    """Tokenize in batches with the tokenizer's own special tokens (BOS where the model uses one).
+
+    Yields ``(document, ids)`` with ``ids`` an int32 array; with ``max_tokens`` the stream stops
+    after that many tokens in total (the last document is truncated), a deterministic prefix.
+    """
+    budget = max_tokens
+    pending: list[Document] = []
+
+    def flush():
+        nonlocal budget
+        enc = tokenizer([d.text for d in pending], add_special_tokens=True, verbose=False)["input_ids"]
+        pending.clear()
+        for ids in enc:
+            if budget is not None:
+                ids = ids[:budget]
+                budget -= len(ids)
+            yield np.asarray(ids, dtype=np.int32)
+
+    batch: list[Document] = []
+    for doc in documents:
+        pending.append(doc)
+        batch.append(doc)
+        if len(pending) == TOKENIZE_BATCH_DOCS:
+            for d, ids in zip(batch, flush()):
+                yield d, ids
+                if budget == 0:
+                    return
+            batch = []
+    if pending:
+        for d, ids in zip(batch, flush()):
+            yield d, ids
+            if budget == 0:
+                return

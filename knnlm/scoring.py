@@ -32,6 +32,9 @@ __all__ = [
     "reference_knn_log_probs",
     "reference_interpolate",
     "reference_interpolate_target",
+    "lm_target_log_probs",
+    "knn_target_log_probs",
+    "mix",
     "interpolate",
     "interpolate_target",
 ]
@@ -85,10 +88,34 @@ def reference_interpolate(logits: torch.Tensor, dists: torch.Tensor, values: tor
     if lam == 0.0:
         return lp_lm
     lp_knn = reference_knn_log_probs(dists, values, logits.shape[-1], temperature)  # (B, V)
+    return mix(lp_lm, lp_knn, lam)
+
+
+def lm_target_log_probs(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """log p_lm(target): logits (B, V), target (B,) -> (B,) fp32."""
+    logits = logits.float()
+    return logits.gather(1, target.long()[:, None]).squeeze(1) - torch.logsumexp(logits, dim=-1)
+
+
+def knn_target_log_probs(dists: torch.Tensor, values: torch.Tensor, target: torch.Tensor,
+                         temperature: float) -> torch.Tensor:
+    """log p_knn(target): a masked log-sum-exp over the K neighbours, (B, K) -> (B,) fp32.
+
+    Never materialises a (B, V) distribution.
+    """
+    w = knn_log_weights(dists, temperature)  # (B, K)
+    hit = values.long() == target.long()[:, None]  # (B, K)
+    return torch.logsumexp(torch.where(hit, w, torch.full_like(w, -math.inf)), dim=-1)
+
+
+def mix(lp_lm: torch.Tensor, lp_knn: torch.Tensor, lam: float) -> torch.Tensor:
+    """log(lam * p_knn + (1 - lam) * p_lm) from the two log-probabilities (any shape)."""
+    if lam == 0.0:
+        return lp_lm.float()
     if lam == 1.0:
-        return lp_knn
+        return lp_knn.float()
     log_lm, log_knn = _log_mix_weights(lam)
-    return torch.logaddexp(lp_lm + log_lm, lp_knn + log_knn)
+    return torch.logaddexp(lp_lm.float() + log_lm, lp_knn.float() + log_knn)
 
 
 def reference_interpolate_target(logits: torch.Tensor, dists: torch.Tensor, values: torch.Tensor,
@@ -96,22 +123,14 @@ def reference_interpolate_target(logits: torch.Tensor, dists: torch.Tensor, valu
                                  temperature: float) -> torch.Tensor:
     """log p(target) only. logits (B, V), dists/values (B, K), target (B,) -> (B,) fp32.
 
-    Never materialises a (B, V) kNN distribution: the kNN mass of the target is a masked
-    log-sum-exp over the K neighbours.
+    Sweeps over lambda / T / k call the three pieces (``lm_target_log_probs``,
+    ``knn_target_log_probs``, ``mix``) directly so that shared parts are computed once.
     """
     check_mixture_args(lam, temperature)
-    logits = logits.float()
-    tgt = target.long()
-    lp_lm = logits.gather(1, tgt[:, None]).squeeze(1) - torch.logsumexp(logits, dim=-1)  # (B,)
+    lp_lm = lm_target_log_probs(logits, target)
     if lam == 0.0:
         return lp_lm
-    w = knn_log_weights(dists, temperature)  # (B, K)
-    hit = values.long() == tgt[:, None]  # (B, K)
-    lp_knn = torch.logsumexp(torch.where(hit, w, torch.full_like(w, -math.inf)), dim=-1)  # (B,)
-    if lam == 1.0:
-        return lp_knn
-    log_lm, log_knn = _log_mix_weights(lam)
-    return torch.logaddexp(lp_lm + log_lm, lp_knn + log_knn)
+    return mix(lp_lm, knn_target_log_probs(dists, values, target, temperature), lam)
 
 
 def _fused(name: str, logits: torch.Tensor):
