@@ -75,6 +75,15 @@ def test_matches_reference(device, dtype, lam, B, V, K):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("lam", [0.0, 0.3, 1.0])
+def test_long_rows_few_batch(device, lam):
+    # B < threads with long rows: the CPU kernel splits V across threads and merges the partial
+    # row statistics (a different code path from one row per task)
+    logits, dists, values, target = _inputs(1, 200_000, 512, torch.bfloat16, device, n_tokens=300)
+    _check(logits, dists, values, target, lam, 2.0, device)
+
+
+@pytest.mark.parametrize("device", DEVICES)
 def test_int32_indices(device):
     logits, dists, values, target = _inputs(5, 777, 32, device=device, n_tokens=50)
     _check(logits, dists, values.int(), target.int(), 0.3, 1.5, device)

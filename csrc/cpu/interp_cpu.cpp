@@ -118,12 +118,14 @@ struct RangeError {
   }
 };
 
-// How many V-chunks per row: enough tasks to keep every thread busy when B is small.
+// How many V-chunks per row: enough tasks to keep every thread busy when B < threads, but no
+// chunk below at::internal::GRAIN_SIZE elements (torch's own threshold for going parallel: a
+// second parallel region costs more than it saves on short rows).
 int64_t chunks_per_row(int64_t B, int64_t V) {
   const int64_t nt = std::max<int64_t>(1, at::get_num_threads());
-  if (B >= 4 * nt || V < 8192) return 1;
-  const int64_t want = (4 * nt + B - 1) / B;
-  return std::max<int64_t>(1, std::min<int64_t>(want, V / 4096));
+  if (B >= nt) return 1;
+  const int64_t want = (2 * nt + B - 1) / B;
+  return std::max<int64_t>(1, std::min<int64_t>(want, V / at::internal::GRAIN_SIZE));
 }
 
 // Drives the per-row work. prep(b) runs once per row before its logits are read (kNN part,
