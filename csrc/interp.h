@@ -170,6 +170,11 @@ KNNLM_HD float mix_value(float lp_lm, float lp_knn, const MixParams& p) {
 KNNLM_HD float knn_score(float dist, float temperature) { return -dist / temperature; }
 
 // log-sum-exp of a group of scores given the group max (-inf max => -inf, no NaN).
+// log p_knn of one token = log-sum-exp of its neighbours' log-weights, taken around the group's
+// own max (the reference sums exp(w - row max) in probability space instead). The two agree to
+// fp32 precision except where the reference underflows: a neighbour whose weight is below
+// ~e^-87 relative to the best one gets a finite log-mass here and -inf / a denormal-rounded value
+// there. That only shows at lam = 1 (for lam < 1 the LM term dominates such a token).
 // A single-member group has gsum = exp(0) = 1 exactly: its log-mass is gmax (log(1) = 0), so the
 // log is skipped for it.
 KNNLM_HD float group_log_mass(float gmax, float gsum) {
