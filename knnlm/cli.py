@@ -23,6 +23,15 @@ examples:
   knnlm build-index --data corpus/ --out runs/ds --resume
 """
 
+EVAL_EXAMPLES = """\
+examples:
+  # held-out stdlib files against a stdlib datastore, the default lambda 0.25
+  knnlm eval --datastore runs/stdlib --data $(python -m knnlm.corpora stdlib-test) --max-tokens 60000
+  # a sweep: one retrieval at k=1024, every combination scored from it; JSON results
+  knnlm eval --datastore runs/stdlib --data held_out/ --lambda 0.1,0.25,0.5 --temperature 1,5,10 \\
+      --k 8,64,1024 --output results.json
+"""
+
 INFO_EXAMPLES = """\
 examples:
   knnlm info runs/stdlib
@@ -95,6 +104,32 @@ def _build_parser() -> argparse.ArgumentParser:
     g.add_argument("--quiet", action="store_true", help="no progress bars")
     b.set_defaults(func=cmd_build_index)
 
+    e = sub.add_parser("eval", help="perplexity with and without retrieval, sweeps, JSON results",
+                       description="Score held-out text with the base LM and the kNN-LM on the same tokens, "
+                                   "with the datastore's window protocol.",
+                       epilog=EVAL_EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+    _add_model_args(e)
+    e.add_argument("--datastore", required=True, metavar="DIR", help="datastore built by `knnlm build-index`")
+    _add_corpus_args(e)
+    g = e.add_argument_group("kNN-LM")
+    g.add_argument("--lambda", dest="lambdas", default="0.25", metavar="L[,L...]",
+                   help="interpolation weight of the kNN distribution, in [0, 1]; a comma list sweeps (default: %(default)s)")
+    g.add_argument("--temperature", default="1", metavar="T[,T...]",
+                   help="softmax temperature over negative squared distances, > 0 (default: %(default)s)")
+    g.add_argument("--k", default=None, metavar="K[,K...]",
+                   help="neighbours per token (default: 1024, capped at the datastore size)")
+    g.add_argument("--nprobe", type=int, default=None, help="IVF lists to probe (default: the datastore's)")
+    g.add_argument("--rerank", action="store_true", help="re-rank candidates with exact distances from the stored keys")
+    g.add_argument("--no-exclude-self", dest="exclude_self", action="store_false",
+                   help="keep a token's own key when the eval text is in the datastore (inflates results)")
+    g = e.add_argument_group("windows")
+    g.add_argument("--context", type=int, default=None, help="tokens per window (default: the datastore's)")
+    g.add_argument("--stride", type=int, default=None, help="new targets per window (default: the datastore's)")
+    g.add_argument("--batch-size", type=int, default=8, help="windows per forward pass (default: %(default)s)")
+    e.add_argument("--output", metavar="FILE", help="write all settings and results as JSON")
+    e.add_argument("--quiet", action="store_true", help="no progress bars")
+    e.set_defaults(func=cmd_eval)
+
     i = sub.add_parser("info", help="print a datastore's header and sizes",
                        description="Print what a datastore holds: model, key layer, sizes, index, build settings.",
                        epilog=INFO_EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -119,6 +154,41 @@ def cmd_build_index(args) -> int:
     model, tokenizer = load_model(args.model, device=args.device, dtype=args.dtype)
     ds = build_datastore(model, tokenizer, sources, args.out, cfg)
     print(_summary(ds.path, ds.header))
+    return 0
+
+
+def _numbers(text: str, what: str, kind=float) -> list:
+    from knnlm.config import ConfigError
+
+    try:
+        return [kind(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise ConfigError(f"--{what} takes {'whole ' if kind is int else ''}numbers separated by commas, "
+                          f"got {text!r}") from None
+
+
+def cmd_eval(args) -> int:
+    from knnlm.config import EvalConfig
+    from knnlm.data import resolve_sources
+    from knnlm.datastore import open_datastore
+    from knnlm.evaluate import evaluate, format_results
+    from knnlm.models import load_model
+
+    cfg = EvalConfig(lambdas=_numbers(args.lambdas, "lambda"), temperatures=_numbers(args.temperature, "temperature"),
+                     ks=[None] if args.k is None else _numbers(args.k, "k", int), nprobe=args.nprobe, rerank=args.rerank, context=args.context, stride=args.stride,
+                     batch_size=args.batch_size, exclude_self=args.exclude_self, globs=tuple(args.glob or ("*",)),
+                     exclude=tuple(args.exclude), text_field=args.text_field, max_tokens=args.max_tokens,
+                     progress=not args.quiet)
+    ds = open_datastore(args.datastore)
+    sources = resolve_sources(args.data, cfg.globs, cfg.exclude)
+    model, tokenizer = load_model(args.model, device=args.device, dtype=args.dtype)
+    res = evaluate(model, tokenizer, ds, sources, cfg)
+    print(format_results(res))
+    if args.output:
+        from knnlm.datastore import write_json_atomic
+
+        write_json_atomic(args.output, res)
+        print(f"results written to {args.output}")
     return 0
 
 

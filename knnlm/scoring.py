@@ -134,7 +134,12 @@ def reference_interpolate_target(logits: torch.Tensor, dists: torch.Tensor, valu
 
 
 def _fused(name: str, logits: torch.Tensor):
-    """The fused op for ``logits``' device, or None (the reference is used then)."""
+    """The fused op for ``logits``' device, or None (the reference is used then).
+
+    The op has no autograd formula: inputs that need a gradient use the reference.
+    """
+    if logits.requires_grad and torch.is_grad_enabled():
+        return None
     from knnlm import ops  # local import: ops may JIT-compile on first use
 
     return ops.get_op(name, logits.device)

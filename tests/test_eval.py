@@ -1,0 +1,118 @@
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import make_tiny_model
+from knnlm.build import build_datastore
+from knnlm.config import BuildConfig, ConfigError, EvalConfig
+from knnlm.data import CorpusError
+from knnlm.datastore import DatastoreError
+from knnlm.errors import KnnlmError
+from knnlm.evaluate import evaluate, format_results
+from knnlm.retrieval import Retriever
+
+TEXTS = ["def add(a, b):\n    return a + b\n", "import os\nprint(os.getcwd())\n",
+         "class Point:\n    def __init__(self, x, y):\n        self.x = x\n        self.y = y\n"]
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory, tiny_tokenizer):
+    from conftest import CORPUS_FILES
+    from knnlm.corpora import stdlib_root
+
+    model = make_tiny_model("llama")
+    out = tmp_path_factory.mktemp("eval") / "ds"
+    files = [str(stdlib_root() / f) for f in CORPUS_FILES]
+    ds = build_datastore(model, tiny_tokenizer, files, out, BuildConfig(context=64, index="flat", progress=False))
+    return model, ds
+
+
+def _cfg(**kw):
+    kw.setdefault("progress", False)
+    return EvalConfig(**kw)
+
+
+def test_lambda_zero_is_the_plain_hf_loss(store, tiny_tokenizer):
+    model, ds = store
+    res = evaluate(model, tiny_tokenizer, ds, texts=TEXTS, cfg=_cfg(lambdas=[0.0], context=256, stride=255))
+    nll, n = 0.0, 0
+    with torch.inference_mode():
+        for t in TEXTS:
+            ids = torch.tensor([tiny_tokenizer(t)["input_ids"]])
+            loss = model(input_ids=ids, labels=ids).loss.item()
+            nll += loss * (ids.shape[1] - 1)
+            n += ids.shape[1] - 1
+    assert res["tokens"] == n
+    assert res["ppl_base"] == pytest.approx(math.exp(nll / n), rel=1e-5)
+    assert res["ppl_knn"] == pytest.approx(res["ppl_base"], rel=1e-6)
+
+
+def test_sweep_equals_single_runs(store, tiny_tokenizer, corpus_dir):
+    model, ds = store
+    data = [str(corpus_dir / "bisect.py")]
+    sweep = evaluate(model, tiny_tokenizer, ds, data, _cfg(lambdas=[0.1, 0.5], temperatures=[1, 4], ks=[4, 32]))
+    assert len(sweep["grid"]) == 8
+    assert sweep["best"]["ppl"] == min(r["ppl"] for r in sweep["grid"])
+    for row in sweep["grid"]:
+        single = evaluate(model, tiny_tokenizer, ds, data, _cfg(lambdas=[row["lambda"]], temperatures=[row["temperature"]],
+                                                                  ks=[row["k"]]))
+        assert single["ppl_knn"] == pytest.approx(row["ppl"], rel=1e-5)
+        assert single["ppl_base"] == sweep["ppl_base"]
+    assert "<- best" in format_results(sweep)
+
+
+def test_self_retrieval_is_excluded(store, tiny_tokenizer, corpus_dir):
+    model, ds = store
+    data = [str(corpus_dir / "colorsys.py")]  # this exact text is in the datastore
+    kept = evaluate(model, tiny_tokenizer, ds, data, _cfg(exclude_self=False))
+    excl = evaluate(model, tiny_tokenizer, ds, data, _cfg())
+    assert excl["overlap"]["documents"] == 1 and excl["overlap"]["tokens"] == excl["tokens"]
+    assert excl["ppl_knn"] > kept["ppl_knn"] * 1.5  # its own key at distance 0 made it look far better
+    assert excl["ppl_base"] == kept["ppl_base"]
+    # and the excluded row really is gone from the neighbours
+    r = Retriever(ds, 8)
+    q = torch.from_numpy(ds.keys[:50].astype(np.float32))
+    _, _, ids = r.search(q, exclude=torch.arange(50))
+    assert not (ids == torch.arange(50)[:, None]).any()
+    _, _, ids_kept = r.search(q)
+    assert (ids_kept[:, 0] == torch.arange(50)).float().mean() > 0.9
+
+
+def test_rerank_equals_exact_search(store, tiny_tokenizer, tmp_path):
+    model, ds = store
+    q = torch.from_numpy(ds.keys[100:140].astype(np.float32)) + 0.01
+    d_flat, v_flat, i_flat = Retriever(ds, 16).search(q)
+    d_rr, v_rr, i_rr = Retriever(ds, 16, rerank=True).search(q)
+    assert torch.equal(i_flat, i_rr) and torch.equal(v_flat, v_rr)
+    torch.testing.assert_close(d_rr, d_flat, rtol=1e-5, atol=1e-4)
+    # on a lossy (PQ) index the re-ranked distances are the exact ones for the returned ids
+    pq = build_datastore(model, tiny_tokenizer, [s["path"] for s in ds.header["corpus"]["sources"]], tmp_path / "pq",
+                         BuildConfig(context=64, index="IVF4,PQ8", progress=False))
+    d, _, ids = Retriever(pq, 16, rerank=True, nprobe=4).search(q)
+    keys = torch.from_numpy(pq.keys[:].astype(np.float32))
+    exact = ((keys[ids] - q[:, None, :]) ** 2).sum(-1)
+    torch.testing.assert_close(d, exact, rtol=1e-5, atol=1e-4)
+    assert torch.all(d[:, 1:] >= d[:, :-1])
+
+
+def test_eval_refusals(store, tiny_tokenizer, tmp_path):
+    model, ds = store
+    other = make_tiny_model("llama", seed=3)
+    with pytest.raises(DatastoreError, match="model weights"):
+        evaluate(other, tiny_tokenizer, ds, texts=TEXTS, cfg=_cfg())
+    with pytest.raises(KnnlmError, match="--k"):
+        evaluate(model, tiny_tokenizer, ds, texts=TEXTS, cfg=_cfg(ks=[len(ds) + 1]))
+    with pytest.raises(CorpusError, match="no tokens"):
+        evaluate(model, tiny_tokenizer, ds, texts=[""], cfg=_cfg())
+    for kw in ({"lambdas": [1.5]}, {"temperatures": [0]}, {"ks": [0]}):
+        with pytest.raises(ConfigError):
+            _cfg(**kw)
+
+
+def test_lambda_one_and_buckets(store, tiny_tokenizer, corpus_dir):
+    model, ds = store
+    res = evaluate(model, tiny_tokenizer, ds, [str(corpus_dir / "keyword.py")], _cfg(lambdas=[0.25, 1.0]))
+    assert res["grid"][0]["ppl"] is not None and all(not math.isnan(r["ppl"] or 0) for r in res["grid"])
+    assert sum(b["tokens"] for b in res["buckets"]) == res["tokens"]
