@@ -16,6 +16,12 @@ __version__ = "0.1.0"
 # public name -> module that defines it
 _API = {
     "BuildConfig": "knnlm.config",
+    "EvalConfig": "knnlm.config",
+    "evaluate": "knnlm.evaluate",
+    "format_results": "knnlm.evaluate",
+    "KNNLM": "knnlm.wrapper",
+    "Retriever": "knnlm.retrieval",
+    "KnnlmError": "knnlm.errors",
     "ConfigError": "knnlm.config",
     "build_datastore": "knnlm.build",
     "Datastore": "knnlm.datastore",
