@@ -17,8 +17,8 @@ __version__ = "0.1.0"
 _API = {
     "BuildConfig": "knnlm.config",
     "EvalConfig": "knnlm.config",
-    "evaluate": "knnlm.evaluate",
-    "format_results": "knnlm.evaluate",
+    "evaluate": "knnlm.evaluation",
+    "format_results": "knnlm.evaluation",
     "KNNLM": "knnlm.wrapper",
     "Retriever": "knnlm.retrieval",
     "KnnlmError": "knnlm.errors",

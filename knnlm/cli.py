@@ -171,7 +171,7 @@ def cmd_eval(args) -> int:
     from knnlm.config import EvalConfig
     from knnlm.data import resolve_sources
     from knnlm.datastore import open_datastore
-    from knnlm.evaluate import evaluate, format_results
+    from knnlm.evaluation import evaluate, format_results
     from knnlm.models import load_model
 
     cfg = EvalConfig(lambdas=_numbers(args.lambdas, "lambda"), temperatures=_numbers(args.temperature, "temperature"),

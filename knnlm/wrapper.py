@@ -53,7 +53,7 @@ class KNNLM:
     def evaluate(self, data: Sequence | None = None, *, texts: Sequence[str] | None = None, **settings) -> dict:
         """Perplexity with and without retrieval (see ``knnlm.evaluate``) at this object's settings;
         keyword ``settings`` override ``EvalConfig`` fields (e.g. ``lambdas=[0.1, 0.25]``)."""
-        from knnlm.evaluate import evaluate
+        from knnlm.evaluation import evaluate
 
         if self.tokenizer is None:
             raise ValueError("KNNLM.evaluate needs the tokenizer: KNNLM(model, datastore, tokenizer=tok)")

@@ -10,7 +10,7 @@ from knnlm.config import BuildConfig, ConfigError, EvalConfig
 from knnlm.data import CorpusError
 from knnlm.datastore import DatastoreError
 from knnlm.errors import KnnlmError
-from knnlm.evaluate import evaluate, format_results
+from knnlm.evaluation import evaluate, format_results
 from knnlm.retrieval import Retriever
 
 TEXTS = ["def add(a, b):\n    return a + b\n", "import os\nprint(os.getcwd())\n",
