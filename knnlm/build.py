@@ -41,7 +41,7 @@ from knnlm.index import build_index, plan_index
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["build_datastore"]
+__all__ = ["build_datastore", "subset_datastore"]
 
 _OWNED_FILES = (HEADER, HEADER + ".tmp", DOCUMENTS, TOKENS, VALUES, KEYS, INDEX, INDEX + ".tmp",
                 TOKENS + ".part", VALUES + ".part")
@@ -274,4 +274,44 @@ def build_datastore(model, tokenizer, data: Sequence[str] | Sequence[Source], ou
         header["build"]["stats"]["total_seconds_this_run"] = round(time.time() - t_start, 2)
         header["status"] = "complete"
         write_json_atomic(out / HEADER, header)
+    return open_datastore(out)
+
+
+def subset_datastore(src, out: str | os.PathLike, max_tokens: int, *, index: str = "auto", seed: int = 0,
+                     progress: bool = True):
+    """A smaller datastore made of the first documents of ``src`` (whole documents, at most
+    ``max_tokens`` corpus tokens), with its own index: for datastore-size studies without
+    re-running the model. Its keys are byte-identical to a build over those documents alone.
+    """
+    import copy
+
+    out = Path(out)
+    docs = [d for d in src.documents if d["offset"] + d["length"] <= max_tokens]
+    if not docs or sum(d["length"] - 1 for d in docs) == 0:
+        raise DatastoreError(f"no whole document of {src.path} fits in {max_tokens} tokens; raise the limit")
+    if out.exists() and any(out.iterdir()):
+        raise DatastoreError(f"--out {out} exists and is not empty; choose a new directory")
+    out.mkdir(parents=True, exist_ok=True)
+    n_tok = docs[-1]["offset"] + docs[-1]["length"]
+    n = docs[-1]["first_row"] + docs[-1]["length"] - 1
+    header = copy.deepcopy(src.header)
+    header.update(status="building", count=n, total=n, tokens=n_tok, index=None)
+    header["corpus"]["documents"] = len(docs)
+    header["build"]["subset_of"] = {"path": str(src.path), "max_tokens": max_tokens}
+    header["build"].pop("stats", None)
+    write_json_atomic(out / HEADER, header)
+    np.save(out / TOKENS, np.asarray(src.tokens[:n_tok]))
+    np.save(out / VALUES, np.asarray(src.values[:n]))
+    keys = np.lib.format.open_memmap(out / KEYS, mode="w+", dtype=src.keys.dtype, shape=(n, src.dim))
+    for lo in range(0, n, 1 << 16):
+        hi = min(n, lo + (1 << 16))
+        keys[lo:hi] = src.keys[lo:hi]
+    keys.flush()
+    del keys
+    write_json_atomic(out / DOCUMENTS, docs)
+    plan = plan_index(index, n, src.dim)
+    logger.info("%s", plan.describe(n, src.dim))
+    header["index"] = build_index(out / KEYS, n, src.dim, plan, out / INDEX, seed=seed, progress=progress)
+    header["status"] = "complete"
+    write_json_atomic(out / HEADER, header)
     return open_datastore(out)

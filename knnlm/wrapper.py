@@ -50,6 +50,45 @@ class KNNLM:
         dists, values, _ = self.retriever.search(queries)  # (B, k), (B, k)
         return interpolate(logits, dists, values, self.lam, self.temperature, use_kernel=self.use_kernel)
 
+    def generate(self, inputs: torch.Tensor | None = None, **kwargs):
+        """``model.generate`` with the kNN-LM mixture at every step: same keyword arguments (greedy,
+        sampling, beam search, ``max_new_tokens``, ``attention_mask``, ...), same return types.
+        See ``knnlm.generate``."""
+        from knnlm.generate import generate
+
+        return generate(self, inputs, **kwargs)
+
+    def neighbours(self, rows, dists=None, *, context: int = 12) -> list[dict]:
+        """Where datastore rows come from: one dict per row id >= 0 (missing neighbours, -1, are
+        skipped) with ``row``, ``document`` (name), ``position`` (token offset in the document of
+        the row's value), ``token`` (value id), ``distance`` when ``dists`` is given, and with a
+        tokenizer the decoded ``text`` of the value and up to ``context`` tokens ``before`` /
+        ``after`` it."""
+        import numpy as np
+
+        rows = np.asarray(rows, dtype=np.int64).reshape(-1)
+        d = None if dists is None else np.asarray(dists, dtype=np.float64).reshape(-1)
+        ds = self.datastore
+        starts = np.array([doc["first_row"] for doc in ds.documents], dtype=np.int64)
+        out = []
+        for i, r in enumerate(rows.tolist()):
+            if r < 0:
+                continue
+            di = int(np.searchsorted(starts, r, side="right")) - 1
+            doc = ds.documents[di]
+            pos = r - doc["first_row"] + 1
+            toks = ds.document_tokens(di)
+            item = {"row": r, "document": doc["name"], "position": pos, "token": int(toks[pos])}
+            if d is not None:
+                item["distance"] = float(d[i])
+            if self.tokenizer is not None:
+                dec = self.tokenizer.decode
+                item["text"] = dec([int(toks[pos])])
+                item["before"] = dec(toks[max(0, pos - context): pos].tolist())
+                item["after"] = dec(toks[pos + 1: pos + 1 + context].tolist())
+            out.append(item)
+        return out
+
     def evaluate(self, data: Sequence | None = None, *, texts: Sequence[str] | None = None, **settings) -> dict:
         """Perplexity with and without retrieval (see ``knnlm.evaluate``) at this object's settings;
         keyword ``settings`` override ``EvalConfig`` fields (e.g. ``lambdas=[0.1, 0.25]``)."""

@@ -130,3 +130,17 @@ def test_failed_tokenization_leaves_nothing(tiny_model, tiny_tokenizer, tmp_path
     with pytest.raises(CorpusError, match="UTF-8"):
         _build(tiny_model, tiny_tokenizer, d, tmp_path / "out")
     assert not (tmp_path / "out").exists()
+
+
+def test_subset_equals_a_build_over_the_same_documents(tiny_model, tiny_tokenizer, corpus_dir, tmp_path):
+    from knnlm.build import subset_datastore
+
+    full = _build(tiny_model, tiny_tokenizer, corpus_dir, tmp_path / "full", context=40)
+    cut = full.documents[2]["offset"]  # the first two documents exactly
+    sub = subset_datastore(full, tmp_path / "sub", cut + 5, index="flat", progress=False)
+    assert sub.header["corpus"]["documents"] == 2 and len(sub) == full.documents[2]["first_row"]
+    first_two = sorted(corpus_dir.iterdir())[:2]
+    direct = build_datastore(tiny_model, tiny_tokenizer, first_two, tmp_path / "direct",
+                             BuildConfig(context=40, index="flat", progress=False))
+    np.testing.assert_array_equal(sub.keys[:], direct.keys[:])
+    np.testing.assert_array_equal(sub.values[:], direct.values[:])

@@ -1,0 +1,164 @@
+"""Text generation with the kNN-LM mixture at every decoding step, through ``model.generate``.
+
+    from knnlm import KNNLM, load_model, open_datastore
+    model, tok = load_model("smollm2")
+    knn = KNNLM(model, open_datastore("runs/stdlib"), tokenizer=tok, lam=0.5)
+    ids = tok("import os\\n", return_tensors="pt")
+    out = knn.generate(**ids, max_new_tokens=32)          # same kwargs / return types as model.generate
+
+Nothing of the decoding loop is rewritten: ``KNNLogitsProcessor`` is an ordinary transformers
+``LogitsProcessor``. While generation runs, the forward pre-hook of ``knnlm.capture.capture_keys``
+(the one the datastore builder uses) records the key hidden state of every forward pass; at each
+step the processor takes the key of the last position of every row (the position being predicted:
+with the KV cache a step's forward only sees the new token, on the first step the prompt's last
+token, and with left padding the last position is real for every row), searches the datastore
+once for those ``batch x beams`` queries and replaces the scores by the kNN-LM log-probabilities
+``log(lam * p_knn + (1 - lam) * p_lm)`` from ``knnlm.scoring.interpolate``. Log-probabilities are
+valid logits, so greedy search, sampling, beam search and the sampling warpers (temperature,
+top-k, top-p, ...), which transformers applies after custom processors, all act on the kNN-LM
+distribution.
+
+Processors transformers itself places *before* custom ones (only when configured: repetition
+penalty, ``min_new_tokens``, ``bad_words_ids``, ``suppress_tokens``, forced BOS/EOS, ...) see the
+LM logits; their bans (``-inf`` scores) are kept in the kNN-LM scores, so a banned token stays
+banned even when a neighbour votes for it.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+
+import torch
+from transformers import LogitsProcessor, LogitsProcessorList
+
+from knnlm.errors import KnnlmError
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["KNNLogitsProcessor", "GenerateError", "generate"]
+
+# generate() kwargs that run the model more than once per processor call (or not at all)
+_UNSUPPORTED = {
+    "assistant_model": "assisted decoding",
+    "prompt_lookup_num_tokens": "prompt-lookup decoding",
+    "custom_generate": "custom_generate",
+}
+
+class GenerateError(KnnlmError):
+    """kNN-LM generation was asked for something it cannot do (and what to do instead)."""
+
+
+class KNNLogitsProcessor(LogitsProcessor):
+    """Replace the next-token scores by kNN-LM log-probabilities.
+
+    Must be used while its key hook is installed: inside ``with KNNLogitsProcessor(knn) as proc:``
+    (or through ``KNNLM.generate``, which does that)::
+
+        with KNNLogitsProcessor(knn) as proc:
+            out = model.generate(**inputs, logits_processor=[proc], max_new_tokens=32)
+
+    ``record`` > 0 keeps the neighbours (squared distances and datastore rows, each (rows, k) on
+    the CPU) of the first ``record`` steps in ``proc.records`` -- one entry per step, rows as the
+    processor saw them (``batch x beams``); ``KNNLM.neighbours`` turns rows into provenance.
+    ``proc.key_lengths`` lists how many positions each step's forward pass saw (1 per step after
+    the prompt when the KV cache is used).
+    """
+
+    def __init__(self, knnlm, *, record: int = 0):
+        self.knnlm = knnlm
+        self.record = int(record)
+        self.records: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self.key_lengths: list[int] = []
+        self._ctx = None
+        self._cap = None
+        self._vocab = int(knnlm.datastore.header["model"]["vocab_size"])
+
+    # ---- the key hook -------------------------------------------------------------------------
+    def __enter__(self) -> "KNNLogitsProcessor":
+        from knnlm.capture import capture_keys
+
+        if self._ctx is not None:
+            raise GenerateError("this KNNLogitsProcessor is already in use; create one per generate() call")
+        self.records, self.key_lengths = [], []
+        self._ctx = capture_keys(self.knnlm.model, self.knnlm.key_layer)
+        self._cap = self._ctx.__enter__()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        ctx, self._ctx, self._cap = self._ctx, None, None
+        if ctx is not None:
+            ctx.__exit__(*exc)
+
+    # ---- one decoding step --------------------------------------------------------------------
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.Tensor) -> torch.Tensor:
+        if self._cap is None:
+            raise GenerateError("KNNLogitsProcessor is not capturing keys: use it inside "
+                                "`with KNNLogitsProcessor(knn) as proc: model.generate(..., logits_processor=[proc])` "
+                                "or call KNNLM.generate")
+        keys, self._cap.keys = self._cap.keys, None
+        if keys is None:
+            raise GenerateError(
+                "no key hidden state was captured since the previous decoding step: kNN-LM generation "
+                "needs exactly one forward pass of the model per step (assisted / prompt-lookup decoding "
+                "and cached-logit replays are not supported)")
+        if keys.dim() != 3:
+            raise GenerateError(f"the key module {self._cap.module_path} received a tensor of shape "
+                                f"{tuple(keys.shape)}, expected (batch, positions, dim)")
+        rows, dim = scores.shape[0], self.knnlm.datastore.dim
+        if keys.shape[0] != rows or input_ids.shape[0] != rows:
+            raise GenerateError(
+                f"row mismatch: the forward pass produced keys for {keys.shape[0]} rows but generate() "
+                f"scores {rows} rows (input_ids {tuple(input_ids.shape)}); the keys must align row for row "
+                "with batch x beams -- this decoding mode is not supported")
+        if keys.shape[-1] != dim:
+            raise GenerateError(f"captured keys have dim {keys.shape[-1]}, the datastore's are {dim}: "
+                                "the datastore was built at another layer or with another model")
+        if scores.shape[-1] < self._vocab:
+            raise GenerateError(f"the scores have {scores.shape[-1]} columns but the datastore's model has a "
+                                f"vocabulary of {self._vocab}; use the model the datastore was built with")
+        self.key_lengths.append(int(keys.shape[1]))
+        query = keys[:, -1, :]  # (rows, D): the position whose next token is being chosen
+        out = self._mix(query, scores)
+        banned = torch.isneginf(scores)  # bans set by processors that ran before this one
+        return out.masked_fill(banned, -math.inf) if bool(banned.any()) else out
+
+    def _mix(self, query: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        knn = self.knnlm
+        keep = len(self.records) < self.record
+        if knn.lam == 0.0 and not keep:  # no kNN mass: skip the search
+            return torch.log_softmax(scores.float(), dim=-1)
+        from knnlm.scoring import interpolate
+
+        dists, values, ids = knn.retriever.search(query)  # (rows, k) each
+        if keep:
+            self.records.append((dists.detach().cpu(), ids.detach().cpu()))
+        dev = scores.device
+        out = interpolate(scores.contiguous(), dists.to(dev), values.to(dev), knn.lam, knn.temperature,
+                          use_kernel=knn.use_kernel)
+        if knn.lam == 1.0:  # a row whose neighbours are all missing has no kNN mass: fall back to the LM
+            empty = torch.isneginf(out).all(dim=-1)
+            if bool(empty.any()):
+                out[empty] = torch.log_softmax(scores[empty].float(), dim=-1)
+        return out
+
+
+def generate(knnlm, inputs: torch.Tensor | None = None, *, logits_processor=None,
+             processor: KNNLogitsProcessor | None = None, **kwargs):
+    """``model.generate`` with the kNN-LM mixture: same keyword arguments, same return types.
+
+    ``processor``: a (not yet entered) ``KNNLogitsProcessor`` of ``knnlm`` to use, e.g. one made
+    with ``record=N`` to inspect the neighbours afterwards. Other processors passed as
+    ``logits_processor`` run after it.
+    """
+    for name, what in _UNSUPPORTED.items():
+        if kwargs.get(name) is not None:
+            raise GenerateError(f"{what} ({name}=...) is not supported by kNN-LM generation: it runs the model "
+                                "on several positions per step; use greedy, sampling or beam search")
+    proc = processor if processor is not None else KNNLogitsProcessor(knnlm)
+    if proc.knnlm is not knnlm:
+        raise GenerateError("the processor belongs to another KNNLM object")
+    procs = LogitsProcessorList([proc])
+    procs.extend(logits_processor or [])
+    with proc:
+        return knnlm.model.generate(inputs, logits_processor=procs, **kwargs)
