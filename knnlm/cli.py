@@ -32,6 +32,18 @@ examples:
       --k 8,64,1024 --output results.json
 """
 
+GENERATE_EXAMPLES = """\
+examples:
+  # greedy, the default lambda 0.25; then the base model alone (lambda 0) for comparison
+  knnlm generate --datastore runs/stdlib --prompt 'def rgb_to_hsv(r, g, b):' --max-new-tokens 48
+  knnlm generate --datastore runs/stdlib --prompt 'def rgb_to_hsv(r, g, b):' --lambda 0
+  # a prompt from a file, and where the first 4 generated tokens were recalled from
+  knnlm generate --datastore runs/stdlib --prompt-file prompt.py --lambda 0.5 --show-neighbours 3 --show-tokens 4
+  # sampling on the kNN-LM distribution (reproducible with --seed), or beam search
+  knnlm generate --datastore runs/stdlib --prompt 'import os' --do-sample --temperature 0.8 --top-p 0.95 --seed 1
+  knnlm generate --datastore runs/stdlib --prompt 'import os' --num-beams 4
+"""
+
 INFO_EXAMPLES = """\
 examples:
   knnlm info runs/stdlib
@@ -69,6 +81,41 @@ def _add_window_args(p: argparse.ArgumentParser) -> None:
                    help="new target tokens per window; smaller = more left context, more compute "
                         "(default: context - 1, non-overlapping windows)")
     g.add_argument("--batch-size", type=int, default=8, help="windows per forward pass (default: %(default)s)")
+
+
+def _add_generate_parser(sub) -> None:
+    p = sub.add_parser("generate", help="generate text with the kNN-LM mixture at every step",
+                       description="Continue a prompt with model.generate, every next-token distribution "
+                                   "replaced by the kNN-LM mixture with the datastore (greedy by default).",
+                       epilog=GENERATE_EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+    _add_model_args(p)
+    p.add_argument("--datastore", required=True, metavar="DIR", help="datastore built by `knnlm build-index`")
+    g = p.add_mutually_exclusive_group(required=True)
+    g.add_argument("--prompt", help="the text to continue")
+    g.add_argument("--prompt-file", metavar="FILE", help="read the text to continue from FILE")
+    g = p.add_argument_group("kNN-LM")
+    g.add_argument("--lambda", dest="lam", type=float, default=0.25, metavar="L",
+                   help="weight of the kNN distribution in [0, 1]; 0 = the base model (default: %(default)s)")
+    g.add_argument("--knn-temperature", type=float, default=1.0, metavar="T",
+                   help="softmax temperature over negative squared distances, > 0 (default: %(default)s)")
+    g.add_argument("--k", type=int, default=None, help="neighbours per step (default: 1024, capped at the datastore size)")
+    g.add_argument("--nprobe", type=int, default=None, help="IVF lists to probe (default: the datastore's)")
+    g = p.add_argument_group("decoding")
+    g.add_argument("--max-new-tokens", type=int, default=64, metavar="N", help="tokens to generate (default: %(default)s)")
+    g.add_argument("--do-sample", action="store_true", help="sample instead of greedy / beam search")
+    g.add_argument("--temperature", type=float, default=None,
+                   help="sampling temperature applied to the kNN-LM distribution (with --do-sample)")
+    g.add_argument("--top-k", type=int, default=None, help="sample from the K most likely tokens (with --do-sample)")
+    g.add_argument("--top-p", type=float, default=None, help="nucleus sampling mass in (0, 1] (with --do-sample)")
+    g.add_argument("--num-beams", type=int, default=1, help="beam search with N beams (default: %(default)s)")
+    g.add_argument("--seed", type=int, default=0, help="torch seed for sampling (default: %(default)s)")
+    g = p.add_argument_group("output")
+    g.add_argument("--show-neighbours", type=int, default=0, metavar="N",
+                   help="print the N nearest neighbours (document, token offset, source snippet) of the first "
+                        "generated tokens (default: none)")
+    g.add_argument("--show-tokens", type=int, default=5, metavar="M",
+                   help="how many generated tokens --show-neighbours covers (default: %(default)s)")
+    p.set_defaults(func=cmd_generate)
 
 
 def _build_parser() -> argparse.ArgumentParser:
@@ -129,6 +176,8 @@ def _build_parser() -> argparse.ArgumentParser:
     e.add_argument("--output", metavar="FILE", help="write all settings and results as JSON")
     e.add_argument("--quiet", action="store_true", help="no progress bars")
     e.set_defaults(func=cmd_eval)
+
+    _add_generate_parser(sub)
 
     d = sub.add_parser("demo", help="quickstart: stdlib datastore with SmolLM2-135M, perplexity with/without it",
                        description="Build a datastore over the CPython standard library (a deterministic "
@@ -206,6 +255,94 @@ def cmd_eval(args) -> int:
 
         write_json_atomic(args.output, res)
         print(f"results written to {args.output}")
+    return 0
+
+
+def _check_generate_args(args) -> None:
+    from knnlm.config import ConfigError
+
+    if not 0.0 <= args.lam <= 1.0:
+        raise ConfigError(f"--lambda must be in [0, 1], got {args.lam}")
+    if not 0.0 < args.knn_temperature < float("inf"):
+        raise ConfigError(f"--knn-temperature must be a positive number, got {args.knn_temperature}")
+    for flag, value, low in (("--max-new-tokens", args.max_new_tokens, 1), ("--num-beams", args.num_beams, 1),
+                             ("--show-neighbours", args.show_neighbours, 0), ("--show-tokens", args.show_tokens, 0)):
+        if value < low:
+            raise ConfigError(f"{flag} must be at least {low}, got {value}")
+    sampling = [f for f, v in (("--temperature", args.temperature), ("--top-k", args.top_k),
+                               ("--top-p", args.top_p)) if v is not None]
+    if sampling and not args.do_sample:
+        raise ConfigError(f"{' and '.join(sampling)} only appl{'y' if len(sampling) > 1 else 'ies'} when "
+                          "sampling: add --do-sample")
+    if args.temperature is not None and not args.temperature > 0:
+        raise ConfigError(f"--temperature must be positive, got {args.temperature}")
+    if args.top_k is not None and args.top_k < 1:
+        raise ConfigError(f"--top-k must be at least 1, got {args.top_k}")
+    if args.top_p is not None and not 0.0 < args.top_p <= 1.0:
+        raise ConfigError(f"--top-p must be in (0, 1], got {args.top_p}")
+
+
+def _escape(text: str) -> str:
+    return text.replace("\\", "\\\\").replace("\n", "\\n").replace("\t", "\\t").replace("\r", "\\r")
+
+
+def cmd_generate(args) -> int:
+    import torch
+
+    from knnlm.config import ConfigError
+    from knnlm.datastore import open_datastore
+    from knnlm.errors import KnnlmError
+    from knnlm.generate import GenerateError, KNNLogitsProcessor, generate
+    from knnlm.models import load_model
+    from knnlm.wrapper import KNNLM
+
+    _check_generate_args(args)
+    if args.prompt_file is not None:
+        try:
+            with open(args.prompt_file, encoding="utf-8") as f:
+                prompt = f.read()
+        except (OSError, UnicodeDecodeError) as e:
+            raise ConfigError(f"cannot read --prompt-file {args.prompt_file}: {e}") from None
+    else:
+        prompt = args.prompt
+    ds = open_datastore(args.datastore)
+    model, tokenizer = load_model(args.model, device=args.device, dtype=args.dtype)
+    knn = KNNLM(model, ds, tokenizer, lam=args.lam, temperature=args.knn_temperature, k=args.k, nprobe=args.nprobe)
+    enc = tokenizer(prompt, return_tensors="pt").to(model.device)
+    n_prompt = enc["input_ids"].shape[1]
+    if n_prompt == 0:
+        raise ConfigError("the prompt is empty (it tokenizes to no tokens)")
+    kw = dict(max_new_tokens=args.max_new_tokens, do_sample=args.do_sample, num_beams=args.num_beams,
+              attention_mask=enc["attention_mask"],
+              pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id)
+    for name in ("temperature", "top_k", "top_p"):
+        if getattr(args, name) is not None:
+            kw[name] = getattr(args, name)
+    show = args.show_neighbours > 0 and args.show_tokens > 0
+    if show and args.num_beams > 1:
+        kw.update(return_dict_in_generate=True, output_scores=True)  # beam_indices: which row made each token
+    proc = KNNLogitsProcessor(knn, record=args.show_tokens if show else 0)
+    torch.manual_seed(args.seed)
+    try:
+        out = generate(knn, enc["input_ids"], processor=proc, **kw)
+    except KnnlmError:
+        raise
+    except ValueError as e:  # transformers' checks of the generation settings
+        raise GenerateError(" ".join(str(e).split())) from None
+    seq = out if isinstance(out, torch.Tensor) else out.sequences
+    new = seq[0, n_prompt:].tolist()
+    print(tokenizer.decode(new, skip_special_tokens=True))
+    if show:
+        n_show = min(args.show_neighbours, knn.k)
+        print(f"\n--- nearest {n_show} of k={knn.k} neighbours for the first {min(len(new), len(proc.records))} "
+              f"generated tokens (lambda {knn.lam}) ---")
+        beams = getattr(out, "beam_indices", None)
+        for t, (dists, rows) in enumerate(proc.records[:len(new)]):
+            r = int(beams[0, t]) if beams is not None else 0
+            print(f"[{t + 1}] generated {tokenizer.decode([new[t]])!r}")
+            for nb in knn.neighbours(rows[r, :n_show], dists[r, :n_show]):
+                print(f"    d={nb['distance']:.3g}  {nb['document']} @ token {nb['position']}: "
+                      f"...{_escape(nb['before'])}[{_escape(nb['text'])}]{_escape(nb['after'])}...")
     return 0
 
 

@@ -1,0 +1,189 @@
+"""KNNLM.generate / KNNLogitsProcessor / `knnlm generate` on a tiny random Llama and tiny datastores."""
+
+import pytest
+import torch
+from transformers.generation.utils import GenerateBeamDecoderOnlyOutput, GenerateDecoderOnlyOutput
+
+from conftest import CORPUS_FILES, make_tiny_model
+from knnlm.build import build_datastore
+from knnlm.capture import find_key_module
+from knnlm.cli import main
+from knnlm.config import BuildConfig
+from knnlm.corpora import stdlib_root
+from knnlm.generate import GenerateError, KNNLogitsProcessor
+from knnlm.wrapper import KNNLM
+
+PROMPTS = ["def bisect_left(a, x", "import os\n", "class Point:\n    def __init__(self"]
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory, tiny_tokenizer):
+    """The tiny model and a flat datastore over a few stdlib files."""
+    model = make_tiny_model("llama")
+    out = tmp_path_factory.mktemp("gen") / "ds"
+    files = [str(stdlib_root() / f) for f in CORPUS_FILES]
+    ds = build_datastore(model, tiny_tokenizer, files, out, BuildConfig(context=64, index="flat", progress=False))
+    return model, ds
+
+
+@pytest.fixture(scope="module")
+def one_doc(tmp_path_factory, tiny_tokenizer):
+    """A datastore of one document shorter than the window: every key saw the full prefix."""
+    model = make_tiny_model("llama")
+    d = tmp_path_factory.mktemp("one-doc")
+    text = (stdlib_root() / "colorsys.py").read_text()
+    doc = d / "doc.py"
+    doc.write_text(text[text.index("def rgb_to_hsv"):][:360])
+    ds = build_datastore(model, tiny_tokenizer, [str(doc)], d / "ds",
+                         BuildConfig(context=256, index="flat", progress=False))
+    assert ds.documents[0]["length"] < 256
+    return model, ds
+
+
+def _ids(tok, prompt):
+    return tok(prompt, return_tensors="pt")["input_ids"]
+
+
+@pytest.mark.parametrize("mode", ["greedy", "sample", "beam"])
+def test_lambda_zero_equals_model_generate(store, tiny_tokenizer, mode):
+    model, ds = store
+    knn = KNNLM(model, ds, tiny_tokenizer, lam=0.0)
+    kw = dict(max_new_tokens=12, pad_token_id=0)
+    if mode == "sample":
+        kw.update(do_sample=True, temperature=0.7, top_k=50, top_p=0.9)
+    elif mode == "beam":
+        kw.update(num_beams=3, do_sample=False)
+    for prompt in PROMPTS:
+        ids = _ids(tiny_tokenizer, prompt)
+        torch.manual_seed(123)
+        ref = model.generate(ids, **kw)
+        torch.manual_seed(123)
+        got = knn.generate(ids, **kw)
+        assert torch.equal(got, ref), (mode, prompt)
+
+
+def test_lambda_one_memorizes_the_document(one_doc, tiny_tokenizer):
+    model, ds = one_doc
+    doc = torch.from_numpy(ds.document_tokens(0).astype("int64"))
+    n, m = 12, 20
+    ids = doc[None, :n]
+    base = model.generate(ids, max_new_tokens=m, do_sample=False, pad_token_id=0)[0, n:]
+    assert not torch.equal(base, doc[n:n + m])  # the random model alone does not know the text
+    knn = KNNLM(model, ds, tiny_tokenizer, lam=1.0, k=1)
+    out = knn.generate(ids, max_new_tokens=m, do_sample=False, pad_token_id=0)
+    assert out[0, n:].tolist() == doc[n:n + m].tolist()
+    # and neighbours point back into the document at the predicted position
+    proc = KNNLogitsProcessor(knn, record=3)
+    knn.generate(ids, max_new_tokens=3, do_sample=False, pad_token_id=0, processor=proc)
+    assert len(proc.records) == 3
+    for step, (dists, rows) in enumerate(proc.records):
+        (nb,) = knn.neighbours(rows[0], dists[0])
+        assert nb["document"].endswith("doc.py") and nb["position"] == n + step
+        assert nb["token"] == doc[n + step].item() and nb["distance"] < 1e-3
+        assert nb["before"] == tiny_tokenizer.decode(doc[n + step - 12: n + step])
+        assert nb["text"] + nb["after"] == tiny_tokenizer.decode(doc[n + step: n + step + 13])
+
+
+def test_batched_left_padding_equals_unbatched(store, tiny_tokenizer):
+    model, ds = store
+    knn = KNNLM(model, ds, tiny_tokenizer, lam=0.5, k=16)
+    tiny_tokenizer.padding_side = "left"
+    batch = tiny_tokenizer(PROMPTS, return_tensors="pt", padding=True)
+    assert (batch["attention_mask"] == 0).any()
+    kw = dict(max_new_tokens=10, do_sample=False, pad_token_id=0)
+    out = knn.generate(**batch, **kw)
+    width = batch["input_ids"].shape[1]
+    for i, prompt in enumerate(PROMPTS):
+        ids = _ids(tiny_tokenizer, prompt)
+        single = knn.generate(ids, **kw)[0, ids.shape[1]:]
+        assert out[i, width:width + len(single)].tolist() == single.tolist(), prompt
+    # the kNN mixture changed something (otherwise this test would not test retrieval)
+    assert not torch.equal(out, model.generate(**batch, **kw))
+
+
+@pytest.mark.parametrize("num_beams", [1, 3])
+def test_kv_cache_one_position_per_step(store, tiny_tokenizer, num_beams):
+    model, ds = store
+    knn = KNNLM(model, ds, tiny_tokenizer, lam=0.5, k=8)
+    seen = []
+    module = model.get_submodule(find_key_module(model, knn.key_layer))
+    h = module.register_forward_pre_hook(lambda _m, args: seen.append(tuple(args[0].shape[:2])))
+    try:
+        ids = _ids(tiny_tokenizer, PROMPTS[2])
+        proc = KNNLogitsProcessor(knn)
+        out = knn.generate(ids, max_new_tokens=8, min_new_tokens=8, num_beams=num_beams, pad_token_id=0,
+                           processor=proc)
+    finally:
+        h.remove()
+    assert out.shape[1] == ids.shape[1] + 8
+    assert seen[0] == (num_beams, ids.shape[1])  # the prompt once (beams expanded before the prefill)
+    assert seen[1:] == [(num_beams, 1)] * (len(seen) - 1)  # then one new position per step
+    assert len(seen) == 8
+    assert proc.key_lengths == [ids.shape[1]] + [1] * 7
+
+
+def test_return_types_and_scores(store, tiny_tokenizer):
+    model, ds = store
+    knn = KNNLM(model, ds, tiny_tokenizer, lam=0.25, k=8)
+    ids = _ids(tiny_tokenizer, PROMPTS[0])
+    res = knn.generate(ids, max_new_tokens=5, return_dict_in_generate=True, output_scores=True, pad_token_id=0)
+    assert isinstance(res, GenerateDecoderOnlyOutput) and len(res.scores) == 5
+    # the scores are kNN-LM log-probabilities
+    lse = torch.logsumexp(res.scores[0], dim=-1)
+    assert torch.allclose(lse, torch.zeros_like(lse), atol=1e-4)
+    res = knn.generate(ids, max_new_tokens=5, num_beams=2, return_dict_in_generate=True, output_scores=True,
+                       pad_token_id=0)
+    assert isinstance(res, GenerateBeamDecoderOnlyOutput)
+    assert res.scores[0].shape == (2, model.config.vocab_size)
+
+
+def test_bans_of_earlier_processors_are_kept(one_doc, tiny_tokenizer):
+    """suppress_tokens runs before custom processors: a neighbour's vote must not lift the ban."""
+    model, ds = one_doc
+    doc = ds.document_tokens(0).astype("int64")
+    n = 12
+    knn = KNNLM(model, ds, tiny_tokenizer, lam=1.0, k=1)
+    ids = torch.from_numpy(doc[None, :n])
+    out = knn.generate(ids, max_new_tokens=1, suppress_tokens=[int(doc[n])], pad_token_id=0)
+    assert out[0, n].item() != doc[n]
+
+
+def test_unsupported_modes_and_misuse(store, tiny_tokenizer):
+    model, ds = store
+    knn = KNNLM(model, ds, tiny_tokenizer, lam=0.5, k=4)
+    ids = _ids(tiny_tokenizer, PROMPTS[0])
+    with pytest.raises(GenerateError, match="prompt-lookup"):
+        knn.generate(ids, max_new_tokens=3, prompt_lookup_num_tokens=2)
+    with pytest.raises(GenerateError, match="not capturing"):  # a processor outside its `with` block
+        model.generate(ids, max_new_tokens=2, logits_processor=[KNNLogitsProcessor(knn)], pad_token_id=0)
+
+
+def _run(capsys, *argv):
+    code = main(list(map(str, argv)))
+    cap = capsys.readouterr()
+    return code, cap.out, cap.err
+
+
+def test_cli_generate(capsys, tiny_model_dir, one_doc, tiny_tokenizer):
+    _, ds = one_doc
+    doc = ds.document_tokens(0)
+    prompt = tiny_tokenizer.decode(doc[:12].tolist())
+    code, out, err = _run(capsys, "generate", "--model", tiny_model_dir, "--datastore", ds.path, "--prompt", prompt,
+                          "--lambda", 1, "--k", 1, "--max-new-tokens", 10, "--show-neighbours", 1)
+    assert code == 0, err
+    assert tiny_tokenizer.decode(doc[12:22].tolist()) in out
+    assert "doc.py" in out and "neighbours" in out
+    code, out, err = _run(capsys, "generate", "--model", tiny_model_dir, "--datastore", ds.path, "--prompt", prompt,
+                          "--lambda", 0.5, "--do-sample", "--top-p", 0.9, "--temperature", 0.8, "--seed", 3,
+                          "--max-new-tokens", 5)
+    assert code == 0, err and out.strip()
+
+
+@pytest.mark.parametrize("bad", [["--lambda", "1.5"], ["--top-p", "0.9"], ["--k", "100000"],
+                                 ["--num-beams", "0"]])
+def test_cli_generate_one_line_errors(capsys, tiny_model_dir, one_doc, bad):
+    _, ds = one_doc
+    code, out, err = _run(capsys, "generate", "--model", tiny_model_dir, "--datastore", ds.path, "--prompt", "x",
+                          *bad)
+    assert code == 2
+    assert err.count("\n") == 1 and err.startswith("knnlm generate: error:"), err
