@@ -144,3 +144,29 @@ def test_subset_equals_a_build_over_the_same_documents(tiny_model, tiny_tokenize
                              BuildConfig(context=40, index="flat", progress=False))
     np.testing.assert_array_equal(sub.keys[:], direct.keys[:])
     np.testing.assert_array_equal(sub.values[:], direct.values[:])
+
+
+def test_sigkill_midway_then_resume_is_byte_identical(tmp_path, tiny_tokenizer, corpus_dir):
+    """A real `knnlm build-index` process killed with SIGKILL, resumed with --resume."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+
+    # a wider tiny model, so the build lasts past the first progress commit
+    import transformers
+
+    cfg = transformers.LlamaConfig(vocab_size=384, hidden_size=256, intermediate_size=1024, num_hidden_layers=4,
+                                   num_attention_heads=4, num_key_value_heads=2)
+    torch.manual_seed(0)
+    model_dir = tmp_path / "model"
+    transformers.LlamaForCausalLM(cfg).save_pretrained(model_dir)
+    tiny_tokenizer.save_pretrained(model_dir)
+    script = Path(__file__).resolve().parent.parent / "scripts" / "kill_resume_check.py"
+    files = sorted(str(p) for p in corpus_dir.iterdir())
+    res = subprocess.run([sys.executable, str(script), "--model", str(model_dir), "--data", *files, "--tokens",
+                          "30000", "--", "--context", "128", "--batch-size", "2"],
+                         capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert "killed with SIGKILL" in res.stdout and "partial datastore refused" in res.stdout
+    assert res.stdout.count("identical") >= 5
