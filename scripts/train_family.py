@@ -1,0 +1,366 @@
+"""Train a family of Llama-style causal LMs of several sizes from ONE tokenizer on the CPython
+stdlib train split, for the memorization suite (``scripts/memorization_suite.py``).
+
+    python scripts/train_family.py --out runs/family --sizes 1m,4m,16m,50m --tokens 20000000 --max-minutes 120
+
+Writes, under ``--out``::
+
+    tokenizer/                 the shared tokenizer (save_pretrained)
+    data/train.npy, val.npy    the tokenized training stream and a validation slice (int32)
+    <size>/                    an HF checkpoint (save_pretrained: config + weights + tokenizer)
+    <size>/training.json       the training curve (step, tokens, loss, val_loss, lr, seconds) and
+                               the run's settings, parameter counts, stop reason, throughput
+
+Tokenizer: by default a byte-level BPE with 8,192 tokens trained on the train split itself
+(``--tokenizer own``). SmolLM2's 49,152-token vocabulary (``--tokenizer smollm2``) would make the
+small sizes mostly embedding table (a 96-wide model: 4.7M tied embedding parameters for 0.2M
+transformer parameters), so the size ladder would measure the vocabulary, not the model. With our
+own tokenizer per-token perplexities of the family are comparable with each other but not with
+SmolLM2's; the suite therefore also reports bits per UTF-8 byte.
+
+Data: the committed stdlib train split (``knnlm.corpora``) minus ``pydoc_data/topics.py`` (the
+Python reference manual as text: excluded so that the Python documentation stays an unseen domain
+for the domain-adaptation task). Files are tokenized in split order and joined with EOS; the
+last ``--val-tokens`` tokens of that stream are held out as the validation slice (never trained
+on; no model selection is done on it).
+
+Determinism: the tokenizer, the data, the initialisation (``--seed``) and the batch of every step
+(a generator seeded with seed and step) are fixed. The number of steps is ``--tokens`` /
+(batch x context) unless ``--max-minutes`` binds: then it is planned from the throughput measured
+over the first steps (recorded in training.json), so it depends on the machine.
+
+Resumable: a finished checkpoint (training.json with ``"finished": true``) is skipped; an
+unfinished run continues from ``<size>/resume.pt``, written every ``--save-minutes``.
+Uses CUDA (bf16 autocast) when present (``knnlm.models.resolve_device``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+
+@dataclass(frozen=True)
+class Preset:
+    hidden: int
+    layers: int
+    heads: int
+    intermediate: int
+    context: int = 256  # training window = max_position_embeddings
+    batch: int = 32  # windows per step
+    lr: float = 1e-3
+
+
+# Approximate total parameters with the 8,192-token tokenizer (tied embeddings); the exact counts
+# are printed and recorded in training.json.
+PRESETS: dict[str, Preset] = {
+    "1m": Preset(hidden=96, layers=2, heads=3, intermediate=256, lr=2e-3),
+    "4m": Preset(hidden=192, layers=5, heads=6, intermediate=640, lr=1.5e-3),
+    "16m": Preset(hidden=320, layers=10, heads=5, intermediate=864, lr=1e-3),
+    "50m": Preset(hidden=512, layers=12, heads=8, intermediate=1536, lr=6e-4),
+    # smoke-test sizes: seconds on a CPU
+    "smoke-a": Preset(hidden=16, layers=1, heads=2, intermediate=32, context=64, batch=4, lr=3e-3),
+    "smoke-b": Preset(hidden=32, layers=2, heads=2, intermediate=64, context=64, batch=4, lr=3e-3),
+}
+SPECIAL_TOKENS = ["<pad>", "<s>", "</s>"]  # ids 0, 1, 2
+EXCLUDED_FROM_TRAINING = ("pydoc_data/topics.py",)
+
+
+def log(msg: str) -> None:
+    print(f"[train_family] {msg}", file=sys.stderr, flush=True)
+
+
+# ----------------------------------------------------------------------------------------- data
+
+def training_files(limit_bytes: int | None = None) -> list[str]:
+    """The stdlib train split in its committed order, minus EXCLUDED_FROM_TRAINING; with
+    ``limit_bytes`` only the leading files up to that many bytes (at least one)."""
+    from knnlm.corpora import stdlib_files
+
+    files = [f for f in stdlib_files("train") if not f.replace(os.sep, "/").endswith(EXCLUDED_FROM_TRAINING)]
+    if limit_bytes is None:
+        return files
+    out, total = [], 0
+    for f in files:
+        size = os.path.getsize(f)
+        if out and total + size > limit_bytes:
+            break
+        out.append(f)
+        total += size
+    return out
+
+
+def train_tokenizer(files: list[str], vocab_size: int, out: Path):
+    """A byte-level BPE (GPT-2 style pre-tokenizer) trained on ``files``; saved to ``out``."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train(files, trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>",
+                                   model_max_length=1 << 20)
+    out.mkdir(parents=True, exist_ok=True)
+    fast.save_pretrained(out)
+    return fast
+
+
+def get_tokenizer(out: Path, kind: str, vocab_size: int, files: list[str]):
+    """The family's tokenizer, created once under ``out/tokenizer`` and reused afterwards."""
+    from transformers import AutoTokenizer
+
+    tdir = out / "tokenizer"
+    if (tdir / "tokenizer.json").exists():
+        return AutoTokenizer.from_pretrained(tdir, local_files_only=True)
+    if kind == "own":
+        log(f"training a {vocab_size}-token byte-level BPE on {len(files)} files")
+        return train_tokenizer(files, vocab_size, tdir)
+    if kind == "smollm2":
+        from knnlm.models import load_model
+
+        _, tok = load_model("smollm2", device="cpu")
+        tdir.mkdir(parents=True, exist_ok=True)
+        tok.save_pretrained(tdir)
+        return tok
+    raise SystemExit(f"--tokenizer must be own or smollm2, got {kind!r}")
+
+
+def tokenize_stream(tok, files: list[str], out: Path, val_tokens: int) -> tuple[np.ndarray, np.ndarray]:
+    """The training stream (files joined with EOS) and the validation slice, cached as .npy."""
+    d = out / "data"
+    if (d / "train.npy").exists() and (d / "val.npy").exists():
+        return np.load(d / "train.npy", mmap_mode="r"), np.load(d / "val.npy")
+    from tqdm.auto import tqdm
+
+    eos = tok.eos_token_id if tok.eos_token_id is not None else 0
+    parts = []
+    for f in tqdm(files, desc="tokenizing", unit="file", leave=False):
+        text = Path(f).read_text(encoding="utf-8")
+        parts.append(np.asarray(tok(text, add_special_tokens=False)["input_ids"] + [eos], dtype=np.int32))
+    stream = np.concatenate(parts)
+    val_tokens = min(val_tokens, len(stream) // 10)
+    train, val = stream[: len(stream) - val_tokens], stream[len(stream) - val_tokens:]
+    d.mkdir(parents=True, exist_ok=True)
+    np.save(d / "train.npy", train)
+    np.save(d / "val.npy", val)
+    (d / "stats.json").write_text(json.dumps({"files": len(files), "train_tokens": int(len(train)),
+                                              "val_tokens": int(len(val))}, indent=1))
+    return train, val
+
+
+# ---------------------------------------------------------------------------------------- model
+
+def make_model(preset: Preset, tok, seed: int):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=preset.hidden, intermediate_size=preset.intermediate,
+                      num_hidden_layers=preset.layers, num_attention_heads=preset.heads,
+                      num_key_value_heads=preset.heads, max_position_embeddings=preset.context,
+                      tie_word_embeddings=True, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+                      pad_token_id=tok.pad_token_id)
+    torch.manual_seed(seed)
+    return LlamaForCausalLM(cfg)
+
+
+def param_counts(model) -> dict:
+    total = sum(p.numel() for p in model.parameters())
+    emb = model.get_input_embeddings().weight.numel()
+    return {"params": int(total), "embedding_params": int(emb), "non_embedding_params": int(total - emb)}
+
+
+def _batch(stream: np.ndarray, n: int, context: int, gen: torch.Generator) -> torch.Tensor:
+    starts = torch.randint(0, len(stream) - context - 1, (n,), generator=gen).tolist()
+    return torch.from_numpy(np.stack([np.asarray(stream[s: s + context + 1], dtype=np.int64) for s in starts]))
+
+
+@torch.no_grad()
+def val_loss(model, val: np.ndarray, context: int, device, max_windows: int = 64) -> float:
+    model.eval()
+    n = max(1, min(max_windows, (len(val) - 1) // context))
+    losses = []
+    for i in range(0, n, 16):
+        rows = [np.asarray(val[j * context: j * context + context + 1], dtype=np.int64) for j in range(i, min(n, i + 16))]
+        rows = [r for r in rows if len(r) == context + 1]
+        if not rows:
+            break
+        x = torch.from_numpy(np.stack(rows)).to(device)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            logits = model(input_ids=x[:, :-1]).logits
+        losses.append(torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), x[:, 1:].flatten()).item())
+    model.train()
+    return float(np.mean(losses)) if losses else float("nan")
+
+
+def _lr(step: int, total: int, peak: float, warmup: int) -> float:
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    frac = min(1.0, (step - warmup) / max(1, total - warmup))
+    return peak * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * frac)))  # cosine to 10 % of the peak
+
+
+def train_one(name: str, preset: Preset, tok, train: np.ndarray, val: np.ndarray, out: Path, *,
+              tokens: int, max_minutes: float | None, seed: int, device, eval_every: int, save_minutes: float,
+              progress: bool = True) -> dict:
+    """Train (or resume, or skip) one size; returns its training.json content."""
+    from tqdm.auto import tqdm
+
+    mdir = out / name
+    info_path = mdir / "training.json"
+    if info_path.exists():
+        info = json.loads(info_path.read_text())
+        if info.get("finished"):
+            log(f"{name}: finished checkpoint in {mdir}, skipping")
+            return info
+    mdir.mkdir(parents=True, exist_ok=True)
+    model = make_model(preset, tok, seed).to(device)
+    model.train()
+    counts = param_counts(model)
+    opt = torch.optim.AdamW(model.parameters(), lr=preset.lr, betas=(0.9, 0.95), weight_decay=0.1)
+    per_step = preset.batch * preset.context
+    planned = max(1, tokens // per_step)
+    curve, step, elapsed, time_planned, stop_reason = [], 0, 0.0, False, "tokens"
+    resume = mdir / "resume.pt"
+    if resume.exists():
+        state = torch.load(resume, map_location=device, weights_only=False)
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["optimizer"])
+        step, curve, elapsed = state["step"], state["curve"], state["elapsed"]
+        planned, time_planned = state["planned"], state["time_planned"]
+        stop_reason = state["stop_reason"]
+        log(f"{name}: resuming at step {step}/{planned}")
+    log(f"{name}: {counts['params']:,} parameters ({counts['non_embedding_params']:,} non-embedding), "
+        f"{planned} steps x {per_step} tokens planned, device {device}")
+    warmup = max(1, min(200, planned // 20))
+    t_start = time.time() - elapsed
+    last_save = time.time()
+    bar = tqdm(total=planned, initial=step, desc=f"train {name}", unit="step", disable=not progress)
+
+    def save_state():
+        torch.save({"model": model.state_dict(), "optimizer": opt.state_dict(), "step": step, "curve": curve,
+                    "elapsed": time.time() - t_start, "planned": planned, "time_planned": time_planned,
+                    "stop_reason": stop_reason},
+                   str(resume) + ".tmp")
+        os.replace(str(resume) + ".tmp", resume)
+
+    while step < planned:
+        gen = torch.Generator().manual_seed(seed * 1_000_003 + step)
+        x = _batch(train, preset.batch, preset.context, gen).to(device)
+        for g in opt.param_groups:
+            g["lr"] = _lr(step, planned, preset.lr, warmup)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            logits = model(input_ids=x[:, :-1]).logits
+        loss = torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), x[:, 1:].flatten())
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        step += 1
+        bar.update(1)
+        now = time.time() - t_start
+        point = {"step": step, "tokens": step * per_step, "loss": round(loss.item(), 4),
+                 "lr": opt.param_groups[0]["lr"], "seconds": round(now, 2)}
+        if step % eval_every == 0 or step == planned:
+            point["val_loss"] = round(val_loss(model, val, preset.context, device), 4)
+            bar.set_postfix(loss=point["loss"], val=point["val_loss"])
+        curve.append(point)
+        if max_minutes and not time_planned and step == min(20, planned):
+            # plan the remaining steps from the measured speed so the cosine schedule still ends
+            time_planned = True
+            rate = step / max(now, 1e-9)
+            fit = int(rate * max_minutes * 60 * 0.95)  # 5 % for val loss and saving
+            if fit < planned:
+                planned = max(step, fit)
+                warmup = max(1, min(warmup, planned // 20))
+                bar.total = planned
+                stop_reason = "max_minutes"
+                log(f"{name}: {rate:.2f} steps/s -> {planned} steps fit in {max_minutes} min")
+        if time.time() - last_save > save_minutes * 60 and step < planned:
+            save_state()
+            last_save = time.time()
+    bar.close()
+    total_s = time.time() - t_start
+    if curve and "val_loss" not in curve[-1]:
+        curve[-1]["val_loss"] = round(val_loss(model, val, preset.context, device), 4)
+    model.save_pretrained(mdir)
+    tok.save_pretrained(mdir)
+    info = {"name": name, "preset": asdict(preset), **counts, "seed": seed, "device": str(device),
+            "steps": step, "tokens_trained": step * per_step, "tokens_budget": tokens, "max_minutes": max_minutes,
+            "stop_reason": stop_reason,
+            "train_stream_tokens": int(len(train)), "epochs": round(step * per_step / max(1, len(train)), 3),
+            "seconds": round(total_s, 2), "steps_per_second": round(step / max(total_s, 1e-9), 3),
+            "tokens_per_second": round(step * per_step / max(total_s, 1e-9), 1),
+            "final_loss": curve[-1]["loss"] if curve else None,
+            "final_val_loss": curve[-1].get("val_loss") if curve else None,
+            "vocab_size": len(tok), "curve": curve, "finished": True}
+    info_path.write_text(json.dumps(info, indent=1))
+    resume.unlink(missing_ok=True)
+    log(f"{name}: done, {step} steps in {total_s:.0f} s ({info['steps_per_second']} steps/s), "
+        f"val loss {info['final_val_loss']}")
+    return info
+
+
+def train_family(out: str | Path, sizes: list[str], *, tokens: int, max_minutes: float | None = None,
+                 tokenizer: str = "own", vocab_size: int = 8192, seed: int = 0, device: str = "auto",
+                 limit_bytes: int | None = None, val_tokens: int = 65_536, eval_every: int = 200,
+                 save_minutes: float = 10.0, progress: bool = True) -> dict[str, dict]:
+    """Train every size in ``sizes`` (preset names); returns {name: training.json content}."""
+    from knnlm.models import resolve_device
+
+    unknown = [s for s in sizes if s not in PRESETS]
+    if unknown:
+        raise SystemExit(f"unknown size preset(s) {', '.join(unknown)}; choose from {', '.join(PRESETS)}")
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    files = training_files(limit_bytes)
+    tok = get_tokenizer(out, tokenizer, vocab_size, files)
+    train, val = tokenize_stream(tok, files, out, val_tokens)
+    dev = resolve_device(device)
+    torch.manual_seed(seed)
+    return {name: train_one(name, PRESETS[name], tok, train, val, out, tokens=tokens, max_minutes=max_minutes,
+                            seed=seed, device=dev, eval_every=eval_every, save_minutes=save_minutes,
+                            progress=progress)
+            for name in sizes}
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", default="runs/family", help="output directory (default runs/family)")
+    p.add_argument("--sizes", default="1m,4m,16m,50m", help=f"comma list of presets: {', '.join(PRESETS)}")
+    p.add_argument("--tokens", type=int, default=20_000_000, help="training tokens per model (default 20M)")
+    p.add_argument("--max-minutes", type=float, default=None, help="wall-clock budget per model")
+    p.add_argument("--tokenizer", choices=["own", "smollm2"], default="own")
+    p.add_argument("--vocab-size", type=int, default=8192, help="size of the own BPE tokenizer")
+    p.add_argument("--limit-bytes", type=int, default=None, help="train on the leading files up to this many bytes")
+    p.add_argument("--val-tokens", type=int, default=65_536)
+    p.add_argument("--eval-every", type=int, default=200, help="steps between validation losses")
+    p.add_argument("--save-minutes", type=float, default=10.0, help="minutes between resume checkpoints")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="auto")
+    args = p.parse_args(argv)
+    infos = train_family(args.out, [s for s in args.sizes.split(",") if s], tokens=args.tokens,
+                         max_minutes=args.max_minutes, tokenizer=args.tokenizer, vocab_size=args.vocab_size,
+                         seed=args.seed, device=args.device, limit_bytes=args.limit_bytes,
+                         val_tokens=args.val_tokens, eval_every=args.eval_every, save_minutes=args.save_minutes)
+    for name, info in infos.items():
+        print(f"{name}: {info['params']:,} params, {info['steps']} steps, val loss {info['final_val_loss']}, "
+              f"{info['steps_per_second']} steps/s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
