@@ -78,7 +78,6 @@ class EvalConfig:
     text_field: str = "text"
     max_tokens: int | None = None
     progress: bool = True
-    use_kernel: bool = True  # the fused csrc op for single-setting scoring when available
 
     def __post_init__(self):
         from knnlm.scoring import check_mixture_args

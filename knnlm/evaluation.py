@@ -3,7 +3,10 @@
 The eval text goes through the same sliding-window protocol as the builder (the datastore's
 ``context`` / ``stride`` unless overridden). Each batch is one forward pass; the hidden states of
 the scored positions query the index once, at the largest k of the sweep, and every
-(lambda, temperature, k) setting is scored from those cached neighbours.
+(lambda, temperature, k) setting is scored from those cached neighbours: log p_lm(target) is
+computed once per token (it is the base-LM result too), the kNN term once per (T, k) from the K
+neighbours, and the mix once per lambda — no V-sized pass per setting. (The fused ``csrc`` op
+computes full distributions for decoding; here it would only redo the V-sized pass already done.)
 
 If an eval document is also in the datastore (same text hash), each of its queries has its own
 key excluded from the neighbours (``exclude_self``, on by default): otherwise retrieval would
@@ -29,7 +32,7 @@ from knnlm.data import (CorpusError, Document, Source, iter_batches, iter_docume
 from knnlm.datastore import Datastore, model_identity
 from knnlm.errors import KnnlmError
 from knnlm.retrieval import Retriever, resolve_k
-from knnlm.scoring import interpolate_target, knn_target_log_probs, lm_target_log_probs, mix
+from knnlm.scoring import knn_target_log_probs, lm_target_log_probs, mix
 
 logger = logging.getLogger(__name__)
 
@@ -124,7 +127,6 @@ def evaluate(model, tokenizer, datastore: Datastore | None, data: Sequence | Non
     n_targets = 0
     t_lm = t_knn = 0.0
     device = next(model.parameters()).device
-    fused = g == 1 and cfg.use_kernel
 
     from tqdm.auto import tqdm
 
@@ -149,8 +151,9 @@ def evaluate(model, tokenizer, datastore: Datastore | None, data: Sequence | Non
                 excl.append(torch.arange(first - 1, end - 1) + row0 if row0 >= 0 else torch.full_like(pos, -1))
             sel_b, sel_t = torch.cat(sel_b).to(device), torch.cat(sel_t).to(device)
             tgt = torch.cat(tgt).to(device)  # (R,)
-            lg = logits[sel_b, sel_t]  # (R, V)
-            lp_lm = lm_target_log_probs(lg, tgt)  # (R,)
+            # log p_lm of the next token at every position (no (R, V) copy), then the targets
+            nxt = torch.cat([ids[:, 1:], ids[:, :1]], dim=1).to(device)  # (B, T); last column unused
+            lp_lm = lm_target_log_probs(logits, nxt)[sel_b, sel_t]  # (R,)
             nll_base -= lp_lm.double().sum().item()
             t1 = time.time()
             t_lm += t1 - t0
@@ -165,13 +168,9 @@ def evaluate(model, tokenizer, datastore: Datastore | None, data: Sequence | Non
                 gi = 0
                 for k in ks:
                     for t in cfg.temperatures:
-                        if fused:
-                            lp = [interpolate_target(lg, dists[:, :k], values[:, :k], tgt, cfg.lambdas[0], t)]
-                        else:
-                            lp_knn = knn_target_log_probs(dists[:, :k], values[:, :k], tgt, t)  # (R,)
-                            lp = [mix(lp_lm, lp_knn, lam) for lam in cfg.lambdas]
-                        for x in lp:
-                            x = x.double().cpu()
+                        lp_knn = knn_target_log_probs(dists[:, :k], values[:, :k], tgt, t)  # (R,)
+                        for lam in cfg.lambdas:
+                            x = mix(lp_lm, lp_knn, lam).double().cpu()  # (R,)
                             nll[gi] -= x.sum()
                             nll_bucket[gi] -= torch.bincount(bucket, weights=x, minlength=len(BUCKET_EDGES))
                             gi += 1

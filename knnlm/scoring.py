@@ -92,9 +92,9 @@ def reference_interpolate(logits: torch.Tensor, dists: torch.Tensor, values: tor
 
 
 def lm_target_log_probs(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """log p_lm(target): logits (B, V), target (B,) -> (B,) fp32."""
+    """log p_lm(target): logits (..., V), target (...) -> (...) fp32."""
     logits = logits.float()
-    return logits.gather(1, target.long()[:, None]).squeeze(1) - torch.logsumexp(logits, dim=-1)
+    return logits.gather(-1, target.long()[..., None]).squeeze(-1) - torch.logsumexp(logits, dim=-1)
 
 
 def knn_target_log_probs(dists: torch.Tensor, values: torch.Tensor, target: torch.Tensor,

@@ -97,6 +97,6 @@ class KNNLM:
         if self.tokenizer is None:
             raise ValueError("KNNLM.evaluate needs the tokenizer: KNNLM(model, datastore, tokenizer=tok)")
         base = dict(lambdas=[self.lam], temperatures=[self.temperature], ks=[self.k],
-                    nprobe=self.retriever.nprobe, rerank=self.retriever.rerank, use_kernel=self.use_kernel)
+                    nprobe=self.retriever.nprobe, rerank=self.retriever.rerank)
         base.update(settings)
         return evaluate(self.model, self.tokenizer, self.datastore, data, EvalConfig(**base), texts=texts)
