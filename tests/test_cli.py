@@ -75,3 +75,56 @@ def test_help_documents_every_option_with_examples():
                 "--device", "--dtype", "--quiet"):
         assert opt in res.stdout
     assert "examples:" in res.stdout and "knnlm build-index --data" in res.stdout
+
+
+@pytest.fixture
+def cli_store(capsys, tiny_model_dir, corpus_dir, tmp_path):
+    out = tmp_path / "ds"
+    code, _, err = _run(capsys, "build-index", "--model", tiny_model_dir, "--data", corpus_dir, "--out", out,
+                        "--context", 64, "--quiet", "--index", "flat")
+    assert code == 0, err
+    return out
+
+
+def test_eval_cli_table_and_json(capsys, cli_store, tiny_model_dir, corpus_dir, tmp_path):
+    import json
+
+    out_json = tmp_path / "res.json"
+    code, stdout, err = _run(capsys, "eval", "--model", tiny_model_dir, "--datastore", cli_store, "--data",
+                             corpus_dir / "bisect.py", "--lambda", "0.25,0.5", "--k", "8,32", "--quiet",
+                             "--output", out_json)
+    assert code == 0, err
+    assert "kNN-LM" in stdout and "<- best" in stdout and "datastore freq" in stdout
+    res = json.loads(out_json.read_text())
+    assert len(res["grid"]) == 4 and res["overlap"]["documents"] == 1 and res["settings"]["lambdas"] == [0.25, 0.5]
+
+
+@pytest.mark.parametrize("case", ["lambda", "temperature", "k-zero", "k-too-big", "k-text", "no-index",
+                                  "corrupt-index", "other-model", "empty-text", "not-a-datastore"])
+def test_eval_bad_input_one_line_error(case, capsys, cli_store, tiny_model_dir, other_model_dir, corpus_dir, tmp_path):
+    model, store, data, extra = tiny_model_dir, cli_store, corpus_dir / "bisect.py", []
+    if case == "lambda":
+        extra = ["--lambda", "1.5"]
+    elif case == "temperature":
+        extra = ["--temperature", "0"]
+    elif case == "k-zero":
+        extra = ["--k", "0"]
+    elif case == "k-too-big":
+        extra = ["--k", "100000000"]
+    elif case == "k-text":
+        extra = ["--k", "many"]
+    elif case == "no-index":
+        (cli_store / "index.faiss").unlink()
+    elif case == "corrupt-index":
+        (cli_store / "index.faiss").write_bytes(b"not an index")
+    elif case == "other-model":
+        model = other_model_dir
+    elif case == "empty-text":
+        data = tmp_path / "empty.txt"
+        data.write_text("")
+    elif case == "not-a-datastore":
+        store = corpus_dir
+    code, _, err = _run(capsys, "eval", "--model", model, "--datastore", store, "--data", data, "--quiet", *extra)
+    assert code == 2
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("knnlm eval: error: "), err
