@@ -1,0 +1,173 @@
+"""Greedy decoding throughput: ``model.generate`` vs ``KNNLM.generate``, measured side by side.
+
+    python benchmarks/bench_generate.py --datastore runs/stdlib-1m --flat --max-new-tokens 32
+    python benchmarks/bench_generate.py --tiny          # self-contained: tiny random model, seconds
+
+For each batch size (left-padded prompts cut from the held-out stdlib files), it runs a warm-up,
+then ``--repeats`` rounds of plain-then-kNN greedy generation of exactly ``--max-new-tokens``
+tokens (``min_new_tokens`` = ``max_new_tokens`` on both sides, so EOS cannot end a run early),
+and prints the median generated tokens/s of each side and the ratio kNN / plain.
+
+``--flat`` searches an exact in-memory ``IndexFlatL2`` over the datastore's keys (the first
+``--max-keys`` rows) instead of the datastore's own index; the neighbours' values are the same
+rows'. ``--json`` saves the measurements.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+TINY_FILES = ["bisect.py", "colorsys.py", "keyword.py", "fnmatch.py", "heapq.py", "textwrap.py"]
+
+
+def _tiny_setup(workdir: Path):
+    """A tiny BPE tokenizer and random Llama, and a flat datastore over a few stdlib files."""
+    import torch
+    import transformers
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    from knnlm.build import build_datastore
+    from knnlm.config import BuildConfig
+    from knnlm.corpora import stdlib_root
+
+    files = [str(stdlib_root() / f) for f in TINY_FILES]
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    bpe.train(files, trainers.BpeTrainer(vocab_size=512, special_tokens=["<pad>", "<s>", "</s>"],
+                                         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False))
+    tok = PreTrainedTokenizerFast(tokenizer_object=bpe, pad_token="<pad>", bos_token="<s>", eos_token="</s>")
+    cfg = transformers.LlamaConfig(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2, bos_token_id=1, eos_token_id=2,
+                                   pad_token_id=0)
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(cfg).eval()
+    ds = build_datastore(model, tok, files, workdir / "ds", BuildConfig(context=128, index="flat", progress=False))
+    return model, tok, ds
+
+
+def _prompts(tok, n: int, max_tokens: int) -> list[str]:
+    """``n`` prompts of different lengths (<= max_tokens tokens) from the held-out stdlib files."""
+    from knnlm.corpora import stdlib_files
+
+    out = []
+    for path in stdlib_files("test"):
+        text = Path(path).read_text(encoding="utf-8", errors="replace")
+        ids = tok(text)["input_ids"]
+        if len(ids) < max_tokens:
+            continue
+        out.append(tok.decode(ids[: max_tokens - 8 * (len(out) % 4)]))
+        if len(out) == n:
+            return out
+    raise SystemExit(f"not enough held-out stdlib files with {max_tokens} tokens")
+
+
+def _flat_index(ds, max_keys: int | None):
+    import faiss
+    import numpy as np
+
+    n = len(ds) if max_keys is None else min(max_keys, len(ds))
+    index = faiss.IndexFlatL2(ds.dim)
+    for lo in range(0, n, 1 << 16):
+        index.add(np.ascontiguousarray(ds.keys[lo: min(n, lo + (1 << 16))], dtype=np.float32))
+    return index
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--datastore", help="datastore directory (not with --tiny)")
+    p.add_argument("--model", default="smollm2")
+    p.add_argument("--tiny", action="store_true", help="tiny random model + tiny flat datastore, built on the fly")
+    p.add_argument("--batch-sizes", default="1,8", help="comma list (default: %(default)s)")
+    p.add_argument("--max-new-tokens", type=int, default=32)
+    p.add_argument("--prompt-tokens", type=int, default=64, help="longest prompt, in tokens (default: %(default)s)")
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--k", type=int, default=None, help="neighbours (default: 1024 capped at the datastore size)")
+    p.add_argument("--nprobe", type=int, default=None)
+    p.add_argument("--lambda", dest="lam", type=float, default=0.25)
+    p.add_argument("--flat", action="store_true", help="exact in-memory flat index over the datastore's keys")
+    p.add_argument("--max-keys", type=int, default=None, help="with --flat: index only the first N keys")
+    p.add_argument("--threads", type=int, default=None, help="torch / FAISS threads (default: torch's)")
+    p.add_argument("--json", default=None, help="write the measurements here")
+    args = p.parse_args(argv)
+    if args.tiny == bool(args.datastore):
+        p.error("give --datastore DIR, or --tiny")
+
+    import torch
+
+    from knnlm.wrapper import KNNLM
+
+    if args.threads:
+        import faiss
+
+        torch.set_num_threads(args.threads)
+        faiss.omp_set_num_threads(args.threads)
+    tmp = None
+    if args.tiny:
+        tmp = tempfile.TemporaryDirectory(prefix="bench-generate-")
+        model, tok, ds = _tiny_setup(Path(tmp.name))
+        what = f"tiny random Llama, {len(ds):,}-key datastore over {len(TINY_FILES)} stdlib files"
+    else:
+        from knnlm.datastore import open_datastore
+        from knnlm.models import load_model
+
+        ds = open_datastore(args.datastore)
+        model, tok = load_model(args.model)
+        what = f"{args.model}, datastore {args.datastore} ({len(ds):,} keys)"
+    knn = KNNLM(model, ds, tok, lam=args.lam, k=args.k, nprobe=args.nprobe)
+    if args.flat:
+        knn.retriever.index = _flat_index(ds, args.max_keys)
+    index_desc = f"{type(knn.retriever.index).__name__} ({knn.retriever.index.ntotal:,} vectors)"
+    tok.padding_side = "left"
+    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    batch_sizes = [int(x) for x in args.batch_sizes.split(",")]
+    prompts = _prompts(tok, max(batch_sizes), args.prompt_tokens)
+    n_new = args.max_new_tokens
+
+    def timed(fn, enc, n):
+        t0 = time.perf_counter()
+        out = fn(**enc, max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=pad)
+        dt = time.perf_counter() - t0
+        assert out.shape[1] == enc["input_ids"].shape[1] + n
+        return dt
+
+    print(f"{what}; index {index_desc}, k {knn.k}, lambda {args.lam}; greedy, {n_new} new tokens, "
+          f"prompts <= {args.prompt_tokens} tokens, {torch.get_num_threads()} torch threads")
+    print(f"{'batch':>5} {'plain tok/s':>12} {'kNN tok/s':>10} {'ratio':>7}")
+    rows = []
+    for b in batch_sizes:
+        enc = tok(prompts[:b], return_tensors="pt", padding=True).to(model.device)
+        for fn in (model.generate, knn.generate):  # warm-up (and the fused op's first load)
+            timed(fn, enc, 2)
+        plain, knn_t = [], []
+        for _ in range(args.repeats):
+            plain.append(timed(model.generate, enc, n_new))
+            knn_t.append(timed(knn.generate, enc, n_new))
+        tps_plain = b * n_new / statistics.median(plain)
+        tps_knn = b * n_new / statistics.median(knn_t)
+        rows.append({"batch": b, "plain_tokens_per_second": round(tps_plain, 2),
+                     "knn_tokens_per_second": round(tps_knn, 2), "ratio": round(tps_knn / tps_plain, 3),
+                     "plain_seconds": plain, "knn_seconds": knn_t})
+        print(f"{b:>5} {tps_plain:>12.1f} {tps_knn:>10.1f} {tps_knn / tps_plain:>6.2f}x")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"setup": what, "index": index_desc, "k": knn.k, "lambda": args.lam, "new_tokens": n_new,
+                       "rows": rows, "command": " ".join(sys.argv)}, f, indent=1)
+    if tmp is not None:
+        tmp.cleanup()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
