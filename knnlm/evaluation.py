@@ -22,7 +22,6 @@ import time
 from dataclasses import asdict
 from typing import Sequence
 
-import numpy as np
 import torch
 
 from knnlm.capture import capture_keys
