@@ -176,7 +176,8 @@ def test_cli_generate(capsys, tiny_model_dir, one_doc, tiny_tokenizer):
     code, out, err = _run(capsys, "generate", "--model", tiny_model_dir, "--datastore", ds.path, "--prompt", prompt,
                           "--lambda", 0.5, "--do-sample", "--top-p", 0.9, "--temperature", 0.8, "--seed", 3,
                           "--max-new-tokens", 5)
-    assert code == 0, err and out.strip()
+    assert code == 0, err
+    assert out.strip()
 
 
 @pytest.mark.parametrize("bad", [["--lambda", "1.5"], ["--top-p", "0.9"], ["--k", "100000"],
