@@ -132,7 +132,10 @@ def _build() -> None:
     flavour = f"{'cuda' if cuda else 'cpu'}_{isa}"
     name = f"knnlm_ops_{flavour}"
     build_dir = _build_root(flavour)
-    logger.info("knnlm: compiling the fused op %s in %s (first use; about a minute)", name, build_dir)
+    cached = (build_dir / f"{name}.so").exists()  # ninja still rebuilds if a source changed
+    (logger.debug if cached else logger.info)(
+        "knnlm: %s the fused op %s in %s", "loading" if cached else "compiling (first use; about a minute)",
+        name, build_dir)
     load(
         name=name,
         sources=sources,
@@ -160,7 +163,7 @@ def load_extension() -> bool:
                 _build()
             _register_fakes()
             _loaded = True
-            logger.info("knnlm: fused op loaded")
+            logger.debug("knnlm: fused op loaded")
         except Exception as exc:  # noqa: BLE001 - any build failure means: use the reference
             lines = [ln for ln in str(exc).strip().splitlines() if ln.strip()]
             _reason = f"{type(exc).__name__}: {lines[0] if lines else 'unknown error'}"
