@@ -249,7 +249,6 @@ def run_model(args, m: dict, c: dict, out: Path, work: Path, wanted: list[str], 
         timed("datastore_scaling", lambda: T.datastore_scaling(
             model, tok, stdlib_ds(), c["eval"], ecfg, mwork / "scaling",
             fractions=[float(x) for x in args.scaling_fractions.split(",")], full_result=in_domain))
-    del model, ds
 
 
 def collect(out: Path, models: list[dict]) -> dict:
@@ -356,7 +355,7 @@ def make_plots(summary: dict, out: Path) -> list[str]:
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
     for ax, key, ylabel in ((axes[0], "exact_match", "exact-match rate (%)"),
                             (axes[1], "token_accuracy", "token accuracy (%)")):
-        def series(r, which):
+        def series(r, which, key=key):
             rec = (r.get("verbatim_recall") or {}).get("datastore") or {}
             if which == "base":
                 return _pct((rec.get("base") or {}).get(key))

@@ -27,7 +27,9 @@ on; no model selection is done on it).
 Determinism: the tokenizer, the data, the initialisation (``--seed``) and the batch of every step
 (a generator seeded with seed and step) are fixed. The number of steps is ``--tokens`` /
 (batch x context) unless ``--max-minutes`` binds: then it is planned from the throughput measured
-over the first steps (recorded in training.json), so it depends on the machine.
+over the first 20 steps or first minute (recorded in training.json), so it depends on the machine;
+the cosine schedule is stretched over the planned steps either way. A validation loss is recorded
+every ``--eval-every`` steps and at least every 10 minutes.
 
 Resumable: a finished checkpoint (training.json with ``"finished": true``) is skipped; an
 unfinished run continues from ``<size>/resume.pt``, written every ``--save-minutes``.
@@ -247,7 +249,7 @@ def train_one(name: str, preset: Preset, tok, train: np.ndarray, val: np.ndarray
         f"{planned} steps x {per_step} tokens planned, device {device}")
     warmup = max(1, min(200, planned // 20))
     t_start = time.time() - elapsed
-    last_save = time.time()
+    last_save = last_val = time.time()
     bar = tqdm(total=planned, initial=step, desc=f"train {name}", unit="step", disable=not progress)
 
     def save_state():
@@ -274,11 +276,12 @@ def train_one(name: str, preset: Preset, tok, train: np.ndarray, val: np.ndarray
         now = time.time() - t_start
         point = {"step": step, "tokens": step * per_step, "loss": round(loss.item(), 4),
                  "lr": opt.param_groups[0]["lr"], "seconds": round(now, 2)}
-        if step % eval_every == 0 or step == planned:
+        if step % eval_every == 0 or step == planned or time.time() - last_val > 600:
             point["val_loss"] = round(val_loss(model, val, preset.context, device), 4)
+            last_val = time.time()
             bar.set_postfix(loss=point["loss"], val=point["val_loss"])
         curve.append(point)
-        if max_minutes and not time_planned and step == min(20, planned):
+        if max_minutes and not time_planned and (step >= min(20, planned) or now >= 60):
             # plan the remaining steps from the measured speed so the cosine schedule still ends
             time_planned = True
             rate = step / max(now, 1e-9)
