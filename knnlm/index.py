@@ -108,7 +108,7 @@ def plan_index(spec: str, n: int, dim: int) -> IndexPlan:
     ivf = _ivf(index)
     nprobe = None
     if ivf is not None:
-        nprobe = min(ivf.nlist, 32 if "PQ" in factory else 16)
+        nprobe = min(ivf.nlist, 32 if "PQ" in factory else 8)
     train_rows = 0
     if not index.is_trained:
         need = ivf.nlist * TRAIN_POINTS_PER_LIST if ivf is not None else 256 * 39

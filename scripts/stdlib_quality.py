@@ -1,7 +1,7 @@
 """kNN-LM quality on held-out CPython stdlib files vs datastore size, with SmolLM2-135M.
 
     knnlm build-index --data $(python -m knnlm.corpora stdlib-train) --max-tokens 1100000 --out runs/stdlib-1m
-    python scripts/stdlib_quality.py --datastore runs/stdlib-1m --sizes 150000,400000 --eval-tokens 60000
+    python scripts/stdlib_quality.py --datastore runs/stdlib-1m --sizes 150000,400000 --nprobe 8
 
 Smaller datastores are the leading whole documents of the big one (``knnlm.subset_datastore``:
 same keys, their own index). Each size is evaluated on the same held-out tokens with one sweep;
@@ -24,9 +24,10 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--datastore", required=True, help="the largest datastore (built over the stdlib train split)")
     p.add_argument("--sizes", default="150000,400000", help="smaller datastore sizes in corpus tokens")
-    p.add_argument("--eval-tokens", type=int, default=60_000)
+    p.add_argument("--eval-tokens", type=int, default=0, help="held-out tokens to score (default 0: all)")
     p.add_argument("--lambdas", default="0.25,0.1,0.5,0.75")
     p.add_argument("--temperatures", default="1,0.5,2,5")
+    p.add_argument("--nprobe", type=int, default=None, help="IVF probes (default: each datastore's)")
     p.add_argument("--model", default="smollm2")
     p.add_argument("--out", default="results/stdlib_quality.json")
     args = p.parse_args(argv)
@@ -49,7 +50,7 @@ def main(argv=None) -> int:
     stores.append(big)
     cfg = EvalConfig(lambdas=[float(x) for x in args.lambdas.split(",")],
                      temperatures=[float(x) for x in args.temperatures.split(",")],
-                     max_tokens=args.eval_tokens, progress=False)
+                     max_tokens=args.eval_tokens or None, nprobe=args.nprobe, progress=False)
     rows = []
     for ds in stores:
         res = evaluate(model, tok, ds, stdlib_files("test"), cfg)
