@@ -45,7 +45,8 @@ __all__ = ["build_datastore", "subset_datastore"]
 
 _OWNED_FILES = (HEADER, HEADER + ".tmp", DOCUMENTS, TOKENS, VALUES, KEYS, INDEX, INDEX + ".tmp",
                 TOKENS + ".part", VALUES + ".part")
-COMMIT_SECONDS = 5.0  # how often finished rows are fsync'ed and recorded in the header
+# How often finished rows are fsync'ed and recorded in the header (what --resume restarts from).
+COMMIT_SECONDS = float(os.environ.get("KNNLM_COMMIT_SECONDS", "5"))
 
 
 def _peak_rss_mib() -> float:

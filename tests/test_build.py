@@ -148,6 +148,7 @@ def test_subset_equals_a_build_over_the_same_documents(tiny_model, tiny_tokenize
 
 def test_sigkill_midway_then_resume_is_byte_identical(tmp_path, tiny_tokenizer, corpus_dir):
     """A real `knnlm build-index` process killed with SIGKILL, resumed with --resume."""
+    import os
     import subprocess
     import sys
     from pathlib import Path
@@ -164,9 +165,10 @@ def test_sigkill_midway_then_resume_is_byte_identical(tmp_path, tiny_tokenizer, 
     tiny_tokenizer.save_pretrained(model_dir)
     script = Path(__file__).resolve().parent.parent / "scripts" / "kill_resume_check.py"
     files = sorted(str(p) for p in corpus_dir.iterdir())
+    env = dict(os.environ, KNNLM_COMMIT_SECONDS="0.1")  # commit often, so a kill lands between commits
     res = subprocess.run([sys.executable, str(script), "--model", str(model_dir), "--data", *files, "--tokens",
-                          "30000", "--", "--context", "128", "--batch-size", "2"],
-                         capture_output=True, text=True, timeout=600)
+                          "30000", "--", "--context", "32", "--batch-size", "1"],
+                         capture_output=True, text=True, timeout=600, env=env)
     assert res.returncode == 0, res.stdout + res.stderr
     assert "killed with SIGKILL" in res.stdout and "partial datastore refused" in res.stdout
     assert res.stdout.count("identical") >= 5
