@@ -27,6 +27,8 @@ def main(argv=None) -> int:
     p.add_argument("--nprobe", default=None, help="comma list of nprobe values to measure (default: the datastore's)")
     p.add_argument("--lambda", dest="lam", type=float, default=0.25)
     p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--sweep", action="store_true",
+                   help="also time a 48-setting sweep (lambda 4 x T 4 x k 3) against the single-setting kNN run")
     p.add_argument("--json", default=None, help="write the measurements here")
     args = p.parse_args(argv)
 
@@ -50,6 +52,10 @@ def main(argv=None) -> int:
     runs = {"plain_before": plain()}
     for npb in nprobes:
         runs[f"knn_nprobe{npb}"] = evaluate(model, tok, ds, data, EvalConfig(nprobe=npb, **common))
+    if args.sweep:
+        runs["knn_sweep48"] = evaluate(model, tok, ds, data, EvalConfig(**dict(
+            common, nprobe=nprobes[0], lambdas=[args.lam, 0.1, 0.5, 0.75], temperatures=[args.temperature, 0.5, 2, 5],
+            ks=[args.k, 16, 128])))
     runs["plain_after"] = plain()
     base_tps = (runs["plain_before"]["timing"]["tokens_per_second"] + runs["plain_after"]["timing"]["tokens_per_second"]) / 2
     idx = ds.header["index"]
@@ -66,6 +72,11 @@ def main(argv=None) -> int:
         rows.append(row)
         print(f"{name:>16} {str(row['nprobe'] or '-'):>7} {str(row['k'] or '-'):>6} {tps:>9.1f} "
               f"{row['ratio_vs_plain']:>6.2f}x {r['ppl_base']:>9.3f} {(r.get('ppl_knn') or float('nan')):>9.3f}")
+    if args.sweep:
+        single = runs[f"knn_nprobe{nprobes[0]}"]["timing"]["wall_seconds"]
+        sweep = runs["knn_sweep48"]["timing"]["wall_seconds"]
+        print(f"sweep of {len(runs['knn_sweep48']['grid'])} settings: {sweep:.1f} s wall vs {single:.1f} s for one "
+              f"setting ({sweep / single:.2f}x); its primary ppl {runs['knn_sweep48']['ppl_knn']:.3f}")
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"datastore": args.datastore, "rows": len(ds), "index": idx, "tokens": runs["plain_before"]["tokens"],
