@@ -240,8 +240,8 @@ def format_results(res: dict) -> str:
         lines.append(f"overlap: {ov['documents']} eval documents ({ov['tokens']:,} tokens) are in the datastore; "
                      + ("their own keys were excluded" if ov["excluded"] else "NOT excluded: kNN ppl is inflated"))
     base, p = res["ppl_base"], res["primary"]
-    gain = f"{100 * (1 - p['ppl'] / base):+.1f}%" if p["ppl"] and base else "n/a"
-    lines.append(f"perplexity  base LM {_fmt(base)}   kNN-LM {_fmt(p['ppl'])}  ({gain} fewer; lambda {p['lambda']}, "
+    change = f"{100 * (p['ppl'] / base - 1):+.1f}% vs base" if p["ppl"] and base else "n/a"
+    lines.append(f"perplexity  base LM {_fmt(base)}   kNN-LM {_fmt(p['ppl'])}  ({change}; lambda {p['lambda']}, "
                  f"T {p['temperature']}, k {p['k']})")
     if len(res["grid"]) > 1:
         lines.append("")
