@@ -115,3 +115,16 @@ def smollm2():
     from knnlm.models import load_model
 
     return load_model("smollm2", device="cpu")
+
+
+@pytest.fixture(scope="session")
+def tiny_store(tmp_path_factory, tiny_tokenizer):
+    """The tiny Llama and a flat datastore over CORPUS_FILES (shared, read-only)."""
+    from knnlm.build import build_datastore
+    from knnlm.config import BuildConfig
+
+    model = make_tiny_model("llama")
+    out = tmp_path_factory.mktemp("tiny-store") / "ds"
+    files = [str(stdlib_root() / f) for f in CORPUS_FILES]
+    ds = build_datastore(model, tiny_tokenizer, files, out, BuildConfig(context=64, index="flat", progress=False))
+    return model, ds

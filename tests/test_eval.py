@@ -17,16 +17,10 @@ TEXTS = ["def add(a, b):\n    return a + b\n", "import os\nprint(os.getcwd())\n"
          "class Point:\n    def __init__(self, x, y):\n        self.x = x\n        self.y = y\n"]
 
 
-@pytest.fixture(scope="module")
-def store(tmp_path_factory, tiny_tokenizer):
-    from conftest import CORPUS_FILES
-    from knnlm.corpora import stdlib_root
-
-    model = make_tiny_model("llama")
-    out = tmp_path_factory.mktemp("eval") / "ds"
-    files = [str(stdlib_root() / f) for f in CORPUS_FILES]
-    ds = build_datastore(model, tiny_tokenizer, files, out, BuildConfig(context=64, index="flat", progress=False))
-    return model, ds
+@pytest.fixture
+def store(tiny_store):
+    """The tiny model and its flat datastore over a few stdlib files (conftest.tiny_store)."""
+    return tiny_store
 
 
 def _cfg(**kw):

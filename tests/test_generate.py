@@ -4,7 +4,7 @@ import pytest
 import torch
 from transformers.generation.utils import GenerateBeamDecoderOnlyOutput, GenerateDecoderOnlyOutput
 
-from conftest import CORPUS_FILES, make_tiny_model
+from conftest import make_tiny_model
 from knnlm.build import build_datastore
 from knnlm.capture import find_key_module
 from knnlm.cli import main
@@ -16,14 +16,10 @@ from knnlm.wrapper import KNNLM
 PROMPTS = ["def bisect_left(a, x", "import os\n", "class Point:\n    def __init__(self"]
 
 
-@pytest.fixture(scope="module")
-def store(tmp_path_factory, tiny_tokenizer):
-    """The tiny model and a flat datastore over a few stdlib files."""
-    model = make_tiny_model("llama")
-    out = tmp_path_factory.mktemp("gen") / "ds"
-    files = [str(stdlib_root() / f) for f in CORPUS_FILES]
-    ds = build_datastore(model, tiny_tokenizer, files, out, BuildConfig(context=64, index="flat", progress=False))
-    return model, ds
+@pytest.fixture
+def store(tiny_store):
+    """The tiny model and its flat datastore over a few stdlib files (conftest.tiny_store)."""
+    return tiny_store
 
 
 @pytest.fixture(scope="module")
