@@ -29,7 +29,7 @@ examples:
   knnlm eval --datastore runs/stdlib --data $(python -m knnlm.corpora stdlib-test) --max-tokens 60000
   # a sweep: one retrieval at k=1024, every combination scored from it; JSON results
   knnlm eval --datastore runs/stdlib --data held_out/ --lambda 0.25,0.1,0.5 --temperature 1,2,5 \\
-      --k 8,64,1024 --output results.json
+      --k 1024,64,8 --output results.json
 """
 
 GENERATE_EXAMPLES = """\
