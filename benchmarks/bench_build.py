@@ -29,13 +29,12 @@ def main(argv=None) -> int:
     p.add_argument("--json", default=None)
     args = p.parse_args(argv)
 
-    import numpy as np
     import torch
 
     from knnlm.build import build_datastore
     from knnlm.config import BuildConfig
     from knnlm.corpora import stdlib_files
-    from knnlm.data import iter_batches
+    from knnlm.data import iter_batches, pad_windows
     from knnlm.models import load_model
 
     model, tok = load_model(args.model)
@@ -51,11 +50,7 @@ def main(argv=None) -> int:
             t0, rows = time.time(), 0
             with torch.inference_mode():
                 for _, batch in iter_batches(docs, cfg.context, cfg.stride, cfg.batch_size):
-                    width = max(e - s for _, s, e, _ in batch)
-                    ids = np.zeros((len(batch), width), dtype=np.int64)
-                    for b, (di, s, e, _) in enumerate(batch):
-                        o = docs[di]["offset"]
-                        ids[b, : e - s] = ds.tokens[o + s: o + e]
+                    ids = pad_windows(batch, ds.document_tokens)  # the builder's batches, exactly
                     model(input_ids=torch.from_numpy(ids), use_cache=False)
                     rows += sum(e - f for _, _, e, f in batch)
             return rows / (time.time() - t0)

@@ -33,8 +33,8 @@ import torch
 from knnlm import __version__
 from knnlm.capture import capture_keys, find_key_module
 from knnlm.config import RESUME_KEYS, BuildConfig
-from knnlm.data import (CorpusError, Source, count_targets, iter_batches, iter_documents, resolve_sources,
-                        sha256_text, tokenize_documents)
+from knnlm.data import (CorpusError, Source, count_targets, iter_batches, iter_documents, pad_windows,
+                        resolve_sources, sha256_text, tokenize_documents)
 from knnlm.datastore import (DOCUMENTS, HEADER, INDEX, KEY_DTYPES, KEYS, TOKENS, VALUES, DatastoreError,
                              model_identity, new_header, open_datastore, read_header, write_json_atomic)
 from knnlm.index import build_index, plan_index
@@ -172,7 +172,11 @@ def _extract(out: Path, model, header: dict, cfg: BuildConfig, key_layer: str) -
     row_bytes = dim * dtype.itemsize
     tokens = np.load(out / TOKENS, mmap_mode="r")
     device = next(model.parameters()).device
-    pad_id = 0  # right padding is never attended to by a causal model; its outputs are dropped
+
+    def doc_tokens(di: int) -> np.ndarray:
+        d = documents[di]
+        return tokens[d["offset"]: d["offset"] + d["length"]]
+
     start_count = cursor = int(header["count"])
     bar = tqdm(total=n, initial=start_count, unit="tok", unit_scale=True, desc="extracting keys",
                disable=not cfg.progress, smoothing=0.1)
@@ -197,11 +201,7 @@ def _extract(out: Path, model, header: dict, cfg: BuildConfig, key_layer: str) -
                 if row0 != cursor:
                     raise DatastoreError(f"{out}: row count {start_count} is not at a batch boundary; "
                                          "the datastore is corrupt, rebuild it with --overwrite")
-                width = max(end - start for _, start, end, _ in batch)
-                ids = np.full((len(batch), width), pad_id, dtype=np.int64)  # (B, T)
-                for b, (di, start, end, _) in enumerate(batch):
-                    o = documents[di]["offset"]
-                    ids[b, : end - start] = tokens[o + start: o + end]
+                ids = pad_windows(batch, doc_tokens)  # (B, T)
                 h = cap.keys_of(torch.from_numpy(ids).to(device))  # (B, T, D)
                 # target j is predicted at position j - 1; positions are relative to the window
                 rows = torch.cat([h[b, first - 1 - start: end - 1 - start]

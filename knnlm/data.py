@@ -16,7 +16,7 @@ import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Iterator, Sequence
+from typing import Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 
@@ -24,7 +24,7 @@ logger = logging.getLogger(__name__)
 
 __all__ = [
     "CorpusError", "Source", "Document", "resolve_sources", "iter_documents", "windows",
-    "count_targets", "iter_batches", "tokenize_documents", "sha256_file", "sha256_text",
+    "count_targets", "iter_batches", "pad_windows", "tokenize_documents", "sha256_file", "sha256_text",
 ]
 
 
@@ -207,6 +207,21 @@ def iter_batches(documents: Sequence[dict], context: int, stride: int,
                 batch = []
     if batch:
         yield row0, batch
+
+
+
+def pad_windows(batch: Sequence[tuple[int, int, int, int]], doc_tokens: Callable[[int], np.ndarray],
+                pad_id: int = 0) -> np.ndarray:
+    """Token ids (B, T) int64 of a batch from ``iter_batches``, right-padded with ``pad_id``.
+
+    ``doc_tokens(doc)`` gives a document's token ids. Right padding is never attended to by a
+    causal model, and the outputs at padded positions are never read.
+    """
+    width = max(end - start for _, start, end, _ in batch)
+    ids = np.full((len(batch), width), pad_id, dtype=np.int64)  # (B, T)
+    for b, (di, start, end, _) in enumerate(batch):
+        ids[b, : end - start] = doc_tokens(di)[start:end]
+    return ids
 
 
 TOKENIZE_BATCH_DOCS = 64  # documents per call of the (fast, batched) tokenizer

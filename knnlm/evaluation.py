@@ -26,8 +26,8 @@ import torch
 
 from knnlm.capture import capture_keys
 from knnlm.config import EvalConfig
-from knnlm.data import (CorpusError, Document, Source, iter_batches, iter_documents, resolve_sources, sha256_text,
-                        tokenize_documents)
+from knnlm.data import (CorpusError, Document, Source, iter_batches, iter_documents, pad_windows, resolve_sources,
+                        sha256_text, tokenize_documents)
 from knnlm.datastore import Datastore, model_identity
 from knnlm.errors import KnnlmError
 from knnlm.retrieval import Retriever, resolve_k
@@ -134,10 +134,7 @@ def evaluate(model, tokenizer, datastore: Datastore | None, data: Sequence | Non
     with torch.inference_mode(), capture_keys(model, header["key"]["layer"] if header else None) as cap:
         for _, batch in iter_batches(docs, context, stride, cfg.batch_size):
             t0 = time.time()
-            width = max(end - start for _, start, end, _ in batch)
-            ids = torch.zeros(len(batch), width, dtype=torch.long)  # (B, T), right-padded
-            for b, (di, start, end, _) in enumerate(batch):
-                ids[b, : end - start] = torch.from_numpy(docs[di]["ids"][start:end])
+            ids = torch.from_numpy(pad_windows(batch, lambda di: docs[di]["ids"]))  # (B, T), right-padded
             logits = model(input_ids=ids.to(device), use_cache=False).logits  # (B, T, V)
             hidden = cap.pop()  # (B, T, D)
             sel_b, sel_t, tgt, excl = [], [], [], []

@@ -35,7 +35,7 @@ def main(argv=None) -> int:
     from knnlm.build import subset_datastore
     from knnlm.config import EvalConfig
     from knnlm.corpora import stdlib_files
-    from knnlm.datastore import open_datastore
+    from knnlm.datastore import open_datastore, read_header
     from knnlm.evaluation import evaluate, format_results
     from knnlm.models import load_model
 
@@ -44,9 +44,8 @@ def main(argv=None) -> int:
     stores = []
     for size in sorted(int(s) for s in args.sizes.split(",") if s):
         path = Path(args.datastore).with_name(f"{Path(args.datastore).name}-sub{size}")
-        stores.append(open_datastore(path) if (path / "header.json").exists() and
-                      json.loads((path / "header.json").read_text()).get("status") == "complete"
-                      else subset_datastore(big, path, size, progress=False))
+        done = (read_header(path) or {}).get("status") == "complete" if path.exists() else False
+        stores.append(open_datastore(path) if done else subset_datastore(big, path, size, progress=False))
     stores.append(big)
     cfg = EvalConfig(lambdas=[float(x) for x in args.lambdas.split(",")],
                      temperatures=[float(x) for x in args.temperatures.split(",")],
