@@ -27,6 +27,7 @@ _API = {
     "ConfigError": "knnlm.config",
     "build_datastore": "knnlm.build",
     "subset_datastore": "knnlm.build",
+    "merge_datastores": "knnlm.build",
     "Datastore": "knnlm.datastore",
     "DatastoreError": "knnlm.datastore",
     "open_datastore": "knnlm.datastore",

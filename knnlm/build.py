@@ -41,7 +41,7 @@ from knnlm.index import build_index, plan_index
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["build_datastore", "subset_datastore"]
+__all__ = ["build_datastore", "subset_datastore", "merge_datastores"]
 
 _OWNED_FILES = (HEADER, HEADER + ".tmp", DOCUMENTS, TOKENS, VALUES, KEYS, INDEX, INDEX + ".tmp",
                 TOKENS + ".part", VALUES + ".part")
@@ -278,6 +278,30 @@ def build_datastore(model, tokenizer, data: Sequence[str] | Sequence[Source], ou
     return open_datastore(out)
 
 
+def _new_output_dir(out: Path) -> None:
+    if out.exists() and any(out.iterdir()):
+        raise DatastoreError(f"--out {out} exists and is not empty; choose a new directory")
+    out.mkdir(parents=True, exist_ok=True)
+
+
+def _copy_keys(dst: np.ndarray, src: np.ndarray, at: int, chunk: int = 1 << 16) -> None:
+    """dst[at : at + len(src)] = src, in chunks (constant memory for memory-mapped arrays)."""
+    for lo in range(0, len(src), chunk):
+        hi = min(len(src), lo + chunk)
+        dst[at + lo: at + hi] = src[lo:hi]
+
+
+def _index_and_complete(out: Path, header: dict, index: str, seed: int, progress: bool):
+    """Final phase shared by subset and merge: the arrays are on disk, build the index, mark complete."""
+    n, dim = int(header["total"]), int(header["key"]["dim"])
+    plan = plan_index(index, n, dim)
+    logger.info("%s", plan.describe(n, dim))
+    header["index"] = build_index(out / KEYS, n, dim, plan, out / INDEX, seed=seed, progress=progress)
+    header["status"] = "complete"
+    write_json_atomic(out / HEADER, header)
+    return open_datastore(out)
+
+
 def subset_datastore(src, out: str | os.PathLike, max_tokens: int, *, index: str = "auto", seed: int = 0,
                      progress: bool = True):
     """A smaller datastore made of the first documents of ``src`` (whole documents, at most
@@ -290,9 +314,7 @@ def subset_datastore(src, out: str | os.PathLike, max_tokens: int, *, index: str
     docs = [d for d in src.documents if d["offset"] + d["length"] <= max_tokens]
     if not docs or sum(d["length"] - 1 for d in docs) == 0:
         raise DatastoreError(f"no whole document of {src.path} fits in {max_tokens} tokens; raise the limit")
-    if out.exists() and any(out.iterdir()):
-        raise DatastoreError(f"--out {out} exists and is not empty; choose a new directory")
-    out.mkdir(parents=True, exist_ok=True)
+    _new_output_dir(out)
     n_tok = docs[-1]["offset"] + docs[-1]["length"]
     n = docs[-1]["first_row"] + docs[-1]["length"] - 1
     header = copy.deepcopy(src.header)
@@ -304,15 +326,94 @@ def subset_datastore(src, out: str | os.PathLike, max_tokens: int, *, index: str
     np.save(out / TOKENS, np.asarray(src.tokens[:n_tok]))
     np.save(out / VALUES, np.asarray(src.values[:n]))
     keys = np.lib.format.open_memmap(out / KEYS, mode="w+", dtype=src.keys.dtype, shape=(n, src.dim))
-    for lo in range(0, n, 1 << 16):
-        hi = min(n, lo + (1 << 16))
-        keys[lo:hi] = src.keys[lo:hi]
+    _copy_keys(keys, src.keys[:n], 0)
     keys.flush()
     del keys
     write_json_atomic(out / DOCUMENTS, docs)
-    plan = plan_index(index, n, src.dim)
-    logger.info("%s", plan.describe(n, src.dim))
-    header["index"] = build_index(out / KEYS, n, src.dim, plan, out / INDEX, seed=seed, progress=progress)
-    header["status"] = "complete"
+    return _index_and_complete(out, header, index, seed, progress)
+
+
+# What must agree between the inputs of a merge (header path, what it is called in the error).
+_MERGE_MUST_MATCH = ((("model", "config_hash"), "model config"), (("model", "weights_fingerprint"), "model weights"),
+                     (("model", "tokenizer_hash"), "tokenizer"), (("key", "layer"), "key layer"),
+                     (("key", "dim"), "key dim"), (("key", "dtype"), "key dtype"),
+                     (("window", "context"), "window context"), (("window", "stride"), "window stride"))
+
+
+def merge_datastores(inputs: Sequence, out: str | os.PathLike, *, index: str = "auto", seed: int = 0,
+                     progress: bool = True):
+    """One datastore holding the rows of every input, in order, with a new index over all of them.
+
+    For sharded builds: split a corpus, run ``build-index`` on each part (on several machines, or
+    one after another), then merge. The inputs must come from the same model, tokenizer, key
+    layer, key dtype and window settings, and must not share a document (same name and text);
+    the merged keys, values and tokens are exactly those of the inputs, concatenated.
+    """
+    import copy
+
+    from tqdm.auto import tqdm
+
+    if len(inputs) < 2:
+        raise DatastoreError("merge needs at least two datastores")
+    stores = [d if hasattr(d, "keys") else open_datastore(d, require_index=False) for d in inputs]
+    first = stores[0]
+    for ds in stores[1:]:
+        for (sec, key), what in _MERGE_MUST_MATCH:
+            if ds.header[sec].get(key) != first.header[sec].get(key):
+                raise DatastoreError(f"cannot merge {ds.path} into {first.path}: another {what} "
+                                     f"({ds.header[sec].get(key)!r} != {first.header[sec].get(key)!r}); "
+                                     "merge only datastores built with the same model and settings")
+    seen: dict[tuple[str, str], Path] = {}
+    for ds in stores:
+        for d in ds.documents:
+            k = (d["name"], d["sha256"])
+            if k in seen:
+                raise DatastoreError(f"document {d['name']} is in both {seen[k]} and {ds.path}; a merge would "
+                                     "count it twice (a --max-tokens cut can split a file): make one input "
+                                     "without it (e.g. `subset_datastore` to whole documents)")
+            seen[k] = ds.path
+    n = sum(len(ds) for ds in stores)
+    plan_index(index, n, first.dim)  # a bad --index fails before anything is written
+    out = Path(out)
+    _new_output_dir(out)
+    n_tok = sum(int(ds.header["tokens"]) for ds in stores)
+    header = copy.deepcopy(first.header)
+    header.update(status="building", count=n, total=n, tokens=n_tok, index=None,
+                  created=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), knnlm_version=__version__)
+    header["build"].pop("stats", None)
+    header["build"].pop("subset_of", None)
+    header["build"]["max_tokens"] = None
+    header["build"]["merged_from"] = [{"path": str(ds.path), "keys": len(ds), "tokens": int(ds.header["tokens"]),
+                                       "documents": len(ds.documents), "created": ds.header.get("created")}
+                                      for ds in stores]
+    write_json_atomic(out / HEADER, header)  # status "building": never opens as valid until the index exists
+    keys = np.lib.format.open_memmap(out / KEYS, mode="w+", dtype=first.keys.dtype, shape=(n, first.dim))
+    values = np.lib.format.open_memmap(out / VALUES, mode="w+", dtype=np.int32, shape=(n,))
+    tokens = np.lib.format.open_memmap(out / TOKENS, mode="w+", dtype=np.int32, shape=(n_tok,))
+    docs: list[dict] = []
+    sources: dict[str, int] = {}
+    row, tok = 0, 0
+    bar = tqdm(total=n, unit="key", desc="merging", disable=not progress)
+    for ds in stores:
+        m, t = len(ds), int(ds.header["tokens"])
+        _copy_keys(keys, ds.keys, row)
+        values[row: row + m] = ds.values
+        tokens[tok: tok + t] = ds.tokens
+        remap = []  # this input's source index -> merged source index (a source listed twice is kept once)
+        for src in ds.header["corpus"]["sources"]:
+            key = json.dumps(src, sort_keys=True)
+            if key not in sources:
+                sources[key] = len(sources)
+            remap.append(sources[key])
+        docs += [{**d, "offset": d["offset"] + tok, "first_row": d["first_row"] + row,
+                  "source": remap[d["source"]]} for d in ds.documents]
+        row, tok = row + m, tok + t
+        bar.update(m)
+    bar.close()
+    for arr in (keys, values, tokens):
+        arr.flush()
+    del keys, values, tokens
+    header["corpus"].update(sources=[json.loads(k) for k in sources], documents=len(docs))
+    write_json_atomic(out / DOCUMENTS, docs)
     write_json_atomic(out / HEADER, header)
-    return open_datastore(out)
+    return _index_and_complete(out, header, index, seed, progress)

@@ -44,6 +44,14 @@ examples:
   knnlm generate --datastore runs/stdlib --prompt 'import os' --num-beams 4
 """
 
+MERGE_EXAMPLES = """\
+examples:
+  # a corpus built in two shards (on two machines, or one after the other), then one datastore
+  knnlm build-index --data corpus/part1 --out runs/part1
+  knnlm build-index --data corpus/part2 --out runs/part2
+  knnlm merge runs/part1 runs/part2 --out runs/all
+"""
+
 INFO_EXAMPLES = """\
 examples:
   knnlm info runs/stdlib
@@ -195,6 +203,18 @@ def _build_parser() -> argparse.ArgumentParser:
     d.add_argument("--index", default="auto", metavar="KIND", help="as in build-index (default: %(default)s)")
     d.add_argument("--quiet", action="store_true", help="no progress bars")
     d.set_defaults(func=cmd_demo)
+
+    m = sub.add_parser("merge", help="concatenate datastores of one model into one, with a new index",
+                       description="Concatenate the keys, values and documents of datastores built with the same "
+                                   "model, tokenizer, key layer and window settings (e.g. shards of one corpus), "
+                                   "and build one FAISS index over all of them. The inputs are not modified.",
+                       epilog=MERGE_EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+    m.add_argument("inputs", nargs="+", metavar="DIR", help="datastores to merge, in order (at least two)")
+    m.add_argument("--out", required=True, metavar="DIR", help="new datastore directory (must be new or empty)")
+    m.add_argument("--index", default="auto", metavar="KIND", help="as in build-index (default: %(default)s)")
+    m.add_argument("--seed", type=int, default=0, help="seed of the index-training sample (default: %(default)s)")
+    m.add_argument("--quiet", action="store_true", help="no progress bars")
+    m.set_defaults(func=cmd_merge)
 
     i = sub.add_parser("info", help="print a datastore's header and sizes",
                        description="Print what a datastore holds: model, key layer, sizes, index, build settings.",
@@ -361,6 +381,13 @@ def cmd_demo(args) -> int:
     res = evaluate(model, tokenizer, ds, stdlib_files("test"),
                    EvalConfig(lambdas=[0.25, 0.1, 0.5], max_tokens=args.eval_tokens, progress=not args.quiet))
     print(format_results(res))
+    return 0
+
+
+def cmd_merge(args) -> int:
+    from knnlm.build import merge_datastores
+    ds = merge_datastores(args.inputs, args.out, index=args.index, seed=args.seed, progress=not args.quiet)
+    print(_summary(ds.path, ds.header))
     return 0
 
 

@@ -172,3 +172,49 @@ def test_sigkill_midway_then_resume_is_byte_identical(tmp_path, tiny_tokenizer, 
     assert res.returncode == 0, res.stdout + res.stderr
     assert "killed with SIGKILL" in res.stdout and "partial datastore refused" in res.stdout
     assert res.stdout.count("identical") >= 5
+
+
+def test_merge_equals_one_build_over_all_documents(tiny_model, tiny_tokenizer, corpus_dir, tmp_path):
+    from knnlm.build import merge_datastores
+
+    files = sorted(corpus_dir.iterdir())
+    whole = build_datastore(tiny_model, tiny_tokenizer, files, tmp_path / "whole",
+                            BuildConfig(context=40, index="flat", progress=False))
+    a = build_datastore(tiny_model, tiny_tokenizer, files[:2], tmp_path / "a",
+                        BuildConfig(context=40, index="flat", progress=False))
+    b = build_datastore(tiny_model, tiny_tokenizer, files[2:], tmp_path / "b",
+                        BuildConfig(context=40, index="flat", progress=False))
+    merged = merge_datastores([tmp_path / "a", tmp_path / "b"], tmp_path / "ab", index="flat", progress=False)
+    assert len(merged) == len(whole) == len(a) + len(b)
+    np.testing.assert_array_equal(merged.keys[:], whole.keys[:])
+    np.testing.assert_array_equal(merged.values[:], whole.values[:])
+    np.testing.assert_array_equal(merged.tokens[:], whole.tokens[:])
+    assert merged.documents == whole.documents
+    assert merged.header["corpus"]["sources"] == whole.header["corpus"]["sources"]
+    assert [m["path"] for m in merged.header["build"]["merged_from"]] == [str(a.path), str(b.path)]
+    # provenance of a row of the second input points into the second input's documents
+    row = len(a) + 3
+    assert merged.provenance([row]) == b.provenance([3])
+    assert merged.index.ntotal == len(whole)
+
+
+def test_merge_refuses_overlap_other_model_and_leaves_inputs_intact(tiny_model, tiny_tokenizer, corpus_dir,
+                                                                    tmp_path):
+    from knnlm.build import merge_datastores
+
+    files = sorted(corpus_dir.iterdir())
+    cfg = BuildConfig(context=40, index="flat", progress=False)
+    build_datastore(tiny_model, tiny_tokenizer, files[:2], tmp_path / "a", cfg)
+    build_datastore(tiny_model, tiny_tokenizer, files[1:3], tmp_path / "b", cfg)  # shares files[1]
+    before = (tmp_path / "a" / "keys.npy").read_bytes()
+    with pytest.raises(DatastoreError, match="in both"):
+        merge_datastores([tmp_path / "a", tmp_path / "b"], tmp_path / "ab", progress=False)
+    assert not (tmp_path / "ab").exists()
+    other = make_tiny_model("llama", seed=1)
+    build_datastore(other, tiny_tokenizer, files[2:3], tmp_path / "c", cfg)
+    with pytest.raises(DatastoreError, match="another model"):
+        merge_datastores([tmp_path / "a", tmp_path / "c"], tmp_path / "ac", progress=False)
+    with pytest.raises(DatastoreError, match="at least two"):
+        merge_datastores([tmp_path / "a"], tmp_path / "x", progress=False)
+    assert (tmp_path / "a" / "keys.npy").read_bytes() == before
+    assert open_datastore(tmp_path / "a").header["status"] == "complete"

@@ -128,3 +128,26 @@ def test_eval_bad_input_one_line_error(case, capsys, cli_store, tiny_model_dir, 
     assert code == 2
     lines = err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("knnlm eval: error: "), err
+
+
+def test_merge_cli(capsys, tiny_model_dir, other_model_dir, corpus_dir, tmp_path):
+    files = sorted(corpus_dir.iterdir())
+    for name, model, data in (("a", tiny_model_dir, files[:2]), ("b", tiny_model_dir, files[2:]),
+                              ("o", other_model_dir, files[2:])):
+        code, _, err = _run(capsys, "build-index", "--model", model, "--data", *data, "--out", tmp_path / name,
+                            "--context", 64, "--quiet", "--index", "flat")
+        assert code == 0, err
+    code, stdout, err = _run(capsys, "merge", tmp_path / "a", tmp_path / "b", "--out", tmp_path / "ab", "--quiet",
+                             "--index", "flat")
+    assert code == 0, err
+    merged = open_datastore(tmp_path / "ab")
+    assert len(merged) == len(open_datastore(tmp_path / "a")) + len(open_datastore(tmp_path / "b"))
+    assert "complete" in stdout
+    for args in ([tmp_path / "a", tmp_path / "o"],  # another model
+                 [tmp_path / "a", tmp_path / "b", "--index", "IVFbogus"],  # bad index
+                 [tmp_path / "a", tmp_path / "missing"]):  # not a datastore
+        code, _, err = _run(capsys, "merge", *args, "--out", tmp_path / "bad", "--quiet")
+        assert code == 2
+        lines = err.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("knnlm merge: error: "), err
+        _assert_no_valid_datastore(tmp_path / "bad")
