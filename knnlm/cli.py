@@ -403,6 +403,10 @@ def _summary(path, h: dict) -> str:
         f"  keys       {h['count']:,}/{h['total']:,} rows; windows of {h['window']['context']} "
         f"tokens, stride {h['window']['stride']}",
     ]
+    if h["build"].get("merged_from"):
+        parts = h["build"]["merged_from"]
+        lines.append(f"  merged     from {len(parts)} datastores: " + ", ".join(f"{m['path']} ({m['keys']:,} keys)"
+                                                                           for m in parts))
     if stats.get("tokens_per_second"):
         lines.append(f"  extract    {stats['extract_seconds']} s, {stats['tokens_per_second']:,} tok/s, "
                      f"peak RSS {stats.get('peak_rss_mib_after_extract')} MiB")

@@ -142,7 +142,7 @@ def test_merge_cli(capsys, tiny_model_dir, other_model_dir, corpus_dir, tmp_path
     assert code == 0, err
     merged = open_datastore(tmp_path / "ab")
     assert len(merged) == len(open_datastore(tmp_path / "a")) + len(open_datastore(tmp_path / "b"))
-    assert "complete" in stdout
+    assert "complete" in stdout and "merged     from 2 datastores" in stdout
     for args in ([tmp_path / "a", tmp_path / "o"],  # another model
                  [tmp_path / "a", tmp_path / "b", "--index", "IVFbogus"],  # bad index
                  [tmp_path / "a", tmp_path / "missing"]):  # not a datastore
