@@ -52,6 +52,8 @@ def parse_args(argv=None):
     p.add_argument("--sizes", default=None, help="family presets (default 1m,4m,16m,50m; smoke: smoke-a,smoke-b)")
     p.add_argument("--family-dir", default=None, help="trained family (default <work>/family)")
     p.add_argument("--tokens", type=int, default=None, help="training tokens per family model (default 20M)")
+    p.add_argument("--batch", type=int, default=None, help="training windows per step for every family size "
+                   "(default: the presets', 32)")
     p.add_argument("--max-minutes", type=float, default=None, help="training wall-clock budget per family model")
     p.add_argument("--vocab-size", type=int, default=None, help="family tokenizer size (default 8192)")
     p.add_argument("--reference", default=None,
@@ -267,13 +269,88 @@ def collect(out: Path, models: list[dict]) -> dict:
     return {"models": rows}
 
 
+def _equivalent_params(ppl: float, xs: list[float], ys: list[float], a: float, b: float,
+                       monotone: bool) -> tuple[float | None, float | None, bool]:
+    """(interpolated, power-law-fit, extrapolated): the parameter count at which the no-datastore
+    curve (``xs`` = ln params, ``ys`` = ln ppl, ascending params) reaches ``ppl``."""
+    import math
+
+    t = math.log(ppl)
+    interp = None
+    if monotone and ys[-1] <= t <= ys[0]:
+        for i in range(len(xs) - 1):
+            if ys[i + 1] <= t <= ys[i]:
+                f = (ys[i] - t) / (ys[i] - ys[i + 1]) if ys[i] != ys[i + 1] else 0.0
+                interp = math.exp(xs[i] + f * (xs[i + 1] - xs[i]))
+                break
+    return interp, (math.exp((t - a) / b) if b < 0 else None), not (ys[-1] <= t <= ys[0])
+
+
+def param_multiples(summary: dict) -> dict:
+    """The parameter multiple a datastore is worth, per family size and task: the parameter count
+    at which the family's no-datastore perplexity curve reaches the kNN-LM perplexity of that
+    size, divided by the size. ``interp``: piecewise-linear in log(params) / log(ppl) between
+    measured family sizes (None outside the measured range or where the curve is not
+    decreasing). ``fit``: a least-squares power law log ppl = a + b log params through the
+    no-datastore points (``extrapolated`` when the target lies outside the measured range).
+    ``*_best*``: the same for the sweep's best setting (chosen on the eval text: optimistic).
+    Family only: its sizes share the tokenizer, the training data and the token budget."""
+    import math
+
+    fam = sorted([r for r in summary["models"] if r["kind"] == "family" and r.get("params")],
+                 key=lambda r: r["params"])
+    out = {}
+    for task in ("in_domain_ppl", "domain_adaptation"):
+        rows = [r for r in fam if (r.get(task) or {}).get("ppl_base") and (r.get(task) or {}).get("ppl_knn")]
+        if len(rows) < 2:
+            continue
+        xs = [math.log(r["params"]) for r in rows]
+        ys = [math.log(r[task]["ppl_base"]) for r in rows]
+        n, mx, my = len(xs), sum(xs) / len(xs), sum(ys) / len(ys)
+        sxx = sum((x - mx) ** 2 for x in xs)
+        b = sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / sxx
+        a = my - b * mx
+        ss_res = sum((y - (a + b * x)) ** 2 for x, y in zip(xs, ys))
+        ss_tot = sum((y - my) ** 2 for y in ys)
+        monotone = all(ys[i + 1] < ys[i] for i in range(n - 1))
+        res = {"fit": {"a": a, "b": b, "r2": 1 - ss_res / ss_tot if ss_tot else None,
+                       "formula": "ln ppl_base = a + b ln params"},
+               "base_curve_decreasing": monotone, "rows": []}
+        for r in rows:
+            interp, fit, extrapolated = _equivalent_params(r[task]["ppl_knn"], xs, ys, a, b, monotone)
+            row = {"name": r["name"], "params": r["params"], "ppl_base": r[task]["ppl_base"],
+                   "ppl_knn": r[task]["ppl_knn"], "gain_pct": r[task].get("gain_pct"),
+                   "equivalent_params_interp": interp, "multiple_interp": interp / r["params"] if interp else None,
+                   "equivalent_params_fit": fit, "multiple_fit": fit / r["params"] if fit else None,
+                   "extrapolated": extrapolated}
+            best = (r[task].get("best") or {}).get("ppl")
+            if best:  # the sweep's best setting, chosen on the eval text itself: an optimistic oracle
+                bi, bf, bx = _equivalent_params(best, xs, ys, a, b, monotone)
+                row.update(ppl_best=best, best_setting={k: v for k, v in r[task]["best"].items() if k != "ppl"},
+                           multiple_best_interp=bi / r["params"] if bi else None,
+                           multiple_best_fit=bf / r["params"] if bf else None, best_extrapolated=bx)
+            res["rows"].append(row)
+        out[task] = res
+    return out
+
+
 # ------------------------------------------------------------------------------------ plots
+
+def _si(x: float) -> str:
+    """1.5e6 -> '1.5M', 2e4 -> '20k'."""
+    for div, suffix in ((1e9, "G"), (1e6, "M"), (1e3, "k")):
+        if abs(x) >= div:
+            return f"{x / div:g}{suffix}"
+    return f"{x:g}"
+
 
 def _pct(x):
     return None if x is None else 100 * x
 
 
 def make_plots(summary: dict, out: Path) -> list[str]:
+    import math
+
     import matplotlib
 
     matplotlib.use("Agg")
@@ -292,12 +369,19 @@ def make_plots(summary: dict, out: Path) -> list[str]:
         if pts:
             ax.plot(*zip(*pts), **kw)
 
-    def ref_points(ax, task, key, color, label_fmt):
+    def ref_points(ax, task, key, color, label_fmt, hollow=False):
         for i, r in enumerate(refs):
             v = get(r, task, key)
             if v is not None:
                 ax.plot([r["params"]], [v], marker=ref_markers[i % len(ref_markers)], ls="", ms=10, color=color,
-                        label=label_fmt.format(r["name"]))
+                        mfc="none" if hollow else color, label=label_fmt.format(r["name"]))
+
+    def params_axis(ax):
+        from matplotlib.ticker import FuncFormatter, NullFormatter
+
+        ax.set_xscale("log")
+        ax.xaxis.set_major_formatter(FuncFormatter(lambda x, _: _si(x)))
+        ax.xaxis.set_minor_formatter(NullFormatter())
 
     def save(fig, name):
         fig.tight_layout()
@@ -312,28 +396,34 @@ def make_plots(summary: dict, out: Path) -> list[str]:
     family_line(ax, "in_domain_ppl", "ppl_knn", marker="o", ls="--", color="C0", label="stdlib, kNN-LM")
     family_line(ax, "domain_adaptation", "ppl_base", marker="s", color="C1", label="domain, no datastore")
     family_line(ax, "domain_adaptation", "ppl_knn", marker="s", ls="--", color="C1", label="domain, kNN-LM")
-    ax.set_xscale("log")
+    pm = (summary.get("param_multiples") or {}).get("in_domain_ppl")
+    if pm and fam:
+        xs = [fam[0]["params"] / 1.5, fam[-1]["params"] * 4]
+        ax.plot(xs, [math.exp(pm["fit"]["a"] + pm["fit"]["b"] * math.log(x)) for x in xs], color="grey", lw=0.8,
+                ls=":", label="stdlib, power-law fit (no datastore)")
+        for row in pm["rows"]:
+            mult = row["multiple_interp"] or row["multiple_fit"]
+            if mult:
+                ax.annotate(f"≈{mult:.2f}× params" + ("" if row["multiple_interp"] else " (fit)"),
+                            (row["params"], row["ppl_knn"]), textcoords="offset points", xytext=(-6, -11), fontsize=6,
+                            color="C0")
     ax.set_yscale("log")
     ax.set_xlabel("parameters (count, log scale)")
     ax.set_ylabel("family token perplexity (own tokenizer)")
-    ax.set_title("family: perplexity per token", fontsize=9)
-    if refs:
-        ax2 = ax.twinx()
-        ref_points(ax2, "in_domain_ppl", "ppl_base", "C2", "{} stdlib, no datastore")
-        ref_points(ax2, "in_domain_ppl", "ppl_knn", "C3", "{} stdlib, kNN-LM")
-        ax2.set_yscale("log")
-        ax2.set_ylabel("reference token perplexity (its tokenizer)")
-        ax2.legend(fontsize=6, loc="lower left")
-    ax.legend(fontsize=6, loc="upper right")
+    ax.set_title("family (one tokenizer): perplexity per token; reference models: right panel", fontsize=9)
+    params_axis(ax)
+    lo, hi = ax.get_ylim()
+    ax.set_ylim(lo, hi * 6)  # room for the legend above the curves
+    ax.legend(fontsize=6, loc="upper center", ncol=2)
     ax = axes[1]
     for task, color, label in (("in_domain_ppl", "C0", "stdlib"), ("domain_adaptation", "C1", "domain")):
         family_line(ax, task, "bpb_base", marker="o", color=color, label=f"{label}, no datastore")
         family_line(ax, task, "bpb_knn", marker="o", ls="--", color=color, label=f"{label}, kNN-LM")
         ref_points(ax, task, "bpb_base", color, "{} " + label + ", no datastore")
-        ref_points(ax, task, "bpb_knn", "C3" if color == "C0" else "C4", "{} " + label + ", kNN-LM")
-    ax.set_xscale("log")
+        ref_points(ax, task, "bpb_knn", color, "{} " + label + ", kNN-LM", hollow=True)
+    params_axis(ax)
     ax.set_xlabel("parameters (count, log scale)")
-    ax.set_ylabel("bits per UTF-8 byte")
+    ax.set_ylabel("held-out bits per UTF-8 byte")
     ax.set_title("all models: bits per byte (tokenizer-independent)", fontsize=9)
     ax.legend(fontsize=6)
     save(fig, PLOTS[0])
@@ -344,7 +434,7 @@ def make_plots(summary: dict, out: Path) -> list[str]:
         family_line(ax, task, "gain_pct", marker="o", color=color, label=f"family, {label}")
         ref_points(ax, task, "gain_pct", color, "{}, " + label)
     ax.axhline(0, color="grey", lw=0.8)
-    ax.set_xscale("log")
+    params_axis(ax)
     ax.set_xlabel("parameters (count, log scale)")
     ax.set_ylabel("perplexity reduction by kNN-LM (%)")
     ax.set_title("kNN-LM gain at the primary setting", fontsize=9)
@@ -376,7 +466,7 @@ def make_plots(summary: dict, out: Path) -> list[str]:
                 if v is not None:
                     ax.plot([r["params"]], [v], marker=ref_markers[i % len(ref_markers)], ls="", ms=10,
                             color=f"C{j}", label=f"{r['name']}, {label}")
-        ax.set_xscale("log")
+        params_axis(ax)
         ax.set_xlabel("parameters (count, log scale)")
         ax.set_ylabel(ylabel)
         ax.set_ylim(-2, 102)
@@ -393,16 +483,23 @@ def make_plots(summary: dict, out: Path) -> list[str]:
         x = [p["datastore_tokens"] for p in pts]
         color = f"C{i}"
         marker = "o" if r["kind"] == "family" else "*"
-        axes[0].plot(x, [p["bpb_knn"] for p in pts], marker=marker, color=color, label=f"{r['name']}, kNN-LM")
-        if pts[0].get("bpb_base") is not None:
-            axes[0].axhline(pts[0]["bpb_base"], color=color, ls=":", lw=1, label=f"{r['name']}, no datastore")
+        saved = [p["bpb_base"] - p["bpb_knn"] for p in pts if p.get("bpb_base") is not None]
+        if len(saved) == len(pts):
+            axes[0].plot(x, saved, marker=marker, color=color, label=r["name"])
         axes[1].plot(x, [p["gain_pct"] for p in pts], marker=marker, color=color, label=r["name"])
-    for ax, ylabel in ((axes[0], "held-out bits per UTF-8 byte"), (axes[1], "perplexity reduction (%)")):
+    from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
+
+    for ax, ylabel in ((axes[0], "bits per byte saved (base − kNN-LM)"),
+                       (axes[1], "perplexity reduction (%)")):
         ax.set_xscale("log")
-        ax.set_xlabel("datastore size (corpus tokens of that model, log scale)")
+        ax.xaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+        ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: _si(v)))
+        ax.xaxis.set_minor_formatter(NullFormatter())
+        ax.axhline(0, color="grey", lw=0.8)
+        ax.set_xlabel("datastore size (tokens of that model's tokenizer, log scale)")
         ax.set_ylabel(ylabel)
         ax.legend(fontsize=6)
-    axes[0].set_title("stdlib held-out vs datastore size", fontsize=9)
+    axes[0].set_title("stdlib held-out: bits per byte saved vs datastore size", fontsize=9)
     axes[1].set_title("kNN-LM gain vs datastore size", fontsize=9)
     save(fig, PLOTS[3])
     return written
@@ -430,7 +527,7 @@ def main(argv=None) -> int:
     family = train_family.train_family(
         args.family_dir, sizes, tokens=args.tokens, max_minutes=args.max_minutes, vocab_size=args.vocab_size,
         seed=args.seed, device=args.device, limit_bytes=limit, val_tokens=2_000 if args.smoke else 65_536,
-        eval_every=5 if args.smoke else 200, progress=not args.smoke)
+        eval_every=5 if args.smoke else 200, progress=not args.smoke, batch=args.batch)
     models = model_list(args, family, work, train_family.training_files(limit))
     c = corpora(args, work)
     if args.scaling_models:
@@ -445,6 +542,7 @@ def main(argv=None) -> int:
                    corpora={k: {"documents": len(c[k]), "bytes": sum(len(d["text"].encode()) for d in c[k])}
                             for k in ("ds", "eval", "domain_ds", "domain_eval")},
                    settings={k: v for k, v in vars(args).items()}, seconds_this_run=round(time.time() - t0, 1))
+    summary["param_multiples"] = param_multiples(summary)
     summary["plots"] = make_plots(summary, out)
     write_json(out / "summary.json", summary)
     log(f"done in {time.time() - t0:.0f} s: {out / 'summary.json'}, plots {', '.join(summary['plots'])}")

@@ -44,7 +44,7 @@ import math
 import os
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -68,7 +68,9 @@ class Preset:
 # Approximate total parameters with the 8,192-token tokenizer (tied embeddings); the exact counts
 # are printed and recorded in training.json.
 PRESETS: dict[str, Preset] = {
+    "300k": Preset(hidden=32, layers=2, heads=2, intermediate=96, lr=3e-3),
     "1m": Preset(hidden=96, layers=2, heads=3, intermediate=256, lr=2e-3),
+    "2m": Preset(hidden=144, layers=3, heads=4, intermediate=384, lr=1.5e-3),
     "4m": Preset(hidden=192, layers=5, heads=6, intermediate=640, lr=1.5e-3),
     "16m": Preset(hidden=320, layers=10, heads=5, intermediate=864, lr=1e-3),
     "50m": Preset(hidden=512, layers=12, heads=8, intermediate=1536, lr=6e-4),
@@ -320,8 +322,9 @@ def train_one(name: str, preset: Preset, tok, train: np.ndarray, val: np.ndarray
 def train_family(out: str | Path, sizes: list[str], *, tokens: int, max_minutes: float | None = None,
                  tokenizer: str = "own", vocab_size: int = 8192, seed: int = 0, device: str = "auto",
                  limit_bytes: int | None = None, val_tokens: int = 65_536, eval_every: int = 200,
-                 save_minutes: float = 10.0, progress: bool = True) -> dict[str, dict]:
-    """Train every size in ``sizes`` (preset names); returns {name: training.json content}."""
+                 save_minutes: float = 10.0, progress: bool = True, batch: int | None = None) -> dict[str, dict]:
+    """Train every size in ``sizes`` (preset names); returns {name: training.json content}.
+    ``batch`` overrides every preset's windows per step (recorded in training.json's preset)."""
     from knnlm.models import resolve_device
 
     unknown = [s for s in sizes if s not in PRESETS]
@@ -334,7 +337,8 @@ def train_family(out: str | Path, sizes: list[str], *, tokens: int, max_minutes:
     train, val = tokenize_stream(tok, files, out, val_tokens)
     dev = resolve_device(device)
     torch.manual_seed(seed)
-    return {name: train_one(name, PRESETS[name], tok, train, val, out, tokens=tokens, max_minutes=max_minutes,
+    presets = {name: replace(PRESETS[name], batch=batch) if batch else PRESETS[name] for name in sizes}
+    return {name: train_one(name, presets[name], tok, train, val, out, tokens=tokens, max_minutes=max_minutes,
                             seed=seed, device=dev, eval_every=eval_every, save_minutes=save_minutes,
                             progress=progress)
             for name in sizes}
@@ -349,6 +353,7 @@ def main(argv=None) -> int:
     p.add_argument("--tokenizer", choices=["own", "smollm2"], default="own")
     p.add_argument("--vocab-size", type=int, default=8192, help="size of the own BPE tokenizer")
     p.add_argument("--limit-bytes", type=int, default=None, help="train on the leading files up to this many bytes")
+    p.add_argument("--batch", type=int, default=None, help="windows per step for every size (default: the preset's, 32)")
     p.add_argument("--val-tokens", type=int, default=65_536)
     p.add_argument("--eval-every", type=int, default=200, help="steps between validation losses")
     p.add_argument("--save-minutes", type=float, default=10.0, help="minutes between resume checkpoints")
@@ -358,7 +363,8 @@ def main(argv=None) -> int:
     infos = train_family(args.out, [s for s in args.sizes.split(",") if s], tokens=args.tokens,
                          max_minutes=args.max_minutes, tokenizer=args.tokenizer, vocab_size=args.vocab_size,
                          seed=args.seed, device=args.device, limit_bytes=args.limit_bytes,
-                         val_tokens=args.val_tokens, eval_every=args.eval_every, save_minutes=args.save_minutes)
+                         val_tokens=args.val_tokens, eval_every=args.eval_every, save_minutes=args.save_minutes,
+                         batch=args.batch)
     for name, info in infos.items():
         print(f"{name}: {info['params']:,} params, {info['steps']} steps, val loss {info['final_val_loss']}, "
               f"{info['steps_per_second']} steps/s")
