@@ -386,6 +386,7 @@ def cmd_demo(args) -> int:
 
 def cmd_merge(args) -> int:
     from knnlm.build import merge_datastores
+
     ds = merge_datastores(args.inputs, args.out, index=args.index, seed=args.seed, progress=not args.quiet)
     print(_summary(ds.path, ds.header))
     return 0

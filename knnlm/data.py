@@ -209,7 +209,6 @@ def iter_batches(documents: Sequence[dict], context: int, stride: int,
         yield row0, batch
 
 
-
 def pad_windows(batch: Sequence[tuple[int, int, int, int]], doc_tokens: Callable[[int], np.ndarray],
                 pad_id: int = 0) -> np.ndarray:
     """Token ids (B, T) int64 of a batch from ``iter_batches``, right-padded with ``pad_id``.

@@ -44,7 +44,7 @@ def main(argv=None) -> int:
     stores = []
     for size in sorted(int(s) for s in args.sizes.split(",") if s):
         path = Path(args.datastore).with_name(f"{Path(args.datastore).name}-sub{size}")
-        done = (read_header(path) or {}).get("status") == "complete" if path.exists() else False
+        done = (read_header(path) or {}).get("status") == "complete"  # None: no datastore there yet
         stores.append(open_datastore(path) if done else subset_datastore(big, path, size, progress=False))
     stores.append(big)
     cfg = EvalConfig(lambdas=[float(x) for x in args.lambdas.split(",")],
