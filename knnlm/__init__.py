@@ -31,6 +31,7 @@ _API = {
     "Datastore": "knnlm.datastore",
     "DatastoreError": "knnlm.datastore",
     "open_datastore": "knnlm.datastore",
+    "open_or_create": "knnlm.datastore",
     "capture_keys": "knnlm.capture",
     "find_key_module": "knnlm.capture",
     "KeyLayerError": "knnlm.capture",

@@ -39,7 +39,7 @@ logger = logging.getLogger(__name__)
 
 __all__ = [
     "FORMAT_VERSION", "DatastoreError", "Datastore", "open_datastore", "model_identity",
-    "write_json_atomic", "read_header", "KEY_DTYPES",
+    "write_json_atomic", "read_header", "KEY_DTYPES", "open_or_create",
 ]
 
 FORMAT_VERSION = 1
@@ -231,6 +231,25 @@ def open_datastore(path: str | os.PathLike, *, require_index: bool = True) -> Da
             raise DatastoreError(f"{path / INDEX} is missing; rebuild the index with "
                                  f"`knnlm build-index --resume` using the same arguments")
     return Datastore(path, header, documents, keys, values, tokens)
+
+
+def open_or_create(path: str | os.PathLike, create, *, discard_incomplete: bool = False) -> Datastore:
+    """The complete datastore at ``path``, or ``create()`` when there is none yet.
+
+    ``create`` is a no-argument callable returning a ``Datastore`` (a build with ``resume=True``,
+    a subset, a merge). With ``discard_incomplete`` an incomplete datastore left at ``path`` (an
+    interrupted subset or merge, which cannot resume) is removed first; a directory that holds no
+    datastore is never removed.
+    """
+    import shutil
+
+    path = Path(path)
+    header = read_header(path) if path.is_dir() else None
+    if header is not None and header.get("status") == "complete":
+        return open_datastore(path)
+    if header is not None and discard_incomplete:
+        shutil.rmtree(path)
+    return create()
 
 
 def new_header(*, identity: dict, key_layer: str, dim: int, key_dtype: str, sources: list,
