@@ -35,7 +35,7 @@ def main(argv=None) -> int:
     from knnlm.config import BuildConfig
     from knnlm.corpora import stdlib_files
     from knnlm.data import iter_batches, pad_windows
-    from knnlm.models import load_model
+    from knnlm.loading import load_model
 
     model, tok = load_model(args.model)
     def config(max_tokens):
@@ -58,10 +58,10 @@ def main(argv=None) -> int:
         plain_forward(build_datastore(model, tok, train, os.path.join(tmp, "warm"), config(4000)))  # warm-up
         ds = build_datastore(model, tok, train, os.path.join(tmp, "ds"), cfg)
         before = plain_forward(ds)
-        st = ds.header["build"]["stats"]
+        st = ds.header.build["stats"]
         build_tps = st["tokens_per_second"]
         ds2 = build_datastore(model, tok, train, os.path.join(tmp, "ds2"), cfg)
-        build_tps2 = ds2.header["build"]["stats"]["tokens_per_second"]
+        build_tps2 = ds2.header.build["stats"]["tokens_per_second"]
         after = plain_forward(ds)
     plain_tps = (before + after) / 2
     build_mean = (build_tps + build_tps2) / 2

@@ -35,8 +35,8 @@ def main(argv=None) -> int:
     from knnlm.config import EvalConfig
     from knnlm.corpora import stdlib_files
     from knnlm.datastore import open_datastore
-    from knnlm.evaluation import evaluate
-    from knnlm.models import load_model
+    from knnlm import evaluate
+    from knnlm.loading import load_model
 
     model, tok = load_model(args.model)
     ds = open_datastore(args.datastore)
@@ -58,7 +58,7 @@ def main(argv=None) -> int:
             ks=[args.k, 16, 128])))
     runs["plain_after"] = plain()
     base_tps = (runs["plain_before"]["timing"]["tokens_per_second"] + runs["plain_after"]["timing"]["tokens_per_second"]) / 2
-    idx = ds.header["index"]
+    idx = ds.header.index
     print(f"datastore {args.datastore}: {len(ds):,} keys, index {idx['factory']}; eval {runs['plain_before']['tokens']:,} "
           f"held-out tokens, batch {args.batch_size}, lambda {args.lam}, T {args.temperature}")
     print(f"{'run':>16} {'nprobe':>7} {'k':>6} {'tok/s':>9} {'ratio':>7} {'ppl base':>9} {'ppl kNN':>9}")

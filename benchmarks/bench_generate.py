@@ -106,7 +106,7 @@ def main(argv=None) -> int:
 
     import torch
 
-    from knnlm.wrapper import KNNLM
+    from knnlm.model import KNNLM
 
     if args.threads:
         import faiss
@@ -120,7 +120,7 @@ def main(argv=None) -> int:
         what = f"tiny random Llama, {len(ds):,}-key datastore over {len(TINY_FILES)} stdlib files"
     else:
         from knnlm.datastore import open_datastore
-        from knnlm.models import load_model
+        from knnlm.loading import load_model
 
         ds = open_datastore(args.datastore)
         model, tok = load_model(args.model)

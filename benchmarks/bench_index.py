@@ -28,13 +28,13 @@ def held_out_queries(ds, model_name: str, n: int):
     from knnlm.capture import capture_keys
     from knnlm.corpora import stdlib_files
     from knnlm.data import iter_documents, resolve_sources, tokenize_documents
-    from knnlm.models import load_model
+    from knnlm.loading import load_model
 
     model, tok = load_model(model_name)
-    ctx = ds.header["window"]["context"]
+    ctx = ds.header.window.context
     out, have = [], 0
     docs = tokenize_documents(tok, iter_documents(resolve_sources(stdlib_files("test"))), n + 64)
-    with torch.inference_mode(), capture_keys(model, ds.header["key"]["layer"], stop_after=True) as cap:
+    with torch.inference_mode(), capture_keys(model, ds.header.key.layer, stop_after=True) as cap:
         for _, ids in docs:
             for lo in range(0, len(ids) - 1, ctx):
                 chunk = torch.from_numpy(ids[lo: lo + ctx].astype(np.int64))[None]

@@ -9,8 +9,6 @@ patched: the hook is removed when the block exits, even on error.
 
 from __future__ import annotations
 
-from knnlm.errors import KnnlmError
-
 import contextlib
 import logging
 from dataclasses import dataclass, field
@@ -18,17 +16,16 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from knnlm.config import is_int
+from knnlm.errors import KeyLayerError
+
 logger = logging.getLogger(__name__)
 
-__all__ = ["KeyLayerError", "find_key_module", "capture_keys", "Capture"]
+__all__ = ["KeyLayerError", "check_layer_spec", "find_key_module", "capture_keys", "Capture"]
 
 # Child names of a decoder block that hold its feed-forward network, most specific first.
 # OPT and some others have no FFN submodule: their first FFN linear ("fc1") takes the normed input.
 _FFN_NAMES = ("mlp", "feed_forward", "ffn", "fc1", "c_fc")
-
-
-class KeyLayerError(KnnlmError):
-    """The key layer could not be found or does not exist."""
 
 
 def _decoder_layers(model: nn.Module) -> tuple[str, nn.ModuleList]:
@@ -43,7 +40,8 @@ def _decoder_layers(model: nn.Module) -> tuple[str, nn.ModuleList]:
     if best is None:
         raise KeyLayerError(
             f"could not find the decoder layers of {type(model).__name__}; "
-            "pass --layer with the module path of the last feed-forward block (e.g. model.layers.29.mlp)")
+            "pass `layer` with the module path of the last feed-forward block (e.g. model.layers.29.mlp)",
+            param="layer")
     return best
 
 
@@ -54,18 +52,18 @@ def find_key_module(model: nn.Module, layer: str | None = None) -> str:
     decoder layer (``-1``, ``12``), in which case that layer's FFN block is used.
     """
     modules = dict(model.named_modules())
-    if layer is not None and not _is_int(layer):
+    if layer is not None and not is_int(layer):
         if layer not in modules:
             hint = [n for n in modules if n.endswith(layer.split(".")[-1])][-3:]
             raise KeyLayerError(
-                f"--layer {layer!r} is not a module of {type(model).__name__}"
-                + (f"; similar: {', '.join(hint)}" if hint else "; list modules with print(model)"))
+                f"`layer` {layer!r} is not a module of {type(model).__name__}"
+                + (f"; similar: {', '.join(hint)}" if hint else "; list modules with print(model)"), param="layer")
         return layer
     stack_name, stack = _decoder_layers(model)
     idx = int(layer) if layer is not None else -1
     if not -len(stack) <= idx < len(stack):
         raise KeyLayerError(
-            f"--layer {idx} is out of range: {type(model).__name__} has {len(stack)} decoder layers")
+            f"`layer` {idx} is out of range: {type(model).__name__} has {len(stack)} decoder layers", param="layer")
     idx %= len(stack)
     block = stack[idx]
     for child in _FFN_NAMES:
@@ -73,16 +71,10 @@ def find_key_module(model: nn.Module, layer: str | None = None) -> str:
             return f"{stack_name}.{idx}.{child}"
     raise KeyLayerError(
         f"could not find the feed-forward block of {type(block).__name__} in "
-        f"{type(model).__name__}; pass --layer with its module path, one of: "
-        + ", ".join(f"{stack_name}.{idx}.{n}" for n, _ in block.named_children()))
+        f"{type(model).__name__}; pass `layer` with its module path, one of: "
+        + ", ".join(f"{stack_name}.{idx}.{n}" for n, _ in block.named_children()), param="layer")
 
 
-def _is_int(s: str) -> bool:
-    try:
-        int(s)
-        return True
-    except (TypeError, ValueError):
-        return False
 
 
 class _StopForward(Exception):

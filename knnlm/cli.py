@@ -6,10 +6,28 @@ import argparse
 import json
 import logging
 import os
+import re
 import sys
 
 EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130
+
+# Python parameter (as library errors name it, in backquotes) -> the flag that sets it here.
+FLAGS = {
+    "lam": "--lambda", "lambdas": "--lambda", "temperature": "--knn-temperature", "temperatures": "--temperature",
+    "k": "--k", "ks": "--k", "nprobe": "--nprobe", "rerank": "--rerank", "context": "--context",
+    "stride": "--stride", "batch_size": "--batch-size", "key_dtype": "--key-dtype", "layer": "--layer",
+    "index": "--index", "max_tokens": "--max-tokens", "seed": "--seed", "resume": "--resume",
+    "overwrite": "--overwrite", "out": "--out", "data": "--data", "globs": "--glob", "exclude": "--exclude",
+    "text_field": "--text-field", "model": "--model", "device": "--device", "dtype": "--dtype",
+    "inputs": "the inputs",
+}
+_PARAM = re.compile(r"`([a-z_]+)`")
+
+
+def cli_message(message: str) -> str:
+    """A library error message in the CLI's words: every `parameter` becomes its flag."""
+    return _PARAM.sub(lambda m: FLAGS.get(m.group(1), m.group(0)), " ".join(message.split()))
 
 BUILD_EXAMPLES = """\
 examples:
@@ -226,17 +244,19 @@ def _build_parser() -> argparse.ArgumentParser:
 
 
 def cmd_build_index(args) -> int:
-    from knnlm.build import build_datastore
     from knnlm.config import BuildConfig
-    from knnlm.data import resolve_sources
-    from knnlm.models import load_model
+    from knnlm.data import check_build_inputs
 
     cfg = BuildConfig(context=args.context, stride=args.stride, batch_size=args.batch_size,
                       key_dtype=args.key_dtype, layer=args.layer, globs=tuple(args.glob or ("*",)),
                       exclude=tuple(args.exclude), text_field=args.text_field, index=args.index,
                       max_tokens=args.max_tokens, seed=args.seed, resume=args.resume,
                       overwrite=args.overwrite, progress=not args.quiet)
-    sources = resolve_sources(args.data, cfg.globs, cfg.exclude)  # fail fast, before loading the model
+    sources = check_build_inputs(args.data, cfg)  # fail fast: before torch, transformers and the model
+
+    from knnlm.build import build_datastore
+    from knnlm.loading import load_model
+
     model, tokenizer = load_model(args.model, device=args.device, dtype=args.dtype)
     ds = build_datastore(model, tokenizer, sources, args.out, cfg)
     print(_summary(ds.path, ds.header))
@@ -256,35 +276,34 @@ def _numbers(text: str, what: str, kind=float) -> list:
 def cmd_eval(args) -> int:
     from knnlm.config import EvalConfig
     from knnlm.data import resolve_sources
-    from knnlm.datastore import open_datastore
-    from knnlm.evaluation import evaluate, format_results
-    from knnlm.models import load_model
+    from knnlm.datastore import open_datastore, write_json_atomic
 
     cfg = EvalConfig(lambdas=_numbers(args.lambdas, "lambda"), temperatures=_numbers(args.temperature, "temperature"),
-                     ks=[None] if args.k is None else _numbers(args.k, "k", int), nprobe=args.nprobe, rerank=args.rerank, context=args.context, stride=args.stride,
-                     batch_size=args.batch_size, exclude_self=args.exclude_self, globs=tuple(args.glob or ("*",)),
-                     exclude=tuple(args.exclude), text_field=args.text_field, max_tokens=args.max_tokens,
-                     progress=not args.quiet)
+                     ks=[None] if args.k is None else _numbers(args.k, "k", int), nprobe=args.nprobe,
+                     rerank=args.rerank, context=args.context, stride=args.stride, batch_size=args.batch_size,
+                     exclude_self=args.exclude_self, globs=tuple(args.glob or ("*",)), exclude=tuple(args.exclude),
+                     text_field=args.text_field, max_tokens=args.max_tokens, progress=not args.quiet)
     ds = open_datastore(args.datastore)
-    sources = resolve_sources(args.data, cfg.globs, cfg.exclude)
+    sources = resolve_sources(args.data, cfg.globs, cfg.exclude)  # fail fast: before the model
+
+    from knnlm.evaluation import format_results
+    from knnlm.loading import load_model
+    from knnlm.model import evaluate
+
     model, tokenizer = load_model(args.model, device=args.device, dtype=args.dtype)
     res = evaluate(model, tokenizer, ds, sources, cfg)
     print(format_results(res))
     if args.output:
-        from knnlm.datastore import write_json_atomic
-
         write_json_atomic(args.output, res)
         print(f"results written to {args.output}")
     return 0
 
 
 def _check_generate_args(args) -> None:
-    from knnlm.config import ConfigError
+    from knnlm.config import check_mixture
+    from knnlm.errors import ConfigError
 
-    if not 0.0 <= args.lam <= 1.0:
-        raise ConfigError(f"--lambda must be in [0, 1], got {args.lam}")
-    if not 0.0 < args.knn_temperature < float("inf"):
-        raise ConfigError(f"--knn-temperature must be a positive number, got {args.knn_temperature}")
+    check_mixture(args.lam, args.knn_temperature)
     for flag, value, low in (("--max-new-tokens", args.max_new_tokens, 1), ("--num-beams", args.num_beams, 1),
                              ("--show-neighbours", args.show_neighbours, 0), ("--show-tokens", args.show_tokens, 0)):
         if value < low:
@@ -309,12 +328,11 @@ def _escape(text: str) -> str:
 def cmd_generate(args) -> int:
     import torch
 
-    from knnlm.config import ConfigError
     from knnlm.datastore import open_datastore
-    from knnlm.errors import KnnlmError
-    from knnlm.generate import GenerateError, KNNLogitsProcessor, generate
-    from knnlm.models import load_model
-    from knnlm.wrapper import KNNLM
+    from knnlm.errors import ConfigError, GenerateError, KnnlmError
+    from knnlm.generate import KNNLogitsProcessor
+    from knnlm.loading import load_model
+    from knnlm.model import KNNLM
 
     _check_generate_args(args)
     if args.prompt_file is not None:
@@ -344,7 +362,7 @@ def cmd_generate(args) -> int:
     proc = KNNLogitsProcessor(knn, record=args.show_tokens if show else 0)
     torch.manual_seed(args.seed)
     try:
-        out = generate(knn, enc["input_ids"], processor=proc, **kw)
+        out = knn.generate(enc["input_ids"], processor=proc, **kw)
     except KnnlmError:
         raise
     except ValueError as e:  # transformers' checks of the generation settings
@@ -370,8 +388,9 @@ def cmd_demo(args) -> int:
     from knnlm.build import build_datastore
     from knnlm.config import BuildConfig, EvalConfig
     from knnlm.corpora import stdlib_files
-    from knnlm.evaluation import evaluate, format_results
-    from knnlm.models import load_model
+    from knnlm.evaluation import format_results
+    from knnlm.loading import load_model
+    from knnlm.model import evaluate
 
     model, tokenizer = load_model(args.model, device=args.device, dtype=args.dtype)
     cfg = BuildConfig(max_tokens=args.tokens, index=args.index, resume=True, progress=not args.quiet)
@@ -385,29 +404,29 @@ def cmd_demo(args) -> int:
 
 
 def cmd_merge(args) -> int:
-    from knnlm.build import merge_datastores
+    from knnlm.datastore import merge_datastores
 
     ds = merge_datastores(args.inputs, args.out, index=args.index, seed=args.seed, progress=not args.quiet)
     print(_summary(ds.path, ds.header))
     return 0
 
 
-def _summary(path, h: dict) -> str:
-    stats = h["build"].get("stats", {})
-    idx = h.get("index") or {}
+def _summary(path, h) -> str:
+    """What ``knnlm info`` prints of a ``Header``."""
+    stats = h.build.get("stats", {})
+    idx = h.index or {}
+    bos = f", <bos> {h.window.bos} before mid-document windows" if h.window.bos is not None else ""
     lines = [
-        f"datastore {path}: {h['status']}",
-        f"  model      {h['model']['name_or_path']} ({h['model']['class']}), key {h['key']['layer']} "
-        f"dim {h['key']['dim']} {h['key']['dtype']}",
-        f"  corpus     {len(h['corpus']['sources'])} sources, {h['corpus']['documents']} documents, "
-        f"{h['tokens']:,} tokens",
-        f"  keys       {h['count']:,}/{h['total']:,} rows; windows of {h['window']['context']} "
-        f"tokens, stride {h['window']['stride']}",
+        f"datastore {path}: {h.status}",
+        f"  model      {h.model.name_or_path} ({h.model.model_class}), key {h.key.layer} dim {h.key.dim} {h.key.dtype}",
+        f"  corpus     {len(h.corpus.sources)} sources, {h.corpus.documents} documents, {h.tokens or 0:,} tokens",
+        f"  keys       {h.count:,}/{h.total or 0:,} rows; windows of {h.window.context} tokens, "
+        f"stride {h.window.stride}{bos}",
     ]
-    if h["build"].get("merged_from"):
-        parts = h["build"]["merged_from"]
-        lines.append(f"  merged     from {len(parts)} datastores: " + ", ".join(f"{m['path']} ({m['keys']:,} keys)"
-                                                                           for m in parts))
+    if h.build.get("merged_from"):
+        parts = h.build["merged_from"]
+        lines.append(f"  merged     from {len(parts)} datastores: "
+                     + ", ".join(f"{m['path']} ({m['keys']:,} keys)" for m in parts))
     if stats.get("tokens_per_second"):
         lines.append(f"  extract    {stats['extract_seconds']} s, {stats['tokens_per_second']:,} tok/s, "
                      f"peak RSS {stats.get('peak_rss_mib_after_extract')} MiB")
@@ -418,13 +437,16 @@ def _summary(path, h: dict) -> str:
 
 
 def cmd_info(args) -> int:
-    from knnlm.datastore import DatastoreError, read_header
+    from pathlib import Path
 
-    h = read_header(args.datastore)
+    from knnlm.datastore import HEADER, read_header
+    from knnlm.errors import DatastoreError
+
+    h = read_header(args.datastore)  # validates format and version
     if h is None:
         raise DatastoreError(f"{args.datastore} holds no datastore (header.json missing)")
     if args.json:
-        print(json.dumps(h, indent=1))
+        print(json.dumps(json.loads((Path(args.datastore) / HEADER).read_text()), indent=1))
     else:
         print(_summary(args.datastore, h))
     return 0
@@ -445,7 +467,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args)
     except KnnlmError as e:
-        print(f"knnlm {args.command}: error: {e}", file=sys.stderr)
+        sys.stdout.flush()
+        print(f"knnlm {args.command}: error: {cli_message(str(e))}", file=sys.stderr, flush=True)
         return EXIT_USAGE
     except KeyboardInterrupt:
         hint = " (continue with --resume)" if args.command == "build-index" else ""

@@ -1,21 +1,96 @@
-"""Settings for building and evaluating, with defaults and validation in one place."""
+"""Settings for building and evaluating, with defaults, and every validation of a setting.
+
+Each check is written once here and called where the setting enters the library (a config
+dataclass, ``KNNLM``, ``windows``). Errors name the Python parameter in backquotes
+(`` `stride` must be ...``) and carry it in ``param``; the CLI maps parameter names to its flags
+(``knnlm.cli.FLAGS``).
+"""
 
 from __future__ import annotations
 
-from knnlm.errors import KnnlmError
-
+import math
+import re
 from dataclasses import asdict, dataclass
 
-__all__ = ["BuildConfig", "EvalConfig", "ConfigError", "RESUME_KEYS"]
+from knnlm.errors import ConfigError, KeyLayerError
+
+__all__ = ["BuildConfig", "EvalConfig", "ConfigError", "RESUME_KEYS", "KEY_DTYPES", "check_window", "check_context",
+           "check_mixture", "check_k", "check_nprobe", "check_at_least", "check_layer_spec", "is_int"]
+
+KEY_DTYPES = ("float16", "float32")
 
 
-class ConfigError(KnnlmError):
-    """An invalid setting."""
+_MODULE_PATH = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(\.([A-Za-z_][A-Za-z0-9_]*|[0-9]+))*")
+
+
+def check_layer_spec(layer: str | None) -> None:
+    """Refuse a ``layer`` that is neither a decoder-layer index nor a module path, before any
+    model is loaded (whether the module exists is checked by ``find_key_module``)."""
+    if layer is None or is_int(layer) or _MODULE_PATH.fullmatch(layer):
+        return
+    raise KeyLayerError(f"`layer` {layer!r} is neither a decoder-layer index (e.g. -1) nor a module path "
+                        "(e.g. model.layers.29.mlp)", param="layer")
+
+
+def is_int(s) -> bool:
+    try:
+        int(s)
+        return True
+    except (TypeError, ValueError):
+        return False
+
+
+def check_at_least(param: str, value: int | None, low: int) -> None:
+    """``value`` (an int, or None for "not set") must be at least ``low``."""
+    if value is not None and value < low:
+        raise ConfigError(f"`{param}` must be at least {low}, got {value}", param=param)
+
+
+def check_window(context: int, stride: int) -> None:
+    """The sliding-window protocol: ``context >= 2`` tokens, ``1 <= stride <= context - 1``."""
+    if context < 2:
+        raise ConfigError(f"`context` must be at least 2 tokens, got {context}", param="context")
+    if not 1 <= stride <= context - 1:
+        raise ConfigError(f"`stride` must be between 1 and `context` - 1 = {context - 1}, got {stride}", param="stride")
+
+
+def check_context(context: int, bos: int | None, max_positions: int | None) -> None:
+    """A window (``context`` corpus tokens, plus the ``<bos>`` in front of mid-document windows
+    when the tokenizer uses one) must fit the model's positions."""
+    need = context + (bos is not None)
+    if max_positions and need > max_positions:
+        extra = " + 1 for <bos>" if bos is not None else ""
+        raise ConfigError(f"`context` {context}{extra} exceeds the model's {max_positions} positions; lower it",
+                          param="context")
+
+
+def check_mixture(lam: float, temperature: float, *, lam_param: str = "lam",
+                  temperature_param: str = "temperature") -> None:
+    """lambda in [0, 1], temperature positive and finite."""
+    lam, temperature = float(lam), float(temperature)
+    if math.isnan(lam) or not 0.0 <= lam <= 1.0:
+        raise ConfigError(f"`{lam_param}` must be in [0, 1], got {lam}", param=lam_param)
+    if not 0.0 < temperature < math.inf:
+        raise ConfigError(f"`{temperature_param}` must be a positive finite number, got {temperature}",
+                          param=temperature_param)
+
+
+def check_k(k: int | None, n: int | None = None, *, param: str = "k") -> None:
+    """k >= 1, and at most the datastore size ``n`` when given (None = the default k)."""
+    if k is None:
+        return
+    if k < 1 or (n is not None and k > n):
+        upper = f"between 1 and the datastore size {n:,}" if n is not None else "at least 1"
+        raise ConfigError(f"`{param}` must be {upper}, got {k}", param=param)
+
+
+def check_nprobe(nprobe: int | None) -> None:
+    check_at_least("nprobe", nprobe, 1)
 
 
 @dataclass
 class BuildConfig:
-    context: int = 512  # tokens per forward window
+    context: int = 512  # corpus tokens per forward window (a <bos> in front of mid-document windows is extra)
     stride: int | None = None  # new targets per window; None = context - 1 (non-overlapping)
     batch_size: int = 8  # windows per forward pass
     key_dtype: str = "float16"  # storage dtype of keys.npy: float16 | float32
@@ -35,19 +110,18 @@ class BuildConfig:
         self.exclude = tuple(self.exclude)
         if self.stride is None:
             self.stride = self.context - 1
-        if self.context < 2:
-            raise ConfigError(f"--context must be at least 2, got {self.context}")
-        if not 1 <= self.stride <= self.context - 1:
-            raise ConfigError(f"--stride must be between 1 and context - 1 = {self.context - 1}, got {self.stride}")
-        if self.batch_size < 1:
-            raise ConfigError(f"--batch-size must be at least 1, got {self.batch_size}")
-        if self.key_dtype not in ("float16", "float32"):
-            raise ConfigError(f"--key-dtype must be float16 or float32, got {self.key_dtype!r}")
-        if self.max_tokens is not None and self.max_tokens < 2:
-            raise ConfigError(f"--max-tokens must be at least 2, got {self.max_tokens}")
+        check_window(self.context, self.stride)
+        check_at_least("batch_size", self.batch_size, 1)
+        if self.key_dtype not in KEY_DTYPES:
+            raise ConfigError(f"`key_dtype` must be one of {', '.join(KEY_DTYPES)}, got {self.key_dtype!r}",
+                              param="key_dtype")
+        check_at_least("max_tokens", self.max_tokens, 2)
+        if self.resume and self.overwrite:
+            raise ConfigError("`resume` and `overwrite` exclude each other: continue the build or replace it",
+                              param="resume")
 
     def settings(self) -> dict:
-        """What goes into the datastore header (and must match on --resume)."""
+        """What goes into the datastore header (and must match on resume)."""
         d = asdict(self)
         for k in ("resume", "overwrite", "progress"):
             d.pop(k)
@@ -55,7 +129,7 @@ class BuildConfig:
         return d
 
 
-# Settings that change the bytes of the datastore: --resume refuses to continue if one differs.
+# Settings that change the bytes of the datastore: resume refuses to continue if one differs.
 RESUME_KEYS = ("context", "stride", "batch_size", "key_dtype", "globs", "exclude", "text_field",
                "max_tokens", "layer")
 
@@ -80,27 +154,30 @@ class EvalConfig:
     progress: bool = True
 
     def __post_init__(self):
-        from knnlm.scoring import check_mixture_args
-
         self.lambdas, self.temperatures = tuple(map(float, self.lambdas)), tuple(map(float, self.temperatures))
         self.ks, self.globs, self.exclude = tuple(self.ks), tuple(self.globs) or ("*",), tuple(self.exclude)
-        if not self.lambdas or not self.temperatures or not self.ks:
-            raise ConfigError("--lambda, --temperature and --k each need at least one value")
+        for param, values in (("lambdas", self.lambdas), ("temperatures", self.temperatures), ("ks", self.ks)):
+            if not values:
+                raise ConfigError(f"`{param}` needs at least one value", param=param)
         for lam in self.lambdas:
-            for t in self.temperatures:
-                try:
-                    check_mixture_args(lam, t)
-                except ValueError as e:
-                    raise ConfigError(str(e).replace("lambda", "--lambda").replace("temperature", "--temperature")) from None
+            check_mixture(lam, 1.0, lam_param="lambdas")
+        for t in self.temperatures:
+            check_mixture(0.0, t, temperature_param="temperatures")
         for k in self.ks:
-            if k is not None and k < 1:
-                raise ConfigError(f"--k must be at least 1, got {k}")
-        if self.nprobe is not None and self.nprobe < 1:
-            raise ConfigError(f"--nprobe must be at least 1, got {self.nprobe}")
-        if self.batch_size < 1:
-            raise ConfigError(f"--batch-size must be at least 1, got {self.batch_size}")
-        if self.max_tokens is not None and self.max_tokens < 2:
-            raise ConfigError(f"--max-tokens must be at least 2, got {self.max_tokens}")
+            check_k(k, param="ks")
+        check_nprobe(self.nprobe)
+        check_at_least("batch_size", self.batch_size, 1)
+        check_at_least("max_tokens", self.max_tokens, 2)
+        if self.context is not None:
+            check_window(self.context, self.stride if self.stride is not None else self.context - 1)
+
+    def window(self, default_context: int, default_stride: int) -> tuple[int, int]:
+        """(context, stride) of the eval: these settings where given, else the defaults (the
+        datastore's protocol); validated."""
+        context = self.context or default_context
+        stride = self.stride or (default_stride if self.context is None else context - 1)
+        check_window(context, stride)
+        return context, stride
 
     @property
     def grid(self) -> list[tuple[float, float, int | None]]:

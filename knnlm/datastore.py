@@ -1,8 +1,10 @@
-"""The on-disk datastore: a JSON header beside ``.npy`` arrays and a FAISS index.
+"""The on-disk datastore, read and written in one place: ``Header``, ``Datastore``,
+``DatastoreWriter``, and the two datastore-to-datastore operations (``subset_datastore``,
+``merge_datastores``).
 
 Layout of a datastore directory::
 
-    header.json      everything needed to trust the arrays (below); written atomically
+    header.json      a ``Header``: everything needed to trust the arrays; written atomically
     documents.json   per document: name, source, token offset, length, first row, sha256
     tokens.npy       (T,)   int32  the tokenized corpus, documents concatenated
     values.npy       (N,)   int32  next-token id of every key row (N = sum over docs of len - 1)
@@ -10,10 +12,10 @@ Layout of a datastore directory::
     index.faiss      FAISS index over keys.npy (CPU index, whatever built it)
 
 All arrays are standard ``.npy`` files (self-describing header, memory-mappable). ``keys.npy`` is
-allocated at full size up front and filled in row order; ``header["count"]`` says how many rows
-are final, and only advances after the rows are flushed to disk. ``header["status"]`` is
-``"building"`` until the index is written, and ``open_datastore`` refuses anything else than
-``"complete"`` — an interrupted or failed build never loads as valid.
+allocated at full size up front and filled in row order; ``Header.count`` says how many rows are
+final, and only advances after the rows are flushed to disk. ``Header.status`` goes
+``tokenizing`` -> ``building`` -> ``complete`` (once the index is written), and ``open_datastore``
+refuses anything but ``complete``: an interrupted or failed build never loads as valid.
 
 Row ``r`` of the keys is the hidden state that predicts token ``tokens[doc.offset + j]`` for the
 document ``doc`` with ``doc.first_row <= r < doc.first_row + doc.length - 1`` and
@@ -22,27 +24,32 @@ document ``doc`` with ``doc.first_row <= r < doc.first_row + doc.length - 1`` an
 
 from __future__ import annotations
 
-from knnlm.errors import KnnlmError
-
+import copy
 import hashlib
 import json
 import logging
 import os
+import shutil
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Iterable, Sequence
 
 import numpy as np
+
+from knnlm import __version__
+from knnlm.errors import CorpusError, DatastoreError
 
 logger = logging.getLogger(__name__)
 
 __all__ = [
-    "FORMAT_VERSION", "DatastoreError", "Datastore", "open_datastore", "model_identity",
-    "write_json_atomic", "read_header", "KEY_DTYPES", "open_or_create",
+    "FORMAT", "FORMAT_VERSION", "DatastoreError", "Header", "KeySpec", "WindowSpec", "CorpusSpec",
+    "ModelIdentity", "Datastore", "DatastoreWriter", "open_datastore", "open_or_create", "read_header",
+    "model_identity", "write_json_atomic", "subset_datastore", "merge_datastores", "KEY_DTYPES",
 ]
 
-FORMAT_VERSION = 1
+FORMAT = "knnlm-datastore"
+FORMAT_VERSION = 1  # v1 headers without window.bos read as "no <bos> per window" (their protocol)
 HEADER = "header.json"
 DOCUMENTS = "documents.json"
 TOKENS = "tokens.npy"
@@ -50,10 +57,9 @@ VALUES = "values.npy"
 KEYS = "keys.npy"
 INDEX = "index.faiss"
 KEY_DTYPES = {"float16": np.float16, "float32": np.float32}
-
-
-class DatastoreError(KnnlmError):
-    """A datastore is missing, incomplete, corrupt, or does not match the model."""
+_OWNED_FILES = (HEADER, HEADER + ".tmp", DOCUMENTS, DOCUMENTS + ".tmp", TOKENS, TOKENS + ".tmp", VALUES,
+                VALUES + ".tmp", KEYS, INDEX, INDEX + ".tmp", TOKENS + ".part", VALUES + ".part")
+COPY_ROWS = 1 << 16  # key rows per chunk when copying between datastores (constant memory)
 
 
 def write_json_atomic(path: str | os.PathLike, obj: Any) -> None:
@@ -68,15 +74,11 @@ def write_json_atomic(path: str | os.PathLike, obj: Any) -> None:
     os.replace(tmp, path)
 
 
-def read_header(directory: str | os.PathLike) -> dict | None:
-    """The header of ``directory``, or None when it holds no datastore."""
-    p = Path(directory) / HEADER
-    if not p.exists():
-        return None
-    try:
-        return json.loads(p.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise DatastoreError(f"{p} is not valid JSON ({e}); the datastore is corrupt, rebuild it") from None
+# ------------------------------------------------------------------------------------ header
+
+
+def _now() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
 
 
 def _hash(parts) -> str:
@@ -94,8 +96,41 @@ _VOLATILE_CONFIG = {"_name_or_path", "transformers_version", "torch_dtype", "dty
                     "return_dict", "tie_word_embeddings"}
 
 
-def model_identity(model, tokenizer, key_module: str) -> dict:
-    """What a datastore is tied to: config hash, a weight fingerprint, tokenizer hash.
+@dataclass(frozen=True)
+class ModelIdentity:
+    """What a datastore is tied to: the model config, a weight fingerprint, the tokenizer."""
+    name_or_path: str
+    model_class: str
+    model_type: str
+    config_hash: str
+    weights_fingerprint: str
+    tokenizer_hash: str
+    vocab_size: int
+
+    # (field, what it is called in errors), in the order they are compared
+    COMPARED = (("tokenizer_hash", "tokenizer"), ("config_hash", "model config"),
+                ("weights_fingerprint", "model weights"))
+
+    def mismatch(self, other: ModelIdentity) -> tuple[str, str] | None:
+        """The first (field, what) on which ``other`` differs, or None when it is the same model."""
+        for name, what in self.COMPARED:
+            if getattr(self, name) != getattr(other, name):
+                return name, what
+        return None
+
+    def to_json(self) -> dict:
+        d = asdict(self)
+        d["class"] = d.pop("model_class")
+        return d
+
+    @classmethod
+    def from_json(cls, d: dict) -> ModelIdentity:
+        return cls(str(d.get("name_or_path", "")), str(d.get("class", "")), str(d.get("model_type", "")),
+                   d["config_hash"], d["weights_fingerprint"], d["tokenizer_hash"], int(d["vocab_size"]))
+
+
+def model_identity(model, tokenizer, key_module: str) -> ModelIdentity:
+    """The identity of ``model`` + ``tokenizer`` with keys at ``key_module``.
 
     The weight fingerprint hashes the first elements of every parameter of the key module's
     decoder layer, rounded to bfloat16 so that fp32 / bf16 loads of one checkpoint agree.
@@ -114,22 +149,112 @@ def model_identity(model, tokenizer, key_module: str) -> dict:
     tok_parts = [f"{t}\t{i}" for t, i in sorted(vocab.items(), key=lambda x: x[1])]
     tok_parts.append(json.dumps(
         {k: str(v) for k, v in sorted(tokenizer.special_tokens_map.items())}, sort_keys=True))
-    return {
-        "name_or_path": str(getattr(model, "name_or_path", "") or model.config._name_or_path),
-        "class": type(model).__name__,
-        "model_type": model.config.model_type,
-        "config_hash": config_hash,
-        "weights_fingerprint": _hash(parts),
-        "tokenizer_hash": _hash(tok_parts),
-        "vocab_size": int(model.config.vocab_size),
-    }
+    return ModelIdentity(
+        name_or_path=str(getattr(model, "name_or_path", "") or model.config._name_or_path),
+        model_class=type(model).__name__, model_type=model.config.model_type, config_hash=config_hash,
+        weights_fingerprint=_hash(parts), tokenizer_hash=_hash(tok_parts), vocab_size=int(model.config.vocab_size))
+
+
+@dataclass
+class KeySpec:
+    layer: str  # module path whose input is the key
+    dim: int
+    dtype: str  # float16 | float32
+    kind: str = "ffn_input"
+
+
+@dataclass
+class WindowSpec:
+    """The window protocol the keys were extracted with (eval uses the same by default)."""
+    context: int
+    stride: int
+    bos: int | None = None  # token put in front of every mid-document window; None = none
+
+
+@dataclass
+class CorpusSpec:
+    sources: list[dict]  # knnlm.data.Source.to_json() of every input
+    documents: int | None = None
+    text_field: str | None = "text"
+
+
+@dataclass
+class Header:
+    """``header.json``, typed. ``from_json`` checks the format and its version."""
+    model: ModelIdentity
+    key: KeySpec
+    window: WindowSpec
+    corpus: CorpusSpec
+    build: dict  # build settings, stats, subset_of / merged_from
+    status: str = "tokenizing"  # tokenizing -> building -> complete
+    count: int = 0  # key rows final on disk
+    total: int | None = None  # key rows when complete
+    tokens: int | None = None  # corpus tokens
+    index: dict | None = None  # knnlm.index.build_index's record: spec, factory, nprobe, ntotal, ...
+    knnlm_version: str = __version__
+    created: str = field(default_factory=_now)
+
+    @property
+    def complete(self) -> bool:
+        return self.status == "complete"
+
+    @property
+    def nprobe(self) -> int | None:
+        return (self.index or {}).get("nprobe")
+
+    def to_json(self) -> dict:
+        return {
+            "format": FORMAT, "format_version": FORMAT_VERSION, "knnlm_version": self.knnlm_version,
+            "created": self.created, "status": self.status, "model": self.model.to_json(),
+            "key": asdict(self.key), "values": {"dtype": "int32", "meaning": "next token id"},
+            "count": self.count, "total": self.total, "tokens": self.tokens, "corpus": asdict(self.corpus),
+            "window": asdict(self.window), "build": self.build, "index": self.index,
+        }
+
+    @classmethod
+    def from_json(cls, d: dict, where: str | os.PathLike = HEADER) -> Header:
+        if d.get("format") != FORMAT or d.get("format_version") != FORMAT_VERSION:
+            raise DatastoreError(f"{where} is format {d.get('format')!r} version {d.get('format_version')}, "
+                                 f"this knnlm reads {FORMAT} version {FORMAT_VERSION}; rebuild the datastore")
+        try:
+            return cls(
+                model=ModelIdentity.from_json(d["model"]), key=_typed(KeySpec, d["key"]),
+                window=_typed(WindowSpec, d["window"]), corpus=_typed(CorpusSpec, d["corpus"]),
+                build=dict(d.get("build") or {}), status=d["status"], count=int(d["count"]),
+                total=None if d["total"] is None else int(d["total"]),
+                tokens=None if d["tokens"] is None else int(d["tokens"]), index=d.get("index"),
+                knnlm_version=d.get("knnlm_version", "?"), created=d.get("created", "?"))
+        except (KeyError, TypeError, ValueError) as e:
+            raise DatastoreError(f"{where} lacks or mangles field {e}; the datastore is corrupt, rebuild it") from None
+
+    def write(self, directory: str | os.PathLike) -> None:
+        write_json_atomic(Path(directory) / HEADER, self.to_json())
+
+
+def _typed(cls, d: dict):
+    names = {f.name for f in fields(cls)}
+    return cls(**{k: v for k, v in d.items() if k in names})
+
+
+def read_header(directory: str | os.PathLike) -> Header | None:
+    """The header of ``directory``, or None when it holds no datastore."""
+    p = Path(directory) / HEADER
+    if not p.exists():
+        return None
+    try:
+        return Header.from_json(json.loads(p.read_text()), p)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise DatastoreError(f"{p} is not valid JSON ({e}); the datastore is corrupt, rebuild it") from None
+
+
+# ------------------------------------------------------------------------------------ reading
 
 
 @dataclass
 class Datastore:
     """A complete datastore opened for reading. Arrays are memory-mapped, read-only."""
     path: Path
-    header: dict
+    header: Header
     documents: list[dict] = field(repr=False)
     keys: np.ndarray = field(repr=False)  # (N, D)
     values: np.ndarray = field(repr=False)  # (N,)
@@ -137,11 +262,11 @@ class Datastore:
     _index: Any = field(default=None, repr=False)
 
     def __len__(self) -> int:
-        return int(self.header["count"])
+        return self.header.count
 
     @property
     def dim(self) -> int:
-        return int(self.header["key"]["dim"])
+        return self.header.key.dim
 
     @property
     def index(self):
@@ -149,30 +274,27 @@ class Datastore:
         if self._index is None:
             from knnlm.index import load_index
 
-            self._index = load_index(self.path / INDEX, self.header)
+            self._index = load_index(self.path / INDEX, n=len(self), dim=self.dim, nprobe=self.header.nprobe)
         return self._index
 
-    def check_compatible(self, identity: dict) -> None:
+    def check_compatible(self, identity: ModelIdentity) -> None:
         """Refuse a model / tokenizer other than the one the datastore was built with."""
-        mine = self.header["model"]
-        for fieldname, what in (("tokenizer_hash", "tokenizer"), ("config_hash", "model config"),
-                                ("weights_fingerprint", "model weights")):
-            if mine.get(fieldname) != identity.get(fieldname):
-                raise DatastoreError(
-                    f"datastore {self.path} was built with another {what} ({fieldname} "
-                    f"{mine.get(fieldname)} != {identity.get(fieldname)}; built with model "
-                    f"{mine.get('name_or_path')!r}); use that model or rebuild the datastore")
+        mine = self.header.model
+        diff = mine.mismatch(identity)
+        if diff:
+            name, what = diff
+            raise DatastoreError(
+                f"datastore {self.path} was built with another {what} ({name} {getattr(mine, name)} != "
+                f"{getattr(identity, name)}; built with model {mine.name_or_path!r}); use that model or "
+                "rebuild the datastore")
 
     def provenance(self, rows: np.ndarray) -> list[tuple[str, int]]:
         """(document name, token position of the value) for each key row."""
         starts = np.array([d["first_row"] for d in self.documents], dtype=np.int64)
         rows = np.asarray(rows, dtype=np.int64)
         di = np.searchsorted(starts, rows, side="right") - 1
-        out = []
-        for r, d in zip(rows.tolist(), di.tolist()):
-            doc = self.documents[d]
-            out.append((doc["name"], r - doc["first_row"] + 1))
-        return out
+        return [(self.documents[d]["name"], r - self.documents[d]["first_row"] + 1)
+                for r, d in zip(rows.tolist(), di.tolist())]
 
     def document_tokens(self, doc: int) -> np.ndarray:
         d = self.documents[doc]
@@ -180,7 +302,7 @@ class Datastore:
 
     def token_counts(self) -> np.ndarray:
         """How often each token id occurs as a value: the datastore-corpus frequency."""
-        return np.bincount(self.values, minlength=int(self.header["model"]["vocab_size"]))
+        return np.bincount(self.values, minlength=self.header.model.vocab_size)
 
 
 def _expect_npy(path: Path, shape: tuple, dtype, what: str) -> np.ndarray:
@@ -204,28 +326,25 @@ def open_datastore(path: str | os.PathLike, *, require_index: bool = True) -> Da
     header = read_header(path)
     if header is None:
         raise DatastoreError(f"{path} holds no datastore ({HEADER} missing); build one with `knnlm build-index`")
-    if header.get("format") != "knnlm-datastore" or header.get("format_version") != FORMAT_VERSION:
-        raise DatastoreError(f"{path}/{HEADER} is format {header.get('format')!r} v{header.get('format_version')}, "
-                             f"this knnlm reads knnlm-datastore v{FORMAT_VERSION}; rebuild the datastore")
-    if header.get("status") != "complete":
-        raise DatastoreError(f"datastore {path} is incomplete (status {header.get('status')!r}, "
-                             f"{header.get('count')}/{header.get('total')} rows); "
+    if not header.complete:
+        raise DatastoreError(f"datastore {path} is incomplete (status {header.status!r}, "
+                             f"{header.count}/{header.total} rows); "
                              "finish it with `knnlm build-index --resume` using the same arguments")
-    n, d = int(header["count"]), int(header["key"]["dim"])
-    if n != int(header["total"]):
-        raise DatastoreError(f"datastore {path} is marked complete but has {n}/{header['total']} rows; rebuild it")
-    keys = _expect_npy(path / KEYS, (n, d), KEY_DTYPES[header["key"]["dtype"]], "keys")
+    n, d = header.count, header.key.dim
+    if n != header.total:
+        raise DatastoreError(f"datastore {path} is marked complete but has {n}/{header.total} rows; rebuild it")
+    keys = _expect_npy(path / KEYS, (n, d), KEY_DTYPES[header.key.dtype], "keys")
     values = _expect_npy(path / VALUES, (n,), np.int32, "values")
-    tokens = _expect_npy(path / TOKENS, (int(header["tokens"]),), np.int32, "tokens")
+    tokens = _expect_npy(path / TOKENS, (header.tokens,), np.int32, "tokens")
     try:
         documents = json.loads((path / DOCUMENTS).read_text())
     except (OSError, json.JSONDecodeError) as e:
         raise DatastoreError(f"{path}/{DOCUMENTS} is unreadable ({e}); rebuild the datastore") from None
-    if len(documents) != int(header["corpus"]["documents"]):
+    if len(documents) != header.corpus.documents:
         raise DatastoreError(f"{path}/{DOCUMENTS} lists {len(documents)} documents, header says "
-                             f"{header['corpus']['documents']}; rebuild the datastore")
+                             f"{header.corpus.documents}; rebuild the datastore")
     if require_index:
-        if not header.get("index"):
+        if not header.index:
             raise DatastoreError(f"datastore {path} has no index; run `knnlm build-index --resume` to build it")
         if not (path / INDEX).exists():
             raise DatastoreError(f"{path / INDEX} is missing; rebuild the index with "
@@ -233,7 +352,8 @@ def open_datastore(path: str | os.PathLike, *, require_index: bool = True) -> Da
     return Datastore(path, header, documents, keys, values, tokens)
 
 
-def open_or_create(path: str | os.PathLike, create, *, discard_incomplete: bool = False) -> Datastore:
+def open_or_create(path: str | os.PathLike, create: Callable[[], Datastore], *,
+                   discard_incomplete: bool = False) -> Datastore:
     """The complete datastore at ``path``, or ``create()`` when there is none yet.
 
     ``create`` is a no-argument callable returning a ``Datastore`` (a build with ``resume=True``,
@@ -241,35 +361,313 @@ def open_or_create(path: str | os.PathLike, create, *, discard_incomplete: bool 
     interrupted subset or merge, which cannot resume) is removed first; a directory that holds no
     datastore is never removed.
     """
-    import shutil
-
     path = Path(path)
     header = read_header(path) if path.is_dir() else None
-    if header is not None and header.get("status") == "complete":
+    if header is not None and header.complete:
         return open_datastore(path)
     if header is not None and discard_incomplete:
         shutil.rmtree(path)
     return create()
 
 
-def new_header(*, identity: dict, key_layer: str, dim: int, key_dtype: str, sources: list,
-               settings: dict, version: str) -> dict:
-    """A fresh header for a build that is about to start (status "tokenizing")."""
-    return {
-        "format": "knnlm-datastore",
-        "format_version": FORMAT_VERSION,
-        "knnlm_version": version,
-        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "status": "tokenizing",
-        "model": identity,
-        "key": {"layer": key_layer, "kind": "ffn_input", "dim": dim, "dtype": key_dtype},
-        "values": {"dtype": "int32", "meaning": "next token id"},
-        "count": 0,
-        "total": None,
-        "tokens": None,
-        "corpus": {"sources": [s.to_json() for s in sources], "documents": None,
-                   "text_field": settings.get("text_field")},
-        "window": {"context": settings["context"], "stride": settings["stride"]},
-        "build": settings,
-        "index": None,
-    }
+# ------------------------------------------------------------------------------------ writing
+
+
+class DatastoreWriter:
+    """Writes one datastore directory, in the order the format requires.
+
+    ``start`` (a fresh datastore, or one to resume) -> ``write_corpus`` (tokens, values,
+    documents; status ``building``) -> ``write_rows`` + ``commit`` (keys, durable before counted)
+    -> ``finalize`` (index; status ``complete``). Every step leaves a directory that either resumes
+    or is refused by ``open_datastore``, never one that opens as valid before it is.
+    """
+
+    def __init__(self, path: Path, header: Header, fresh: bool):
+        self.path, self.header, self.fresh = path, header, fresh
+        self._fd: int | None = None
+        self._offset = 0
+        self._row_bytes = header.key.dim * np.dtype(KEY_DTYPES[header.key.dtype]).itemsize
+
+    # ---- starting -----------------------------------------------------------------------------
+    @classmethod
+    def start(cls, path: str | os.PathLike, header: Header, *, resume: bool = False, overwrite: bool = False,
+              resume_keys: Sequence[str] = ()) -> DatastoreWriter:
+        """A writer for ``header`` at ``path``: a fresh datastore, or the one there when ``resume``
+        (same model, same ``build`` settings named in ``resume_keys``, same sources)."""
+        path = Path(path)
+        old = read_header(path) if path.exists() else None
+        if old is None:
+            if path.exists() and any(path.iterdir()) and not overwrite:
+                raise DatastoreError(f"`out` {path} exists, is not empty and holds no datastore; "
+                                     "choose an empty or new directory", param="out")
+        elif not overwrite:
+            cls._check_resumable(path, old, header, resume, resume_keys)
+            return cls(path, old, fresh=False)
+        path.mkdir(parents=True, exist_ok=True)
+        _clear(path)
+        header.write(path)
+        return cls(path, header, fresh=True)
+
+    @staticmethod
+    def _check_resumable(path: Path, old: Header, new: Header, resume: bool, resume_keys: Sequence[str]) -> None:
+        diff = old.model.mismatch(new.model)
+        if diff:
+            raise DatastoreError(f"`out` {path} holds a datastore of another model ({old.model.name_or_path!r}, "
+                                 f"{diff[0]} differs); choose another `out`, or pass `overwrite` to replace it",
+                                 param="out")
+        if not resume:
+            raise DatastoreError(f"`out` {path} already holds a datastore (status {old.status!r}, "
+                                 f"{old.count}/{old.total} rows); pass `resume` to continue it, `overwrite` to "
+                                 "replace it, or choose another `out`", param="out")
+        changed = [k for k in resume_keys if new.build.get(k) != old.build.get(k)]
+        if changed:
+            k = changed[0]
+            raise DatastoreError(f"`{k}` is {new.build.get(k)!r} now, {old.build.get(k)!r} when the build of {path} "
+                                 "started; `resume` with the same settings or `overwrite`", param=k)
+        if new.corpus.sources != old.corpus.sources:
+            raise DatastoreError(f"`data` differs from the input files the build of {path} started with "
+                                 "(paths, sizes or hashes); `resume` with the same `data` or `overwrite`", param="data")
+
+    def save_header(self) -> None:
+        self.header.write(self.path)
+
+    def discard(self) -> None:
+        """Remove what a fresh writer wrote (after a failure before any key was computed)."""
+        if self.fresh:
+            _clear(self.path)
+            if not any(self.path.iterdir()):
+                self.path.rmdir()
+
+    # ---- phase 1: the corpus ------------------------------------------------------------------
+    def write_corpus(self, documents: Iterable[tuple[dict, np.ndarray]], progress: bool = True) -> None:
+        """``tokens.npy``, ``values.npy``, ``documents.json`` from ``(document, token ids)`` pairs
+        (document: ``name``, ``source``, ``sha256``); then status ``building`` with 0 rows."""
+        from tqdm.auto import tqdm
+
+        docs, n_tokens, n_rows = [], 0, 0
+        tok_raw, val_raw = self.path / (TOKENS + ".part"), self.path / (VALUES + ".part")
+        with open(tok_raw, "wb") as ft, open(val_raw, "wb") as fv, \
+                tqdm(desc="reading corpus", unit="doc", disable=not progress) as bar:
+            for doc, ids in documents:
+                ids = np.asarray(ids, dtype=np.int32)
+                ft.write(ids.tobytes())
+                fv.write(ids[1:].tobytes())
+                docs.append({"name": doc["name"], "source": doc["source"], "offset": n_tokens,
+                             "length": len(ids), "first_row": n_rows, "sha256": doc["sha256"]})
+                n_tokens += len(ids)
+                n_rows += max(len(ids) - 1, 0)
+                bar.update(1)
+        if n_rows == 0:
+            raise CorpusError(f"the corpus has no tokens to predict ({len(docs)} documents, "
+                              f"{n_tokens} tokens); check `data` / `globs` / `text_field`", param="data")
+        _npy_from_raw(tok_raw, self.path / TOKENS, np.int32, (n_tokens,))
+        _npy_from_raw(val_raw, self.path / VALUES, np.int32, (n_rows,))
+        write_json_atomic(self.path / DOCUMENTS, docs)
+        self.header.status, self.header.count, self.header.total, self.header.tokens = "building", 0, n_rows, n_tokens
+        self.header.corpus.documents = len(docs)
+        self.save_header()
+        logger.info("read %d documents: %d tokens, %d key rows", len(docs), n_tokens, n_rows)
+
+    def documents(self) -> list[dict]:
+        return json.loads((self.path / DOCUMENTS).read_text())
+
+    def tokens(self) -> np.ndarray:
+        return np.load(self.path / TOKENS, mmap_mode="r")
+
+    # ---- phase 2: the keys --------------------------------------------------------------------
+    def __enter__(self) -> DatastoreWriter:
+        """Open ``keys.npy`` for writing rows: allocated at full size when no row is final yet."""
+        path, n, dim = self.path / KEYS, self.header.total, self.header.key.dim
+        dtype = np.dtype(KEY_DTYPES[self.header.key.dtype])
+        if self.header.count == 0 or not path.exists():
+            self.header.count = 0
+            with open(path, "wb") as f:
+                np.lib.format.write_array_header_2_0(
+                    f, {"descr": dtype.str, "fortran_order": False, "shape": (n, dim)})
+                self._offset = f.tell()
+                f.truncate(self._offset + n * dim * dtype.itemsize)  # sparse until written
+        else:
+            with open(path, "rb") as f:
+                version = np.lib.format.read_magic(f)
+                read = (np.lib.format.read_array_header_1_0 if version == (1, 0)
+                        else np.lib.format.read_array_header_2_0)
+                read(f)
+                self._offset = f.tell()
+        self._fd = os.open(path, os.O_WRONLY)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        fd, self._fd = self._fd, None
+        if fd is not None:
+            os.close(fd)
+
+    def write_rows(self, row0: int, rows: np.ndarray) -> None:
+        """Key rows ``[row0, row0 + len(rows))`` (any float dtype, converted to the key dtype)."""
+        buf = np.ascontiguousarray(rows, dtype=KEY_DTYPES[self.header.key.dtype]).tobytes()
+        os.pwrite(self._fd, buf, self._offset + row0 * self._row_bytes)
+
+    def commit(self, rows: int) -> None:
+        """Make rows ``[0, rows)`` durable, then record them: the count never runs ahead of the disk."""
+        os.fdatasync(self._fd)
+        self.header.count = rows
+        self.save_header()
+
+    def copy_rows(self, keys: np.ndarray, row0: int, progress=None) -> None:
+        """Copy a (memory-mapped) key array to rows ``[row0, row0 + len(keys))`` in chunks."""
+        for lo in range(0, len(keys), COPY_ROWS):
+            hi = min(len(keys), lo + COPY_ROWS)
+            self.write_rows(row0 + lo, np.asarray(keys[lo:hi]))
+            if progress is not None:
+                progress.update(hi - lo)
+
+    # ---- phase 3: the index -------------------------------------------------------------------
+    def finalize(self, index: str = "auto", *, seed: int = 0, progress: bool = True) -> Datastore:
+        """Train and fill the index over all rows, mark the datastore complete, open it."""
+        from knnlm.index import build_index, plan_index
+
+        n, dim = self.header.total, self.header.key.dim
+        if self.header.count != n:
+            raise DatastoreError(f"{self.path}: {self.header.count}/{n} key rows written; cannot build the index yet")
+        plan = plan_index(index, n, dim)
+        logger.info("%s", plan.describe(n, dim))
+        self.header.index = build_index(self.path / KEYS, n, dim, plan, self.path / INDEX, seed=seed,
+                                        progress=progress)
+        self.header.status = "complete"
+        self.save_header()
+        return open_datastore(self.path)
+
+
+def _clear(path: Path) -> None:
+    for name in _OWNED_FILES:
+        (path / name).unlink(missing_ok=True)
+
+
+def _npy_from_raw(raw: Path, dest: Path, dtype, shape: tuple) -> None:
+    """Wrap a raw little-endian array file into a .npy file (streamed, constant memory)."""
+    tmp = dest.with_name(dest.name + ".tmp")
+    with open(tmp, "wb") as f, open(raw, "rb") as r:
+        np.lib.format.write_array_header_2_0(
+            f, {"descr": np.dtype(dtype).str, "fortran_order": False, "shape": shape})
+        shutil.copyfileobj(r, f, 1 << 22)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, dest)
+    raw.unlink()
+
+
+# ------------------------------------------------------------------------ subset and merge
+
+
+def _derived_header(src: Header, **build_extra) -> Header:
+    """A fresh header for a datastore made from others' rows (same model, keys and windows)."""
+    h = copy.deepcopy(src)
+    h.status, h.count, h.total, h.tokens, h.index = "tokenizing", 0, None, None, None
+    h.created, h.knnlm_version = _now(), __version__
+    for k in ("stats", "subset_of", "merged_from"):
+        h.build.pop(k, None)
+    h.build.update(build_extra)
+    return h
+
+
+def _new_writer(out: str | os.PathLike, header: Header) -> DatastoreWriter:
+    out = Path(out)
+    if out.exists() and any(out.iterdir()):
+        raise DatastoreError(f"`out` {out} exists and is not empty; choose a new directory", param="out")
+    return DatastoreWriter.start(out, header)
+
+
+def subset_datastore(src: Datastore, out: str | os.PathLike, max_tokens: int, *, index: str = "auto",
+                     seed: int = 0, progress: bool = True) -> Datastore:
+    """A smaller datastore made of the first documents of ``src`` (whole documents, at most
+    ``max_tokens`` corpus tokens), with its own index: for datastore-size studies without
+    re-running the model. Its keys are byte-identical to a build over those documents alone.
+    """
+    from knnlm.index import plan_index
+
+    docs = [d for d in src.documents if d["offset"] + d["length"] <= max_tokens]
+    if not docs or sum(d["length"] - 1 for d in docs) == 0:
+        raise DatastoreError(f"no whole document of {src.path} fits in `max_tokens` = {max_tokens}; raise it",
+                             param="max_tokens")
+    n = docs[-1]["first_row"] + docs[-1]["length"] - 1
+    plan_index(index, n, src.dim)  # a bad index fails before anything is written
+    writer = _new_writer(out, _derived_header(src.header, subset_of={"path": str(src.path), "max_tokens": max_tokens}))
+    writer.write_corpus(((d, src.document_tokens(i)) for i, d in enumerate(docs)), progress=False)
+    with writer:
+        writer.copy_rows(src.keys[:n], 0)
+        writer.commit(n)
+    return writer.finalize(index, seed=seed, progress=progress)
+
+
+# What must agree between the inputs of a merge besides the model: (section, field) of the header.
+_MERGE_MUST_MATCH = (("key", "layer"), ("key", "dim"), ("key", "dtype"), ("window", "context"),
+                     ("window", "stride"), ("window", "bos"))
+
+
+def _check_mergeable(stores: Sequence[Datastore]) -> None:
+    first = stores[0]
+    for ds in stores[1:]:
+        diff = first.header.model.mismatch(ds.header.model)
+        if diff:
+            raise DatastoreError(f"cannot merge {ds.path} into {first.path}: another {diff[1]} ({diff[0]} differs); "
+                                 "merge only datastores built with the same model and settings")
+        for sec, key in _MERGE_MUST_MATCH:
+            a, b = getattr(getattr(first.header, sec), key), getattr(getattr(ds.header, sec), key)
+            if a != b:
+                raise DatastoreError(f"cannot merge {ds.path} into {first.path}: another {sec} {key} "
+                                     f"({b!r} != {a!r}); merge only datastores built with the same model and settings")
+    seen: dict[tuple[str, str], Path] = {}
+    for ds in stores:
+        for d in ds.documents:
+            k = (d["name"], d["sha256"])
+            if k in seen:
+                raise DatastoreError(f"document {d['name']} is in both {seen[k]} and {ds.path}; a merge would "
+                                     "count it twice (a max_tokens cut can split a file): make one input "
+                                     "without it (e.g. `subset_datastore` to whole documents)")
+            seen[k] = ds.path
+
+
+def _merged_documents(stores: Sequence[Datastore], sources: dict[str, int]):
+    """(document, token ids) of every input in order, source indices remapped into ``sources``
+    (filled as a side effect: a source listed by several inputs is kept once)."""
+    for ds in stores:
+        remap = []
+        for src in ds.header.corpus.sources:
+            key = json.dumps(src, sort_keys=True)
+            remap.append(sources.setdefault(key, len(sources)))
+        for i, d in enumerate(ds.documents):
+            yield {**d, "source": remap[d["source"]]}, ds.document_tokens(i)
+
+
+def merge_datastores(inputs: Sequence[str | os.PathLike | Datastore], out: str | os.PathLike, *,
+                     index: str = "auto", seed: int = 0, progress: bool = True) -> Datastore:
+    """One datastore holding the rows of every input, in order, with a new index over all of them.
+
+    For sharded builds: split a corpus, run ``build-index`` on each part (on several machines, or
+    one after another), then merge. The inputs must come from the same model, tokenizer, key
+    layer, key dtype and window settings, and must not share a document (same name and text);
+    the merged keys, values and tokens are exactly those of the inputs, concatenated.
+    """
+    from tqdm.auto import tqdm
+
+    from knnlm.index import plan_index
+
+    if len(inputs) < 2:
+        raise DatastoreError("`inputs`: merge needs at least two datastores", param="inputs")
+    stores = [d if isinstance(d, Datastore) else open_datastore(d, require_index=False) for d in inputs]
+    _check_mergeable(stores)
+    plan_index(index, sum(len(ds) for ds in stores), stores[0].dim)  # a bad index fails before anything is written
+    merged_from = [{"path": str(ds.path), "keys": len(ds), "tokens": ds.header.tokens,
+                    "documents": len(ds.documents), "created": ds.header.created} for ds in stores]
+    header = _derived_header(stores[0].header, merged_from=merged_from)
+    header.build["max_tokens"] = None
+    writer = _new_writer(out, header)
+    sources: dict[str, int] = {}
+    writer.write_corpus(_merged_documents(stores, sources), progress=False)
+    writer.header.corpus.sources = [json.loads(k) for k in sources]
+    with writer, tqdm(total=writer.header.total, unit="key", desc="merging", disable=not progress) as bar:
+        row = 0
+        for ds in stores:
+            writer.copy_rows(ds.keys, row, bar)
+            row += len(ds)
+        writer.commit(row)
+    return writer.finalize(index, seed=seed, progress=progress)

@@ -1,5 +1,53 @@
-"""The base class of every error knnlm reports to users (the CLI prints them as one line)."""
+"""Every error knnlm reports to users, in one place (the ground floor: imports nothing of knnlm).
+
+Library errors speak the Python API: a bad setting names its parameter (``k must be at least 1,
+got 0``) and carries it in ``param``; the command line maps parameter names to its flags once
+(``knnlm.cli.FLAGS``) and prints every ``KnnlmError`` as one line.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "KnnlmError", "ConfigError", "CorpusError", "DatastoreError", "IndexSpecError", "KeyLayerError",
+    "ModelLoadError", "GenerateError",
+]
 
 
 class KnnlmError(ValueError):
-    """Bad input or state, with a message that says what was wrong and what to do."""
+    """Bad input or state, with a message that says what was wrong and what to do.
+
+    ``param`` names the Python parameter at fault when there is one; the message then starts with
+    that name, so that a front end can replace it by its own spelling (a CLI flag).
+    """
+
+    def __init__(self, message: str, *, param: str | None = None):
+        super().__init__(message)
+        self.param = param
+
+
+class ConfigError(KnnlmError):
+    """An invalid setting (names the parameter)."""
+
+
+class CorpusError(KnnlmError):
+    """The corpus cannot be read: missing path, no files, empty, binary, undecodable, bad jsonl."""
+
+
+class DatastoreError(KnnlmError):
+    """A datastore is missing, incomplete, corrupt, busy, or does not match the model."""
+
+
+class IndexSpecError(ConfigError):
+    """An index specification FAISS cannot build."""
+
+
+class KeyLayerError(ConfigError):
+    """The key layer could not be found or does not exist."""
+
+
+class ModelLoadError(KnnlmError):
+    """The model or tokenizer cannot be loaded."""
+
+
+class GenerateError(KnnlmError):
+    """kNN-LM generation was asked for something it cannot do (and what to do instead)."""

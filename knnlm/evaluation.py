@@ -1,17 +1,20 @@
 """Perplexity of the base LM and of the kNN-LM on the same tokens, sweeps, frequency buckets.
 
 The eval text goes through the same sliding-window protocol as the builder (the datastore's
-``context`` / ``stride`` unless overridden). Each batch is one forward pass; the hidden states of
-the scored positions query the index once, at the largest k of the sweep, and every
+``context`` / ``stride`` / ``<bos>`` unless overridden). Each batch is one forward pass; the hidden
+states of the scored positions query the index once, at the largest k of the sweep, and every
 (lambda, temperature, k) setting is scored from those cached neighbours: log p_lm(target) is
 computed once per token (it is the base-LM result too), the kNN term once per (T, k) from the K
-neighbours, and the mix once per lambda — no V-sized pass per setting. (The fused ``csrc`` op
+neighbours, and the mix once per lambda -- no V-sized pass per setting. (The fused ``csrc`` op
 computes full distributions for decoding; here it would only redo the V-sized pass already done.)
 
-If an eval document is also in the datastore (same text hash), each of its queries has its own
-key excluded from the neighbours (``exclude_self``, on by default): otherwise retrieval would
-find the answer at distance zero and the perplexity would be meaningless. The result says how
-many documents and tokens overlapped.
+If an eval document is also in the datastore (same text hash, and the datastore's tokens are a
+prefix of the eval document's: a build cut by ``max_tokens`` keeps only the first part of its
+last document), each query whose own key is in the datastore has it excluded from the neighbours
+(``exclude_self``, on by default): otherwise retrieval would find the answer at distance zero and
+the perplexity would be meaningless. The result says how many documents and tokens overlapped.
+
+``run(model, tokenizer, knn, ...)`` is the loop; ``knnlm.evaluate`` and ``KNNLM.evaluate`` call it.
 """
 
 from __future__ import annotations
@@ -19,26 +22,31 @@ from __future__ import annotations
 import logging
 import math
 import time
-from dataclasses import asdict
-from typing import Sequence
+from dataclasses import asdict, dataclass, field
+from typing import TYPE_CHECKING, Sequence
 
+import numpy as np
 import torch
 
 from knnlm.capture import capture_keys
-from knnlm.config import EvalConfig
-from knnlm.data import (CorpusError, Document, Source, iter_batches, iter_documents, pad_windows, resolve_sources,
-                        sha256_text, tokenize_documents)
-from knnlm.datastore import Datastore, model_identity
-from knnlm.errors import KnnlmError
-from knnlm.retrieval import Retriever, resolve_k
+from knnlm.config import EvalConfig, check_context
+from knnlm.data import (Document, Source, batch_inputs, iter_batches, iter_documents, resolve_sources, sha256_text,
+                        tokenize_documents, tokenizer_bos)
+from knnlm.errors import CorpusError, KnnlmError
+from knnlm.retrieval import resolve_k
 from knnlm.scoring import knn_target_log_probs, lm_target_log_probs, mix
+
+if TYPE_CHECKING:
+    from knnlm.datastore import Datastore
+    from knnlm.model import KNNLM
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["evaluate", "BUCKET_EDGES", "format_results"]
+__all__ = ["run", "BUCKET_EDGES", "format_results"]
 
 # Datastore-corpus frequency buckets of the target token: [0], [1, 10), [10, 100), ...
 BUCKET_EDGES = (0, 1, 10, 100, 1_000, 10_000)
+DEFAULT_CONTEXT = 512  # windows of a base-LM-only eval (no datastore to take them from)
 
 
 def _bucket_names() -> list[str]:
@@ -56,9 +64,12 @@ def _ppl(nll: float, n: int) -> float | None:
     return math.exp(v) if v < 700 else None  # None: infinite (a target with zero probability)
 
 
+# ---------------------------------------------------------------------------- the eval text
+
+
 def _load_eval_documents(tokenizer, data, texts, cfg: EvalConfig) -> list[dict]:
     if (data is None) == (texts is None):
-        raise KnnlmError("pass either data (paths or Sources) or texts (strings) to evaluate")
+        raise KnnlmError("pass either `data` (paths or Sources) or `texts` (strings) to evaluate", param="data")
     if texts is not None:
         documents = [Document(f"text[{i}]", -1, t) for i, t in enumerate(texts)]
     else:
@@ -69,152 +80,206 @@ def _load_eval_documents(tokenizer, data, texts, cfg: EvalConfig) -> list[dict]:
     for d, ids in tokenize_documents(tokenizer, documents, cfg.max_tokens):
         docs.append({"name": d.name, "length": len(ids), "ids": ids, "sha256": sha256_text(d.text)})
     if sum(max(d["length"] - 1, 0) for d in docs) == 0:
-        raise CorpusError(f"the eval text has no tokens to predict ({len(docs)} documents); check --data")
+        raise CorpusError(f"the eval text has no tokens to predict ({len(docs)} documents); check `data`",
+                          param="data")
     return docs
 
 
-def evaluate(model, tokenizer, datastore: Datastore | None, data: Sequence | None = None,
-             cfg: EvalConfig | None = None, *, texts: Sequence[str] | None = None) -> dict:
-    """Perplexity of ``model`` with and without ``datastore`` on ``data`` (paths or ``Source``s)
-    or on ``texts`` (strings).
+@dataclass
+class _Overlap:
+    """Eval documents whose text is in the datastore: the datastore row of each of their targets."""
+    rows: dict[int, tuple[int, int]] = field(default_factory=dict)  # eval doc -> (first row, datastore length)
+    documents: int = 0
+    tokens: int = 0
 
-    With ``datastore=None`` only the base LM is scored (the plain-LM baseline). Returns a
-    JSON-ready dict; ``format_results`` renders it as a table.
-    """
-    cfg = cfg or EvalConfig()
+    def own_rows(self, doc: int, first: int, end: int) -> torch.Tensor:
+        """Datastore row of each target ``[first, end)`` of eval document ``doc`` (-1: none)."""
+        j = torch.arange(first, end)
+        if doc not in self.rows:
+            return torch.full_like(j, -1)
+        row0, length = self.rows[doc]
+        return torch.where(j < length, row0 + j - 1, torch.full_like(j, -1))
+
+
+def _find_overlap(docs: list[dict], datastore: Datastore) -> _Overlap:
+    """Match eval documents to datastore documents by text hash and token prefix: a datastore cut
+    by ``max_tokens`` holds the first part of its last document, whose keys are still its own."""
+    by_hash = {d["sha256"]: i for i, d in enumerate(datastore.documents)}
+    ov = _Overlap()
+    for i, d in enumerate(docs):
+        j = by_hash.get(d["sha256"])
+        if j is None:
+            continue
+        theirs = datastore.document_tokens(j)
+        m = min(len(theirs), d["length"])
+        if not np.array_equal(np.asarray(theirs[:m]), d["ids"][:m]):
+            continue
+        ov.rows[i] = (int(datastore.documents[j]["first_row"]), len(theirs))
+        ov.documents += 1
+        ov.tokens += max(m - 1, 0)
+    return ov
+
+
+# ---------------------------------------------------------------------------- accumulating
+
+
+@dataclass
+class _Tally:
+    """Negative log-likelihood sums for the base LM and every grid setting, overall and per bucket."""
+    grid_size: int
+    n: int = 0
+    nll_base: float = 0.0
+    nll: torch.Tensor = None  # (G,)
+    n_bucket: torch.Tensor = None  # (NB,)
+    nll_bucket_base: torch.Tensor = None  # (NB,)
+    nll_bucket: torch.Tensor = None  # (G, NB)
+    t_lm: float = 0.0
+    t_knn: float = 0.0
+
+    def __post_init__(self):
+        nb = len(BUCKET_EDGES)
+        self.nll = torch.zeros(self.grid_size, dtype=torch.float64)
+        self.n_bucket = torch.zeros(nb, dtype=torch.float64)
+        self.nll_bucket_base = torch.zeros(nb, dtype=torch.float64)
+        self.nll_bucket = torch.zeros(self.grid_size, nb, dtype=torch.float64)
+
+    def add_base(self, lp_lm: torch.Tensor) -> None:
+        self.n += lp_lm.shape[0]
+        self.nll_base -= lp_lm.double().sum().item()
+
+    def add_buckets(self, bucket: torch.Tensor, lp_lm: torch.Tensor) -> None:
+        nb = len(BUCKET_EDGES)
+        self.n_bucket += torch.bincount(bucket, minlength=nb).double()
+        self.nll_bucket_base -= torch.bincount(bucket, weights=lp_lm.double().cpu(), minlength=nb)
+
+    def add_setting(self, gi: int, bucket: torch.Tensor, lp: torch.Tensor) -> None:
+        x = lp.double().cpu()
+        self.nll[gi] -= x.sum()
+        self.nll_bucket[gi] -= torch.bincount(bucket, weights=x, minlength=len(BUCKET_EDGES))
+
+
+# ---------------------------------------------------------------------------- the loop
+
+
+def _score_knn(knn: KNNLM, tally: _Tally, grid, cfg: EvalConfig, query: torch.Tensor, tgt: torch.Tensor,
+               lp_lm: torch.Tensor, exclude: torch.Tensor | None, counts: torch.Tensor) -> None:
+    """One retrieval at the largest k, then every (k, T, lambda) of the grid from its neighbours."""
+    kmax = max(k for _, _, k in grid)
+    dists, values, _ = knn.search(query, k=kmax, exclude=exclude)  # (R, kmax)
+    bucket = torch.bucketize(counts[tgt.cpu()], torch.tensor(BUCKET_EDGES[1:]), right=True)  # (R,)
+    tally.add_buckets(bucket, lp_lm)
+    lp_knn = {}
+    for gi, (lam, t, k) in enumerate(grid):
+        if (k, t) not in lp_knn:
+            lp_knn[(k, t)] = knn_target_log_probs(dists[:, :k], values[:, :k], tgt, t)  # (R,)
+        tally.add_setting(gi, bucket, mix(lp_lm, lp_knn[(k, t)], lam))
+
+
+def run(model, tokenizer, knn: KNNLM | None, data: Sequence | None, cfg: EvalConfig, *,
+        texts: Sequence[str] | None = None) -> dict:
+    """Score ``data`` or ``texts`` with the base LM and, when ``knn`` is given, every setting of
+    ``cfg``'s grid with ``knn``'s model, datastore and retriever. Returns a JSON-ready dict."""
     t_start = time.time()
-    header = datastore.header if datastore is not None else None
-    context = cfg.context or (header["window"]["context"] if header else 512)
-    stride = cfg.stride or (header["window"]["stride"] if header else context - 1)
-    if not 1 <= stride <= context - 1:
-        raise KnnlmError(f"--stride must be between 1 and context - 1 = {context - 1}, got {stride}")
-    retriever = None
-    grid = cfg.grid
-    if datastore is not None:
-        ident = model_identity(model, tokenizer, header["key"]["layer"])
-        datastore.check_compatible(ident)
-        ks = [resolve_k(k, len(datastore)) for k in cfg.ks]
-        grid = [(lam, t, resolve_k(k, len(datastore))) for lam, t, k in grid]
-        retriever = Retriever(datastore, max(ks), nprobe=cfg.nprobe, rerank=cfg.rerank)
-        counts = torch.from_numpy(datastore.token_counts())
-        edges = torch.tensor(BUCKET_EDGES[1:])
+    ds = knn.datastore if knn is not None else None
+    if ds is not None:
+        context, stride = cfg.window(ds.header.window.context, ds.header.window.stride)
+        bos = ds.header.window.bos
+        grid = [(lam, t, resolve_k(k, len(ds), param="ks")) for lam, t, k in cfg.grid]
+        counts = torch.from_numpy(ds.token_counts())
+    else:
+        context, stride = cfg.window(DEFAULT_CONTEXT, DEFAULT_CONTEXT - 1)
+        bos, grid, counts = tokenizer_bos(tokenizer), [], None
+    check_context(context, bos, getattr(model.config, "max_position_embeddings", None))
     docs = _load_eval_documents(tokenizer, data, texts, cfg)
-
-    # rows of the datastore that hold the eval documents' own keys (exact text matches)
-    self_rows: dict[int, int] = {}
-    overlap_docs = overlap_tokens = 0
-    if datastore is not None:
-        by_hash = {d["sha256"]: d for d in datastore.documents}
-        for i, d in enumerate(docs):
-            match = by_hash.get(d["sha256"])
-            if match is not None and match["length"] == d["length"]:
-                self_rows[i] = int(match["first_row"])
-                overlap_docs += 1
-                overlap_tokens += d["length"] - 1
-        if overlap_docs:
-            how = "their own keys are excluded from retrieval" if cfg.exclude_self else \
-                "NOT excluded: kNN-LM perplexity is inflated by self-retrieval"
-            logger.warning("%d of %d eval documents (%d tokens) are in the datastore; %s",
-                           overlap_docs, len(docs), overlap_tokens, how)
-
-    g = len(grid)
-    nll = torch.zeros(g, dtype=torch.float64)
-    nll_base = 0.0
-    n_bucket = torch.zeros(len(BUCKET_EDGES), dtype=torch.float64)
-    nll_bucket_base = torch.zeros(len(BUCKET_EDGES), dtype=torch.float64)
-    nll_bucket = torch.zeros(g, len(BUCKET_EDGES), dtype=torch.float64)
-    n_targets = 0
-    t_lm = t_knn = 0.0
+    overlap = _find_overlap(docs, ds) if ds is not None else _Overlap()
+    if overlap.documents:
+        how = "their own keys are excluded from retrieval" if cfg.exclude_self else \
+            "NOT excluded: kNN-LM perplexity is inflated by self-retrieval"
+        logger.warning("%d of %d eval documents (%d tokens) are in the datastore; %s",
+                       overlap.documents, len(docs), overlap.tokens, how)
+    exclude_self = bool(overlap.documents) and cfg.exclude_self
+    tally = _Tally(len(grid))
     device = next(model.parameters()).device
 
     from tqdm.auto import tqdm
 
     total = sum(max(d["length"] - 1, 0) for d in docs)
-    bar = tqdm(total=total, unit="tok", unit_scale=True, desc="evaluating", disable=not cfg.progress)
-    with torch.inference_mode(), capture_keys(model, header["key"]["layer"] if header else None) as cap:
+    key_layer = ds.header.key.layer if ds is not None else None
+    with torch.inference_mode(), capture_keys(model, key_layer) as cap, \
+            tqdm(total=total, unit="tok", unit_scale=True, desc="evaluating", disable=not cfg.progress) as bar:
         for _, batch in iter_batches(docs, context, stride, cfg.batch_size):
             t0 = time.time()
-            ids = torch.from_numpy(pad_windows(batch, lambda di: docs[di]["ids"]))  # (B, T), right-padded
-            logits = model(input_ids=ids.to(device), use_cache=False).logits  # (B, T, V)
+            ids, rows_b, rows_t = batch_inputs(batch, lambda di: docs[di]["ids"], bos)
+            ids, rows_b, rows_t = (torch.from_numpy(a).to(device) for a in (ids, rows_b, rows_t))
+            logits = model(input_ids=ids, use_cache=False).logits  # (B, T, V)
             hidden = cap.pop()  # (B, T, D)
-            sel_b, sel_t, tgt, excl = [], [], [], []
-            for b, (di, start, end, first) in enumerate(batch):
-                pos = torch.arange(first - 1 - start, end - 1 - start)
-                sel_b.append(torch.full_like(pos, b))
-                sel_t.append(pos)
-                tgt.append(ids[b, pos + 1])
-                row0 = self_rows.get(di, -1)
-                excl.append(torch.arange(first - 1, end - 1) + row0 if row0 >= 0 else torch.full_like(pos, -1))
-            sel_b, sel_t = torch.cat(sel_b).to(device), torch.cat(sel_t).to(device)
-            tgt = torch.cat(tgt).to(device)  # (R,)
+            tgt = ids[rows_b, rows_t + 1]  # (R,)
             # log p_lm of the next token at every position (no (R, V) copy), then the targets
-            nxt = torch.cat([ids[:, 1:], ids[:, :1]], dim=1).to(device)  # (B, T); last column unused
-            lp_lm = lm_target_log_probs(logits, nxt)[sel_b, sel_t]  # (R,)
-            nll_base -= lp_lm.double().sum().item()
+            nxt = torch.cat([ids[:, 1:], ids[:, :1]], dim=1)  # (B, T); last column unused
+            lp_lm = lm_target_log_probs(logits, nxt)[rows_b, rows_t]  # (R,)
+            tally.add_base(lp_lm)
             t1 = time.time()
-            t_lm += t1 - t0
-            r = tgt.shape[0]
-            n_targets += r
-            if retriever is not None:
-                exclude = torch.cat(excl) if (self_rows and cfg.exclude_self) else None
-                dists, values, _ = retriever.search(hidden[sel_b, sel_t], exclude=exclude)  # (R, kmax)
-                bucket = torch.bucketize(counts[tgt.cpu()], edges, right=True)  # (R,)
-                n_bucket += torch.bincount(bucket, minlength=len(BUCKET_EDGES)).double()
-                nll_bucket_base -= torch.bincount(bucket, weights=lp_lm.double().cpu(), minlength=len(BUCKET_EDGES))
-                gi = 0
-                for k in ks:
-                    for t in cfg.temperatures:
-                        lp_knn = knn_target_log_probs(dists[:, :k], values[:, :k], tgt, t)  # (R,)
-                        for lam in cfg.lambdas:
-                            x = mix(lp_lm, lp_knn, lam).double().cpu()  # (R,)
-                            nll[gi] -= x.sum()
-                            nll_bucket[gi] -= torch.bincount(bucket, weights=x, minlength=len(BUCKET_EDGES))
-                            gi += 1
-                t_knn += time.time() - t1
-            bar.update(r)
-    bar.close()
-    wall = time.time() - t_start
-
-    res = {
-        "tokens": n_targets,
-        "documents": len(docs),
-        "ppl_base": _ppl(nll_base, n_targets),
-        "window": {"context": context, "stride": stride},
-        "batch_size": cfg.batch_size,
-        "timing": {"wall_seconds": round(wall, 2), "lm_seconds": round(t_lm, 2), "knn_seconds": round(t_knn, 2),
-                   "tokens_per_second": round(n_targets / max(t_lm + t_knn, 1e-9), 1),
-                   "lm_tokens_per_second": round(n_targets / max(t_lm, 1e-9), 1)},
-        "settings": _jsonable(asdict(cfg)),
-    }
-    if retriever is None:
-        return res
-    results = []
-    for gi, (lam, t, k) in enumerate(grid):
-        results.append({"lambda": lam, "temperature": t, "k": k, "ppl": _ppl(float(nll[gi]), n_targets)})
-    finite = [r for r in results if r["ppl"] is not None]
-    best = min(finite, key=lambda r: r["ppl"]) if finite else None
-    names = _bucket_names()
-    res.update({
-        "ppl_knn": results[0]["ppl"],
-        "primary": results[0],
-        "best": best,
-        "grid": results,
-        "retrieval": {"k": max(ks), "nprobe": retriever.nprobe, "rerank": cfg.rerank,
-                      "index": header.get("index", {}).get("factory")},
-        "overlap": {"documents": overlap_docs, "tokens": overlap_tokens, "excluded": bool(cfg.exclude_self)},
-        "buckets": [
-            {"frequency": names[i], "tokens": int(n_bucket[i]),
-             "ppl_base": _ppl(float(nll_bucket_base[i]), int(n_bucket[i])),
-             "ppl_knn": _ppl(float(nll_bucket[0, i]), int(n_bucket[i])),
-             "ppl_best": _ppl(float(nll_bucket[results.index(best), i]), int(n_bucket[i])) if best else None}
-            for i in range(len(BUCKET_EDGES)) if n_bucket[i] > 0],
-        "datastore": {"path": str(datastore.path), "rows": len(datastore), "header": header},
-    })
+            tally.t_lm += t1 - t0
+            if knn is not None:
+                exclude = torch.cat([overlap.own_rows(w.doc, w.first, w.end) for w in batch]) if exclude_self else None
+                _score_knn(knn, tally, grid, cfg, hidden[rows_b, rows_t], tgt, lp_lm, exclude, counts)
+                tally.t_knn += time.time() - t1
+            bar.update(int(tgt.shape[0]))
+    res = _base_result(tally, docs, context, stride, bos, cfg, time.time() - t_start)
+    if knn is not None:
+        res.update(_knn_result(tally, grid, knn, overlap, cfg))
     return res
+
+
+# ---------------------------------------------------------------------------- results
 
 
 def _jsonable(d: dict) -> dict:
     return {k: list(v) if isinstance(v, tuple) else v for k, v in d.items()}
+
+
+def _base_result(tally: _Tally, docs, context: int, stride: int, bos, cfg: EvalConfig, wall: float) -> dict:
+    return {
+        "tokens": tally.n,
+        "documents": len(docs),
+        "ppl_base": _ppl(tally.nll_base, tally.n),
+        "window": {"context": context, "stride": stride, "bos": bos},
+        "batch_size": cfg.batch_size,
+        "timing": {"wall_seconds": round(wall, 2), "lm_seconds": round(tally.t_lm, 2),
+                   "knn_seconds": round(tally.t_knn, 2),
+                   "tokens_per_second": round(tally.n / max(tally.t_lm + tally.t_knn, 1e-9), 1),
+                   "lm_tokens_per_second": round(tally.n / max(tally.t_lm, 1e-9), 1)},
+        "settings": _jsonable(asdict(cfg)),
+    }
+
+
+def _knn_result(tally: _Tally, grid, knn: KNNLM, overlap: _Overlap, cfg: EvalConfig) -> dict:
+    n = tally.n
+    results = [{"lambda": lam, "temperature": t, "k": k, "ppl": _ppl(float(tally.nll[gi]), n)}
+               for gi, (lam, t, k) in enumerate(grid)]
+    finite = [r for r in results if r["ppl"] is not None]
+    best = min(finite, key=lambda r: r["ppl"]) if finite else None
+    names = _bucket_names()
+
+    def bucket_ppl(nll_row, i):
+        return _ppl(float(nll_row[i]), int(tally.n_bucket[i]))
+
+    ds = knn.datastore
+    return {
+        "ppl_knn": results[0]["ppl"],
+        "primary": results[0],
+        "best": best,
+        "grid": results,
+        "retrieval": {"k": max(k for _, _, k in grid), "nprobe": knn.nprobe, "rerank": knn.rerank,
+                      "index": (ds.header.index or {}).get("factory")},
+        "overlap": {"documents": overlap.documents, "tokens": overlap.tokens, "excluded": bool(cfg.exclude_self)},
+        "buckets": [
+            {"frequency": names[i], "tokens": int(tally.n_bucket[i]),
+             "ppl_base": bucket_ppl(tally.nll_bucket_base, i), "ppl_knn": bucket_ppl(tally.nll_bucket[0], i),
+             "ppl_best": bucket_ppl(tally.nll_bucket[results.index(best)], i) if best else None}
+            for i in range(len(BUCKET_EDGES)) if tally.n_bucket[i] > 0],
+        "datastore": {"path": str(ds.path), "rows": len(ds), "header": ds.header.to_json()},
+    }
 
 
 def _fmt(x: float | None) -> str:

@@ -2,7 +2,7 @@
 
     from knnlm import KNNLM, load_model, open_datastore
     model, tok = load_model("smollm2")
-    knn = KNNLM(model, open_datastore("runs/stdlib"), tokenizer=tok, lam=0.5)
+    knn = KNNLM(model, open_datastore("runs/stdlib"), tok, lam=0.5)
     ids = tok("import os\\n", return_tensors="pt")
     out = knn.generate(**ids, max_new_tokens=32)          # same kwargs / return types as model.generate
 
@@ -28,11 +28,15 @@ from __future__ import annotations
 
 import logging
 import math
+from typing import TYPE_CHECKING
 
 import torch
 from transformers import LogitsProcessor, LogitsProcessorList
 
-from knnlm.errors import KnnlmError
+from knnlm.errors import GenerateError
+
+if TYPE_CHECKING:
+    from knnlm.model import KNNLM
 
 logger = logging.getLogger(__name__)
 
@@ -44,10 +48,6 @@ _UNSUPPORTED = {
     "prompt_lookup_num_tokens": "prompt-lookup decoding",
     "custom_generate": "custom_generate",
 }
-
-class GenerateError(KnnlmError):
-    """kNN-LM generation was asked for something it cannot do (and what to do instead)."""
-
 
 class KNNLogitsProcessor(LogitsProcessor):
     """Replace the next-token scores by kNN-LM log-probabilities.
@@ -65,14 +65,14 @@ class KNNLogitsProcessor(LogitsProcessor):
     the prompt when the KV cache is used).
     """
 
-    def __init__(self, knnlm, *, record: int = 0):
+    def __init__(self, knnlm: KNNLM, *, record: int = 0):
         self.knnlm = knnlm
         self.record = int(record)
         self.records: list[tuple[torch.Tensor, torch.Tensor]] = []
         self.key_lengths: list[int] = []
         self._ctx = None
         self._cap = None
-        self._vocab = int(knnlm.datastore.header["model"]["vocab_size"])
+        self._vocab = knnlm.datastore.header.model.vocab_size
 
     # ---- the key hook -------------------------------------------------------------------------
     def __enter__(self) -> "KNNLogitsProcessor":
@@ -128,14 +128,10 @@ class KNNLogitsProcessor(LogitsProcessor):
         keep = len(self.records) < self.record
         if knn.lam == 0.0 and not keep:  # no kNN mass: skip the search
             return torch.log_softmax(scores.float(), dim=-1)
-        from knnlm.scoring import interpolate
-
-        dists, values, ids = knn.retriever.search(query)  # (rows, k) each
+        dists, values, ids = knn.search(query)  # (rows, k) each
         if keep:
             self.records.append((dists.detach().cpu(), ids.detach().cpu()))
-        dev = scores.device
-        out = interpolate(scores.contiguous(), dists.to(dev), values.to(dev), knn.lam, knn.temperature,
-                          use_kernel=knn.use_kernel)
+        out = knn.mix(scores, dists, values)
         if knn.lam == 1.0:  # a row whose neighbours are all missing has no kNN mass: fall back to the LM
             empty = torch.isneginf(out).all(dim=-1)
             if bool(empty.any()):
@@ -143,7 +139,7 @@ class KNNLogitsProcessor(LogitsProcessor):
         return out
 
 
-def generate(knnlm, inputs: torch.Tensor | None = None, *, logits_processor=None,
+def generate(knnlm: KNNLM, inputs: torch.Tensor | None = None, *, logits_processor=None,
              processor: KNNLogitsProcessor | None = None, **kwargs):
     """``model.generate`` with the kNN-LM mixture: same keyword arguments, same return types.
 

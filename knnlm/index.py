@@ -10,8 +10,6 @@ used for training / adding / search when ``faiss.get_num_gpus() > 0``.
 
 from __future__ import annotations
 
-from knnlm.errors import KnnlmError
-
 import logging
 import math
 import os
@@ -21,9 +19,11 @@ from pathlib import Path
 
 import numpy as np
 
+from knnlm.errors import DatastoreError, IndexSpecError
+
 logger = logging.getLogger(__name__)
 
-__all__ = ["IndexSpecError", "IndexPlan", "plan_index", "build_index", "load_index",
+__all__ = ["IndexSpecError", "IndexPlan", "check_index_spec", "plan_index", "build_index", "load_index", "set_nprobe",
            "AUTO_FLAT_MAX_ROWS", "AUTO_SQ_MAX_BYTES"]
 
 # `auto`: exact search while the flat scan is cheaper than the LM forward it accompanies
@@ -35,10 +35,6 @@ AUTO_SQ_MAX_BYTES = 8 << 30
 # k-means wants >= 39 points per centroid (FAISS warns below); more than this many brings little.
 TRAIN_POINTS_PER_LIST = 64
 ADD_CHUNK_ROWS = 1 << 16
-
-
-class IndexSpecError(KnnlmError):
-    """An --index value FAISS cannot build."""
 
 
 @dataclass(frozen=True)
@@ -77,6 +73,15 @@ def _pq_m(dim: int) -> int:
     return 1
 
 
+SYNTAX_CHECK_DIM = 40320  # 8!: divisible by every usual PQ / OPQ sub-quantizer count
+
+
+def check_index_spec(spec: str) -> None:
+    """Refuse an index specification FAISS cannot parse, before any model or key exists (the
+    dimension is not known yet: a highly divisible one stands in; ``plan_index`` checks again)."""
+    plan_index(spec, 1 << 20, SYNTAX_CHECK_DIM)
+
+
 def plan_index(spec: str, n: int, dim: int) -> IndexPlan:
     """Resolve ``spec`` into a FAISS factory string for ``n`` keys of dimension ``dim``.
 
@@ -102,9 +107,10 @@ def plan_index(spec: str, n: int, dim: int) -> IndexPlan:
     try:
         index = faiss.index_factory(dim, factory, faiss.METRIC_L2)
     except RuntimeError as e:
-        msg = str(e).strip().splitlines()[-1] if str(e).strip() else "unparseable"
-        raise IndexSpecError(f"invalid --index {spec!r}: FAISS cannot build {factory!r} for dim {dim} "
-                             f"({msg}); use flat, ivfpq, auto or a valid factory string") from None
+        msg = str(e).strip().splitlines()[-1].rsplit(": ", 1)[-1] if str(e).strip() else "unparseable"
+        for_dim = "" if dim == SYNTAX_CHECK_DIM else f" for key dim {dim}"
+        raise IndexSpecError(f"`index` {spec!r} is invalid: FAISS cannot build {factory!r}{for_dim} ({msg}); "
+                             "use flat, ivfpq, auto or a valid factory string", param="index") from None
     ivf = _ivf(index)
     nprobe = None
     if ivf is not None:
@@ -117,8 +123,8 @@ def plan_index(spec: str, n: int, dim: int) -> IndexPlan:
         train_rows = min(n, need)
         minimum = max(ivf.nlist if ivf is not None else 1, 256 if "PQ" in factory else 1)
         if n < minimum:
-            raise IndexSpecError(f"--index {spec!r} ({factory}) needs at least {minimum} keys to "
-                                 f"train, the datastore has {n}; use --index flat or a smaller IVF")
+            raise IndexSpecError(f"`index` {spec!r} ({factory}) needs at least {minimum} keys to "
+                                 f"train, the datastore has {n}; use `index` flat or a smaller IVF", param="index")
     return IndexPlan(spec, factory, nprobe, train_rows, _estimate_bytes(factory, index, n, dim))
 
 
@@ -216,21 +222,21 @@ def set_nprobe(index, nprobe: int | None) -> None:
             ivf.nprobe = int(nprobe)
 
 
-def load_index(path: str | os.PathLike, header: dict, *, use_gpu: bool | None = None):
-    """Read the index, check it against the header, set its default nprobe, clone to GPU if any."""
+def load_index(path: str | os.PathLike, *, n: int, dim: int, nprobe: int | None = None,
+               use_gpu: bool | None = None):
+    """Read the index, check that it holds ``n`` vectors of dimension ``dim``, set its default
+    ``nprobe``, clone it to the GPU if FAISS has one."""
     import faiss
-
-    from knnlm.datastore import DatastoreError
 
     try:
         index = faiss.read_index(str(path))
     except RuntimeError as e:
         raise DatastoreError(f"{path} is not a readable FAISS index ({str(e).strip().splitlines()[-1]}); "
                              "rebuild it with `knnlm build-index --resume`") from None
-    if index.ntotal != int(header["count"]) or index.d != int(header["key"]["dim"]):
+    if index.ntotal != n or index.d != dim:
         raise DatastoreError(f"{path} holds {index.ntotal} vectors of dim {index.d}, the datastore "
-                             f"{header['count']} of dim {header['key']['dim']}; rebuild the index")
-    set_nprobe(index, (header.get("index") or {}).get("nprobe"))
+                             f"{n} of dim {dim}; rebuild the index")
+    set_nprobe(index, nprobe)
     res = _gpu_resources() if use_gpu in (None, True) else None
     if res is not None:
         try:

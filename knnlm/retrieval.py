@@ -14,8 +14,8 @@ import math
 import numpy as np
 import torch
 
+from knnlm.config import check_k, check_nprobe
 from knnlm.datastore import Datastore
-from knnlm.errors import KnnlmError
 
 logger = logging.getLogger(__name__)
 
@@ -25,12 +25,11 @@ DEFAULT_K = 1024  # as in Khandelwal et al. (2020)
 RERANK_ROWS = 1 << 18  # candidate rows gathered per re-ranking chunk (~300 MB of fp16 keys at D=576)
 
 
-def resolve_k(k: int | None, n: int) -> int:
+def resolve_k(k: int | None, n: int, *, param: str = "k") -> int:
     """``None`` -> DEFAULT_K capped at the datastore size; an explicit k must be in [1, n]."""
     if k is None:
         return min(DEFAULT_K, n)
-    if k < 1 or k > n:
-        raise KnnlmError(f"--k must be between 1 and the datastore size {n:,}, got {k}")
+    check_k(k, n, param=param)
     return int(k)
 
 
@@ -43,12 +42,10 @@ class Retriever:
 
         self.datastore = datastore
         self.k = resolve_k(k, len(datastore))
+        check_nprobe(nprobe)
         self.index = datastore.index
-        if nprobe is not None:
-            if nprobe < 1:
-                raise KnnlmError(f"--nprobe must be at least 1, got {nprobe}")
-            set_nprobe(self.index, nprobe)
-        self.nprobe = nprobe if nprobe is not None else (datastore.header.get("index") or {}).get("nprobe")
+        self.nprobe = nprobe if nprobe is not None else datastore.header.nprobe
+        set_nprobe(self.index, self.nprobe)  # the index is shared by every Retriever of this datastore
         self.rerank = rerank
         self._values = torch.from_numpy(np.asarray(datastore.values, dtype=np.int64))  # (N,)
 

@@ -14,7 +14,25 @@ Everything is computed in fp32 log space. Conventions shared by the reference an
   result is ``log(1 - lam) + log p_lm``.
 * tokens that no neighbour votes for get ``log p_knn = -inf`` (no epsilon, no magic floor).
 * ``lam = 0`` returns ``log p_lm`` and ``lam = 1`` returns ``log p_knn`` exactly, without NaN.
-* ``values`` must be valid token ids in ``[0, V)``.
+  A side with weight zero is not evaluated at all: at ``lam = 1`` the logits are not read (the
+  result is the pure kNN distribution even for a NaN logits row), at ``lam = 0`` the distances are
+  not read. (IEEE ``0 * NaN = NaN`` would make the endpoints depend on the unused side; the fused
+  op skips the unused side's pass for speed, and the endpoints are the "base LM" and "pure kNN"
+  settings of a sweep.)
+* ``values`` must be valid token ids in ``[0, V)``. Out-of-range ids raise on the CPU; the CUDA op
+  checks them in-kernel without a host sync and returns NaN for such a row
+  (``KNNLM_CUDA_CHECKS=1`` makes it raise, see ``knnlm.ops``).
+
+Non-finite inputs (the same for the full and the target-only functions, the reference and the op):
+
+* LM side, as ``torch.log_softmax`` defines it: a logits row with a NaN, a ``+inf``, or only
+  ``-inf`` entries has no distribution, ``log p_lm = NaN`` at every token of the row (one ``+inf``
+  logit is not read as "all mass on that token"). ``-inf`` logits among finite ones are tokens of
+  probability 0 (``log p_lm = -inf``).
+* kNN side: a ``+inf`` distance is a missing neighbour (above); a NaN or ``-inf`` distance leaves
+  the row's softmax undefined, ``log p_knn = NaN`` at every token of the row.
+* The mix propagates NaN (``torch.logaddexp``): for ``0 < lam < 1`` a NaN on either side makes the
+  whole output row NaN; at ``lam = 0`` / ``lam = 1`` only the evaluated side counts (above).
 
 ``interpolate`` / ``interpolate_target`` dispatch to the fused op from ``knnlm.ops`` when it is
 available for the tensors' device and fall back to the torch reference otherwise.
@@ -25,6 +43,8 @@ from __future__ import annotations
 import math
 
 import torch
+
+from knnlm.config import check_mixture
 
 __all__ = [
     "check_mixture_args",
@@ -41,11 +61,8 @@ __all__ = [
 
 
 def check_mixture_args(lam: float, temperature: float) -> None:
-    """Raise ``ValueError`` with an actionable message for an invalid lambda / temperature."""
-    if not (0.0 <= float(lam) <= 1.0) or math.isnan(float(lam)):
-        raise ValueError(f"lambda must be in [0, 1], got {lam}")
-    if not float(temperature) > 0.0 or math.isinf(float(temperature)):
-        raise ValueError(f"temperature must be a positive finite number, got {temperature}")
+    """Raise ``ConfigError`` (a ``ValueError``) naming ``lam`` / ``temperature`` when invalid."""
+    check_mixture(lam, temperature)
 
 
 def _log_mix_weights(lam: float) -> tuple[float, float]:
@@ -59,12 +76,17 @@ def knn_log_weights(dists: torch.Tensor, temperature: float) -> torch.Tensor:
     """log softmax(-dists / T) over the neighbour axis, fp32. (B, K) -> (B, K).
 
     ``+inf`` distances get ``-inf`` weight; a row of only ``+inf`` gets ``-inf`` everywhere
-    (instead of the NaN a plain log_softmax would give).
+    (instead of the NaN a plain log_softmax would give). A row with a NaN or ``-inf`` distance is
+    NaN everywhere.
     """
     scores = -dists.float() / temperature  # (B, K)
     lse = torch.logsumexp(scores, dim=-1, keepdim=True)  # (B, 1)
     out = scores - lse
-    return torch.where(torch.isneginf(lse), torch.full_like(out, -math.inf), out)
+    out = torch.where(torch.isneginf(lse), torch.full_like(out, -math.inf), out)
+    # a NaN score (NaN distance) makes lse NaN, a +inf one (-inf distance) makes it +inf: the
+    # softmax is undefined, the whole row NaN (not just the entries that inf - inf hits)
+    undefined = torch.isnan(lse) | torch.isposinf(lse)
+    return torch.where(undefined, torch.full_like(out, math.nan), out)
 
 
 def reference_knn_log_probs(dists: torch.Tensor, values: torch.Tensor, vocab_size: int,
@@ -84,6 +106,9 @@ def reference_interpolate(logits: torch.Tensor, dists: torch.Tensor, values: tor
                           lam: float, temperature: float) -> torch.Tensor:
     """The spec. logits (B, V), dists (B, K), values (B, K) -> log p (B, V) fp32."""
     check_mixture_args(lam, temperature)
+    if lam == 1.0:  # the LM side has weight zero and is not evaluated (module docstring)
+        return reference_knn_log_probs(dists, values, logits.shape[-1], temperature)
+    # torch.log_softmax: a row with a NaN / +inf logit, or only -inf logits, is NaN everywhere
     lp_lm = torch.log_softmax(logits.float(), dim=-1)  # (B, V)
     if lam == 0.0:
         return lp_lm
@@ -92,9 +117,16 @@ def reference_interpolate(logits: torch.Tensor, dists: torch.Tensor, values: tor
 
 
 def lm_target_log_probs(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """log p_lm(target): logits (..., V), target (...) -> (...) fp32."""
+    """log p_lm(target): logits (..., V), target (...) -> (...) fp32.
+
+    NaN for a row with a NaN / +inf logit or only -inf logits, as ``torch.log_softmax`` gives.
+    """
     logits = logits.float()
-    return logits.gather(-1, target.long()[..., None]).squeeze(-1) - torch.logsumexp(logits, dim=-1)
+    lse = torch.logsumexp(logits, dim=-1)
+    out = logits.gather(-1, target.long()[..., None]).squeeze(-1) - lse
+    # lse is NaN for a NaN logit and -inf for an all -inf row (out is NaN then), but +inf for a
+    # +inf logit, where the subtraction alone would give -inf at a finite target
+    return torch.where(torch.isposinf(lse), torch.full_like(out, math.nan), out)
 
 
 def knn_target_log_probs(dists: torch.Tensor, values: torch.Tensor, target: torch.Tensor,
@@ -105,7 +137,9 @@ def knn_target_log_probs(dists: torch.Tensor, values: torch.Tensor, target: torc
     """
     w = knn_log_weights(dists, temperature)  # (B, K)
     hit = values.long() == target.long()[:, None]  # (B, K)
-    return torch.logsumexp(torch.where(hit, w, torch.full_like(w, -math.inf)), dim=-1)
+    out = torch.logsumexp(torch.where(hit, w, torch.full_like(w, -math.inf)), dim=-1)
+    # a NaN kNN row is NaN at every token, voted for by a neighbour or not
+    return torch.where(torch.isnan(w).any(dim=-1), torch.full_like(out, math.nan), out)
 
 
 def mix(lp_lm: torch.Tensor, lp_knn: torch.Tensor, lam: float) -> torch.Tensor:
@@ -127,6 +161,8 @@ def reference_interpolate_target(logits: torch.Tensor, dists: torch.Tensor, valu
     ``knn_target_log_probs``, ``mix``) directly so that shared parts are computed once.
     """
     check_mixture_args(lam, temperature)
+    if lam == 1.0:  # the LM side has weight zero and is not evaluated (module docstring)
+        return knn_target_log_probs(dists, values, target, temperature)
     lp_lm = lm_target_log_probs(logits, target)
     if lam == 0.0:
         return lp_lm

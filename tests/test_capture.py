@@ -61,5 +61,5 @@ def test_detection_failure_names_the_model_class():
             super().__init__()
             self.proj = torch.nn.Linear(4, 4)
 
-    with pytest.raises(KeyLayerError, match="NoLayers.*--layer"):
+    with pytest.raises(KeyLayerError, match="NoLayers.*`layer`"):
         find_key_module(NoLayers())

@@ -33,7 +33,7 @@ def test_sources_directories_globs_jsonl(tmp_path):
     docs = list(iter_documents(srcs, text_field="body"))
     assert [d.text for d in docs] == ["print(1)\n", "x = 2\n", "hello", "bye"]
     assert docs[3].name.endswith("c.jsonl:3") and docs[3].source == 2
-    with pytest.raises(CorpusError, match="--text-field"):
+    with pytest.raises(CorpusError, match="`text_field`"):
         list(iter_documents(srcs, text_field="text"))
 
 

@@ -10,7 +10,7 @@ from knnlm.config import BuildConfig, ConfigError, EvalConfig
 from knnlm.data import CorpusError
 from knnlm.datastore import DatastoreError
 from knnlm.errors import KnnlmError
-from knnlm.evaluation import evaluate, format_results
+from knnlm import evaluate, format_results
 from knnlm.retrieval import Retriever
 
 TEXTS = ["def add(a, b):\n    return a + b\n", "import os\nprint(os.getcwd())\n",
@@ -82,7 +82,7 @@ def test_rerank_equals_exact_search(store, tiny_tokenizer, tmp_path):
     assert torch.equal(i_flat, i_rr) and torch.equal(v_flat, v_rr)
     torch.testing.assert_close(d_rr, d_flat, rtol=1e-5, atol=1e-4)
     # on a lossy (PQ) index the re-ranked distances are the exact ones for the returned ids
-    pq = build_datastore(model, tiny_tokenizer, [s["path"] for s in ds.header["corpus"]["sources"]], tmp_path / "pq",
+    pq = build_datastore(model, tiny_tokenizer, [s["path"] for s in ds.header.corpus.sources], tmp_path / "pq",
                          BuildConfig(context=64, index="IVF4,PQ8", progress=False))
     d, _, ids = Retriever(pq, 16, rerank=True, nprobe=4).search(q)
     keys = torch.from_numpy(pq.keys[:].astype(np.float32))
@@ -96,7 +96,7 @@ def test_eval_refusals(store, tiny_tokenizer, tmp_path):
     other = make_tiny_model("llama", seed=3)
     with pytest.raises(DatastoreError, match="model weights"):
         evaluate(other, tiny_tokenizer, ds, texts=TEXTS, cfg=_cfg())
-    with pytest.raises(KnnlmError, match="--k"):
+    with pytest.raises(KnnlmError, match="`ks` must be between 1 and the datastore size"):
         evaluate(model, tiny_tokenizer, ds, texts=TEXTS, cfg=_cfg(ks=[len(ds) + 1]))
     with pytest.raises(CorpusError, match="no tokens"):
         evaluate(model, tiny_tokenizer, ds, texts=[""], cfg=_cfg())

@@ -11,16 +11,12 @@ def _keys_file(tmp_path, n, d, seed=0):
     return keys.astype(np.float32)
 
 
-def _header(n, d, info):
-    return {"count": n, "key": {"dim": d}, "index": info}
-
-
 def test_flat_index_equals_brute_force(tmp_path):
     n, d, k = 3000, 24, 10
     keys = _keys_file(tmp_path, n, d)
     plan = plan_index("flat", n, d)
     info = build_index(tmp_path / "keys.npy", n, d, plan, tmp_path / "index.faiss", progress=False)
-    index = load_index(tmp_path / "index.faiss", _header(n, d, info), use_gpu=False)
+    index = load_index(tmp_path / "index.faiss", n=n, dim=d, nprobe=info["nprobe"], use_gpu=False)
     q = np.random.default_rng(1).standard_normal((50, d)).astype(np.float32)
     dist, ids = index.search(q, k)
     brute = ((q[:, None, :] - keys[None]) ** 2).sum(-1)  # (Q, N)
@@ -43,7 +39,7 @@ def test_ivf_recall_against_exact(tmp_path):
     plan = plan_index("IVF64,SQfp16", n, d)
     info = build_index(tmp_path / "keys.npy", n, d, plan, tmp_path / "index.faiss", progress=False)
     assert info["ntotal"] == n and info["factory"] == "IVF64,SQfp16"
-    index = load_index(tmp_path / "index.faiss", _header(n, d, dict(info, nprobe=64)), use_gpu=False)
+    index = load_index(tmp_path / "index.faiss", n=n, dim=d, nprobe=64, use_gpu=False)
     q = keys[:100] + 0.1 * np.random.default_rng(2).standard_normal((100, d)).astype(np.float32)
     _, ids = index.search(q, k)
     brute = ((q[:, None, :] - keys[None]) ** 2).sum(-1)
@@ -52,7 +48,7 @@ def test_ivf_recall_against_exact(tmp_path):
     assert recall > 0.99  # nprobe = nlist: every list is scanned, fp16 storage is exact for fp16 keys
 
 
-@pytest.mark.parametrize("spec, match", [("IVFbogus", "invalid --index"), ("IVF4096,Flat", "at least 4096 keys")])
+@pytest.mark.parametrize("spec, match", [("IVFbogus", "`index` .IVFbogus. is invalid"), ("IVF4096,Flat", "at least 4096 keys")])
 def test_bad_specs(spec, match):
     with pytest.raises(IndexSpecError, match=match):
         plan_index(spec, 1000, 16)

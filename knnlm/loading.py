@@ -7,14 +7,14 @@ hub name that is already in the local cache.
 
 from __future__ import annotations
 
-from knnlm.errors import KnnlmError
-
 import importlib.util
 import logging
 import os
 from pathlib import Path
 
 import torch
+
+from knnlm.errors import ModelLoadError
 
 logger = logging.getLogger(__name__)
 
@@ -27,10 +27,6 @@ ALIASES = {
 }
 
 
-class ModelLoadError(KnnlmError):
-    """The model or tokenizer cannot be loaded."""
-
-
 def resolve_device(device: str | None = "auto") -> torch.device:
     """``auto`` -> the first CUDA device when present, else the CPU."""
     if device in (None, "auto"):
@@ -38,9 +34,10 @@ def resolve_device(device: str | None = "auto") -> torch.device:
     try:
         dev = torch.device(device)
     except RuntimeError:
-        raise ModelLoadError(f"--device {device!r} is not a torch device; use auto, cpu or cuda[:N]") from None
+        raise ModelLoadError(f"`device` {device!r} is not a torch device; use auto, cpu or cuda[:N]",
+                             param="device") from None
     if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ModelLoadError(f"--device {device} asked for CUDA but torch sees no GPU; use --device cpu")
+        raise ModelLoadError(f"`device` {device} asked for CUDA but torch sees no GPU; use `device` cpu", param="device")
     return dev
 
 
@@ -51,7 +48,7 @@ def _resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
     if dtype == "auto":
         return torch.bfloat16 if device.type == "cuda" else torch.float32
     if dtype not in _DTYPES:
-        raise ModelLoadError(f"--dtype {dtype!r} is not one of auto, {', '.join(_DTYPES)}")
+        raise ModelLoadError(f"`dtype` {dtype!r} is not one of auto, {', '.join(_DTYPES)}", param="dtype")
     return _DTYPES[dtype]
 
 
@@ -97,8 +94,8 @@ def load_model(name: str = DEFAULT_MODEL, *, device: str | None = "auto", dtype:
     except (OSError, ValueError, KeyError, ImportError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise ModelLoadError(
-            f"cannot load model {name!r}: {first[:300]} (--model takes a local directory, a .gguf file, "
-            f"an alias ({', '.join(ALIASES)}) or a hub name already in the local cache)") from None
+            f"cannot load model {name!r}: {first[:300]} (`model` takes a local directory, a .gguf file, "
+            f"an alias ({', '.join(ALIASES)}) or a hub name already in the local cache)", param="model") from None
     finally:
         hf_logging.set_verbosity(verbosity)
         hf_logging.enable_progress_bar()

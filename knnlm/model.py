@@ -1,0 +1,161 @@
+"""``KNNLM``: the core object, a Hugging Face causal LM + a datastore + its retriever + settings.
+
+    from knnlm import KNNLM, load_model, open_datastore
+    model, tok = load_model("smollm2")
+    knn = KNNLM(model, open_datastore("runs/stdlib"), tok, lam=0.25)
+    res = knn.evaluate(texts=["def main():\\n    ..."])           # perplexity with / without retrieval
+    out = knn.generate(**tok("import os\\n", return_tensors="pt"), max_new_tokens=32)
+    logp = knn.log_probs(logits, hidden)                           # (B, V) from (B, V) and (B, D)
+
+The object checks once that the datastore was built by this model and tokenizer (the model
+identity is hashed here and nowhere else per call), owns the one ``Retriever``, and turns
+(logits, query hidden states) into kNN-LM log-probabilities with ``knnlm.scoring``, the one place
+the formula lives. ``knnlm.evaluation`` and ``knnlm.generate`` are the ways to use it; the
+functional ``knnlm.evaluate(model, tokenizer, datastore, ...)`` below goes through a ``KNNLM``.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Sequence
+
+import numpy as np
+import torch
+
+from knnlm import evaluation
+from knnlm import generate as generation
+from knnlm.config import EvalConfig, check_mixture
+from knnlm.datastore import Datastore, model_identity
+from knnlm.retrieval import Retriever
+from knnlm.scoring import interpolate
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["KNNLM", "evaluate"]
+
+
+class KNNLM:
+    """A model + datastore with fixed kNN-LM settings (lambda, temperature, k, nprobe, rerank)."""
+
+    def __init__(self, model, datastore: Datastore, tokenizer, *, lam: float = 0.25, temperature: float = 1.0,
+                 k: int | None = None, nprobe: int | None = None, rerank: bool = False, use_kernel: bool = True):
+        datastore.check_compatible(model_identity(model, tokenizer, datastore.header.key.layer))
+        self._setup(model, datastore, tokenizer, lam, temperature, k, nprobe, rerank, use_kernel)
+
+    def _setup(self, model, datastore, tokenizer, lam, temperature, k, nprobe, rerank, use_kernel) -> None:
+        check_mixture(lam, temperature)
+        self.model, self.datastore, self.tokenizer = model, datastore, tokenizer
+        self.lam, self.temperature, self.use_kernel = float(lam), float(temperature), use_kernel
+        self.key_layer = datastore.header.key.layer
+        self.retriever = Retriever(datastore, k, nprobe=nprobe, rerank=rerank)
+
+    def replace(self, **changes) -> KNNLM:
+        """The same model and datastore with some settings changed (``lam``, ``temperature``,
+        ``k``, ``nprobe``, ``rerank``, ``use_kernel``); the model is not checked again."""
+        settings = dict(lam=self.lam, temperature=self.temperature, k=self.k, nprobe=self.nprobe,
+                        rerank=self.rerank, use_kernel=self.use_kernel)
+        unknown = set(changes) - set(settings)
+        if unknown:
+            raise TypeError(f"KNNLM.replace() got unknown settings: {', '.join(sorted(unknown))}")
+        settings.update(changes)
+        new = object.__new__(KNNLM)
+        new._setup(self.model, self.datastore, self.tokenizer, **settings)
+        return new
+
+    @property
+    def k(self) -> int:
+        return self.retriever.k
+
+    @property
+    def nprobe(self) -> int | None:
+        return self.retriever.nprobe
+
+    @property
+    def rerank(self) -> bool:
+        return self.retriever.rerank
+
+    @property
+    def bos(self) -> int | None:
+        """The token in front of every mid-document window (the datastore's protocol), or None."""
+        return self.datastore.header.window.bos
+
+    # ---- the three steps of a kNN-LM prediction -----------------------------------------------
+    def search(self, hidden: torch.Tensor, *, k: int | None = None,
+               exclude: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Query hidden states (Q, D) -> squared distances (Q, k) fp32, values (Q, k) int64, rows
+        (Q, k) int64 on the queries' device; missing neighbours have distance +inf and row -1.
+        ``exclude`` (Q,): one datastore row per query that must not be returned (-1: none)."""
+        return self.retriever.search(hidden, k, exclude=exclude)
+
+    def mix(self, logits: torch.Tensor, dists: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+        """kNN-LM log-distribution (B, V) fp32 from logits (B, V) and neighbours (B, k)."""
+        dev = logits.device
+        return interpolate(logits.contiguous(), dists.to(dev), values.to(dev), self.lam, self.temperature,
+                           use_kernel=self.use_kernel)
+
+    def log_probs(self, logits: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
+        """kNN-LM log-distribution: logits (B, V), query hidden states (B, D) -> (B, V) fp32."""
+        dists, values, _ = self.search(hidden)  # (B, k), (B, k)
+        return self.mix(logits, dists, values)
+
+    # ---- the ways to use it -------------------------------------------------------------------
+    def evaluate(self, data: Sequence | None = None, *, texts: Sequence[str] | None = None, **settings) -> dict:
+        """Perplexity with and without retrieval on ``data`` (paths or ``Source``s) or ``texts``,
+        at this object's settings; keyword ``settings`` override ``EvalConfig`` fields (e.g.
+        ``lambdas=[0.1, 0.25]`` for a sweep). See ``knnlm.evaluation``."""
+        base = dict(lambdas=[self.lam], temperatures=[self.temperature], ks=[self.k], nprobe=self.nprobe,
+                    rerank=self.rerank)
+        base.update(settings)
+        cfg = EvalConfig(**base)
+        same = (cfg.nprobe, cfg.rerank) == (self.nprobe, self.rerank)
+        knn = self if same else self.replace(nprobe=cfg.nprobe, rerank=cfg.rerank)
+        return evaluation.run(self.model, self.tokenizer, knn, data, cfg, texts=texts)
+
+    def generate(self, inputs: torch.Tensor | None = None, **kwargs):
+        """``model.generate`` with the kNN-LM mixture at every step: same keyword arguments (greedy,
+        sampling, beam search, ``max_new_tokens``, ``attention_mask``, ...), same return types.
+        See ``knnlm.generate``."""
+        return generation.generate(self, inputs, **kwargs)
+
+    def neighbours(self, rows, dists=None, *, context: int = 12) -> list[dict]:
+        """Where datastore rows come from: one dict per row id >= 0 (missing neighbours, -1, are
+        skipped) with ``row``, ``document`` (name), ``position`` (token offset in the document of
+        the row's value), ``token`` (value id), ``distance`` when ``dists`` is given, and the
+        decoded ``text`` of the value and up to ``context`` tokens ``before`` / ``after`` it."""
+        rows = np.asarray(rows, dtype=np.int64).reshape(-1)
+        d = None if dists is None else np.asarray(dists, dtype=np.float64).reshape(-1)
+        ds, dec = self.datastore, self.tokenizer.decode
+        starts = np.array([doc["first_row"] for doc in ds.documents], dtype=np.int64)
+        out = []
+        for i, r in enumerate(rows.tolist()):
+            if r < 0:
+                continue
+            di = int(np.searchsorted(starts, r, side="right")) - 1
+            pos = r - ds.documents[di]["first_row"] + 1
+            toks = ds.document_tokens(di)
+            item = {"row": r, "document": ds.documents[di]["name"], "position": pos, "token": int(toks[pos]),
+                    "text": dec([int(toks[pos])]), "before": dec(toks[max(0, pos - context): pos].tolist()),
+                    "after": dec(toks[pos + 1: pos + 1 + context].tolist())}
+            if d is not None:
+                item["distance"] = float(d[i])
+            out.append(item)
+        return out
+
+
+def evaluate(model, tokenizer, datastore: Datastore | None, data: Sequence | None = None,
+             cfg: EvalConfig | None = None, *, texts: Sequence[str] | None = None) -> dict:
+    """Perplexity of ``model`` with and without ``datastore`` on ``data`` (paths or ``Source``s)
+    or on ``texts`` (strings), every setting of ``cfg`` (a sweep) scored from one retrieval.
+
+    With ``datastore=None`` only the base LM is scored (the plain-LM baseline). Returns a
+    JSON-ready dict; ``knnlm.format_results`` renders it as a table.
+    """
+    cfg = cfg or EvalConfig()
+    knn = None
+    if datastore is not None:
+        from knnlm.retrieval import resolve_k
+
+        kmax = max(resolve_k(k, len(datastore), param="ks") for k in cfg.ks)
+        knn = KNNLM(model, datastore, tokenizer, lam=cfg.lambdas[0], temperature=cfg.temperatures[0], k=kmax,
+                    nprobe=cfg.nprobe, rerank=cfg.rerank)
+    return evaluation.run(model, tokenizer, knn, data, cfg, texts=texts)
