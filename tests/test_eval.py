@@ -110,3 +110,49 @@ def test_lambda_one_and_buckets(store, tiny_tokenizer, corpus_dir):
     res = evaluate(model, tiny_tokenizer, ds, [str(corpus_dir / "keyword.py")], _cfg(lambdas=[0.25, 1.0]))
     assert res["grid"][0]["ppl"] is not None and all(not math.isnan(r["ppl"] or 0) for r in res["grid"])
     assert sum(b["tokens"] for b in res["buckets"]) == res["tokens"]
+
+
+def test_document_cut_by_max_tokens_still_excludes_its_own_rows(tiny_tokenizer, tmp_path):
+    """A build cut by max_tokens inside a document holds its first part; evaluating the whole
+    document must exclude the keys of that part (matched by text hash + token prefix), which an
+    independent brute-force kNN-LM computation with those rows removed reproduces."""
+    from knnlm.capture import capture_keys
+    from knnlm.corpora import stdlib_root
+    from knnlm.data import windows
+
+    tok, model = tiny_tokenizer, make_tiny_model("llama")
+    a, b = stdlib_root() / "keyword.py", stdlib_root() / "colorsys.py"
+    n_a = len(tok(a.read_text())["input_ids"])
+    cut = 300
+    ds = build_datastore(model, tok, [str(a), str(b)], tmp_path / "ds",
+                         BuildConfig(context=64, index="flat", max_tokens=n_a + cut, progress=False))
+    assert ds.documents[1]["length"] == cut  # the second document was cut
+    lam, temp, k = 0.5, 2.0, 8
+    res = evaluate(model, tok, ds, [str(b)], _cfg(lambdas=[lam], temperatures=[temp], ks=[k]))
+    assert res["overlap"] == {"documents": 1, "tokens": cut - 1, "excluded": True}
+    kept = evaluate(model, tok, ds, [str(b)], _cfg(lambdas=[lam], temperatures=[temp], ks=[k], exclude_self=False))
+    assert kept["ppl_knn"] < 0.9 * res["ppl_knn"]  # the own rows would have been found at distance 0
+
+    # oracle: same windows, exact distances to every key, own rows (targets j < cut) removed
+    ids = tok(b.read_text())["input_ids"]
+    keys = torch.from_numpy(np.asarray(ds.keys, dtype=np.float32))  # (N, D)
+    vals = torch.from_numpy(np.asarray(ds.values, dtype=np.int64))
+    row0 = ds.documents[1]["first_row"]
+    nll = 0.0
+    with torch.inference_mode(), capture_keys(model) as cap:
+        for start, end, first in windows(len(ids), 64, 63):
+            logits = model(input_ids=torch.tensor([ids[start:end]])).logits[0].float()  # (T, V)
+            h = cap.pop()[0].float()  # (T, D)
+            for j in range(first, end):
+                p = j - 1 - start
+                lp_lm = torch.log_softmax(logits[p], -1)[ids[j]]
+                d = ((keys - h[p]) ** 2).sum(-1)  # (N,)
+                if j < cut:
+                    d[row0 + j - 1] = math.inf
+                top = torch.topk(-d, k).indices
+                w = torch.softmax(-d[top] / temp, 0)
+                p_knn = w[vals[top] == ids[j]].sum()
+                nll -= math.log(lam * float(p_knn) + (1 - lam) * math.exp(float(lp_lm)))
+    n = len(ids) - 1
+    assert res["tokens"] == n
+    assert res["ppl_knn"] == pytest.approx(math.exp(nll / n), rel=1e-4)
