@@ -1,0 +1,69 @@
+"""The package's floors: every import inside ``knnlm/`` points down, so there is no import cycle.
+
+Imports are read from the source with ``ast`` (module level and inside functions; imports under
+``if TYPE_CHECKING:`` are annotations only and not counted). A name imported from ``knnlm``
+itself (the lazy public API) counts as an import of the module that defines it.
+"""
+
+import ast
+from pathlib import Path
+
+import knnlm
+
+PKG = Path(knnlm.__file__).parent
+
+# lowest first; a module may import only modules on lower floors
+FLOORS = [
+    ["errors"],
+    ["config", "corpora", "loading", "ops"],
+    ["scoring", "capture", "index"],
+    ["data"],
+    ["datastore"],
+    ["retrieval"],
+    ["build", "evaluation", "generate"],
+    ["model"],
+    ["testing", "cli"],
+]
+FLOOR = {m: i for i, floor in enumerate(FLOORS) for m in floor}
+
+
+def _imports(path: Path) -> set[str]:
+    """knnlm modules imported by ``path`` (first component after ``knnlm.``)."""
+    tree = ast.parse(path.read_text())
+    skip = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test):
+            skip |= {id(n) for n in ast.walk(node)}
+    out = set()
+    for node in ast.walk(tree):
+        if id(node) in skip:
+            continue
+        if isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            parts = node.module.split(".")
+            if parts[0] != "knnlm":
+                continue
+            if len(parts) > 1:
+                out.add(parts[1])
+            else:  # from knnlm import x: a submodule, a public name (its defining module), __version__
+                for a in node.names:
+                    if a.name in FLOOR:
+                        out.add(a.name)
+                    elif a.name in knnlm._API:
+                        out.add(knnlm._API[a.name].split(".")[1])
+        elif isinstance(node, ast.Import):
+            out |= {a.name.split(".")[1] for a in node.names if a.name.startswith("knnlm.")}
+    return out
+
+
+def test_every_module_has_a_floor():
+    modules = {p.stem for p in PKG.glob("*.py")} - {"__init__", "__main__"}
+    assert modules == set(FLOOR), f"place new modules in FLOORS: {sorted(modules ^ set(FLOOR))}"
+
+
+def test_imports_only_point_down():
+    bad = []
+    for name, floor in FLOOR.items():
+        for dep in _imports(PKG / f"{name}.py"):
+            if FLOOR[dep] >= floor:
+                bad.append(f"{name} (floor {floor}) imports {dep} (floor {FLOOR[dep]})")
+    assert not bad, "; ".join(bad)
