@@ -144,16 +144,7 @@ def _add_generate_parser(sub) -> None:
     p.set_defaults(func=cmd_generate)
 
 
-def _build_parser() -> argparse.ArgumentParser:
-    from knnlm import __version__
-
-    parser = argparse.ArgumentParser(prog="knnlm", description="kNN-LM for Hugging Face causal language models.",
-                                     formatter_class=argparse.RawDescriptionHelpFormatter,
-                                     epilog="run `knnlm COMMAND --help` for the options and examples of a command")
-    parser.add_argument("--version", action="version", version=f"knnlm {__version__}")
-    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-
+def _add_build_parser(sub) -> None:
     b = sub.add_parser("build-index", help="build a datastore and FAISS index from a corpus",
                        description="Extract the key hidden state for every corpus token, write the datastore "
                                    "(keys, next-token values, JSON header) and build its FAISS index.",
@@ -177,6 +168,8 @@ def _build_parser() -> argparse.ArgumentParser:
     g.add_argument("--quiet", action="store_true", help="no progress bars")
     b.set_defaults(func=cmd_build_index)
 
+
+def _add_eval_parser(sub) -> None:
     e = sub.add_parser("eval", help="perplexity with and without retrieval, sweeps, JSON results",
                        description="Score held-out text with the base LM and the kNN-LM on the same tokens, "
                                    "with the datastore's window protocol.",
@@ -203,8 +196,8 @@ def _build_parser() -> argparse.ArgumentParser:
     e.add_argument("--quiet", action="store_true", help="no progress bars")
     e.set_defaults(func=cmd_eval)
 
-    _add_generate_parser(sub)
 
+def _add_demo_parser(sub) -> None:
     d = sub.add_parser("demo", help="quickstart: stdlib datastore with SmolLM2-135M, perplexity with/without it",
                        description="Build a datastore over the CPython standard library (a deterministic "
                                    "train split of the files) with the bundled SmolLM2-135M and report the "
@@ -222,6 +215,8 @@ def _build_parser() -> argparse.ArgumentParser:
     d.add_argument("--quiet", action="store_true", help="no progress bars")
     d.set_defaults(func=cmd_demo)
 
+
+def _add_merge_parser(sub) -> None:
     m = sub.add_parser("merge", help="concatenate datastores of one model into one, with a new index",
                        description="Concatenate the keys, values and documents of datastores built with the same "
                                    "model, tokenizer, key layer and window settings (e.g. shards of one corpus), "
@@ -234,12 +229,32 @@ def _build_parser() -> argparse.ArgumentParser:
     m.add_argument("--quiet", action="store_true", help="no progress bars")
     m.set_defaults(func=cmd_merge)
 
+
+def _add_info_parser(sub) -> None:
     i = sub.add_parser("info", help="print a datastore's header and sizes",
                        description="Print what a datastore holds: model, key layer, sizes, index, build settings.",
                        epilog=INFO_EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
     i.add_argument("datastore", metavar="DIR")
     i.add_argument("--json", action="store_true", help="print the raw header as JSON")
     i.set_defaults(func=cmd_info)
+
+
+def _build_parser() -> argparse.ArgumentParser:
+    from knnlm import __version__
+
+    parser = argparse.ArgumentParser(prog="knnlm", description="kNN-LM for Hugging Face causal language models.",
+                                     formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     epilog="run `knnlm COMMAND --help` for the options and examples of a command")
+    parser.add_argument("--version", action="version", version=f"knnlm {__version__}")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    _add_build_parser(sub)
+    _add_eval_parser(sub)
+    _add_generate_parser(sub)
+    _add_demo_parser(sub)
+    _add_merge_parser(sub)
+    _add_info_parser(sub)
     return parser
 
 
