@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Compile-check every csrc/cuda/*.cu with nvcc for sm_80 and sm_90 (no GPU and no torch needed:
-# the .cu files include only the CUDA runtime and csrc/ headers). Fails on any compile error or
+# Compile-check every knnlm/csrc/cuda/*.cu with nvcc for sm_80 and sm_90 (no GPU and no torch
+# needed: the .cu files include only the CUDA runtime and knnlm/csrc/ headers). Fails on any compile error or
 # warning; skips (exit 0) with a message only when nvcc is absent.
 set -euo pipefail
 
@@ -21,9 +21,10 @@ if [[ -z "$nvcc_bin" ]]; then
 fi
 
 shopt -s nullglob
-sources=("$root"/csrc/cuda/*.cu)
+csrc="$root/knnlm/csrc"
+sources=("$csrc"/cuda/*.cu)
 if (( ${#sources[@]} == 0 )); then
-  echo "check_cuda: FAILED - no csrc/cuda/*.cu files found" >&2
+  echo "check_cuda: FAILED - no knnlm/csrc/cuda/*.cu files found" >&2
   exit 1
 fi
 
@@ -34,7 +35,7 @@ status=0
 for arch in sm_80 sm_90; do
   for src in "${sources[@]}"; do
     rel="${src#"$root"/}"
-    if "$nvcc_bin" -std=c++17 -O3 -arch="$arch" -I"$root/csrc" --Werror all-warnings \
+    if "$nvcc_bin" -std=c++17 -O3 -arch="$arch" -I"$csrc" --Werror all-warnings \
         -Xcompiler -Wall -c "$src" -o "$out/$(basename "$src" .cu)_$arch.o"; then
       echo "check_cuda: ok     $rel [$arch]"
     else

@@ -1,13 +1,15 @@
 """Benchmark the fused kNN-LM interpolation op against the eager torch reference.
 
 For each (B, V, K) it times, side by side in one run on the same inputs:
-  * fused   : torch.ops.knnlm.knn_interpolate (csrc kernel)
+  * fused   : torch.ops.knnlm.knn_interpolate (knnlm/csrc kernel)
   * eager   : knnlm.scoring.reference_interpolate (the torch reference)
   * lsm     : torch.log_softmax(logits.float(), -1) alone (a lower bound for any full-row op)
 and prints the ratios eager/fused and fused/lsm plus the fused op's achieved GB/s, counting one
 read of the B x V logits and one write of the B x V fp32 output. On CUDA it also prints the
 fraction of peak memory bandwidth. Times are medians of repeated runs after warmup; compare
-ratios, not absolute seconds, across machines.
+ratios, not absolute seconds, across machines. Neighbours vote for at most 500 distinct tokens,
+except in the "dup" cases (column `tok`), where K neighbours share 3 tokens (the grouping worst
+case for the CUDA kernel's duplicate handling).
 
     python benchmarks/bench_ops.py --quick            # a subset
     python benchmarks/bench_ops.py                    # the full grid
@@ -20,6 +22,7 @@ import argparse
 import statistics
 import sys
 import time
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -31,12 +34,18 @@ from knnlm import ops, scoring  # noqa: E402
 FULL_B = (1, 8, 64)
 FULL_V = (32000, 50257, 151936, 262144)
 FULL_K = (16, 1024)
-QUICK = [(1, 50257, 1024), (8, 50257, 16), (8, 50257, 1024), (8, 151936, 1024), (64, 32000, 1024)]
+QUICK = [(1, 50257, 1024), (8, 50257, 16), (8, 50257, 1024), (8, 151936, 1024), (64, 32000, 1024),
+         (8, 50257, 2048, 3), (64, 32000, 1024, 3)]
+DEFAULT_TOKENS = 500  # distinct neighbour tokens (at most) when a case does not say
 
 
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+
+
+def _log_softmax(logits: torch.Tensor) -> torch.Tensor:
+    return torch.log_softmax(logits.float(), dim=-1)
 
 
 def median_time(fn, device: torch.device, *, min_reps: int, min_time: float, warmup: int) -> float:
@@ -71,12 +80,13 @@ def peak_bandwidth_gbps(device: torch.device, override: float | None) -> float |
     return None
 
 
-def make_inputs(B: int, V: int, K: int, dtype: torch.dtype, device: torch.device, seed: int = 0):
+def make_inputs(B: int, V: int, K: int, dtype: torch.dtype, device: torch.device, seed: int = 0,
+                n_tokens: int = DEFAULT_TOKENS):
     g = torch.Generator().manual_seed(seed)
     logits = (torch.randn(B, V, generator=g) * 4).to(dtype).to(device)
     dists = (torch.rand(B, K, generator=g) * 50).to(device)
     # realistic duplicates: neighbours vote for a few hundred distinct tokens
-    values = torch.randint(0, min(V, 500), (B, K), generator=g).to(device)
+    values = torch.randint(0, min(V, n_tokens), (B, K), generator=g).to(device)
     return logits, dists, values
 
 
@@ -106,29 +116,33 @@ def main(argv: list[str] | None = None) -> int:
     peak = peak_bandwidth_gbps(device, args.peak_gbps)
     cases = QUICK if args.quick else [(b, v, k) for b in FULL_B for v in FULL_V for k in FULL_K]
 
-    print(f"device={device} threads={torch.get_num_threads()} logits={args.dtype} lam={args.lam} "
-          f"T={args.temperature} torch={torch.__version__}")
-    cols = f"{'B':>3} {'V':>7} {'K':>5} {'fused ms':>9} {'eager ms':>9} {'lsm ms':>8} " \
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    print(f"device={device} ({name}) threads={torch.get_num_threads()} logits={args.dtype} "
+          f"lam={args.lam} T={args.temperature} torch={torch.__version__}")
+    cols = f"{'B':>3} {'V':>7} {'K':>5} {'tok':>4} {'fused ms':>9} {'eager ms':>9} {'lsm ms':>8} " \
            f"{'eager/fused':>11} {'fused/lsm':>9} {'GB/s':>7}"
     if peak:
         cols += f" {'%peak':>6}"
     print(cols)
     print("-" * len(cols))
-    for B, V, K in cases:
-        logits, dists, values = make_inputs(B, V, K, dtype, device)
+    for case in cases:
+        B, V, K = case[:3]
+        n_tokens = case[3] if len(case) > 3 else DEFAULT_TOKENS
+        logits, dists, values = make_inputs(B, V, K, dtype, device, n_tokens=n_tokens)
         lam, T = args.lam, args.temperature
         # sanity: same answer before timing
         ref = scoring.reference_interpolate(logits, dists, values, lam, T)
         torch.testing.assert_close(op(logits, dists, values, lam, T), ref, rtol=1e-4, atol=1e-4)
         del ref
         kw = dict(min_reps=args.min_reps, min_time=args.min_time, warmup=args.warmup)
-        t_fused = median_time(lambda: op(logits, dists, values, lam, T), device, **kw)
-        t_eager = median_time(lambda: scoring.reference_interpolate(logits, dists, values, lam, T),
+        t_fused = median_time(partial(op, logits, dists, values, lam, T), device, **kw)
+        t_eager = median_time(partial(scoring.reference_interpolate, logits, dists, values, lam, T),
                               device, **kw)
-        t_lsm = median_time(lambda: torch.log_softmax(logits.float(), dim=-1), device, **kw)
+        t_lsm = median_time(partial(_log_softmax, logits), device, **kw)
         nbytes = B * V * (logits.element_size() + 4)
         gbps = nbytes / t_fused / 1e9
-        row = (f"{B:>3} {V:>7} {K:>5} {t_fused * 1e3:>9.3f} {t_eager * 1e3:>9.3f} {t_lsm * 1e3:>8.3f} "
+        tok = "dup" if n_tokens < DEFAULT_TOKENS else "-"
+        row = (f"{B:>3} {V:>7} {K:>5} {tok:>4} {t_fused * 1e3:>9.3f} {t_eager * 1e3:>9.3f} {t_lsm * 1e3:>8.3f} "
                f"{t_eager / t_fused:>10.2f}x {t_fused / t_lsm:>8.2f}x {gbps:>7.1f}")
         if peak:
             row += f" {gbps / peak:>6.1%}"

@@ -3,17 +3,31 @@
 The op is a C++ (and, with a CUDA build of torch, CUDA) extension JIT-compiled with
 ``torch.utils.cpp_extension.load`` (ninja) the first time it is asked for, once per process and
 thread-safely. It registers ``torch.ops.knnlm.knn_interpolate`` and
-``torch.ops.knnlm.knn_interpolate_target`` (schemas in ``csrc/knnlm.cpp``); this module adds
+``torch.ops.knnlm.knn_interpolate_target`` (schemas in ``knnlm/csrc/knnlm.cpp``); this module adds
 their fake kernels for ``torch.compile`` / ``opcheck``.
+
+Sources: ``knnlm/csrc/`` is package data, so a wheel or a non-editable ``pip install .`` carries
+the sources and builds the op on first use exactly like a source checkout (``csrc_dir()``). The
+JIT build (rather than an ahead-of-time ``CppExtension`` in setup.py) keeps the wheel pure-Python
+and independent of the torch / CUDA version it is installed next to: the op is compiled against
+the torch actually imported, CPU-only or CUDA, with the host CPU's vector ISA.
 
 Build cache: ``$TORCH_EXTENSIONS_DIR`` when set, else ``$XDG_CACHE_HOME/knnlm/ext`` (default
 ``~/.cache/knnlm/ext``), one sub-directory per torch version / build flavour; torch rebuilds when
 the sources or flags change. A cold build takes about a minute on a small CPU.
 
 ``get_op(name, device)`` returns the op for ``device`` or ``None``; ``knnlm.scoring`` then uses
-its torch reference. When the extension cannot be built (no compiler, ``csrc/`` missing, build
-error) one warning says why and the reference is used. ``KNNLM_DISABLE_KERNEL=1`` turns the op
-off without a warning.
+its torch reference. When the extension cannot be built (no compiler, sources missing, build
+error) one warning says why and the reference is used. Environment:
+
+* ``KNNLM_DISABLE_KERNEL=1`` turns the op off without a warning (it wins over the next one).
+* ``KNNLM_REQUIRE_KERNEL=1`` makes a missing op an error instead: ``load_extension`` / ``get_op``
+  raise ``RuntimeError`` with the build failure (CI sets it, so that a C++ compile error cannot
+  pass as a silent fallback), also when a CUDA tensor finds no CUDA kernel in the build.
+* ``KNNLM_CUDA_CHECKS=1`` (read by the CUDA binding on every call): host-side range checks of the
+  token ids that raise like the CPU kernel. Off by default because they synchronise with the host
+  (two ``.item()`` per tensor, and no CUDA-graph capture); without them the CUDA kernels check
+  in-kernel and write NaN for a row with an id outside ``[0, V)``.
 """
 
 from __future__ import annotations
@@ -28,7 +42,7 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["OP_NAMES", "csrc_dir", "get_op", "load_extension", "unavailable_reason"]
+__all__ = ["OP_NAMES", "csrc_dir", "get_op", "kernel_required", "load_extension", "unavailable_reason"]
 
 logger = logging.getLogger(__name__)
 
@@ -38,15 +52,26 @@ _lock = threading.Lock()
 _tried = False
 _loaded = False
 _reason: str | None = None  # why the extension is not loaded (None while untried / loaded)
+_cuda_reason: str | None = None  # why the loaded extension has no CUDA kernels (None: it has)
 
 
 def csrc_dir() -> Path:
-    """``csrc/`` next to the package (source checkout or editable install)."""
-    return Path(__file__).resolve().parent.parent / "csrc"
+    """The op's C++/CUDA sources: ``knnlm/csrc/``, package data inside the installed package
+    (wheel, ``pip install .``) as in a source checkout."""
+    return Path(__file__).resolve().parent / "csrc"
+
+
+def _env_flag(name: str) -> bool:
+    return os.environ.get(name, "").strip().lower() not in ("", "0", "false", "no")
 
 
 def _disabled() -> bool:
-    return os.environ.get("KNNLM_DISABLE_KERNEL", "").strip().lower() not in ("", "0", "false", "no")
+    return _env_flag("KNNLM_DISABLE_KERNEL")
+
+
+def kernel_required() -> bool:
+    """``KNNLM_REQUIRE_KERNEL`` is set: a missing op raises instead of falling back."""
+    return _env_flag("KNNLM_REQUIRE_KERNEL")
 
 
 def _cpu_flags() -> list[str]:
@@ -109,24 +134,32 @@ def _register_fakes() -> None:
     torch.library.register_fake("knnlm::knn_interpolate_target")(_fake_interpolate_target)
 
 
+def source_files(*, cuda: bool) -> list[Path]:
+    """The translation units the JIT build compiles (the CPU ones, plus the CUDA binding and
+    kernels when ``cuda``); headers are found through ``csrc_dir()`` as include path."""
+    src = csrc_dir()
+    files = [src / "knnlm.cpp", src / "cpu" / "interp_cpu.cpp"]
+    if cuda:
+        files += [src / "cuda" / "knnlm_cuda.cpp", src / "cuda" / "interp_kernels.cu"]
+    return files
+
+
 def _build() -> None:
     """Compile + load the extension (caller holds the lock). Raises with the reason on failure."""
+    global _cuda_reason
     from torch.utils.cpp_extension import load
 
     src = csrc_dir()
-    cpu_sources = [src / "knnlm.cpp", src / "cpu" / "interp_cpu.cpp"]
-    missing = [str(p) for p in cpu_sources if not p.is_file()]
+    cuda, why_not = _want_cuda()
+    sources = source_files(cuda=cuda)
+    missing = [str(p) for p in sources if not p.is_file()]
     if missing:
         raise RuntimeError(f"csrc sources not found: {', '.join(missing)}")
     if shutil.which(os.environ.get("CXX", "c++")) is None:
         raise RuntimeError("no C++ compiler (c++ / $CXX) on PATH")
-    sources = [str(p) for p in cpu_sources]
     cflags = _cpu_flags()
-    cuda, why_not = _want_cuda()
-    if cuda:
-        sources += [str(src / "cuda" / "knnlm_cuda.cpp")]
-        sources += sorted(str(p) for p in (src / "cuda").glob("*.cu"))
-    else:
+    if not cuda:
+        _cuda_reason = f"the extension was built without CUDA ({why_not})"
         logger.debug("knnlm: building the CPU kernel only (%s)", why_not)
     isa = "avx2" if "-mavx2" in cflags else "generic"
     flavour = f"{'cuda' if cuda else 'cpu'}_{isa}"
@@ -138,7 +171,7 @@ def _build() -> None:
         name, build_dir)
     load(
         name=name,
-        sources=sources,
+        sources=[str(p) for p in sources],
         extra_cflags=cflags,
         extra_cuda_cflags=["-O3"] if cuda else None,  # no fast-math: keep fp32 exp/log accuracy
         extra_ldflags=["-fopenmp"],
@@ -150,32 +183,44 @@ def _build() -> None:
     )
 
 
+def _raise_required() -> None:
+    raise RuntimeError(
+        f"knnlm: the fused csrc op is required (KNNLM_REQUIRE_KERNEL) but could not be "
+        f"built/loaded: {_reason}")
+
+
 def load_extension() -> bool:
-    """Build/load the extension once per process; True when the ops are registered."""
+    """Build/load the extension once per process; True when the ops are registered.
+
+    On failure: False and one warning, or ``RuntimeError`` under ``KNNLM_REQUIRE_KERNEL``."""
     global _tried, _loaded, _reason
     if _tried:
+        if not _loaded and kernel_required():
+            _raise_required()
         return _loaded
     with _lock:
-        if _tried:
-            return _loaded
-        try:
-            if not hasattr(torch.ops.knnlm, "knn_interpolate"):
-                _build()
-            _register_fakes()
-            _loaded = True
-            logger.debug("knnlm: fused op loaded")
-        except Exception as exc:  # noqa: BLE001 - any build failure means: use the reference
-            lines = [ln for ln in str(exc).strip().splitlines() if ln.strip()]
-            _reason = f"{type(exc).__name__}: {lines[0] if lines else 'unknown error'}"
-            logger.debug("knnlm: fused op build failure", exc_info=True)
-            warnings.warn(
-                f"knnlm: the fused csrc op could not be built/loaded ({_reason}); "
-                "falling back to the torch reference implementation",
-                RuntimeWarning,
-                stacklevel=3,
-            )
-        finally:
-            _tried = True
+        if not _tried:
+            try:
+                if not hasattr(torch.ops.knnlm, "knn_interpolate"):
+                    _build()
+                _register_fakes()
+                _loaded = True
+                logger.debug("knnlm: fused op loaded")
+            except Exception as exc:  # noqa: BLE001 - any build failure means: use the reference
+                lines = [ln for ln in str(exc).strip().splitlines() if ln.strip()]
+                _reason = f"{type(exc).__name__}: {lines[0] if lines else 'unknown error'}"
+                logger.debug("knnlm: fused op build failure", exc_info=True)
+                if not kernel_required():
+                    warnings.warn(
+                        f"knnlm: the fused csrc op could not be built/loaded ({_reason}); "
+                        "falling back to the torch reference implementation",
+                        RuntimeWarning,
+                        stacklevel=3,
+                    )
+            finally:
+                _tried = True
+    if not _loaded and kernel_required():
+        _raise_required()
     return _loaded
 
 
@@ -188,7 +233,8 @@ def unavailable_reason() -> str | None:
 
 def get_op(name: str, device: torch.device | str):
     """``torch.ops.knnlm.<name>`` when the extension is loaded with a kernel for ``device``'s
-    type, else ``None`` (the caller falls back to the torch reference)."""
+    type, else ``None`` (the caller falls back to the torch reference); under
+    ``KNNLM_REQUIRE_KERNEL`` a missing CPU / CUDA kernel raises ``RuntimeError`` instead."""
     if name not in OP_NAMES:
         raise ValueError(f"unknown knnlm op {name!r}; expected one of {OP_NAMES}")
     if _disabled():
@@ -203,4 +249,8 @@ def get_op(name: str, device: torch.device | str):
         has_kernel = torch._C._dispatch_has_kernel_for_dispatch_key(f"knnlm::{name}", key)
     except Exception:  # noqa: BLE001 - private API; assume CPU only
         has_kernel = key == "CPU"
+    if not has_kernel and kernel_required():
+        why = _cuda_reason if key == "CUDA" and _cuda_reason else "not registered"
+        raise RuntimeError(f"knnlm: the fused op is required (KNNLM_REQUIRE_KERNEL) but has no "
+                           f"{key} kernel for {name}: {why}")
     return getattr(torch.ops.knnlm, name) if has_kernel else None

@@ -4,12 +4,20 @@ Tolerances: the op returns fp32 computed from the same inputs upcast to fp32, wi
 accumulation; the reference is fed the same logits (it upcasts fp16/bf16 with .float() itself).
 Both are fp32 computations of the same formula that differ only in summation order and in the
 exp/log implementations (about 1 ulp each), so the results agree to fp32 level, ~1e-5 abs/rel,
-for every logits dtype -- the input rounding to fp16/bf16 is common to both sides.
+for every logits dtype -- the input rounding to fp16/bf16 is common to both sides. NaN / inf
+positions must match exactly (``equal_nan=True``; assert_close compares infinities exactly).
+
+A missing kernel skips these tests with the build failure as the reason, except under
+``KNNLM_REQUIRE_KERNEL=1`` (set by .ci/run) or ``CI``, where it fails them: a C++ compile error
+must not pass as "skipped".
 """
 
 from __future__ import annotations
 
 import math
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -18,27 +26,41 @@ from knnlm import ops, scoring
 
 RTOL = ATOL = 1e-5
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
-DEVICES = [
-    "cpu",
-    pytest.param("cuda", marks=[
-        pytest.mark.cuda,
-        pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (none present)"),
-    ]),
-]
+NEEDS_GPU = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (none present)")
+DEVICES = ["cpu", pytest.param("cuda", marks=[pytest.mark.cuda, NEEDS_GPU])]
+LAMS = [0.0, 0.25, 1.0]
+
+
+def _kernel_required() -> bool:
+    return ops.kernel_required() or bool(os.environ.get("CI"))
+
+
+def _missing(msg: str):
+    if _kernel_required():
+        pytest.fail(f"{msg} (a kernel is required: KNNLM_REQUIRE_KERNEL / CI is set)", pytrace=False)
+    pytest.skip(msg)
 
 
 @pytest.fixture(scope="module", autouse=True)
 def _extension():
     if ops._disabled():
-        pytest.skip("fused op disabled by KNNLM_DISABLE_KERNEL")
-    if not ops.load_extension():
-        pytest.skip(f"fused op could not be built: {ops.unavailable_reason()}")
+        _missing("fused op disabled by KNNLM_DISABLE_KERNEL")
+    try:
+        loaded = ops.load_extension()
+    except RuntimeError as exc:  # KNNLM_REQUIRE_KERNEL: load_extension raises with the reason
+        loaded = False
+        assert ops.unavailable_reason() is not None, exc
+    if not loaded:
+        _missing(f"fused op could not be built: {ops.unavailable_reason()}")
 
 
 def _op(name: str, device: str):
-    op = ops.get_op(name, torch.device(device))
+    try:
+        op = ops.get_op(name, torch.device(device))
+    except RuntimeError as exc:  # KNNLM_REQUIRE_KERNEL and no kernel for this device
+        _missing(str(exc))
     if op is None:
-        pytest.skip(f"no {name} kernel for {device} in the built extension")
+        _missing(f"no {name} kernel for {device} in the built extension: {ops._cuda_reason}")
     return op
 
 
@@ -57,11 +79,11 @@ def _check(logits, dists, values, target, lam, T, device):
     full = _op("knn_interpolate", device)(logits, dists, values, lam, T)
     ref = scoring.reference_interpolate(logits, dists, values, lam, T)
     assert full.dtype == torch.float32 and full.shape == logits.shape
-    torch.testing.assert_close(full, ref, rtol=RTOL, atol=ATOL)
+    torch.testing.assert_close(full, ref, rtol=RTOL, atol=ATOL, equal_nan=True)
     tgt = _op("knn_interpolate_target", device)(logits, dists, values, target, lam, T)
     ref_t = scoring.reference_interpolate_target(logits, dists, values, target, lam, T)
     assert tgt.dtype == torch.float32 and tgt.shape == (logits.shape[0],)
-    torch.testing.assert_close(tgt, ref_t, rtol=RTOL, atol=ATOL)
+    torch.testing.assert_close(tgt, ref_t, rtol=RTOL, atol=ATOL, equal_nan=True)
     return full, tgt
 
 
@@ -151,7 +173,9 @@ def test_tiny_weights_do_not_nan(device):
 
 
 @pytest.mark.parametrize("device", DEVICES)
-def test_input_validation(device):
+def test_input_validation(device, monkeypatch):
+    if device == "cuda":  # the token-id range raises on CUDA only with the (syncing) debug checks
+        monkeypatch.setenv("KNNLM_CUDA_CHECKS", "1")
     logits, dists, values, target = _inputs(2, 100, 4, device=device)
     op = _op("knn_interpolate", device)
     op_t = _op("knn_interpolate_target", device)
@@ -221,10 +245,6 @@ def test_unknown_op_name():
 
 def test_fallback_warns_once_without_compiler(tmp_path):
     """No compiler: one warning saying why, and scoring falls back to the reference."""
-    import os
-    import subprocess
-    import sys
-
     code = (
         "import warnings, torch\n"
         "warnings.simplefilter('always')\n"
@@ -241,9 +261,227 @@ def test_fallback_warns_once_without_compiler(tmp_path):
         "assert 'no C++ compiler' in msgs[0], msgs\n"
         "print('OK')\n"
     )
+    res = _run_without_compiler(code, tmp_path, require=False)
+    assert res.returncode == 0 and "OK" in res.stdout, res.stderr[-2000:]
+
+
+def _run_without_compiler(code: str, tmp_path, *, require: bool):
     env = dict(os.environ, CXX=str(tmp_path / "no-such-compiler"),
                TORCH_EXTENSIONS_DIR=str(tmp_path / "ext"))
     env.pop("KNNLM_DISABLE_KERNEL", None)
-    res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
-                         cwd=str(ops.csrc_dir().parent), timeout=120)
+    env.pop("KNNLM_REQUIRE_KERNEL", None)
+    if require:
+        env["KNNLM_REQUIRE_KERNEL"] = "1"
+    return subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                          cwd=str(ops.csrc_dir().parent.parent), timeout=120, check=False)
+
+
+def test_require_kernel_raises_without_compiler(tmp_path):
+    """KNNLM_REQUIRE_KERNEL=1: no silent fallback; get_op and scoring raise with the reason."""
+    code = (
+        "import warnings, torch, pytest\n"
+        "from knnlm import ops, scoring\n"
+        "with warnings.catch_warnings():\n"
+        "    warnings.simplefilter('error')\n"
+        "    for _ in range(2):  # every call raises, not only the first\n"
+        "        with pytest.raises(RuntimeError, match='required.*no C\\+\\+ compiler'):\n"
+        "            ops.get_op('knn_interpolate', torch.device('cpu'))\n"
+        "    x = torch.randn(2, 50); d = torch.rand(2, 4); v = torch.randint(0, 50, (2, 4))\n"
+        "    with pytest.raises(RuntimeError, match='KNNLM_REQUIRE_KERNEL'):\n"
+        "        scoring.interpolate(x, d, v, 0.5, 1.0)\n"
+        "print('OK')\n"
+    )
+    res = _run_without_compiler(code, tmp_path, require=True)
     assert res.returncode == 0 and "OK" in res.stdout, res.stderr[-2000:]
+
+
+# ---- non-finite inputs: the kernels follow the reference (scoring.py module docstring) --------
+
+NAN, INF = math.nan, math.inf
+# rows of _nonfinite_inputs whose output is NaN everywhere, by which side the row breaks
+LM_NAN_ROWS = {1, 2, 3, 5, 8, 9, 10}  # a NaN / +inf logit, or all -inf
+KNN_NAN_ROWS = {6, 7, 9}  # a NaN / -inf distance
+
+
+def _nonfinite_inputs(dtype, device):
+    B, V, K = 12, 64, 8
+    logits, dists, values, target = _inputs(B, V, K, torch.float32, "cpu", seed=3, n_tokens=20)
+    logits[1, 5] = NAN                        # a NaN logit
+    logits[2, 7] = INF                        # one +inf logit, the target sits on it
+    target[2] = 7
+    logits[3, [2, 9]] = INF                   # two +inf logits
+    logits[4, values[4, :3]] = -INF           # -inf logits at voted tokens and at the target
+    target[4] = values[4, 0]
+    logits[4, target[4]] = -INF
+    logits[5] = -INF                          # all -inf
+    dists[6, 2] = NAN                         # a NaN distance
+    target[6] = values[6, 5]
+    dists[7, 1] = -INF                        # a -inf distance
+    logits[8, 0] = NAN                        # a NaN logit and no kNN mass
+    dists[8] = INF
+    logits[9, 3] = NAN                        # NaN on both sides
+    dists[9, 0] = NAN
+    logits[10] = INF                          # all +inf
+    logits[11, 4] = -INF                      # a -inf logit, a missing neighbour
+    dists[11, 5] = INF
+    values[11, 6] = 4
+    target[11] = 4
+    return logits.to(dtype).to(device), dists.to(device), values.to(device), target.to(device)
+
+
+def _nan_rows(lam):
+    if lam == 0.0:
+        return LM_NAN_ROWS
+    if lam == 1.0:
+        return KNN_NAN_ROWS
+    return LM_NAN_ROWS | KNN_NAN_ROWS
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("lam", [0.0, 0.25, 0.9, 1.0])
+def test_nonfinite_matches_reference(device, dtype, lam):
+    logits, dists, values, target = _nonfinite_inputs(dtype, device)
+    full, tgt = _check(logits, dists, values, target, lam, 2.0, device)
+    # ... and both follow the documented semantics: whole rows NaN, the others NaN-free
+    nan_rows = _nan_rows(lam)
+    for b in range(logits.shape[0]):
+        if b in nan_rows:
+            assert torch.isnan(full[b]).all() and torch.isnan(tgt[b]), b
+        else:
+            assert not torch.isnan(full[b]).any() and not torch.isnan(tgt[b]), b
+    if lam < 1.0:  # -inf logits are tokens of probability 0 (unless the kNN side votes for them)
+        assert torch.isneginf(full[4, values[4, :3]]).any() == (lam == 0.0)
+        assert torch.isneginf(full[11, 4]) == (lam == 0.0)
+
+
+@pytest.mark.parametrize("lam", [0.0, 0.25, 1.0])
+def test_reference_full_and_target_agree_on_nonfinite(lam):
+    """The spec is self-consistent: the target function is the full one gathered at the target."""
+    logits, dists, values, target = _nonfinite_inputs(torch.float32, "cpu")
+    full = scoring.reference_interpolate(logits, dists, values, lam, 2.0)
+    tgt = scoring.reference_interpolate_target(logits, dists, values, target, lam, 2.0)
+    torch.testing.assert_close(tgt, full.gather(1, target[:, None]).squeeze(1), equal_nan=True)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("lam", LAMS)
+def test_nonfinite_long_rows(device, lam):
+    # single long rows: the CPU kernel splits V across threads, NaN / +inf land in a later chunk
+    logits, dists, values, target = _inputs(3, 200_000, 64, torch.bfloat16, device, n_tokens=300)
+    logits[0, 150_000] = NAN
+    logits[1, 199_999] = INF
+    logits[2, :100_000] = -INF
+    dists[2, 3] = NAN
+    for b in range(3):
+        rows = slice(b, b + 1)
+        _check(logits[rows], dists[rows], values[rows], target[rows], lam, 2.0, device)
+
+
+# ---- CUDA only ---------------------------------------------------------------------------------
+
+cuda_only = [pytest.mark.cuda, NEEDS_GPU]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("K,n_tokens", [(2048, 3), (1024, 3), (5000, 7), (513, 1), (700, 700)])
+@pytest.mark.cuda
+@NEEDS_GPU
+def test_cuda_heavy_duplicates(dtype, K, n_tokens):
+    """Many neighbours over few tokens: shared-memory (K <= 1024) and global-scratch grouping."""
+    logits, dists, values, target = _inputs(4, 32000, K, dtype, "cuda", n_tokens=n_tokens)
+    dists[1, ::3] = INF  # missing neighbours inside the groups
+    dists[2] = dists[2].sort().values  # near neighbours first, as FAISS returns them
+    op = _op("knn_interpolate", "cuda")
+    for lam in (0.25, 1.0):
+        full, _ = _check(logits, dists, values, target, lam, 2.0, "cuda")
+        assert torch.equal(full, op(logits, dists, values, lam, 2.0)), "not deterministic"
+
+
+@pytest.mark.cuda
+@NEEDS_GPU
+def test_cuda_out_of_range_ids_give_nan_rows(monkeypatch):
+    """No host sync on CUDA: bad token ids make the row NaN; KNNLM_CUDA_CHECKS=1 raises."""
+    monkeypatch.delenv("KNNLM_CUDA_CHECKS", raising=False)
+    op, op_t = _op("knn_interpolate", "cuda"), _op("knn_interpolate_target", "cuda")
+    logits, dists, values, target = _inputs(3, 100, 4, device="cuda")
+    bad = values.clone()
+    bad[1, 2] = 100
+    for lam in LAMS:
+        full = op(logits, dists, bad, lam, 1.0)
+        ref = scoring.reference_interpolate(logits, dists, values, lam, 1.0)
+        assert torch.isnan(full[1]).all()
+        torch.testing.assert_close(full[[0, 2]], ref[[0, 2]], rtol=RTOL, atol=ATOL)
+    bad[1, 2] = -1
+    bad_t = target.clone()
+    bad_t[2] = 100
+    out = op_t(logits, dists, bad, bad_t, 0.5, 1.0)
+    ref_t = scoring.reference_interpolate_target(logits, dists, values, target, 0.5, 1.0)
+    assert torch.isnan(out[1:]).all()
+    torch.testing.assert_close(out[0], ref_t[0], rtol=RTOL, atol=ATOL)
+    monkeypatch.setenv("KNNLM_CUDA_CHECKS", "1")
+    with pytest.raises(RuntimeError, match=r"values must be token ids in \[0, V\)"):
+        op(logits, dists, bad, 0.5, 1.0)
+    with pytest.raises(RuntimeError, match=r"target must be token ids in \[0, V\)"):
+        op_t(logits, dists, values, bad_t, 0.5, 1.0)
+
+
+@pytest.mark.cuda
+@NEEDS_GPU
+def test_cuda_runs_on_the_current_stream():
+    op, op_t = _op("knn_interpolate", "cuda"), _op("knn_interpolate_target", "cuda")
+    logits, dists, values, target = _inputs(8, 50000, 64, device="cuda", n_tokens=100)
+    ref = scoring.reference_interpolate(logits, dists, values, 0.25, 2.0)
+    ref_t = scoring.reference_interpolate_target(logits, dists, values, target, 0.25, 2.0)
+    torch.cuda.synchronize()
+    side = torch.cuda.Stream()
+    with torch.cuda.stream(side):
+        x = torch.zeros_like(logits)
+        torch.cuda._sleep(50_000_000)  # keep the side stream busy: an op launched on another
+        x.copy_(logits)                # stream would read x before this copy lands
+        out = op(x, dists, values, 0.25, 2.0)
+        out_t = op_t(x, dists, values, target, 0.25, 2.0)
+    side.synchronize()
+    torch.testing.assert_close(out, ref, rtol=RTOL, atol=ATOL)
+    torch.testing.assert_close(out_t, ref_t, rtol=RTOL, atol=ATOL)
+
+
+@pytest.mark.parametrize("K", [64, 2048])
+@pytest.mark.cuda
+@NEEDS_GPU
+def test_cuda_graph_capture(K, monkeypatch):
+    """Sync-free: both ops capture into a CUDA graph (a host sync would raise while capturing)."""
+    monkeypatch.delenv("KNNLM_CUDA_CHECKS", raising=False)
+    op, op_t = _op("knn_interpolate", "cuda"), _op("knn_interpolate_target", "cuda")
+    static = _inputs(4, 5000, K, torch.bfloat16, "cuda", seed=0, n_tokens=50)
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # warm-up outside the capture
+        op(*static[:3], 0.25, 2.0)
+        op_t(*static, 0.25, 2.0)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = op(*static[:3], 0.25, 2.0)
+        out_t = op_t(*static, 0.25, 2.0)
+    fresh = _inputs(4, 5000, K, torch.bfloat16, "cuda", seed=1, n_tokens=50)
+    for s_, f in zip(static, fresh):
+        s_.copy_(f)
+    graph.replay()
+    torch.cuda.synchronize()
+    torch.testing.assert_close(out, scoring.reference_interpolate(*fresh[:3], 0.25, 2.0),
+                               rtol=RTOL, atol=ATOL)
+    torch.testing.assert_close(out_t, scoring.reference_interpolate_target(*fresh, 0.25, 2.0),
+                               rtol=RTOL, atol=ATOL)
+
+
+@pytest.mark.cuda
+@NEEDS_GPU
+@pytest.mark.skipif(torch.cuda.device_count() < 2,
+                    reason=f"needs 2 CUDA GPUs, found {torch.cuda.device_count()}")
+def test_cuda_second_device():
+    """Inputs on cuda:1 while cuda:0 is current: the op runs on cuda:1 (device guard)."""
+    with torch.cuda.device(0):
+        logits, dists, values, target = _inputs(4, 3000, 600, torch.float16, "cuda:1", n_tokens=30)
+        full, tgt = _check(logits, dists, values, target, 0.25, 2.0, "cuda")
+    assert full.device == tgt.device == torch.device("cuda:1")

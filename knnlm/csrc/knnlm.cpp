@@ -1,5 +1,5 @@
 // Op schemas of the fused kNN-LM interpolation (declared once, here) and their CPU kernels.
-// The CUDA kernels register themselves in csrc/cuda/knnlm_cuda.cpp when built with CUDA.
+// The CUDA kernels register themselves in knnlm/csrc/cuda/knnlm_cuda.cpp when built with CUDA.
 // Fake (meta) kernels for torch.compile / opcheck are registered from Python in knnlm/ops.py.
 #include <torch/library.h>
 

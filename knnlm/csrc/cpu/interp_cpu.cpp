@@ -1,5 +1,5 @@
 // CPU implementation: rows in parallel with at::parallel_for (V is split across threads too when
-// there are few rows), the per-element math from csrc/interp.h, inner loops written over fixed
+// there are few rows), the per-element math from knnlm/csrc/interp.h, inner loops written over fixed
 // lane blocks so that the compiler vectorises them.
 //
 // knn_interpolate, per row:
@@ -54,7 +54,8 @@ LseState range_lse(const typename L::T* x, int64_t lo, int64_t hi) {
 #pragma omp simd reduction(max : cm)
     for (int64_t k = 0; k < n; ++k) {
       const float v = L::at(xc, k);
-      cm = v > cm ? v : cm;  // a NaN logit is skipped here and poisons the sum below
+      cm = v > cm ? v : cm;  // a NaN logit is skipped here and poisons the sum below; a +inf
+                             // one becomes the max and adds exp(inf - inf) = NaN below
     }
     float cs = 0.0f;
 #pragma omp simd reduction(+ : cs)
@@ -78,21 +79,25 @@ void range_write(const typename L::T* __restrict x, float* __restrict out, int64
   for (int64_t j = lo; j < hi; ++j) out[j] = mix_no_knn(lm_log_prob(L::at(x, j), row_max, log_sum), q);
 }
 
-// Neighbour log-weights w_i = log softmax(-d / T)_i; returns false when the row has no kNN mass
-// (no neighbour or all distances +inf), as knnlm.scoring.knn_log_weights.
-inline bool knn_log_weights_row(const float* d, int64_t K, float T, float* w) {
+// Neighbour log-weights w_i = log softmax(-d / T)_i for a kKnnOk row; kKnnNone when the row has no
+// kNN mass (no neighbour or all distances +inf), kKnnNan when a distance is NaN or -inf, as
+// knnlm.scoring.knn_log_weights (w is then not filled in).
+inline KnnRow knn_log_weights_row(const float* d, int64_t K, float T, float* w) {
   float smax = neg_inf();
+  bool any_nan = false;
   for (int64_t i = 0; i < K; ++i) {
     w[i] = knn_score(d[i], T);
-    smax = w[i] > smax ? w[i] : smax;
+    smax = w[i] > smax ? w[i] : smax;  // NaN scores are skipped here and flagged
+    any_nan |= is_nan(w[i]);
   }
-  if (smax == neg_inf()) return false;
+  const KnnRow kind = knn_row_kind(smax, any_nan);
+  if (kind != kKnnOk) return kind;
   float ssum = 0.0f;
 #pragma omp simd reduction(+ : ssum)
   for (int64_t i = 0; i < K; ++i) ssum += exp_nonpos(w[i] - smax);
   const float lse = smax + logf(ssum);
   for (int64_t i = 0; i < K; ++i) w[i] -= lse;
-  return true;
+  return kKnnOk;
 }
 
 template <typename Idx>
@@ -138,7 +143,9 @@ void run_rows(const typename L::T* x, int64_t B, int64_t V, bool need_lse, const
               const Finish& finish) {
   auto stats = [](LseState st, float* row_max, float* log_sum) {
     *row_max = st.m;
-    *log_sum = st.s > 0.0f ? logf(st.s) : neg_inf();  // all -inf row: NaN output, like torch
+    // all -inf row: log_sum = -inf and (x - max) - log_sum = NaN, like torch; NaN / +inf
+    // logit: s and log_sum are NaN (see lse_push / range_lse).
+    *log_sum = lse_log_sum(st);
   };
   const int64_t P = chunks_per_row(B, V);
   if (P == 1) {
@@ -189,7 +196,7 @@ void interpolate_impl(const at::Tensor& logits, const at::Tensor& dists, const a
   // Per distinct neighbour token: its id (-1 for non-leaders / no kNN mass) and log-mass.
   std::vector<int64_t> lead_tok(use_knn ? B * K : 0, -1);
   std::vector<float> lead_lp(use_knn ? B * K : 0, neg_inf());
-  std::vector<char> row_ok(B, 0);
+  std::vector<char> row_ok(B, 0), knn_nan(B, 0);
   RangeError err;
 
   auto prep = [&](int64_t b) {
@@ -203,7 +210,9 @@ void interpolate_impl(const at::Tensor& logits, const at::Tensor& dists, const a
     std::vector<float> w(K), gsum(K, 0.0f);
     std::vector<int32_t> rep(K);
     const Idx* vb = v + b * K;
-    if (!knn_log_weights_row(d + b * K, K, T, w.data())) return;  // no kNN mass in this row
+    const KnnRow kind = knn_log_weights_row(d + b * K, K, T, w.data());
+    knn_nan[b] = kind == kKnnNan;
+    if (kind != kKnnOk) return;  // no kNN mass in this row, or NaN kNN distribution
     // Group duplicates: borrow the output row as token -> last neighbour index (overwritten by
     // the write pass later), so the representative of a token is its last occurrence.
     float* slot = o + b * V;
@@ -228,6 +237,10 @@ void interpolate_impl(const at::Tensor& logits, const at::Tensor& dists, const a
     if (!row_ok[b]) return;  // out-of-range values: reported below, nothing written
     const typename L::T* xb = x + b * V;
     float* ob = o + b * V;
+    if (knn_nan[b]) {  // log p_knn = NaN at every token, and lam > 0: the whole row is NaN
+      std::fill(ob + lo, ob + hi, quiet_nan());
+      return;
+    }
     range_write<L>(xb, ob, lo, hi, row_max, log_sum, p);
     if (!use_knn) return;
     for (int64_t i = 0; i < K; ++i) {
@@ -268,7 +281,9 @@ void interpolate_target_impl(const at::Tensor& logits, const at::Tensor& dists,
     row_ok[b] = 1;
     if (p.mode == kLmOnly || K == 0) return;
     std::vector<float> w(K);
-    if (!knn_log_weights_row(d + b * K, K, T, w.data())) return;
+    const KnnRow kind = knn_log_weights_row(d + b * K, K, T, w.data());
+    if (kind == kKnnNan) lp_knn[b] = quiet_nan();
+    if (kind != kKnnOk) return;
     // The target's log-mass: log-sum-exp of the weights of the neighbours voting for it.
     const int64_t t = static_cast<int64_t>(tg[b]);
     const Idx* vb = v + b * K;

@@ -50,7 +50,8 @@ inline void check_target(const at::Tensor& logits, const at::Tensor& target) {
               ", got ", target.device());
 }
 
-// Range check with torch ops (used by the CUDA binding; the CPU kernel checks while it reads).
+// Range check with torch ops: two device -> host syncs. Used by the CUDA binding only under
+// KNNLM_CUDA_CHECKS=1 (the CUDA kernels check in-kernel; the CPU kernel checks while it reads).
 inline void check_index_range(const at::Tensor& idx, int64_t V, const char* what) {
   if (idx.numel() == 0) return;
   auto mm = at::aminmax(idx);

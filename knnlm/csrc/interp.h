@@ -1,12 +1,16 @@
-// Per-element math of the fused kNN-LM interpolation, shared by the CPU (csrc/cpu) and CUDA
-// (csrc/cuda) kernels so that both run the very same code. No torch includes: this header is
-// compiled by nvcc in the .cu files as well as by the host compiler.
+// Per-element math of the fused kNN-LM interpolation, shared by the CPU (knnlm/csrc/cpu) and CUDA
+// (knnlm/csrc/cuda) kernels so that both run the very same code. No torch includes: this header
+// is compiled by nvcc in the .cu files as well as by the host compiler.
 //
 // The formula and its conventions are specified by the torch reference in knnlm/scoring.py:
 //   log p(v) = logaddexp(log(1 - lam) + log_softmax(logits)(v), log(lam) + log p_knn(v))
 //   p_knn(v) = sum_{i : values_i = v} softmax(-dists / T)_i
 // +inf distance = missing neighbour (zero weight); all-+inf row => log p_knn = -inf everywhere;
-// lam = 0 -> log p_lm exactly, lam = 1 -> log p_knn exactly.
+// lam = 0 -> log p_lm exactly, lam = 1 -> log p_knn exactly (the zero-weight side is not read).
+// Non-finite inputs (see scoring.py): a logits row with a NaN, a +inf, or only -inf has
+// log p_lm = NaN at every token; a dists row with a NaN or -inf has log p_knn = NaN at every token;
+// NaN then propagates through the mix. Nothing here is compiled with fast-math: the NaN tests
+// (x != x, comparisons that are false for NaN) rely on IEEE semantics.
 #pragma once
 
 #include <math.h>
@@ -26,6 +30,8 @@ namespace knnlm {
 #define KNNLM_LOWEST (-3.402823466e+38f)
 
 KNNLM_HD float neg_inf() { return -INFINITY; }
+KNNLM_HD float quiet_nan() { return NAN; }
+KNNLM_HD bool is_nan(float x) { return x != x; }
 
 KNNLM_HD float bits_to_float(uint32_t u) {
   float f;
@@ -100,13 +106,15 @@ KNNLM_HD LseState lse_empty() {
 }
 
 // Fold one element in with a single exp: rescale the sum only when the max moves.
+// A NaN element makes s NaN (d = NaN); so does +inf: it becomes the max and adds x - x = NaN
+// (exp(inf - inf)), which is what log_softmax gives for such a row. s is never NaN otherwise.
 KNNLM_HD void lse_push(LseState& st, float x) {
   const float d = x - st.m;
   if (d > 0.0f) {
-    st.s = st.s * exp_nonpos(-d) + 1.0f;
+    st.s = st.s * exp_nonpos(-d) + (1.0f + (x - x));
     st.m = x;
   } else {
-    st.s += exp_nonpos(d);  // d = NaN for a NaN logit: propagates into s
+    st.s += exp_nonpos(d);
   }
 }
 
@@ -118,16 +126,22 @@ KNNLM_HD LseState lse_merge(LseState a, LseState b) {
   return r;
 }
 
-// log(sum exp(x)) of the state; -inf when it saw no finite element.
-KNNLM_HD float lse_value(LseState st) { return st.s > 0.0f ? st.m + logf(st.s) : neg_inf(); }
+// log(s): -inf for an empty state (no element, or only -inf), NaN for a NaN state (a NaN or
+// +inf element). Written as s == 0 rather than s > 0 so that NaN is not mistaken for empty.
+KNNLM_HD float lse_log_sum(LseState st) { return st.s == 0.0f ? neg_inf() : logf(st.s); }
+
+// log(sum exp(x)) of the state; -inf when it saw no finite element, NaN after a NaN / +inf.
+KNNLM_HD float lse_value(LseState st) { return st.s == 0.0f ? neg_inf() : st.m + logf(st.s); }
 
 // ---- the mixture ------------------------------------------------------------------------------
 
-// Same definition as torch.logaddexp: max + log1p(exp(-|a - b|)), and a when both are -inf.
+// Same definition as torch.logaddexp: max + log1p(exp(-|a - b|)), -inf when both are -inf, NaN
+// when either is NaN. (mx == -inf only when b == -inf and a is -inf or NaN: a + b is then -inf
+// or NaN, as torch gives; with mx = NaN the general formula yields NaN.)
 KNNLM_HD float log_add_exp(float a, float b) {
   const float mx = a > b ? a : b;
   const float mn = a > b ? b : a;
-  if (mx == neg_inf()) return mx;
+  if (mx == neg_inf()) return a + b;
   return mx + log1pf(exp_nonpos(mn - mx));
 }
 
@@ -180,6 +194,23 @@ KNNLM_HD float knn_score(float dist, float temperature) { return -dist / tempera
 KNNLM_HD float group_log_mass(float gmax, float gsum) {
   if (gmax == neg_inf()) return neg_inf();
   return gsum == 1.0f ? gmax : gmax + logf(gsum);
+}
+
+// The same from an online log-sum-exp state of the group's weights (the CUDA kernel reduces
+// groups with lse_merge): empty state (every member -inf) -> -inf.
+KNNLM_HD float group_log_mass(LseState st) {
+  return st.s == 0.0f ? neg_inf() : group_log_mass(st.m, st.s);
+}
+
+// Validity of a row of neighbour scores -d / T, given the max over the non-NaN scores and whether
+// any score was NaN: kKnnNone (no neighbour, or every distance +inf: no kNN mass, log p_knn = -inf
+// everywhere), kKnnNan (a NaN distance, or a -inf one, whose score +inf leaves log softmax
+// undefined: log p_knn = NaN everywhere, as the reference gives), kKnnOk otherwise.
+enum KnnRow : int { kKnnOk = 0, kKnnNone = 1, kKnnNan = 2 };
+
+KNNLM_HD KnnRow knn_row_kind(float score_max, bool any_nan) {
+  if (any_nan || score_max == INFINITY) return kKnnNan;
+  return score_max == neg_inf() ? kKnnNone : kKnnOk;
 }
 
 }  // namespace knnlm

@@ -1,12 +1,18 @@
-// CUDA registration of the knnlm ops (schemas in csrc/knnlm.cpp). Compiled only when torch has
-// CUDA and nvcc is present (see knnlm/ops.py): validates inputs, allocates the output and the
-// small [B, K] scratch with torch, and calls the torch-free launchers of interp_kernels.cu on the
-// current stream.
+// CUDA registration of the knnlm ops (schemas in knnlm/csrc/knnlm.cpp). Compiled only when torch
+// has CUDA and nvcc is present (see knnlm/ops.py): validates shapes / dtypes / devices (host-side
+// metadata only), allocates the output and any grouping scratch with torch, and calls the
+// torch-free launchers of interp_kernels.cu on the current stream.
+//
+// No host synchronisation (CUDA-graph capturable): the token-id range is checked in the kernels,
+// which write NaN for a row with an id outside [0, V). KNNLM_CUDA_CHECKS=1 adds host-side range
+// checks (two .item() syncs per tensor) that raise the CPU kernel's error instead; for debugging.
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
+#include <cstdlib>
+#include <cstring>
 #include <limits>
 
 #include "checks.h"
@@ -24,6 +30,13 @@ cuda::LogitsDtype logits_dtype(const at::Tensor& logits) {
   }
 }
 
+// KNNLM_CUDA_CHECKS set to anything but "", 0, false, no: synchronous range checks that raise.
+bool sync_checks() {
+  const char* env = std::getenv("KNNLM_CUDA_CHECKS");
+  if (env == nullptr || env[0] == '\0') return false;
+  return std::strcmp(env, "0") != 0 && std::strcmp(env, "false") != 0 && std::strcmp(env, "no") != 0;
+}
+
 void check_launch(cudaError_t err) {
   TORCH_CHECK(err == cudaSuccess, "knnlm: CUDA kernel launch failed: ", cudaGetErrorString(err));
 }
@@ -36,17 +49,18 @@ at::Tensor knn_interpolate_cuda(const at::Tensor& logits_in, const at::Tensor& d
   const at::Tensor logits = logits_in.contiguous(), dists = dists_in.contiguous(),
                    values = values_in.contiguous();
   const int64_t B = logits.size(0), V = logits.size(1), K = dists.size(1);
-  TORCH_CHECK(K < std::numeric_limits<int32_t>::max() && V < std::numeric_limits<int32_t>::max(),
-              "knnlm: K and V must be < 2^31 on CUDA");
-  check_index_range(values, V, "values");  // device -> host sync; the kernel trusts the range
+  TORCH_CHECK(K <= cuda::kMaxNeighbours && V < std::numeric_limits<int32_t>::max(),
+              "knnlm: K must be <= 2^30 and V < 2^31 on CUDA");
+  if (sync_checks()) check_index_range(values, V, "values");  // debug only: host syncs
   at::Tensor out = at::empty({B, V}, logits.options().dtype(at::kFloat));
   if (out.numel() == 0) return out;
-  at::Tensor w = at::empty({B, K}, dists.options());
-  at::Tensor idx = at::empty({B, 2 * K}, values.options().dtype(at::kInt));
+  const int64_t scratch_bytes = cuda::knn_interpolate_scratch_bytes(B, K, lam);
+  at::Tensor scratch;
+  if (scratch_bytes > 0) scratch = at::empty({scratch_bytes}, logits.options().dtype(at::kByte));
   check_launch(cuda::launch_knn_interpolate(
       logits.const_data_ptr(), logits_dtype(logits), dists.const_data_ptr<float>(),
       values.const_data_ptr(), values.scalar_type() == at::kLong, out.mutable_data_ptr<float>(),
-      w.mutable_data_ptr<float>(), idx.mutable_data_ptr<int32_t>(), B, V, K, lam, temperature,
+      scratch_bytes > 0 ? scratch.mutable_data_ptr() : nullptr, B, V, K, lam, temperature,
       c10::cuda::getCurrentCUDAStream().stream()));
   return out;
 }
@@ -64,8 +78,11 @@ at::Tensor knn_interpolate_target_cuda(const at::Tensor& logits_in, const at::Te
   at::Tensor out = at::empty({B}, logits.options().dtype(at::kFloat));
   if (B == 0) return out;
   TORCH_CHECK(V > 0, "knnlm: empty vocabulary (V = 0)");
-  check_index_range(values, V, "values");
-  check_index_range(target, V, "target");
+  TORCH_CHECK(K <= cuda::kMaxNeighbours, "knnlm: K must be <= 2^30 on CUDA");
+  if (sync_checks()) {  // debug only: host syncs
+    check_index_range(values, V, "values");
+    check_index_range(target, V, "target");
+  }
   check_launch(cuda::launch_knn_interpolate_target(
       logits.const_data_ptr(), logits_dtype(logits), dists.const_data_ptr<float>(),
       values.const_data_ptr(), values.scalar_type() == at::kLong, target.const_data_ptr(),
