@@ -163,12 +163,12 @@ def test_sigkill_midway_then_resume_is_byte_identical(tmp_path, tiny_tokenizer, 
     model_dir = tmp_path / "model"
     transformers.LlamaForCausalLM(cfg).save_pretrained(model_dir)
     tiny_tokenizer.save_pretrained(model_dir)
-    script = Path(__file__).resolve().parent.parent / "scripts" / "kill_resume_check.py"
+    repo = Path(__file__).resolve().parent.parent  # `python -m experiments.kill_resume_check` runs from here
     files = sorted(str(p) for p in corpus_dir.iterdir())
     env = dict(os.environ, KNNLM_COMMIT_SECONDS="0.1")  # commit often, so a kill lands between commits
-    res = subprocess.run([sys.executable, str(script), "--model", str(model_dir), "--data", *files, "--tokens",
-                          "30000", "--", "--context", "32", "--batch-size", "1"],
-                         capture_output=True, text=True, timeout=600, env=env)
+    res = subprocess.run([sys.executable, "-m", "experiments.kill_resume_check", "--model", str(model_dir), "--data",
+                          *files, "--tokens", "30000", "--", "--context", "32", "--batch-size", "1"],
+                         capture_output=True, text=True, timeout=600, env=env, cwd=repo)
     assert res.returncode == 0, res.stdout + res.stderr
     assert "killed with SIGKILL" in res.stdout and "partial datastore refused" in res.stdout
     assert res.stdout.count("identical") >= 5

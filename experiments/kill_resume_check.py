@@ -1,7 +1,7 @@
 """SIGKILL a `knnlm build-index` midway, resume it, and byte-compare with an uninterrupted build.
 
-    python scripts/kill_resume_check.py --tokens 40000            # SmolLM2 on the stdlib train split
-    python scripts/kill_resume_check.py --model DIR --data FILES  # any model / corpus
+    python -m experiments.kill_resume_check --tokens 40000            # SmolLM2 on the stdlib train split
+    python -m experiments.kill_resume_check --model DIR --data FILES  # any model / corpus
 
 Waits until the interrupted build has committed some rows (header count > 0), kills it with
 SIGKILL, checks that the partial datastore does not open as valid, resumes with --resume, and
@@ -19,6 +19,8 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+
+import knnlm
 
 FILES = ("keys.npy", "values.npy", "tokens.npy", "documents.json", "index.faiss")
 
@@ -50,14 +52,11 @@ def run(model: str, data: list[str], tokens: int, extra: list[str], workdir: Pat
     else:
         print("the build finished before it could be killed; use more --tokens", file=sys.stderr)
         return False
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-    from knnlm.datastore import DatastoreError, open_datastore
-
     try:
-        open_datastore(part)
+        knnlm.open_datastore(part)
         print("FAIL: the killed datastore opened as valid", file=sys.stderr)
         return False
-    except DatastoreError as e:
+    except knnlm.KnnlmError as e:
         print(f"partial datastore refused: {e}")
     subprocess.run([*base, "--out", str(part), "--resume"], check=True, stdout=subprocess.DEVNULL)
     same = True
@@ -69,7 +68,8 @@ def run(model: str, data: list[str], tokens: int, extra: list[str], workdir: Pat
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(prog="python -m experiments.kill_resume_check", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="smollm2")
     p.add_argument("--data", nargs="+", default=None, help="default: the stdlib train split")
     p.add_argument("--tokens", type=int, default=40_000)

@@ -1,1 +1,0 @@
-"""Memorization-heavy kNN-LM evaluations across base-model sizes (see docs/memorization.md)."""

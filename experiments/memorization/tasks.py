@@ -1,0 +1,227 @@
+"""Memorization-heavy evaluations of a kNN-LM: plain functions, each returning a JSON-able dict.
+
+Each takes an already loaded ``(model, tokenizer)`` and datastore(s), so the runner
+(``experiments.memorization.suite``) decides what to build and cache. Corpora are lists of
+``{"name", "text"}`` documents (``experiments.memorization.documents``), passed as ``texts`` to
+``knnlm.evaluate``, so every model sees exactly the same text whatever its tokenizer, and results
+can also be given in bits per UTF-8 byte, comparable across tokenizers.
+
+    in_domain_ppl       datastore = train split prefix, eval = held-out split
+    domain_adaptation   datastore + eval on a domain the model was not trained on, vs no datastore
+    verbatim_recall     greedy continuation of prefixes of datastore passages, with / without retrieval
+    rare_token_ppl      perplexity by datastore frequency of the target token (from in_domain_ppl)
+    datastore_scaling   perplexity vs datastore size (leading-document subsets of one datastore)
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+
+import knnlm
+from experiments.memorization.documents import nbytes
+
+__all__ = ["summarize_eval", "in_domain_ppl", "domain_adaptation", "verbatim_recall", "rare_token_ppl",
+           "datastore_scaling"]
+
+
+def summarize_eval(res: dict, n_bytes: int | None = None) -> dict:
+    """The headline numbers of a ``knnlm.evaluate`` result (plus bits per byte when the eval
+    text's UTF-8 size is given: scored-token NLL / bytes / ln 2; the first token of each document
+    is not scored, so this slightly under-counts)."""
+    out = {"tokens": res["tokens"], "documents": res["documents"], "ppl_base": res["ppl_base"],
+           "ppl_knn": res.get("ppl_knn"), "primary": res.get("primary"), "best": res.get("best"),
+           "grid": res.get("grid"), "buckets": res.get("buckets"), "timing": res["timing"],
+           "window": res["window"], "retrieval": res.get("retrieval"), "overlap": res.get("overlap")}
+    base, knn = res["ppl_base"], res.get("ppl_knn")
+    out["gain_pct"] = 100 * (1 - knn / base) if (base and knn) else None
+    best = res.get("best") or {}
+    out["gain_best_pct"] = 100 * (1 - best["ppl"] / base) if (base and best.get("ppl")) else None
+    if n_bytes:
+        out["eval_bytes"] = n_bytes
+
+        def bpb(ppl):
+            return math.log(ppl) * res["tokens"] / n_bytes / math.log(2) if ppl else None
+        out["bpb_base"], out["bpb_knn"] = bpb(base), bpb(knn)
+        out["bpb_best"] = bpb(best.get("ppl"))
+        out["tokens_per_byte"] = res["tokens"] / n_bytes
+    if "datastore" in res:
+        out["datastore"] = {"path": res["datastore"]["path"], "rows": res["datastore"]["rows"],
+                            "tokens": res["datastore"]["header"].get("tokens"),
+                            "index": res["datastore"]["header"].get("index", {}).get("factory")}
+    return out
+
+
+def in_domain_ppl(model, tok, datastore, eval_docs: Sequence[dict], eval_cfg) -> dict:
+    """Perplexity on held-out in-domain text with a datastore over the training split, against
+    the base LM on the same tokens."""
+    res = knnlm.evaluate(model, tok, datastore, None, eval_cfg, texts=[d["text"] for d in eval_docs])
+    return {"task": "in_domain_ppl", **summarize_eval(res, nbytes(eval_docs))}
+
+
+def domain_adaptation(model, tok, domain_datastore, eval_docs: Sequence[dict], eval_cfg, *,
+                      domain: str = "", split: str = "") -> dict:
+    """A datastore over a domain the model was not trained on, evaluated on held-out text of that
+    domain: the kNN-LM against the same model without a datastore (``ppl_base``)."""
+    out = in_domain_ppl(model, tok, domain_datastore, eval_docs, eval_cfg)
+    out.update(task="domain_adaptation", domain=domain, split=split)
+    return out
+
+
+def rare_token_ppl(in_domain_result: dict) -> dict:
+    """Perplexity by how often the target token occurs in the datastore corpus (``evaluate``'s
+    buckets), base LM vs kNN-LM, with the relative gain per bucket."""
+    rows = []
+    for b in in_domain_result.get("buckets") or []:
+        base, knn = b["ppl_base"], b["ppl_knn"]
+        rows.append({**b, "gain_pct": 100 * (1 - knn / base) if (base and knn) else None})
+    return {"task": "rare_token_ppl", "tokens": in_domain_result.get("tokens"),
+            "primary": in_domain_result.get("primary"), "buckets": rows}
+
+
+# ---------------------------------------------------------------------------- verbatim recall
+
+def _sample_passages(docs_tokens: Sequence[np.ndarray], n: int, span: int, seed: int) -> list[np.ndarray]:
+    """``n`` spans of ``span`` tokens at uniformly drawn positions (documents drawn uniformly among
+    those long enough); deterministic in ``seed``."""
+    rng = np.random.default_rng(seed)
+    eligible = [t for t in docs_tokens if len(t) >= span + 1]
+    if not eligible:
+        return []
+    out = []
+    for _ in range(n):
+        t = eligible[int(rng.integers(len(eligible)))]
+        o = int(rng.integers(1, len(t) - span + 1))  # from 1: the first token has no key
+        out.append(np.asarray(t[o: o + span], dtype=np.int64))
+    return out
+
+
+def _greedy(gen_fn, prompts: torch.Tensor, n_new: int, pad_id: int, batch: int) -> torch.Tensor:
+    outs = []
+    for i in range(0, len(prompts), batch):
+        x = prompts[i: i + batch]
+        y = gen_fn(input_ids=x, attention_mask=torch.ones_like(x), max_new_tokens=n_new, min_new_tokens=n_new,
+                   do_sample=False, pad_token_id=pad_id)
+        y = y[:, x.shape[1]:]
+        if y.shape[1] < n_new:  # stopped early everywhere
+            y = torch.cat([y, torch.full((len(y), n_new - y.shape[1]), -1, dtype=y.dtype, device=y.device)], 1)
+        outs.append(y[:, :n_new].cpu())
+    return torch.cat(outs)
+
+
+def _match_stats(gen: torch.Tensor, target: torch.Tensor) -> dict:
+    eq = gen == target  # (N, C)
+    first_miss = torch.where(eq.all(1), torch.full((len(eq),), eq.shape[1]), (~eq).int().argmax(1))
+    return {"exact_match": float(eq.all(1).float().mean()), "token_accuracy": float(eq.float().mean()),
+            "mean_correct_prefix_tokens": float(first_miss.float().mean())}
+
+
+def _decode(tok, ids: torch.Tensor) -> str:
+    return tok.decode([t for t in ids.tolist() if t >= 0])  # -1: padding after an early stop
+
+
+def _recall_one_set(model, tok, datastore, passages: list[np.ndarray], *, prefix_tokens: int,
+                    continuation_tokens: int, lambdas: Sequence[float], temperature: float, k: int | None,
+                    batch: int, examples: int, with_knn: bool) -> dict:
+    """Exact match / token accuracy of greedy continuations of ``passages``, base LM then the
+    kNN-LM at each lambda, with the first ``examples`` decoded."""
+    device = next(model.parameters()).device
+    pad_id = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
+    arr = torch.from_numpy(np.stack(passages))
+    prompts, target = arr[:, :prefix_tokens].to(device), arr[:, prefix_tokens:]
+    res = {"passages": len(passages)}
+    with torch.inference_mode():
+        gen = _greedy(model.generate, prompts, continuation_tokens, pad_id, batch)
+    res["base"] = _match_stats(gen, target)
+    res["examples"] = [{"prompt": tok.decode(prompts[i].tolist()), "target": tok.decode(target[i].tolist()),
+                        "base": _decode(tok, gen[i])}
+                       for i in range(min(examples, len(passages)))]
+    res["knn"] = []
+    for lam in lambdas if with_knn else ():
+        knn = knnlm.KNNLM(model, datastore, tokenizer=tok, lam=lam, temperature=temperature, k=k)
+        with torch.inference_mode():
+            g = _greedy(knn.generate, prompts, continuation_tokens, pad_id, batch)
+        res["knn"].append({"lambda": lam, "k": knn.k, **_match_stats(g, target)})
+        for i, ex in enumerate(res["examples"]):
+            ex[f"knn_lambda_{lam:g}"] = _decode(tok, g[i])
+    return res
+
+
+def verbatim_recall(model, tok, datastore, *, n_passages: int = 64, prefix_tokens: int = 32,
+                    continuation_tokens: int = 32, lambdas: Sequence[float] = (0.25, 0.5, 0.75),
+                    temperature: float = 1.0, k: int | None = None, seed: int = 0, batch: int = 16,
+                    control_docs: Sequence[dict] | None = None, examples: int = 2) -> dict:
+    """Prompt with ``prefix_tokens`` of a passage that is in the datastore and compare the greedy
+    continuation with the next ``continuation_tokens`` of the passage: exact-match rate (all
+    tokens right), token accuracy (position by position) and the mean length of the correct
+    prefix, for the base LM and for the kNN-LM at each lambda. ``control_docs`` (held-out text,
+    not in the datastore) gives the same numbers where retrieval cannot help by recall.
+
+    Datastore keys were computed with the build's window (up to ``context`` tokens of left
+    context) while the prompt has only ``prefix_tokens``, so the query keys are close to, not
+    equal to, the stored ones.
+    """
+    span = prefix_tokens + continuation_tokens
+    has_generate = hasattr(knnlm.KNNLM, "generate")
+    sets = {"datastore": [datastore.document_tokens(i) for i in range(len(datastore.documents))]}
+    if control_docs:
+        enc = tok([d["text"] for d in control_docs], add_special_tokens=True, verbose=False)["input_ids"]
+        sets["control"] = [np.asarray(e, dtype=np.int64) for e in enc]
+    out = {"task": "verbatim_recall", "n_passages": n_passages, "prefix_tokens": prefix_tokens,
+           "continuation_tokens": continuation_tokens, "temperature": temperature, "seed": seed,
+           "knn_generate": has_generate}
+    if not has_generate:
+        out["skipped_knn"] = "knnlm.KNNLM has no generate method in this version"
+    model.eval()
+    for set_name, docs_tokens in sets.items():
+        passages = _sample_passages(docs_tokens, n_passages, span, seed)
+        if not passages:
+            out[set_name] = {"skipped": f"no document has {span + 1} tokens"}
+            continue
+        out[set_name] = _recall_one_set(model, tok, datastore, passages, prefix_tokens=prefix_tokens,
+                                        continuation_tokens=continuation_tokens, lambdas=lambdas,
+                                        temperature=temperature, k=k, batch=batch, examples=examples,
+                                        with_knn=has_generate)
+    return out
+
+
+# -------------------------------------------------------------------------- datastore scaling
+
+def subset_path(work_dir: str | os.PathLike, fraction: float) -> Path:
+    """Where ``datastore_scaling`` caches the subset at ``fraction``."""
+    return Path(work_dir) / f"subset-{int(round(fraction * 1000)):04d}permille"
+
+
+def datastore_scaling(model, tok, datastore, eval_docs: Sequence[dict], eval_cfg, work_dir: str | os.PathLike, *,
+                      fractions: Sequence[float] = (0.1, 0.3, 1.0), full_result: dict | None = None,
+                      index: str = "auto") -> dict:
+    """Perplexity on the same held-out text with datastores made of the leading whole documents
+    of ``datastore`` (``knnlm.subset_datastore``) at ``fractions`` of its corpus tokens. A
+    fraction of 1 is the datastore itself (``full_result``, an ``in_domain_ppl`` result, is reused
+    when given). Subsets are cached under ``work_dir`` (``knnlm.open_or_create``; an interrupted
+    one is made again)."""
+    total = int(datastore.header.tokens)
+    texts = [d["text"] for d in eval_docs]
+    points = []
+    for f in sorted(fractions):
+        ds, s = datastore, full_result
+        if f < 1.0:
+            try:
+                ds = knnlm.open_or_create(subset_path(work_dir, f), lambda f=f: knnlm.subset_datastore(
+                    datastore, subset_path(work_dir, f), max(2, int(f * total)), index=index, progress=False),
+                    discard_incomplete=True)
+            except knnlm.KnnlmError as e:
+                points.append({"fraction": f, "skipped": str(e)})
+                continue
+            s = None
+        if s is None:
+            s = summarize_eval(knnlm.evaluate(model, tok, ds, None, eval_cfg, texts=texts), nbytes(eval_docs))
+        points.append({"fraction": f, "datastore_tokens": int(ds.header.tokens), "keys": len(ds),
+                       "ppl_base": s["ppl_base"], "ppl_knn": s["ppl_knn"], "best": s["best"],
+                       "gain_pct": s["gain_pct"], "bpb_base": s.get("bpb_base"), "bpb_knn": s.get("bpb_knn")})
+    return {"task": "datastore_scaling", "full_tokens": total, "points": points}
