@@ -1,16 +1,32 @@
+import json
+import math
+import re
 import subprocess
 import sys
 
 import pytest
 
+from knnlm import DatastoreError, open_datastore
 from knnlm.cli import main
-from knnlm.datastore import DatastoreError, open_datastore
 
 
 def _run(capsys, *argv):
     code = main(list(map(str, argv)))
     cap = capsys.readouterr()
     return code, cap.out, cap.err
+
+
+def _assert_one_line_error(err: str, command: str, *names: str) -> None:
+    """stderr is exactly one line, ``knnlm COMMAND: error: ...``, and it names the problem: each of
+    ``names`` is a substring, or a regex when it starts with ``re:``."""
+    assert err.endswith("\n") and err.count("\n") == 1, err
+    line = err.rstrip("\n")
+    assert line.startswith(f"knnlm {command}: error: "), err
+    for name in names:
+        if name.startswith("re:"):
+            assert re.search(name[3:], line), (name, line)
+        else:
+            assert name in line, (name, line)
 
 
 def _assert_no_valid_datastore(path):
@@ -30,8 +46,19 @@ def test_build_and_info(capsys, tiny_model_dir, corpus_dir, tmp_path):
     assert code == 0 and "model.layers.1.mlp" in stdout
 
 
-@pytest.mark.parametrize("case", ["missing", "empty", "binary", "unknown-model", "bad-index", "bad-layer",
-                                  "bad-stride", "other-model"])
+BUILD_ERRORS = {  # case -> what the one-line message must name
+    "missing": ["does-not-exist"],
+    "empty": ["re:empty|no tokens"],
+    "binary": ["blob.bin", "re:binary|NUL"],
+    "unknown-model": ["no-such-model"],
+    "bad-index": ["IVFbogus"],
+    "bad-layer": ["model.layers.7.mlp"],
+    "bad-stride": ["--stride", "64"],
+    "other-model": ["another model", "--overwrite"],
+}
+
+
+@pytest.mark.parametrize("case", list(BUILD_ERRORS))
 def test_bad_input_one_line_error(case, capsys, tiny_model_dir, other_model_dir, corpus_dir, tmp_path):
     out = tmp_path / "ds"
     data, model, extra = corpus_dir, tiny_model_dir, []
@@ -58,10 +85,8 @@ def test_bad_input_one_line_error(case, capsys, tiny_model_dir, other_model_dir,
     code, stdout, err = _run(capsys, "build-index", "--model", model, "--data", data, "--out", out,
                              "--context", 64, "--quiet", *extra)
     assert code == 2
-    lines = err.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("knnlm build-index: error: "), err
+    _assert_one_line_error(err, "build-index", *BUILD_ERRORS[case])
     if case == "other-model":
-        assert "another model" in err
         open_datastore(out)  # the other model's datastore is untouched and still valid
     else:
         _assert_no_valid_datastore(out)
@@ -87,8 +112,6 @@ def cli_store(capsys, tiny_model_dir, corpus_dir, tmp_path):
 
 
 def test_eval_cli_table_and_json(capsys, cli_store, tiny_model_dir, corpus_dir, tmp_path):
-    import json
-
     out_json = tmp_path / "res.json"
     code, stdout, err = _run(capsys, "eval", "--model", tiny_model_dir, "--datastore", cli_store, "--data",
                              corpus_dir / "bisect.py", "--lambda", "0.25,0.5", "--k", "8,32", "--quiet",
@@ -99,8 +122,22 @@ def test_eval_cli_table_and_json(capsys, cli_store, tiny_model_dir, corpus_dir, 
     assert len(res["grid"]) == 4 and res["overlap"]["documents"] == 1 and res["settings"]["lambdas"] == [0.25, 0.5]
 
 
-@pytest.mark.parametrize("case", ["lambda", "temperature", "k-zero", "k-too-big", "k-text", "no-index",
-                                  "corrupt-index", "other-model", "empty-text", "not-a-datastore"])
+EVAL_ERRORS = {  # case -> what the one-line message must name
+    "lambda": ["--lambda", "1.5"],
+    "temperature": ["--temperature"],
+    "k-zero": ["--k"],
+    "k-too-big": ["--k", "100000000"],
+    "k-text": ["--k", "many"],
+    "no-index": ["index.faiss"],
+    "corrupt-index": ["index.faiss", "FAISS"],
+    "other-model": ["model weights"],
+    "empty-text": ["re:empty|no tokens"],
+    "not-a-datastore": ["corpus", "re:(holds no|not a) datastore"],
+    "version": ["999"],
+}
+
+
+@pytest.mark.parametrize("case", list(EVAL_ERRORS))
 def test_eval_bad_input_one_line_error(case, capsys, cli_store, tiny_model_dir, other_model_dir, corpus_dir, tmp_path):
     model, store, data, extra = tiny_model_dir, cli_store, corpus_dir / "bisect.py", []
     if case == "lambda":
@@ -124,10 +161,62 @@ def test_eval_bad_input_one_line_error(case, capsys, cli_store, tiny_model_dir, 
         data.write_text("")
     elif case == "not-a-datastore":
         store = corpus_dir
+    elif case == "version":
+        h = json.loads((cli_store / "header.json").read_text())
+        h["format_version"] = 999
+        (cli_store / "header.json").write_text(json.dumps(h))
     code, _, err = _run(capsys, "eval", "--model", model, "--datastore", store, "--data", data, "--quiet", *extra)
     assert code == 2
-    lines = err.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("knnlm eval: error: "), err
+    _assert_one_line_error(err, "eval", *EVAL_ERRORS[case])
+
+
+def test_error_is_the_last_line_of_a_real_stderr(cli_store, tiny_model_dir, corpus_dir):
+    """In a real process (logging to stderr, progress bars on), the error is still one line and
+    the last thing printed, with no traceback."""
+    res = subprocess.run([sys.executable, "-m", "knnlm.cli", "eval", "--model", str(tiny_model_dir), "--datastore",
+                          str(cli_store), "--data", str(corpus_dir / "bisect.py"), "--k", "100000000"],
+                         capture_output=True, text=True, timeout=300)
+    assert res.returncode == 2, res.stderr
+    assert "Traceback" not in res.stderr
+    last = res.stderr.rstrip("\n").splitlines()[-1]
+    assert last.startswith("knnlm eval: error: ") and "--k" in last and "100000000" in last, res.stderr
+    assert res.stderr.endswith(last + "\n")
+
+
+def test_info_json_is_the_header(capsys, cli_store, tmp_path):
+    code, stdout, err = _run(capsys, "info", cli_store, "--json")
+    assert code == 0, err
+    assert json.loads(stdout) == json.loads((cli_store / "header.json").read_text())
+    code, stdout, err = _run(capsys, "info", cli_store)
+    assert code == 0, err
+    h = json.loads((cli_store / "header.json").read_text())
+    assert f"{h['count']:,}/{h['total']:,} rows" in stdout and h["key"]["layer"] in stdout
+    code, _, err = _run(capsys, "info", tmp_path / "nothing-here")
+    assert code == 2
+    _assert_one_line_error(err, "info", "nothing-here")
+
+
+def test_demo_on_a_tiny_model(capsys, tiny_model_dir, tmp_path):
+    """`knnlm demo` end to end (stdlib train split -> datastore, held-out split -> perplexities), and
+    a rerun reuses the datastore and prints the same numbers."""
+    out = tmp_path / "demo"
+    argv = ["demo", "--model", tiny_model_dir, "--tokens", 3000, "--eval-tokens", 500, "--out", out, "--quiet"]
+    code, stdout, err = _run(capsys, *argv)
+    assert code == 0, err
+    m = re.search(r"perplexity\s+base LM ([0-9.]+)\s+kNN-LM ([0-9.]+)", stdout)
+    assert m, stdout
+    base, knn = float(m.group(1)), float(m.group(2))
+    assert math.isfinite(base) and math.isfinite(knn) and base > 1 and knn > 1 and base != knn
+    open_datastore(out)
+    h = json.loads((out / "header.json").read_text())
+    assert int(h["tokens"]) == 3000 and h["status"] == "complete"
+    n_eval = int(re.search(r"tokens ([0-9,]+) in \d+ documents", stdout).group(1).replace(",", ""))
+    assert 490 <= n_eval <= 500  # --eval-tokens 500: its targets were scored
+    keys_before = (out / "keys.npy").read_bytes()
+    code, stdout2, err = _run(capsys, *argv)
+    assert code == 0, err
+    assert re.search(r"perplexity\s+base LM ([0-9.]+)\s+kNN-LM ([0-9.]+)", stdout2).groups() == m.groups()
+    assert (out / "keys.npy").read_bytes() == keys_before
 
 
 def test_merge_cli(capsys, tiny_model_dir, other_model_dir, corpus_dir, tmp_path):
@@ -143,11 +232,10 @@ def test_merge_cli(capsys, tiny_model_dir, other_model_dir, corpus_dir, tmp_path
     merged = open_datastore(tmp_path / "ab")
     assert len(merged) == len(open_datastore(tmp_path / "a")) + len(open_datastore(tmp_path / "b"))
     assert "complete" in stdout and "merged     from 2 datastores" in stdout
-    for args in ([tmp_path / "a", tmp_path / "o"],  # another model
-                 [tmp_path / "a", tmp_path / "b", "--index", "IVFbogus"],  # bad index
-                 [tmp_path / "a", tmp_path / "missing"]):  # not a datastore
+    for args, names in (([tmp_path / "a", tmp_path / "o"], "model weights"),  # another model
+                        ([tmp_path / "a", tmp_path / "b", "--index", "IVFbogus"], "IVFbogus"),  # bad index
+                        ([tmp_path / "a", tmp_path / "missing"], "missing")):  # not a datastore
         code, _, err = _run(capsys, "merge", *args, "--out", tmp_path / "bad", "--quiet")
         assert code == 2
-        lines = err.strip().splitlines()
-        assert len(lines) == 1 and lines[0].startswith("knnlm merge: error: "), err
+        _assert_one_line_error(err, "merge", names)
         _assert_no_valid_datastore(tmp_path / "bad")

@@ -1,17 +1,15 @@
 """KNNLM.generate / KNNLogitsProcessor / `knnlm generate` on a tiny random Llama and tiny datastores."""
 
+import numpy as np
 import pytest
 import torch
 from transformers.generation.utils import GenerateBeamDecoderOnlyOutput, GenerateDecoderOnlyOutput
 
 from conftest import make_tiny_model
-from knnlm.build import build_datastore
-from knnlm.capture import find_key_module
+from knnlm import KNNLM, BuildConfig, GenerateError, KNNLogitsProcessor, build_datastore, find_key_module
 from knnlm.cli import main
-from knnlm.config import BuildConfig
 from knnlm.corpora import stdlib_root
-from knnlm.generate import GenerateError, KNNLogitsProcessor
-from knnlm.wrapper import KNNLM
+from test_knnlm import _brute_neighbours, _dense_mixture, _forward
 
 PROMPTS = ["def bisect_left(a, x", "import os\n", "class Point:\n    def __init__(self"]
 
@@ -118,19 +116,80 @@ def test_kv_cache_one_position_per_step(store, tiny_tokenizer, num_beams):
     assert proc.key_lengths == [ids.shape[1]] + [1] * 7
 
 
+def _reference_greedy(model, ds, prompt_ids, n_new, lam, temp, k):
+    """Greedy decoding on the kNN-LM mixture, our own loop: no KV cache (the whole sequence is run
+    again at every step), brute-force neighbours of the last position's key, the mixture written
+    out in float64 (test_knnlm). Stops after EOS like model.generate. Returns (new tokens,
+    per-step log-distributions (V,))."""
+    keys = torch.from_numpy(np.asarray(ds.keys, dtype=np.float64))
+    values = torch.from_numpy(np.asarray(ds.values, dtype=np.int64))
+    eos = model.generation_config.eos_token_id
+    seq, steps = list(prompt_ids), []
+    for _ in range(n_new):
+        logits, hidden = _forward(model, seq)
+        dists, rows = _brute_neighbours(hidden[-1:], keys, k)
+        logp = _dense_mixture(logits[-1:], dists, values[rows], lam, temp)[0]
+        steps.append(logp)
+        seq.append(int(torch.argmax(logp)))
+        if seq[-1] == eos:
+            break
+    return seq[len(prompt_ids):], steps
+
+
+def test_greedy_equals_reference_mixture_step_by_step(store, tiny_tokenizer):
+    """The processor's scores are the kNN-LM log-distribution of every step, and greedy picks their
+    argmax: both equal our own cache-free loop over brute-force neighbours."""
+    model, ds = store
+    lam, temp, k, m = 0.5, 2.0, 8, 10
+    knn = KNNLM(model, ds, tiny_tokenizer, lam=lam, temperature=temp, k=k)
+    changed, n_steps = False, 0
+    for prompt in PROMPTS:
+        ids = _ids(tiny_tokenizer, prompt)
+        res = knn.generate(ids, max_new_tokens=m, do_sample=False, return_dict_in_generate=True,
+                           output_scores=True, pad_token_id=0)
+        got = res.sequences[0, ids.shape[1]:].tolist()
+        ref, ref_steps = _reference_greedy(model, ds, ids[0].tolist(), m, lam, temp, k)
+        assert got == ref, prompt
+        assert len(res.scores) == len(ref_steps) == len(got)
+        for t, (score, logp) in enumerate(zip(res.scores, ref_steps)):
+            torch.testing.assert_close(score[0].double(), logp, rtol=1e-5, atol=1e-4, msg=f"{prompt!r} step {t}")
+        n_steps += len(got)
+        base = model.generate(ids, max_new_tokens=m, do_sample=False, pad_token_id=0)
+        changed |= base[0, ids.shape[1]:].tolist() != got
+    assert n_steps >= 2 * m
+    assert changed  # the datastore changed at least one continuation: retrieval is being tested
+
+
 def test_return_types_and_scores(store, tiny_tokenizer):
     model, ds = store
     knn = KNNLM(model, ds, tiny_tokenizer, lam=0.25, k=8)
     ids = _ids(tiny_tokenizer, PROMPTS[0])
     res = knn.generate(ids, max_new_tokens=5, return_dict_in_generate=True, output_scores=True, pad_token_id=0)
     assert isinstance(res, GenerateDecoderOnlyOutput) and len(res.scores) == 5
-    # the scores are kNN-LM log-probabilities
-    lse = torch.logsumexp(res.scores[0], dim=-1)
-    assert torch.allclose(lse, torch.zeros_like(lse), atol=1e-4)
+    # the first step's scores are the kNN-LM log-distribution of the prompt (not the LM's)
+    _, ref_steps = _reference_greedy(model, ds, ids[0].tolist(), 1, 0.25, 1.0, 8)
+    torch.testing.assert_close(res.scores[0][0].double(), ref_steps[0], rtol=1e-5, atol=1e-4)
     res = knn.generate(ids, max_new_tokens=5, num_beams=2, return_dict_in_generate=True, output_scores=True,
                        pad_token_id=0)
     assert isinstance(res, GenerateBeamDecoderOnlyOutput)
     assert res.scores[0].shape == (2, model.config.vocab_size)
+
+
+def test_beam_search_lambda_one_reproduces_the_document(one_doc, tiny_tokenizer):
+    """lambda 1, k 1: each step's distribution is all on the nearest key's next token; from a prefix
+    of a datastore document, beam search must continue with the document itself."""
+    model, ds = one_doc
+    doc = ds.document_tokens(0).astype("int64").tolist()
+    knn = KNNLM(model, ds, tiny_tokenizer, lam=1.0, k=1)
+    for n in (5, 12):
+        m = min(20, len(doc) - n)
+        ids = torch.tensor([doc[:n]])
+        out = knn.generate(ids, max_new_tokens=m, min_new_tokens=m, num_beams=3, do_sample=False,
+                           pad_token_id=0)
+        assert out[0, n:].tolist() == doc[n:n + m], n
+        base = model.generate(ids, max_new_tokens=m, min_new_tokens=m, num_beams=3, do_sample=False,
+                              pad_token_id=0)
+        assert base[0, n:].tolist() != doc[n:n + m]  # the random model alone does not
 
 
 def test_bans_of_earlier_processors_are_kept(one_doc, tiny_tokenizer):
@@ -176,11 +235,30 @@ def test_cli_generate(capsys, tiny_model_dir, one_doc, tiny_tokenizer):
     assert out.strip()
 
 
-@pytest.mark.parametrize("bad", [["--lambda", "1.5"], ["--top-p", "0.9"], ["--k", "100000"],
-                                 ["--num-beams", "0"]])
-def test_cli_generate_one_line_errors(capsys, tiny_model_dir, one_doc, bad):
+def test_cli_sampling_is_reproducible_with_seed(capsys, tiny_model_dir, store):
+    _, ds = store
+    argv = ["generate", "--model", tiny_model_dir, "--datastore", ds.path, "--prompt", PROMPTS[2], "--lambda", 0.5,
+            "--k", 16, "--do-sample", "--temperature", 1.5, "--max-new-tokens", 12, "--seed"]
+    outs = []
+    for seed in (7, 7, 8):
+        code, out, err = _run(capsys, *argv, seed)
+        assert code == 0, err
+        assert out.strip()
+        outs.append(out)
+    assert outs[0] == outs[1]  # same --seed, same text (different seeds usually differ: not asserted)
+
+
+@pytest.mark.parametrize("bad,names", [(["--lambda", "1.5"], ["--lambda", "1.5"]),
+                                       (["--top-p", "0.9"], ["--top-p", "--do-sample"]),
+                                       (["--k", "100000"], ["--k", "100000"]),
+                                       (["--num-beams", "0"], ["--num-beams", "0"]),
+                                       (["--knn-temperature", "0"], ["--knn-temperature"]),
+                                       (["--prompt-file", "/nonexistent/prompt.txt"], ["--prompt-file", "prompt.txt"])])
+def test_cli_generate_one_line_errors(capsys, tiny_model_dir, one_doc, bad, names):
     _, ds = one_doc
-    code, out, err = _run(capsys, "generate", "--model", tiny_model_dir, "--datastore", ds.path, "--prompt", "x",
-                          *bad)
+    prompt = [] if "--prompt-file" in bad else ["--prompt", "x"]
+    code, out, err = _run(capsys, "generate", "--model", tiny_model_dir, "--datastore", ds.path, *prompt, *bad)
     assert code == 2
-    assert err.count("\n") == 1 and err.startswith("knnlm generate: error:"), err
+    assert err.count("\n") == 1 and err.endswith("\n") and err.startswith("knnlm generate: error:"), err
+    for name in names:
+        assert name in err, (name, err)
