@@ -58,8 +58,11 @@ def test_fp16_logits_are_upcast():
     assert a.dtype == torch.float32 and torch.equal(a, b)
 
 
-@pytest.mark.parametrize("lam, temp, match", [(-0.1, 1, "lambda"), (1.5, 1, "lambda"), (float("nan"), 1, "lambda"),
-                                              (0.5, 0, "temperature"), (0.5, -1, "temperature")])
+@pytest.mark.parametrize("lam, temp, match", [(-0.1, 1, "`lam` must be in"), (1.5, 1, "`lam` must be in"),
+                                              (float("nan"), 1, "`lam` must be in"),
+                                              (0.5, 0, "`temperature` must be a positive"),
+                                              (0.5, -1, "`temperature` must be a positive")])
 def test_bad_mixture_args(lam, temp, match):
-    with pytest.raises(ValueError, match=match):
+    with pytest.raises(ValueError, match=match) as e:  # ConfigError is a ValueError
         check_mixture_args(lam, temp)
+    assert e.value.param == match.split("`")[1]
