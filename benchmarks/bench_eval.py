@@ -32,10 +32,10 @@ def main(argv=None) -> int:
     p.add_argument("--json", default=None, help="write the measurements here")
     args = p.parse_args(argv)
 
+    from knnlm import evaluate
     from knnlm.config import EvalConfig
     from knnlm.corpora import stdlib_files
     from knnlm.datastore import open_datastore
-    from knnlm import evaluate
     from knnlm.loading import load_model
 
     model, tok = load_model(args.model)
@@ -57,16 +57,19 @@ def main(argv=None) -> int:
             common, nprobe=nprobes[0], lambdas=[args.lam, 0.1, 0.5, 0.75], temperatures=[args.temperature, 0.5, 2, 5],
             ks=[args.k, 16, 128])))
     runs["plain_after"] = plain()
-    base_tps = (runs["plain_before"]["timing"]["tokens_per_second"] + runs["plain_after"]["timing"]["tokens_per_second"]) / 2
+    base_tps = (runs["plain_before"]["timing"]["tokens_per_second"]
+                + runs["plain_after"]["timing"]["tokens_per_second"]) / 2
     idx = ds.header.index
-    print(f"datastore {args.datastore}: {len(ds):,} keys, index {idx['factory']}; eval {runs['plain_before']['tokens']:,} "
+    n_eval = runs['plain_before']['tokens']
+    print(f"datastore {args.datastore}: {len(ds):,} keys, index {idx['factory']}; eval {n_eval:,} "
           f"held-out tokens, batch {args.batch_size}, lambda {args.lam}, T {args.temperature}")
     print(f"{'run':>16} {'nprobe':>7} {'k':>6} {'tok/s':>9} {'ratio':>7} {'ppl base':>9} {'ppl kNN':>9}")
     rows = []
     for name, r in runs.items():
         tps = r["timing"]["tokens_per_second"]
         knn = "ppl_knn" in r
-        row = {"run": name, "nprobe": r["retrieval"]["nprobe"] if knn else None, "k": r["retrieval"]["k"] if knn else None,
+        row = {"run": name, "nprobe": r["retrieval"]["nprobe"] if knn else None,
+               "k": r["retrieval"]["k"] if knn else None,
                "tokens_per_second": tps, "ratio_vs_plain": round(tps / base_tps, 3), "ppl_base": r["ppl_base"],
                "ppl_knn": r.get("ppl_knn")}
         rows.append(row)
@@ -79,7 +82,8 @@ def main(argv=None) -> int:
               f"setting ({sweep / single:.2f}x); its primary ppl {runs['knn_sweep48']['ppl_knn']:.3f}")
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"datastore": args.datastore, "rows": len(ds), "index": idx, "tokens": runs["plain_before"]["tokens"],
+            json.dump({"datastore": args.datastore, "rows": len(ds), "index": idx,
+                       "tokens": runs["plain_before"]["tokens"],
                        "runs": rows, "command": " ".join(sys.argv)}, f, indent=1)
     return 0
 

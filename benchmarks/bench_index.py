@@ -96,7 +96,8 @@ def main(argv=None) -> int:
             ms = (time.time() - t0) * 1000 / len(q) * 1000
             _, ids = index.search(qe, args.k)
             recall = float(np.mean([len(np.intersect1d(a, b)) / args.k for a, b in zip(ids, gt)]))
-            rows.append({"factory": factory, "nprobe": npb, "ms_per_1k_queries": round(ms, 1), "recall": round(recall, 4)})
+            rows.append({"factory": factory, "nprobe": npb, "ms_per_1k_queries": round(ms, 1),
+                         "recall": round(recall, 4)})
             print(f"{factory:>18} {npb:>6} {ms:>14.1f} {recall:>9.3f}", flush=True)
     if args.json:
         with open(args.json, "w") as f:

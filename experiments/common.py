@@ -2,33 +2,15 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import TypeVar
+
+from knnlm.corpora import hash_key, hash_split  # the one hash split (also the committed stdlib split)
 
 __all__ = ["hash_key", "hash_split", "write_json", "floats", "command_line", "logger"]
-
-T = TypeVar("T")
-
-
-def hash_key(name: str) -> int:
-    """A document's split key: the first 48 bits of the SHA-1 of its name (UTF-8). The same
-    function as the committed stdlib split of ``knnlm.corpora`` (a file is held out there when
-    ``hash_key(relative path) % knnlm.corpora.TEST_MODULUS == 0``)."""
-    return int(hashlib.sha1(name.encode()).hexdigest()[:12], 16)
-
-
-def hash_split(items: Sequence[T], modulus: int, name: Callable[[T], str] = str) -> tuple[list[T], list[T]]:
-    """(train, test): an item is held out when ``hash_key(name(item)) % modulus == 0``; both keep
-    the input order. Deterministic and stable: adding or removing items never moves the others."""
-    train, test = [], []
-    for x in items:
-        (test if hash_key(name(x)) % modulus == 0 else train).append(x)
-    return train, test
 
 
 def write_json(path: str | os.PathLike, obj) -> None:

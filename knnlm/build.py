@@ -23,17 +23,34 @@ import logging
 import os
 import resource
 import time
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import torch
 
 from knnlm.capture import capture_keys, find_key_module
 from knnlm.config import RESUME_KEYS, BuildConfig, check_context
-from knnlm.data import (Source, batch_inputs, check_build_inputs, iter_batches, iter_documents, sha256_text,
-                        tokenize_documents, tokenizer_bos)
-from knnlm.datastore import (CorpusSpec, Datastore, DatastoreError, DatastoreWriter, Header, KeySpec, WindowSpec,
-                             model_identity, open_datastore)
+from knnlm.data import (
+    Source,
+    batch_inputs,
+    check_build_inputs,
+    iter_batches,
+    iter_documents,
+    sha256_text,
+    tokenize_documents,
+    tokenizer_bos,
+)
+from knnlm.datastore import (
+    CorpusSpec,
+    Datastore,
+    DatastoreError,
+    DatastoreWriter,
+    Header,
+    KeySpec,
+    WindowSpec,
+    model_identity,
+    open_datastore,
+)
 from knnlm.index import check_index_spec
 
 logger = logging.getLogger(__name__)

@@ -21,7 +21,7 @@ from knnlm.errors import KeyLayerError
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["KeyLayerError", "check_layer_spec", "find_key_module", "capture_keys", "Capture"]
+__all__ = ["KeyLayerError", "find_key_module", "capture_keys", "Capture"]
 
 # Child names of a decoder block that hold its feed-forward network, most specific first.
 # OPT and some others have no FFN submodule: their first FFN linear ("fc1") takes the normed input.

@@ -82,7 +82,8 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--model", default="smollm2", metavar="NAME",
                    help="alias (smollm2, the bundled default), local directory, .gguf file, or a hub "
                         "name in the local cache (default: %(default)s)")
-    g.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda, cuda:N (default: %(default)s)")
+    g.add_argument("--device", default="auto",
+                   help="auto (CUDA when present), cpu, cuda, cuda:N (default: %(default)s)")
     g.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
                    help="model weights dtype; auto = float32 on CPU, bfloat16 on CUDA (default: %(default)s)")
 
@@ -95,7 +96,8 @@ def _add_corpus_args(p: argparse.ArgumentParser, required: bool = True) -> None:
                    help="file-name pattern inside directories, repeatable (default: every file)")
     g.add_argument("--exclude", action="append", default=[], metavar="PATTERN",
                    help="relative-path pattern to skip inside directories, repeatable (e.g. 'test/*')")
-    g.add_argument("--text-field", default="text", help="jsonl key / dataset column with the text (default: %(default)s)")
+    g.add_argument("--text-field", default="text",
+                   help="jsonl key / dataset column with the text (default: %(default)s)")
     g.add_argument("--max-tokens", type=int, default=None, metavar="N",
                    help="use only the first N corpus tokens (deterministic; default: all)")
 
@@ -124,10 +126,12 @@ def _add_generate_parser(sub) -> None:
                    help="weight of the kNN distribution in [0, 1]; 0 = the base model (default: %(default)s)")
     g.add_argument("--knn-temperature", type=float, default=1.0, metavar="T",
                    help="softmax temperature over negative squared distances, > 0 (default: %(default)s)")
-    g.add_argument("--k", type=int, default=None, help="neighbours per step (default: 1024, capped at the datastore size)")
+    g.add_argument("--k", type=int, default=None,
+                   help="neighbours per step (default: 1024, capped at the datastore size)")
     g.add_argument("--nprobe", type=int, default=None, help="IVF lists to probe (default: the datastore's)")
     g = p.add_argument_group("decoding")
-    g.add_argument("--max-new-tokens", type=int, default=64, metavar="N", help="tokens to generate (default: %(default)s)")
+    g.add_argument("--max-new-tokens", type=int, default=64, metavar="N",
+                   help="tokens to generate (default: %(default)s)")
     g.add_argument("--do-sample", action="store_true", help="sample instead of greedy / beam search")
     g.add_argument("--temperature", type=float, default=None,
                    help="sampling temperature applied to the kNN-LM distribution (with --do-sample)")
@@ -179,7 +183,8 @@ def _add_eval_parser(sub) -> None:
     _add_corpus_args(e)
     g = e.add_argument_group("kNN-LM")
     g.add_argument("--lambda", dest="lambdas", default="0.25", metavar="L[,L...]",
-                   help="interpolation weight of the kNN distribution, in [0, 1]; a comma list sweeps (default: %(default)s)")
+                   help="interpolation weight of the kNN distribution, in [0, 1]; a comma list sweeps "
+                        "(default: %(default)s)")
     g.add_argument("--temperature", default="1", metavar="T[,T...]",
                    help="softmax temperature over negative squared distances, > 0 (default: %(default)s)")
     g.add_argument("--k", default=None, metavar="K[,K...]",

@@ -16,13 +16,16 @@ import hashlib
 import logging
 import sys
 import sysconfig
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import TypeVar
 
 from knnlm.errors import KnnlmError
 
 logger = logging.getLogger(__name__)
+T = TypeVar("T")
 
-__all__ = ["stdlib_root", "stdlib_files", "make_stdlib_split", "TEST_MODULUS"]
+__all__ = ["stdlib_root", "stdlib_files", "make_stdlib_split", "hash_key", "hash_split", "TEST_MODULUS"]
 
 TEST_MODULUS = 25  # ~4 % of the files are held out
 SPLITS_DIR = Path(__file__).parent / "splits"
@@ -34,8 +37,19 @@ def stdlib_root() -> Path:
     return Path(sysconfig.get_paths()["stdlib"])
 
 
-def _key(rel: str) -> int:
-    return int(hashlib.sha1(rel.encode()).hexdigest()[:12], 16)
+def hash_key(name: str) -> int:
+    """A document's split key: the first 48 bits of the SHA-1 of its name (UTF-8)."""
+    return int(hashlib.sha1(name.encode()).hexdigest()[:12], 16)
+
+
+def hash_split(items: Sequence[T], modulus: int, name: Callable[[T], str] = str) -> tuple[list[T], list[T]]:
+    """(train, test): an item is held out when ``hash_key(name(item)) % modulus == 0``; both keep
+    the input order. Deterministic and stable: adding or removing items never moves the others.
+    The committed stdlib split is ``hash_split`` of the relative paths, ordered by key."""
+    train, test = [], []
+    for x in items:
+        (test if hash_key(name(x)) % modulus == 0 else train).append(x)
+    return train, test
 
 
 def make_stdlib_split(root: Path | None = None) -> dict[str, list[str]]:
@@ -51,9 +65,9 @@ def make_stdlib_split(root: Path | None = None) -> dict[str, list[str]]:
         except UnicodeDecodeError:
             continue
         rels.append(rel)
-    rels.sort(key=lambda r: (_key(r), r))
-    return {"train": [r for r in rels if _key(r) % TEST_MODULUS],
-            "test": [r for r in rels if _key(r) % TEST_MODULUS == 0]}
+    rels.sort(key=lambda r: (hash_key(r), r))
+    train, test = hash_split(rels, TEST_MODULUS)
+    return {"train": train, "test": test}
 
 
 def stdlib_files(split: str, root: Path | None = None) -> list[str]:

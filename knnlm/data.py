@@ -13,9 +13,10 @@ import hashlib
 import json
 import logging
 import os
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterable, Iterator, NamedTuple, Sequence
+from typing import NamedTuple
 
 import numpy as np
 
@@ -80,7 +81,8 @@ def _check_head(path: Path, size: int, head: bytes) -> bool:
 
 
 def _not_utf8(path, e: UnicodeDecodeError) -> CorpusError:
-    return CorpusError(f"{path} is not valid UTF-8 (byte {e.start}); convert it or narrow the input with `globs`", param="data")
+    return CorpusError(f"{path} is not valid UTF-8 (byte {e.start}); convert it or narrow the input with `globs`",
+                       param="data")
 
 
 def sha256_text(text: str) -> str:
@@ -139,7 +141,8 @@ def resolve_sources(paths: Sequence[str | os.PathLike], globs: Sequence[str] = (
             out.append(Source(str(f), kind, size, digest))
     if not has_text:
         names = ", ".join(s.path for s in out[:3]) + (", ..." if len(out) > 3 else "")
-        raise CorpusError(f"the corpus is empty: {len(out)} file(s) with no text ({names}); check `data` / `globs`", param="data")
+        raise CorpusError(f"the corpus is empty: {len(out)} file(s) with no text ({names}); check `data` / `globs`",
+                          param="data")
     return out
 
 

@@ -22,16 +22,26 @@ from __future__ import annotations
 import logging
 import math
 import time
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
-from typing import TYPE_CHECKING, Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
 from knnlm.capture import capture_keys
 from knnlm.config import EvalConfig, check_context
-from knnlm.data import (Document, Source, batch_inputs, iter_batches, iter_documents, resolve_sources, sha256_text,
-                        tokenize_documents, tokenizer_bos)
+from knnlm.data import (
+    Document,
+    Source,
+    batch_inputs,
+    iter_batches,
+    iter_documents,
+    resolve_sources,
+    sha256_text,
+    tokenize_documents,
+    tokenizer_bos,
+)
 from knnlm.errors import CorpusError, KnnlmError
 from knnlm.retrieval import resolve_k
 from knnlm.scoring import knn_target_log_probs, lm_target_log_probs, mix

@@ -75,7 +75,7 @@ class KNNLogitsProcessor(LogitsProcessor):
         self._vocab = knnlm.datastore.header.model.vocab_size
 
     # ---- the key hook -------------------------------------------------------------------------
-    def __enter__(self) -> "KNNLogitsProcessor":
+    def __enter__(self) -> KNNLogitsProcessor:
         from knnlm.capture import capture_keys
 
         if self._ctx is not None:

@@ -37,7 +37,8 @@ def resolve_device(device: str | None = "auto") -> torch.device:
         raise ModelLoadError(f"`device` {device!r} is not a torch device; use auto, cpu or cuda[:N]",
                              param="device") from None
     if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ModelLoadError(f"`device` {device} asked for CUDA but torch sees no GPU; use `device` cpu", param="device")
+        raise ModelLoadError(f"`device` {device} asked for CUDA but torch sees no GPU; use `device` cpu",
+                             param="device")
     return dev
 
 

@@ -17,7 +17,7 @@ functional ``knnlm.evaluate(model, tokenizer, datastore, ...)`` below goes throu
 from __future__ import annotations
 
 import logging
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 import torch

@@ -11,10 +11,11 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import make_tiny_model
 from knnlm import BuildConfig, EvalConfig, build_datastore, evaluate
 from knnlm.corpora import stdlib_root
 from knnlm.data import tokenizer_bos
+
+from conftest import make_tiny_model
 
 FILES = ["colorsys.py", "keyword.py"]
 CONTEXT, STRIDE = 48, 20  # many windows per document, overlapping ones included

@@ -1,8 +1,9 @@
 import pytest
 import torch
 
-from conftest import ARCHS, make_tiny_model
 from knnlm.capture import KeyLayerError, capture_keys, find_key_module
+
+from conftest import ARCHS, make_tiny_model
 
 
 @pytest.mark.parametrize("arch", sorted(ARCHS))
@@ -21,7 +22,8 @@ def test_key_is_the_normed_input_of_the_last_ffn(arch):
     finally:
         handle.remove()
     assert keys.shape == (2, 11, model.config.hidden_size)
-    torch.testing.assert_close(keys.reshape(-1, keys.shape[-1]), seen["out"].reshape(-1, keys.shape[-1]), rtol=0, atol=0)
+    d = keys.shape[-1]
+    torch.testing.assert_close(keys.reshape(-1, d), seen["out"].reshape(-1, d), rtol=0, atol=0)
     # and it is not simply a hidden state HF already exposes (the key sits inside the last layer)
     assert not torch.allclose(keys, out.hidden_states[-2], atol=1e-3)
 

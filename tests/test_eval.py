@@ -4,14 +4,15 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import make_tiny_model
+from knnlm import evaluate, format_results
 from knnlm.build import build_datastore
 from knnlm.config import BuildConfig, ConfigError, EvalConfig
 from knnlm.data import CorpusError
 from knnlm.datastore import DatastoreError
 from knnlm.errors import KnnlmError
-from knnlm import evaluate, format_results
 from knnlm.retrieval import Retriever
+
+from conftest import make_tiny_model
 
 TEXTS = ["def add(a, b):\n    return a + b\n", "import os\nprint(os.getcwd())\n",
          "class Point:\n    def __init__(self, x, y):\n        self.x = x\n        self.y = y\n"]
@@ -50,7 +51,8 @@ def test_sweep_equals_single_runs(store, tiny_tokenizer, corpus_dir):
     assert len(sweep["grid"]) == 8
     assert sweep["best"]["ppl"] == min(r["ppl"] for r in sweep["grid"])
     for row in sweep["grid"]:
-        single = evaluate(model, tiny_tokenizer, ds, data, _cfg(lambdas=[row["lambda"]], temperatures=[row["temperature"]],
+        single = evaluate(model, tiny_tokenizer, ds, data, _cfg(lambdas=[row["lambda"]],
+                                                                  temperatures=[row["temperature"]],
                                                                   ks=[row["k"]]))
         assert single["ppl_knn"] == pytest.approx(row["ppl"], rel=1e-5)
         assert single["ppl_base"] == sweep["ppl_base"]

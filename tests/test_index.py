@@ -48,7 +48,8 @@ def test_ivf_recall_against_exact(tmp_path):
     assert recall > 0.99  # nprobe = nlist: every list is scanned, fp16 storage is exact for fp16 keys
 
 
-@pytest.mark.parametrize("spec, match", [("IVFbogus", "`index` .IVFbogus. is invalid"), ("IVF4096,Flat", "at least 4096 keys")])
+@pytest.mark.parametrize("spec, match", [("IVFbogus", "`index` .IVFbogus. is invalid"),
+                                         ("IVF4096,Flat", "at least 4096 keys")])
 def test_bad_specs(spec, match):
     with pytest.raises(IndexSpecError, match=match):
         plan_index(spec, 1000, 16)

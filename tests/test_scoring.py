@@ -4,8 +4,7 @@ import math
 import pytest
 import torch
 
-from knnlm.scoring import (check_mixture_args, interpolate_target, reference_interpolate,
-                           reference_interpolate_target)
+from knnlm.scoring import check_mixture_args, interpolate_target, reference_interpolate, reference_interpolate_target
 
 
 def _brute(logits, dists, values, lam, temp):

@@ -4,10 +4,10 @@ import math
 import numpy as np
 import pytest
 
+from knnlm import evaluate
 from knnlm.build import build_datastore
 from knnlm.config import BuildConfig, EvalConfig
 from knnlm.corpora import stdlib_root
-from knnlm import evaluate
 
 pytestmark = pytest.mark.slow
 FILES = ["colorsys.py", "keyword.py", "bisect.py"]  # ~2.4k SmolLM2 tokens

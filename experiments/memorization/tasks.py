@@ -129,16 +129,22 @@ def _recall_one_set(model, tok, datastore, passages: list[np.ndarray], *, prefix
                     continuation_tokens: int, lambdas: Sequence[float], temperature: float, k: int | None,
                     batch: int, examples: int, with_knn: bool) -> dict:
     """Exact match / token accuracy of greedy continuations of ``passages``, base LM then the
-    kNN-LM at each lambda, with the first ``examples`` decoded."""
+    kNN-LM at each lambda, with the first ``examples`` decoded. A passage starts inside its
+    document: the prompt gets the ``<bos>`` in front when the datastore's windows do."""
     device = next(model.parameters()).device
     pad_id = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
     arr = torch.from_numpy(np.stack(passages))
-    prompts, target = arr[:, :prefix_tokens].to(device), arr[:, prefix_tokens:]
+    prompts, target = arr[:, :prefix_tokens], arr[:, prefix_tokens:]
+    bos = datastore.header.window.bos
+    if bos is not None:
+        prompts = torch.cat([torch.full((len(prompts), 1), bos, dtype=prompts.dtype), prompts], dim=1)
+    prompts = prompts.to(device)
     res = {"passages": len(passages)}
     with torch.inference_mode():
         gen = _greedy(model.generate, prompts, continuation_tokens, pad_id, batch)
     res["base"] = _match_stats(gen, target)
-    res["examples"] = [{"prompt": tok.decode(prompts[i].tolist()), "target": tok.decode(target[i].tolist()),
+    res["examples"] = [{"prompt": tok.decode(prompts[i].tolist(), skip_special_tokens=True),
+                        "target": tok.decode(target[i].tolist()),
                         "base": _decode(tok, gen[i])}
                        for i in range(min(examples, len(passages)))]
     res["knn"] = []
