@@ -319,6 +319,20 @@ def _expect_npy(path: Path, shape: tuple, dtype, what: str) -> np.ndarray:
     return arr
 
 
+def _check_documents(path: Path, documents: list[dict], header: Header) -> None:
+    """Documents tile the tokens and the key rows in order (provenance and self-exclusion rely on it)."""
+    offset = row = 0
+    for i, d in enumerate(documents):
+        if d["offset"] != offset or d["first_row"] != row or d["length"] < 0:
+            raise DatastoreError(f"{path}/{DOCUMENTS}: document {i} ({d['name']}) starts at token {d['offset']}, "
+                                 f"row {d['first_row']}; expected {offset}, {row}; rebuild the datastore")
+        offset += d["length"]
+        row += max(d["length"] - 1, 0)
+    if (offset, row) != (header.tokens, header.count):
+        raise DatastoreError(f"{path}/{DOCUMENTS}: the documents hold {offset} tokens and {row} key rows, the header "
+                             f"{header.tokens} and {header.count}; rebuild the datastore")
+
+
 def open_datastore(path: str | os.PathLike, *, require_index: bool = True) -> Datastore:
     """Open a complete datastore, validating the header against the files."""
     path = Path(path)
@@ -344,6 +358,7 @@ def open_datastore(path: str | os.PathLike, *, require_index: bool = True) -> Da
     if len(documents) != header.corpus.documents:
         raise DatastoreError(f"{path}/{DOCUMENTS} lists {len(documents)} documents, header says "
                              f"{header.corpus.documents}; rebuild the datastore")
+    _check_documents(path, documents, header)
     if require_index:
         if not header.index:
             raise DatastoreError(f"datastore {path} has no index; run `knnlm build-index --resume` to build it")
