@@ -8,13 +8,14 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import make_tiny_model
 from knnlm import build as build_mod
 from knnlm import capture as capture_mod
 from knnlm.build import build_datastore
 from knnlm.capture import capture_keys
 from knnlm.config import BuildConfig
 from knnlm.datastore import DatastoreError, model_identity, open_datastore
+
+from conftest import make_tiny_model
 
 
 def _header(path) -> dict:
@@ -162,7 +163,6 @@ def test_sigkill_midway_then_resume_is_byte_identical(tmp_path, tiny_tokenizer, 
     import subprocess
     import sys
     from pathlib import Path
-
 
     # a wider tiny model, so the build lasts past the first progress commit
     import transformers

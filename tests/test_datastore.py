@@ -71,7 +71,8 @@ def test_merge_of_three_shards_deduplicates_sources(tiny_model, tiny_tokenizer, 
     for k in ("count", "total", "tokens"):
         assert mh[k] == wh[k], k
     # the arrays, byte for byte (the .npy files' own headers may differ in format version: 1.0 / 2.0)
-    for name, a, b in zip(ARRAYS, (merged.keys, merged.values, merged.tokens), (whole.keys, whole.values, whole.tokens)):
+    pairs = ((merged.keys, whole.keys), (merged.values, whole.values), (merged.tokens, whole.tokens))
+    for name, (a, b) in zip(ARRAYS, pairs):
         assert a.dtype == b.dtype and a.shape == b.shape, name
         assert np.asarray(a).tobytes() == np.asarray(b).tobytes(), name
     assert merged.provenance([len(s1) + len(s2) + 2]) == [(c_txt, 3)]

@@ -3,13 +3,14 @@
 import numpy as np
 import pytest
 import torch
+from test_knnlm import _brute_neighbours, _dense_mixture, _forward
 from transformers.generation.utils import GenerateBeamDecoderOnlyOutput, GenerateDecoderOnlyOutput
 
-from conftest import make_tiny_model
 from knnlm import KNNLM, BuildConfig, GenerateError, KNNLogitsProcessor, build_datastore, find_key_module
 from knnlm.cli import main
 from knnlm.corpora import stdlib_root
-from test_knnlm import _brute_neighbours, _dense_mixture, _forward
+
+from conftest import make_tiny_model
 
 PROMPTS = ["def bisect_left(a, x", "import os\n", "class Point:\n    def __init__(self"]
 

@@ -264,6 +264,7 @@ def test_log_probs_lambda_zero_is_log_softmax(tiny_store, tiny_tokenizer, probe)
 
 def test_knnlm_refuses_another_model_and_bad_settings(tiny_store, tiny_tokenizer):
     from knnlm import DatastoreError
+
     from conftest import make_tiny_model
 
     model, ds = tiny_store
