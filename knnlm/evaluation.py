@@ -14,7 +14,9 @@ last document), each query whose own key is in the datastore has it excluded fro
 (``exclude_self``, on by default): otherwise retrieval would find the answer at distance zero and
 the perplexity would be meaningless. The result says how many documents and tokens overlapped.
 
-``run(model, tokenizer, knn, ...)`` is the loop; ``knnlm.evaluate`` and ``KNNLM.evaluate`` call it.
+``run(model, tokenizer, knn, ...)`` is the loop; ``EvaluationMixin`` gives ``KNNLM`` its
+``evaluate`` method (as ``transformers``' ``GenerationMixin`` gives models ``generate``), and the
+functional ``knnlm.evaluate`` calls ``run`` through a ``KNNLM``.
 """
 
 from __future__ import annotations
@@ -24,7 +26,6 @@ import math
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
-from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -42,17 +43,14 @@ from knnlm.data import (
     tokenize_documents,
     tokenizer_bos,
 )
+from knnlm.datastore import Datastore
 from knnlm.errors import CorpusError, KnnlmError
 from knnlm.retrieval import resolve_k
 from knnlm.scoring import knn_target_log_probs, lm_target_log_probs, mix
 
-if TYPE_CHECKING:
-    from knnlm.datastore import Datastore
-    from knnlm.model import KNNLM
-
 logger = logging.getLogger(__name__)
 
-__all__ = ["run", "BUCKET_EDGES", "format_results"]
+__all__ = ["EvaluationMixin", "run", "BUCKET_EDGES", "format_results"]
 
 # Datastore-corpus frequency buckets of the target token: [0], [1, 10), [10, 100), ...
 BUCKET_EDGES = (0, 1, 10, 100, 1_000, 10_000)
@@ -72,6 +70,23 @@ def _ppl(nll: float, n: int) -> float | None:
         return None
     v = nll / n
     return math.exp(v) if v < 700 else None  # None: infinite (a target with zero probability)
+
+
+class EvaluationMixin:
+    """``evaluate`` for ``KNNLM`` (which provides ``model``, ``tokenizer``, ``datastore``,
+    ``search`` and the settings ``lam``, ``temperature``, ``k``, ``nprobe``, ``rerank``)."""
+
+    def evaluate(self, data: Sequence | None = None, *, texts: Sequence[str] | None = None, **settings) -> dict:
+        """Perplexity with and without retrieval on ``data`` (paths or ``Source``s) or ``texts``,
+        at this object's settings; keyword ``settings`` override ``EvalConfig`` fields (e.g.
+        ``lambdas=[0.1, 0.25]`` for a sweep, scored from one retrieval)."""
+        base = dict(lambdas=[self.lam], temperatures=[self.temperature], ks=[self.k], nprobe=self.nprobe,
+                    rerank=self.rerank)
+        base.update(settings)
+        cfg = EvalConfig(**base)
+        same = (cfg.nprobe, cfg.rerank) == (self.nprobe, self.rerank)
+        knn = self if same else self.replace(nprobe=cfg.nprobe, rerank=cfg.rerank)
+        return run(self.model, self.tokenizer, knn, data, cfg, texts=texts)
 
 
 # ---------------------------------------------------------------------------- the eval text
@@ -171,7 +186,7 @@ class _Tally:
 # ---------------------------------------------------------------------------- the loop
 
 
-def _score_knn(knn: KNNLM, tally: _Tally, grid, cfg: EvalConfig, query: torch.Tensor, tgt: torch.Tensor,
+def _score_knn(knn: EvaluationMixin, tally: _Tally, grid, cfg: EvalConfig, query: torch.Tensor, tgt: torch.Tensor,
                lp_lm: torch.Tensor, exclude: torch.Tensor | None, counts: torch.Tensor) -> None:
     """One retrieval at the largest k, then every (k, T, lambda) of the grid from its neighbours."""
     kmax = max(k for _, _, k in grid)
@@ -185,7 +200,7 @@ def _score_knn(knn: KNNLM, tally: _Tally, grid, cfg: EvalConfig, query: torch.Te
         tally.add_setting(gi, bucket, mix(lp_lm, lp_knn[(k, t)], lam))
 
 
-def run(model, tokenizer, knn: KNNLM | None, data: Sequence | None, cfg: EvalConfig, *,
+def run(model, tokenizer, knn: EvaluationMixin | None, data: Sequence | None, cfg: EvalConfig, *,
         texts: Sequence[str] | None = None) -> dict:
     """Score ``data`` or ``texts`` with the base LM and, when ``knn`` is given, every setting of
     ``cfg``'s grid with ``knn``'s model, datastore and retriever. Returns a JSON-ready dict."""
@@ -263,7 +278,7 @@ def _base_result(tally: _Tally, docs, context: int, stride: int, bos, cfg: EvalC
     }
 
 
-def _knn_result(tally: _Tally, grid, knn: KNNLM, overlap: _Overlap, cfg: EvalConfig) -> dict:
+def _knn_result(tally: _Tally, grid, knn: EvaluationMixin, overlap: _Overlap, cfg: EvalConfig) -> dict:
     n = tally.n
     results = [{"lambda": lam, "temperature": t, "k": k, "ppl": _ppl(float(tally.nll[gi]), n)}
                for gi, (lam, t, k) in enumerate(grid)]

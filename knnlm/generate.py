@@ -28,15 +28,11 @@ from __future__ import annotations
 
 import logging
 import math
-from typing import TYPE_CHECKING
 
 import torch
 from transformers import LogitsProcessor, LogitsProcessorList
 
 from knnlm.errors import GenerateError
-
-if TYPE_CHECKING:
-    from knnlm.model import KNNLM
 
 logger = logging.getLogger(__name__)
 
@@ -48,6 +44,17 @@ _UNSUPPORTED = {
     "prompt_lookup_num_tokens": "prompt-lookup decoding",
     "custom_generate": "custom_generate",
 }
+
+class GenerationMixin:
+    """``generate`` for ``KNNLM`` (which provides ``model``, ``datastore``, ``key_layer``, ``search``,
+    ``mix`` and ``lam``), as ``transformers``' ``GenerationMixin`` gives models theirs."""
+
+    def generate(self, inputs: torch.Tensor | None = None, **kwargs):
+        """``model.generate`` with the kNN-LM mixture at every step: same keyword arguments (greedy,
+        sampling, beam search, ``max_new_tokens``, ``attention_mask``, ...), same return types.
+        ``processor=KNNLogitsProcessor(knn, record=N)`` keeps the neighbours of the first N steps."""
+        return generate(self, inputs, **kwargs)
+
 
 class KNNLogitsProcessor(LogitsProcessor):
     """Replace the next-token scores by kNN-LM log-probabilities.
@@ -65,7 +72,7 @@ class KNNLogitsProcessor(LogitsProcessor):
     the prompt when the KV cache is used).
     """
 
-    def __init__(self, knnlm: KNNLM, *, record: int = 0):
+    def __init__(self, knnlm: GenerationMixin, *, record: int = 0):
         self.knnlm = knnlm
         self.record = int(record)
         self.records: list[tuple[torch.Tensor, torch.Tensor]] = []
@@ -139,7 +146,7 @@ class KNNLogitsProcessor(LogitsProcessor):
         return out
 
 
-def generate(knnlm: KNNLM, inputs: torch.Tensor | None = None, *, logits_processor=None,
+def generate(knnlm: GenerationMixin, inputs: torch.Tensor | None = None, *, logits_processor=None,
              processor: KNNLogitsProcessor | None = None, **kwargs):
     """``model.generate`` with the kNN-LM mixture: same keyword arguments, same return types.
 

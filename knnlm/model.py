@@ -10,8 +10,9 @@
 The object checks once that the datastore was built by this model and tokenizer (the model
 identity is hashed here and nowhere else per call), owns the one ``Retriever``, and turns
 (logits, query hidden states) into kNN-LM log-probabilities with ``knnlm.scoring``, the one place
-the formula lives. ``knnlm.evaluation`` and ``knnlm.generate`` are the ways to use it; the
-functional ``knnlm.evaluate(model, tokenizer, datastore, ...)`` below goes through a ``KNNLM``.
+the formula lives. Its ``evaluate`` and ``generate`` come from the mixins of
+``knnlm.evaluation`` and ``knnlm.generate`` (the ways to use it, below it); the functional
+``knnlm.evaluate(model, tokenizer, datastore, ...)`` here goes through a ``KNNLM``.
 """
 
 from __future__ import annotations
@@ -22,11 +23,11 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-from knnlm import evaluation
-from knnlm import generate as generation
 from knnlm.config import EvalConfig, check_mixture
 from knnlm.datastore import Datastore, model_identity
-from knnlm.retrieval import Retriever
+from knnlm.evaluation import EvaluationMixin, run
+from knnlm.generate import GenerationMixin
+from knnlm.retrieval import Retriever, resolve_k
 from knnlm.scoring import interpolate
 
 logger = logging.getLogger(__name__)
@@ -34,8 +35,11 @@ logger = logging.getLogger(__name__)
 __all__ = ["KNNLM", "evaluate"]
 
 
-class KNNLM:
-    """A model + datastore with fixed kNN-LM settings (lambda, temperature, k, nprobe, rerank)."""
+class KNNLM(EvaluationMixin, GenerationMixin):
+    """A model + datastore with fixed kNN-LM settings (lambda, temperature, k, nprobe, rerank).
+
+    ``evaluate`` (perplexity, sweeps) comes from ``knnlm.evaluation.EvaluationMixin`` and
+    ``generate`` (``model.generate`` with the mixture) from ``knnlm.generate.GenerationMixin``."""
 
     def __init__(self, model, datastore: Datastore, tokenizer, *, lam: float = 0.25, temperature: float = 1.0,
                  k: int | None = None, nprobe: int | None = None, rerank: bool = False, use_kernel: bool = True):
@@ -98,25 +102,6 @@ class KNNLM:
         dists, values, _ = self.search(hidden)  # (B, k), (B, k)
         return self.mix(logits, dists, values)
 
-    # ---- the ways to use it -------------------------------------------------------------------
-    def evaluate(self, data: Sequence | None = None, *, texts: Sequence[str] | None = None, **settings) -> dict:
-        """Perplexity with and without retrieval on ``data`` (paths or ``Source``s) or ``texts``,
-        at this object's settings; keyword ``settings`` override ``EvalConfig`` fields (e.g.
-        ``lambdas=[0.1, 0.25]`` for a sweep). See ``knnlm.evaluation``."""
-        base = dict(lambdas=[self.lam], temperatures=[self.temperature], ks=[self.k], nprobe=self.nprobe,
-                    rerank=self.rerank)
-        base.update(settings)
-        cfg = EvalConfig(**base)
-        same = (cfg.nprobe, cfg.rerank) == (self.nprobe, self.rerank)
-        knn = self if same else self.replace(nprobe=cfg.nprobe, rerank=cfg.rerank)
-        return evaluation.run(self.model, self.tokenizer, knn, data, cfg, texts=texts)
-
-    def generate(self, inputs: torch.Tensor | None = None, **kwargs):
-        """``model.generate`` with the kNN-LM mixture at every step: same keyword arguments (greedy,
-        sampling, beam search, ``max_new_tokens``, ``attention_mask``, ...), same return types.
-        See ``knnlm.generate``."""
-        return generation.generate(self, inputs, **kwargs)
-
     def neighbours(self, rows, dists=None, *, context: int = 12) -> list[dict]:
         """Where datastore rows come from: one dict per row id >= 0 (missing neighbours, -1, are
         skipped) with ``row``, ``document`` (name), ``position`` (token offset in the document of
@@ -153,9 +138,7 @@ def evaluate(model, tokenizer, datastore: Datastore | None, data: Sequence | Non
     cfg = cfg or EvalConfig()
     knn = None
     if datastore is not None:
-        from knnlm.retrieval import resolve_k
-
         kmax = max(resolve_k(k, len(datastore), param="ks") for k in cfg.ks)
         knn = KNNLM(model, datastore, tokenizer, lam=cfg.lambdas[0], temperature=cfg.temperatures[0], k=kmax,
                     nprobe=cfg.nprobe, rerank=cfg.rerank)
-    return evaluation.run(model, tokenizer, knn, data, cfg, texts=texts)
+    return run(model, tokenizer, knn, data, cfg, texts=texts)
