@@ -25,8 +25,9 @@ def real_store(smollm2, tmp_path_factory):
 def test_real_model_datastore(real_store):
     model, tok, ds = real_store
     h = ds.header
-    assert h["model"]["class"] == "LlamaForCausalLM" and h["model"]["vocab_size"] == 49152
-    assert h["key"]["layer"] == "model.layers.29.mlp" and h["key"]["dim"] == 576
+    assert h.model.model_class == "LlamaForCausalLM" and h.model.vocab_size == 49152
+    assert h.key.layer == "model.layers.29.mlp" and h.key.dim == 576
+    assert h.window.bos is None  # SmolLM2's tokenizer adds no <bos>: its windows are unchanged
     assert ds.keys.shape == (len(ds), 576) and ds.keys.dtype == np.float16 and len(ds) > 1500
     assert np.isfinite(ds.keys[:].astype(np.float32)).all()
     # values are the tokenizer's ids of the corpus text
