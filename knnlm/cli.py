@@ -91,7 +91,9 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
 def _add_corpus_args(p: argparse.ArgumentParser, required: bool = True) -> None:
     g = p.add_argument_group("corpus")
     g.add_argument("--data", nargs="+", required=required, metavar="PATH",
-                   help="text files, directories (recursive), .jsonl files or `datasets.save_to_disk` directories")
+                   help="text files, directories (recursive), JSON-lines files (.jsonl, .jsonl.gz, .jsonl.zst), "
+                        "Parquet files, or `datasets.save_to_disk` directories; .jsonl.zst and Parquet need "
+                        "pip install zstandard / pyarrow (the extra knnlm[formats])")
     g.add_argument("--glob", action="append", default=None, metavar="PATTERN",
                    help="file-name pattern inside directories, repeatable (default: every file)")
     g.add_argument("--exclude", action="append", default=[], metavar="PATTERN",

@@ -1,18 +1,26 @@
 """Reading corpora, tokenizing them, and the sliding-window protocol shared by build and eval.
 
-Inputs are text files, directories (recursive, filtered by glob patterns), ``.jsonl`` files (one
-JSON object per line, text under ``text_field``) and Hugging Face ``datasets`` saved with
-``save_to_disk``. Each yields *documents*; windows never cross a document boundary.
+Inputs are text files, directories (recursive, filtered by glob patterns), JSON-lines files (one
+JSON object per line, text under ``text_field``; ``.jsonl``, gzip-compressed ``.jsonl.gz``,
+zstd-compressed ``.jsonl.zst``), Parquet files (each row a document, text in column
+``text_field``) and Hugging Face ``datasets`` saved with ``save_to_disk``. Each yields
+*documents*; windows never cross a document boundary. Files are read as streams: memory holds one
+document (a text file), one line plus one (decompressed) read block (JSON lines) or one batch of
+rows (Parquet, read row group by row group), never a whole compressed or columnar file. Reading
+``.jsonl.zst`` needs ``zstandard`` and Parquet needs ``pyarrow`` (the extra ``knnlm[formats]``).
 """
 
 from __future__ import annotations
 
 import codecs
 import fnmatch
+import gzip
 import hashlib
+import importlib
 import json
 import logging
 import os
+import zlib
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,14 +39,23 @@ __all__ = [
     "sha256_text",
 ]
 
-HEAD_BYTES = 8192  # how much of each text file is checked for NUL bytes / UTF-8 before any model is loaded
+HEAD_BYTES = 8192  # how much of each file's (decompressed) text is checked before any model is loaded
+READ_BYTES = 1 << 17  # block size of streamed reads (the size zstd recommends for its input)
+PARQUET_BATCH_ROWS = 256  # rows converted to Python strings at a time
+
+# kind -> (module to import, package to pip install, what the file is); the optional readers
+_OPTIONAL = {"parquet": ("pyarrow.parquet", "pyarrow", "a Parquet"),
+             "jsonl.zst": ("zstandard", "zstandard", "a zstd-compressed")}
+_JSONL_KINDS = ("jsonl", "jsonl.gz", "jsonl.zst")
+_COMPRESSED_SUFFIXES = (".gz", ".zst", ".zstd", ".bz2", ".xz", ".zip")
 
 
 @dataclass(frozen=True)
 class Source:
-    """One input file (or dataset directory) with what identifies its content."""
+    """One input file (or dataset directory) with what identifies its content (the SHA-256 of the
+    file's bytes as stored, compressed or not)."""
     path: str
-    kind: str  # "text" | "jsonl" | "hf_dataset"
+    kind: str  # "text" | "jsonl" | "jsonl.gz" | "jsonl.zst" | "parquet" | "hf_dataset"
     size: int
     sha256: str
 
@@ -48,7 +65,7 @@ class Source:
 
 @dataclass(frozen=True)
 class Document:
-    name: str  # file path, or "path:line" for jsonl, or "path[i]" for datasets
+    name: str  # file path, or "path:line" for JSON lines, or "path[i]" for Parquet rows and datasets
     source: int  # index into the source list
     text: str
 
@@ -69,15 +86,19 @@ def _hash_and_head(path: str | os.PathLike, chunk: int = 1 << 20) -> tuple[str, 
     return h.hexdigest(), head
 
 
-def _check_head(path: Path, size: int, head: bytes) -> bool:
-    """Refuse a binary or non-UTF-8 file from its first bytes; True when it holds any text."""
+def _check_head(path: Path, head: bytes, complete: bool) -> bool:
+    """Refuse a binary or non-UTF-8 file from its first bytes (``head``; ``complete`` when that is
+    the whole text); True when it holds any text."""
     if b"\x00" in head:
-        raise CorpusError(f"{path} looks binary (NUL bytes); remove it or narrow the input with `globs`", param="data")
+        hint = (" (compressed: of compressed files only .jsonl.gz and .jsonl.zst are read)"
+                if Path(path).suffix in _COMPRESSED_SUFFIXES else "")
+        raise CorpusError(f"{path} looks binary (NUL bytes){hint}; remove it or narrow the input with `globs`",
+                          param="data")
     try:
-        codecs.getincrementaldecoder("utf-8")().decode(head, final=size <= len(head))
+        codecs.getincrementaldecoder("utf-8")().decode(head, final=complete)
     except UnicodeDecodeError as e:
         raise _not_utf8(path, e) from None
-    return size > len(head) or bool(head.strip())
+    return not complete or bool(head.strip())
 
 
 def _not_utf8(path, e: UnicodeDecodeError) -> CorpusError:
@@ -99,11 +120,15 @@ def _dir_size(p: Path) -> int:
 
 
 def resolve_sources(paths: Sequence[str | os.PathLike], globs: Sequence[str] = ("*",),
-                    exclude: Sequence[str] = ()) -> list[Source]:
+                    exclude: Sequence[str] = (), *, text_field: str | None = None) -> list[Source]:
     """Expand input paths into a sorted, deterministic list of sources (hashing each).
 
     Cheap checks happen here, before any model is loaded: missing paths, directories with no
-    matching file, binary or non-UTF-8 files (from their first bytes), and a corpus with no text.
+    matching file, a missing optional package (``pyarrow`` for Parquet, ``zstandard`` for
+    ``.jsonl.zst``), binary or non-UTF-8 files (from their first bytes, decompressed for
+    ``.jsonl.gz`` / ``.jsonl.zst``), unreadable compressed or Parquet files (gzip / zstd headers,
+    the Parquet footer), and a corpus with no text. With ``text_field`` also the JSON lines in
+    each file's first bytes and each Parquet file's column (present, of strings).
     """
     if not paths:
         raise CorpusError("no input given: pass `data` with at least one file or directory", param="data")
@@ -124,6 +149,10 @@ def resolve_sources(paths: Sequence[str | os.PathLike], globs: Sequence[str] = (
             files.extend((f, _kind_of(f)) for f in found)
         else:
             files.append((p, _kind_of(p)))
+    for kind in _OPTIONAL:  # a missing package fails before any file is hashed
+        first = next((f for f, k in files if k == kind), None)
+        if first is not None:
+            _optional(kind, first)
     out, has_text = [], False
     for f, kind in files:
         if kind == "hf_dataset":
@@ -137,7 +166,7 @@ def resolve_sources(paths: Sequence[str | os.PathLike], globs: Sequence[str] = (
         else:
             size = f.stat().st_size
             digest, head = _hash_and_head(f)
-            has_text |= _check_head(f, size, head)
+            has_text |= _check_file(f, kind, size, head, text_field)
             out.append(Source(str(f), kind, size, digest))
     if not has_text:
         names = ", ".join(s.path for s in out[:3]) + (", ..." if len(out) > 3 else "")
@@ -146,29 +175,240 @@ def resolve_sources(paths: Sequence[str | os.PathLike], globs: Sequence[str] = (
     return out
 
 
+def _check_file(f: Path, kind: str, size: int, head: bytes, text_field: str | None) -> bool:
+    """The cheap check of one file of ``kind`` (``head``: its first raw bytes); True when it may
+    hold text."""
+    if kind == "parquet":
+        with _open_parquet(f) as pf:
+            if text_field is not None:
+                _parquet_text_column(f, pf, text_field)
+            return pf.metadata.num_rows > 0
+    complete = size <= len(head)
+    if kind in ("jsonl.gz", "jsonl.zst"):
+        head, complete = _stream_head(_chunks(str(f), kind))
+    has_text = _check_head(f, head, complete)
+    if kind in _JSONL_KINDS and text_field is not None:
+        lines = head.split(b"\n")
+        for _ in _jsonl_texts(str(f), lines if complete else lines[:-1], text_field):
+            pass  # every complete line in the head parses and has the field
+    return has_text
+
+
+def _stream_head(chunks: Iterator[bytes]) -> tuple[bytes, bool]:
+    """The first HEAD_BYTES bytes of a (decompressed) stream, and whether that is all of it.
+    Decompresses about READ_BYTES and no further, so a small file is read whole here: one cut
+    short or damaged is refused before any model loads."""
+    head, total, ended = bytearray(), 0, False
+    try:
+        for chunk in chunks:
+            if len(head) <= HEAD_BYTES:
+                head += chunk[: HEAD_BYTES + 1 - len(head)]
+            total += len(chunk)
+            if total > READ_BYTES:
+                break
+        else:
+            ended = True
+    finally:
+        chunks.close()
+    return bytes(head[:HEAD_BYTES]), ended and len(head) <= HEAD_BYTES
+
+
 def check_build_inputs(data: Sequence[str | os.PathLike], cfg) -> list[Source]:
     """Everything about a build (``cfg``: a ``BuildConfig``) that can be checked before a model
-    is loaded, cheapest first: the corpus (paths, empty, binary or non-UTF-8 files), the key-layer
-    spelling, the index specification. Imports neither torch nor transformers. Returns the sources."""
+    is loaded, cheapest first: the corpus (paths, empty, binary or non-UTF-8 files, unreadable
+    compressed or Parquet files, the ``text_field`` of JSON lines and Parquet columns, missing
+    optional packages), the key-layer spelling, the index specification. Imports neither torch
+    nor transformers. Returns the sources."""
     from knnlm.index import check_index_spec
 
-    sources = resolve_sources(data, cfg.globs, cfg.exclude)
+    sources = resolve_sources(data, cfg.globs, cfg.exclude, text_field=cfg.text_field)
     check_layer_spec(cfg.layer)
     check_index_spec(cfg.index)
     return sources
 
 
 def _kind_of(f: Path) -> str:
-    return "jsonl" if f.suffix == ".jsonl" else "text"
+    name = f.name
+    if name.endswith(".jsonl.gz"):
+        return "jsonl.gz"
+    if name.endswith(".jsonl.zst"):
+        return "jsonl.zst"
+    return {".jsonl": "jsonl", ".parquet": "parquet"}.get(f.suffix, "text")
+
+
+def _optional(kind: str, path):
+    """The module reading ``kind`` files, or a one-line error saying what to install."""
+    module, package, what = _OPTIONAL[kind]
+    try:
+        return importlib.import_module(module)
+    except ImportError:
+        raise CorpusError(f"{path} is {what} file: `pip install {package}` to read it (the extra knnlm[formats] "
+                          "installs it too)", param="data") from None
+
+
+def _one_line(e: BaseException, limit: int = 200) -> str:
+    text = " ".join(str(e).split()) or type(e).__name__
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _corrupt(path, what: str, e: BaseException) -> CorpusError:
+    return CorpusError(f"{path}: corrupt or truncated {what} data ({_one_line(e)}); re-download or recompress it",
+                       param="data")
 
 
 def _read_text(path: str) -> str:
     data = Path(path).read_bytes()
-    _check_head(Path(path), len(data), data[:HEAD_BYTES])
+    _check_head(Path(path), data[:HEAD_BYTES], len(data) <= HEAD_BYTES)
     try:
         return data.decode("utf-8")
     except UnicodeDecodeError as e:
         raise _not_utf8(path, e) from None
+
+
+# ---------------------------------------------------------------------------- JSON lines
+
+
+def _chunks(path: str, kind: str) -> Iterator[bytes]:
+    """The (decompressed) bytes of a JSON-lines file, in blocks of bounded size."""
+    if kind == "jsonl.gz":
+        return _gzip_chunks(path)
+    if kind == "jsonl.zst":
+        return _zstd_chunks(path)
+    return _plain_chunks(path)
+
+
+def _plain_chunks(path: str) -> Iterator[bytes]:
+    with open(path, "rb") as f:
+        while chunk := f.read(READ_BYTES):
+            yield chunk
+
+
+def _gzip_chunks(path: str) -> Iterator[bytes]:
+    with gzip.open(path, "rb") as f:  # several members in one file are read one after the other
+        try:
+            while chunk := f.read(READ_BYTES):
+                yield chunk
+        except (OSError, EOFError, zlib.error) as e:  # bad header or CRC, cut short
+            raise _corrupt(path, "gzip", e) from None
+
+
+def _zstd_chunks(path: str) -> Iterator[bytes]:
+    """zstd frames one after the other (skippable frames give nothing). A decompression object per
+    frame rather than ``stream_reader``: the reader ends quietly on a truncated file, the object
+    tells (``eof`` stays False)."""
+    zstd = _optional("jsonl.zst", path)
+    dctx = zstd.ZstdDecompressor()
+    with open(path, "rb") as f:
+        frame, in_frame = dctx.decompressobj(), False
+        try:
+            while data := f.read(READ_BYTES):
+                while data:
+                    out = frame.decompress(data)
+                    if frame.eof:
+                        data, frame, in_frame = frame.unused_data, dctx.decompressobj(), False
+                    else:
+                        data, in_frame = b"", True
+                    if out:
+                        yield out
+        except zstd.ZstdError as e:
+            raise _corrupt(path, "zstd", e) from None
+        if in_frame:
+            raise _corrupt(path, "zstd", EOFError("the file ends inside a frame"))
+
+
+def _lines(chunks: Iterable[bytes]) -> Iterator[bytes]:
+    """Split a stream of blocks at b"\n" (the newline itself dropped); holds one line at a time."""
+    pending: list[bytes] = []
+    for chunk in chunks:
+        parts = chunk.split(b"\n")
+        if len(parts) == 1:
+            pending.append(chunk)
+            continue
+        pending.append(parts[0])
+        yield b"".join(pending)
+        yield from parts[1:-1]
+        pending = [parts[-1]] if parts[-1] else []
+    if pending:
+        yield b"".join(pending)
+
+
+def _jsonl_texts(path: str, lines: Iterable[bytes], text_field: str) -> Iterator[tuple[int, str]]:
+    """``(line number, text)`` of every non-blank line. Lines end at "\\n", "\\r\\n" or "\\r"
+    (numbered as ``str.splitlines`` numbers them), never inside a JSON string: a raw U+2028 or
+    U+0085 in a string stays in the text."""
+    lineno = 0
+    for raw in lines:
+        if raw.endswith(b"\r"):
+            raw = raw[:-1]
+        for part in raw.split(b"\r"):  # a bare CR is not valid inside JSON strings: a line end
+            lineno += 1
+            try:
+                line = part.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise CorpusError(f"{path}:{lineno}: not valid UTF-8 (byte {e.start} of the line); convert the file",
+                                  param="data") from None
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise CorpusError(f"{path}:{lineno}: invalid JSON ({e.msg})") from None
+            if not isinstance(obj, dict) or not isinstance(obj.get(text_field), str):
+                raise CorpusError(f"{path}:{lineno}: no string field {text_field!r}; "
+                                  "set `text_field` to the key holding the text", param="text_field")
+            yield lineno, obj[text_field]
+
+
+# ---------------------------------------------------------------------------- Parquet
+
+
+def _open_parquet(path):
+    """A ``pyarrow.parquet.ParquetFile`` (its footer read and checked: the schema, row groups)."""
+    pq = _optional("parquet", path)
+    import pyarrow as pa
+
+    try:  # pre_buffer=False: read one row group's column chunk at a time, not all of them ahead
+        return pq.ParquetFile(path, pre_buffer=False)
+    except (pa.ArrowException, OSError) as e:
+        raise CorpusError(f"{path} is not a readable Parquet file ({_one_line(e)}); re-download or rewrite it",
+                          param="data") from None
+
+
+def _is_string_type(t) -> bool:
+    import pyarrow as pa
+
+    if pa.types.is_dictionary(t):
+        t = t.value_type
+    is_view = getattr(pa.types, "is_string_view", lambda _: False)
+    return pa.types.is_string(t) or pa.types.is_large_string(t) or is_view(t)
+
+
+def _parquet_text_column(path, pf, text_field: str) -> None:
+    schema = pf.schema_arrow
+    if text_field not in schema.names:
+        raise CorpusError(f"{path} has no column {text_field!r} (columns: {', '.join(schema.names)}); "
+                          "set `text_field`", param="text_field")
+    t = schema.field(text_field).type
+    if not _is_string_type(t):
+        raise CorpusError(f"{path}: column {text_field!r} holds {t}, not strings; set `text_field` to a "
+                          "string column", param="text_field")
+
+
+def _parquet_texts(path: str, text_field: str) -> Iterator[str]:
+    """The ``text_field`` of every row in order, row group by row group (a null is "")."""
+    import pyarrow as pa
+
+    with _open_parquet(path) as pf:
+        _parquet_text_column(path, pf, text_field)
+        row = 0
+        try:
+            for batch in pf.iter_batches(batch_size=PARQUET_BATCH_ROWS, columns=[text_field], use_threads=False):
+                for text in batch.column(0).to_pylist():
+                    yield text or ""
+                    row += 1
+        except (pa.ArrowException, OSError) as e:
+            raise CorpusError(f"{path}: corrupt Parquet data after {row} rows ({_one_line(e)}); re-download or "
+                              "rewrite it", param="data") from None
 
 
 def iter_documents(sources: Sequence[Source], text_field: str = "text") -> Iterator[Document]:
@@ -176,18 +416,12 @@ def iter_documents(sources: Sequence[Source], text_field: str = "text") -> Itera
     for si, src in enumerate(sources):
         if src.kind == "text":
             yield Document(src.path, si, _read_text(src.path))
-        elif src.kind == "jsonl":
-            for lineno, line in enumerate(_read_text(src.path).splitlines(), 1):
-                if not line.strip():
-                    continue
-                try:
-                    obj = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise CorpusError(f"{src.path}:{lineno}: invalid JSON ({e.msg})") from None
-                if not isinstance(obj, dict) or not isinstance(obj.get(text_field), str):
-                    raise CorpusError(f"{src.path}:{lineno}: no string field {text_field!r}; "
-                                      "set `text_field` to the key holding the text", param="text_field")
-                yield Document(f"{src.path}:{lineno}", si, obj[text_field])
+        elif src.kind in _JSONL_KINDS:
+            for lineno, text in _jsonl_texts(src.path, _lines(_chunks(src.path, src.kind)), text_field):
+                yield Document(f"{src.path}:{lineno}", si, text)
+        elif src.kind == "parquet":
+            for i, text in enumerate(_parquet_texts(src.path, text_field)):
+                yield Document(f"{src.path}[{i}]", si, text)
         elif src.kind == "hf_dataset":
             try:
                 import datasets  # optional dependency

@@ -1,8 +1,9 @@
+import gzip
 import json
 
 import pytest
 
-from knnlm.data import CorpusError, iter_documents, resolve_sources, windows
+from knnlm.data import CorpusError, Source, iter_documents, resolve_sources, sha256_file, windows
 
 
 @pytest.mark.parametrize("n, context, stride", [(1, 4, 3), (2, 4, 3), (10, 4, 3), (10, 4, 1), (10, 4, 2),
@@ -59,3 +60,34 @@ def test_missing_and_empty_inputs(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(CorpusError, match="no files"):
         resolve_sources([tmp_path / "empty"])
+
+
+def test_jsonl_line_ends_and_unicode_separators(tmp_path):
+    """Lines end at LF, CR LF or a bare CR and are numbered as before; a raw U+2028 / U+0085 inside
+    a JSON string (valid JSON, a line break to str.splitlines) stays in the text."""
+    f = tmp_path / "c.jsonl"
+    f.write_bytes('{"text": "a"}\r\n\r\n{"text": "b\u2028c"}\r{"text": "d\u0085e"}\n{"text": "f"}'.encode())
+    docs = list(iter_documents(resolve_sources([f], text_field="text")))
+    assert [(d.name.rsplit(":", 1)[1], d.text) for d in docs] == \
+           [("1", "a"), ("3", "b\u2028c"), ("4", "d\u0085e"), ("5", "f")]
+
+
+def test_jsonl_first_lines_checked_before_reading(tmp_path):
+    f = tmp_path / "c.jsonl"
+    f.write_text('{"text": "ok"}\n{"body": "no text"}\n')
+    resolve_sources([f])  # without `text_field`, the lines are not looked at
+    with pytest.raises(CorpusError, match=r"c.jsonl:2: no string field 'text'"):
+        resolve_sources([f], text_field="text")
+    f.write_bytes(b'{"text": "ok"}\n{"text": "caf\xe9"}\n')
+    with pytest.raises(CorpusError, match="not valid UTF-8"):
+        resolve_sources([f])
+    unchecked = Source(str(f), "jsonl", f.stat().st_size, sha256_file(f))  # reading checks every line
+    with pytest.raises(CorpusError, match=r"c.jsonl:2: not valid UTF-8"):
+        list(iter_documents([unchecked]))
+
+
+def test_compressed_file_of_another_kind_says_what_is_read(tmp_path):
+    f = tmp_path / "notes.txt.gz"
+    f.write_bytes(gzip.compress(b"some text\n", mtime=0))
+    with pytest.raises(CorpusError, match=r"binary.*only \.jsonl\.gz and \.jsonl\.zst"):
+        resolve_sources([f])
