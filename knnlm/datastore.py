@@ -25,6 +25,7 @@ document ``doc`` with ``doc.first_row <= r < doc.first_row + doc.length - 1`` an
 from __future__ import annotations
 
 import copy
+import fcntl
 import hashlib
 import json
 import logging
@@ -57,6 +58,7 @@ TOKENS = "tokens.npy"
 VALUES = "values.npy"
 KEYS = "keys.npy"
 INDEX = "index.faiss"
+LOCK = ".knnlm.lock"  # held (flock) by the one writer of a directory; other writers are refused
 KEY_DTYPES = {"float16": np.float16, "float32": np.float32}
 _OWNED_FILES = (HEADER, HEADER + ".tmp", DOCUMENTS, DOCUMENTS + ".tmp", TOKENS, TOKENS + ".tmp", VALUES,
                 VALUES + ".tmp", KEYS, INDEX, INDEX + ".tmp", TOKENS + ".part", VALUES + ".part")
@@ -398,8 +400,9 @@ class DatastoreWriter:
     or is refused by ``open_datastore``, never one that opens as valid before it is.
     """
 
-    def __init__(self, path: Path, header: Header, fresh: bool):
+    def __init__(self, path: Path, header: Header, fresh: bool, lock_fd: int | None = None):
         self.path, self.header, self.fresh = path, header, fresh
+        self._lock_fd = lock_fd
         self._fd: int | None = None
         self._offset = 0
         self._row_bytes = header.key.dim * np.dtype(KEY_DTYPES[header.key.dtype]).itemsize
@@ -409,20 +412,41 @@ class DatastoreWriter:
     def start(cls, path: str | os.PathLike, header: Header, *, resume: bool = False, overwrite: bool = False,
               resume_keys: Sequence[str] = ()) -> DatastoreWriter:
         """A writer for ``header`` at ``path``: a fresh datastore, or the one there when ``resume``
-        (same model, same ``build`` settings named in ``resume_keys``, same sources)."""
+        (same model, same ``build`` settings named in ``resume_keys``, same sources). The writer
+        holds the directory's lock until ``release`` (``finalize`` releases it): a second writer
+        of the same directory, in this or another process, is refused and changes nothing."""
         path = Path(path)
-        old = read_header(path) if path.exists() else None
-        if old is None:
-            if path.exists() and any(path.iterdir()) and not overwrite:
-                raise DatastoreError(f"`out` {path} exists, is not empty and holds no datastore; "
-                                     "choose an empty or new directory", param="out")
-        elif not overwrite:
-            cls._check_resumable(path, old, header, resume, resume_keys)
-            return cls(path, old, fresh=False)
+        created = not path.exists()
         path.mkdir(parents=True, exist_ok=True)
-        _clear(path)
-        header.write(path)
-        return cls(path, header, fresh=True)
+        try:
+            lock_fd = _lock(path)
+        except DatastoreError:
+            if created:
+                path.rmdir()
+            raise
+        try:
+            old = read_header(path)
+            if old is None:
+                if _listing(path) and not overwrite:
+                    raise DatastoreError(f"`out` {path} exists, is not empty and holds no datastore; "
+                                         "choose an empty or new directory", param="out")
+            elif not overwrite:
+                cls._check_resumable(path, old, header, resume, resume_keys)
+                return cls(path, old, fresh=False, lock_fd=lock_fd)
+            _clear(path)
+            header.write(path)
+            return cls(path, header, fresh=True, lock_fd=lock_fd)
+        except BaseException:
+            _unlock(path, lock_fd, remove=created and not _listing(path))
+            if created and not any(path.iterdir()):
+                path.rmdir()
+            raise
+
+    def release(self) -> None:
+        """Give up the directory's lock (idempotent)."""
+        fd, self._lock_fd = self._lock_fd, None
+        if fd is not None:
+            _unlock(self.path, fd, remove=False)
 
     @staticmethod
     def _check_resumable(path: Path, old: Header, new: Header, resume: bool, resume_keys: Sequence[str]) -> None:
@@ -448,11 +472,15 @@ class DatastoreWriter:
         self.header.write(self.path)
 
     def discard(self) -> None:
-        """Remove what a fresh writer wrote (after a failure before any key was computed)."""
+        """Remove what a fresh writer wrote (after a failure before any key was computed) and
+        release the lock."""
+        fd, self._lock_fd = self._lock_fd, None
         if self.fresh:
             _clear(self.path)
-            if not any(self.path.iterdir()):
-                self.path.rmdir()
+        if fd is not None:
+            _unlock(self.path, fd, remove=self.fresh and not _listing(self.path))
+        if self.fresh and not any(self.path.iterdir()):
+            self.path.rmdir()
 
     # ---- phase 1: the corpus ------------------------------------------------------------------
     def write_corpus(self, documents: Iterable[tuple[dict, np.ndarray]], progress: bool = True) -> None:
@@ -550,7 +578,35 @@ class DatastoreWriter:
                                         progress=progress)
         self.header.status = "complete"
         self.save_header()
+        self.release()
         return open_datastore(self.path)
+
+
+def _lock(path: Path) -> int:
+    """Take ``path``'s writer lock without waiting; refuse when another writer holds it."""
+    fd = os.open(path / LOCK, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "?"
+        os.close(fd)
+        raise DatastoreError(f"`out` {path} is being written by another process (pid {holder} holds {LOCK}); "
+                             "wait for it to finish or choose another `out`", param="out") from None
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    return fd
+
+
+def _unlock(path: Path, fd: int, *, remove: bool) -> None:
+    if remove:
+        (path / LOCK).unlink(missing_ok=True)
+    fcntl.flock(fd, fcntl.LOCK_UN)
+    os.close(fd)
+
+
+def _listing(path: Path) -> list[str]:
+    """What ``path`` holds besides the writer lock."""
+    return [p.name for p in path.iterdir() if p.name != LOCK]
 
 
 def _clear(path: Path) -> None:
@@ -587,7 +643,7 @@ def _derived_header(src: Header, **build_extra) -> Header:
 
 def _new_writer(out: str | os.PathLike, header: Header) -> DatastoreWriter:
     out = Path(out)
-    if out.exists() and any(out.iterdir()):
+    if out.exists() and _listing(out):
         raise DatastoreError(f"`out` {out} exists and is not empty; choose a new directory", param="out")
     return DatastoreWriter.start(out, header)
 
@@ -607,11 +663,14 @@ def subset_datastore(src: Datastore, out: str | os.PathLike, max_tokens: int, *,
     n = docs[-1]["first_row"] + docs[-1]["length"] - 1
     plan_index(index, n, src.dim)  # a bad index fails before anything is written
     writer = _new_writer(out, _derived_header(src.header, subset_of={"path": str(src.path), "max_tokens": max_tokens}))
-    writer.write_corpus(((d, src.document_tokens(i)) for i, d in enumerate(docs)), progress=False)
-    with writer:
-        writer.copy_rows(src.keys[:n], 0)
-        writer.commit(n)
-    return writer.finalize(index, seed=seed, progress=progress)
+    try:
+        writer.write_corpus(((d, src.document_tokens(i)) for i, d in enumerate(docs)), progress=False)
+        with writer:
+            writer.copy_rows(src.keys[:n], 0)
+            writer.commit(n)
+        return writer.finalize(index, seed=seed, progress=progress)
+    finally:
+        writer.release()
 
 
 # What must agree between the inputs of a merge besides the model: (section, field) of the header.
@@ -677,13 +736,16 @@ def merge_datastores(inputs: Sequence[str | os.PathLike | Datastore], out: str |
     header = _derived_header(stores[0].header, merged_from=merged_from)
     header.build["max_tokens"] = None
     writer = _new_writer(out, header)
-    sources: dict[str, int] = {}
-    writer.write_corpus(_merged_documents(stores, sources), progress=False)
-    writer.header.corpus.sources = [json.loads(k) for k in sources]
-    with writer, tqdm(total=writer.header.total, unit="key", desc="merging", disable=not progress) as bar:
-        row = 0
-        for ds in stores:
-            writer.copy_rows(ds.keys, row, bar)
-            row += len(ds)
-        writer.commit(row)
-    return writer.finalize(index, seed=seed, progress=progress)
+    try:
+        sources: dict[str, int] = {}
+        writer.write_corpus(_merged_documents(stores, sources), progress=False)
+        writer.header.corpus.sources = [json.loads(k) for k in sources]
+        with writer, tqdm(total=writer.header.total, unit="key", desc="merging", disable=not progress) as bar:
+            row = 0
+            for ds in stores:
+                writer.copy_rows(ds.keys, row, bar)
+                row += len(ds)
+            writer.commit(row)
+        return writer.finalize(index, seed=seed, progress=progress)
+    finally:
+        writer.release()

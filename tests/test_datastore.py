@@ -170,3 +170,43 @@ def test_open_refuses_documents_that_disagree_with_the_rows(tiny_store, tmp_path
     (copy / "documents.json").write_text(json.dumps(docs))
     with pytest.raises(DatastoreError, match="documents"):
         open_datastore(copy)
+
+
+def test_a_second_writer_of_the_same_directory_is_refused(tiny_store, tiny_tokenizer, tmp_path, capsys):
+    """Two builds into one `out` at once: the one that comes second is refused with a one-line
+    error while the first holds the directory's lock, and the first's datastore is intact."""
+    import fcntl
+    import os
+
+    from knnlm.cli import main
+    from knnlm.datastore import LOCK, DatastoreWriter, read_header
+
+    _, ds = tiny_store
+    out = tmp_path / "busy"
+    shutil.copytree(ds.path, out)
+    before = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
+    fd = os.open(out / LOCK, os.O_RDWR | os.O_CREAT)  # another process's writer, as far as flock can tell
+    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    try:
+        with pytest.raises(DatastoreError, match="being written by another process"):
+            DatastoreWriter.start(out, read_header(out), resume=True)
+        rc = main(["build-index", "--model", str(tiny_store_model_dir(tmp_path, tiny_tokenizer)), "--data",
+                   *[s["path"] for s in ds.header.corpus.sources], "--out", str(out), "--context", "64",
+                   "--index", "flat", "--overwrite", "--quiet"])
+        err = capsys.readouterr().err.strip().splitlines()
+        assert rc == 2 and "being written by another process" in err[-1] and "--out" in err[-1]
+    finally:
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        os.close(fd)
+    after = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file() and p.name != LOCK}
+    assert after == {k: v for k, v in before.items() if k != LOCK}  # --overwrite changed nothing
+    writer = DatastoreWriter.start(out, read_header(out), resume=True)  # free again
+    writer.release()
+
+
+def tiny_store_model_dir(tmp_path, tokenizer):
+    from knnlm.testing import save_tiny_model
+
+    d = tmp_path / "model"
+    save_tiny_model(d, tokenizer)
+    return d
