@@ -306,7 +306,7 @@ def cmd_eval(args) -> int:
                      exclude_self=args.exclude_self, globs=tuple(args.glob or ("*",)), exclude=tuple(args.exclude),
                      text_field=args.text_field, max_tokens=args.max_tokens, progress=not args.quiet)
     ds = open_datastore(args.datastore)
-    sources = resolve_sources(args.data, cfg.globs, cfg.exclude, text_field=cfg.text_field)  # fail fast: before the model
+    sources = resolve_sources(args.data, cfg.globs, cfg.exclude, text_field=cfg.text_field)  # before the model
 
     from knnlm.evaluation import format_results
     from knnlm.loading import load_model
