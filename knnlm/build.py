@@ -48,6 +48,7 @@ from knnlm.datastore import (
     Header,
     KeySpec,
     WindowSpec,
+    disk_errors,
     model_identity,
     open_datastore,
 )
@@ -147,20 +148,22 @@ def build_datastore(model, tokenizer, data: Sequence[str] | Sequence[Source], ou
     else:
         sources = check_build_inputs(data, cfg)
     t_start = time.time()
-    writer = DatastoreWriter.start(Path(out), _new_header(model, tokenizer, sources, cfg), resume=cfg.resume,
-                                   overwrite=cfg.overwrite, resume_keys=RESUME_KEYS)
+    with disk_errors(Path(out)):
+        writer = DatastoreWriter.start(Path(out), _new_header(model, tokenizer, sources, cfg), resume=cfg.resume,
+                                       overwrite=cfg.overwrite, resume_keys=RESUME_KEYS)
     try:
-        if writer.header.complete:
-            return open_datastore(writer.path)
-        if writer.header.status == "tokenizing":
-            try:
-                writer.write_corpus(_corpus(tokenizer, sources, cfg), progress=cfg.progress)
-            except BaseException:
-                writer.discard()
-                raise
-        if writer.header.count < writer.header.total:
-            _extract(writer, model, cfg)
-        ds = writer.finalize(cfg.index, seed=cfg.seed, progress=cfg.progress)
+        with disk_errors(writer.path):
+            if writer.header.complete:
+                return open_datastore(writer.path)
+            if writer.header.status == "tokenizing":
+                try:
+                    writer.write_corpus(_corpus(tokenizer, sources, cfg), progress=cfg.progress)
+                except BaseException:
+                    writer.discard()
+                    raise
+            if writer.header.count < writer.header.total:
+                _extract(writer, model, cfg)
+            ds = writer.finalize(cfg.index, seed=cfg.seed, progress=cfg.progress)
     finally:
         writer.release()
     ds.header.build.setdefault("stats", {}).update(peak_rss_mib=round(_peak_rss_mib(), 1),

@@ -24,7 +24,9 @@ document ``doc`` with ``doc.first_row <= r < doc.first_row + doc.length - 1`` an
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import errno
 import fcntl
 import hashlib
 import json
@@ -47,7 +49,7 @@ logger = logging.getLogger(__name__)
 __all__ = [
     "FORMAT", "FORMAT_VERSION", "DatastoreError", "Header", "KeySpec", "WindowSpec", "CorpusSpec",
     "ModelIdentity", "Datastore", "DatastoreWriter", "open_datastore", "open_or_create", "read_header",
-    "model_identity", "write_json_atomic", "subset_datastore", "merge_datastores", "KEY_DTYPES",
+    "model_identity", "write_json_atomic", "subset_datastore", "disk_errors", "merge_datastores", "KEY_DTYPES",
 ]
 
 FORMAT = "knnlm-datastore"
@@ -580,6 +582,22 @@ class DatastoreWriter:
         self.save_header()
         self.release()
         return open_datastore(self.path)
+
+
+_FULL = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}
+
+
+@contextlib.contextmanager
+def disk_errors(path: Path):
+    """Turn a full disk (or a file-size limit) while writing ``path`` into a one-line
+    ``DatastoreError``; what was committed stays, and the datastore never opens as valid."""
+    try:
+        yield
+    except OSError as e:
+        if e.errno not in _FULL:
+            raise
+        raise DatastoreError(f"no space left writing {path} ({os.strerror(e.errno)}); free space, then run the "
+                             "same command with `resume` to continue", param="out") from None
 
 
 def _lock(path: Path) -> int:

@@ -1,7 +1,10 @@
 
 import dataclasses
 import json
+import os
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -234,3 +237,36 @@ def test_merge_refuses_overlap_other_model_and_leaves_inputs_intact(tiny_model, 
     assert (tmp_path / "a" / "keys.npy").read_bytes() == before
     open_datastore(tmp_path / "a")
     assert _header(tmp_path / "a")["status"] == "complete"
+
+
+def test_disk_full_then_resume_is_byte_identical(tiny_model_dir, corpus_dir, tmp_path):
+    """A build that runs out of space (a file-size limit stands in for a full disk: writes past it
+    fail with EFBIG, as they fail with ENOSPC on a full one; here it trips when keys.npy is
+    allocated, after the corpus is written) stops with a one-line error, leaves nothing that opens
+    as valid, and `--resume` without the limit gives the bytes of a clean build."""
+    import resource
+
+    from knnlm.datastore import open_datastore as _open
+
+    def limited():
+        resource.setrlimit(resource.RLIMIT_FSIZE, (64 * 1024, resource.RLIM_INFINITY))
+
+    args = [sys.executable, "-m", "knnlm.cli", "build-index", "--model", str(tiny_model_dir), "--data",
+            str(corpus_dir), "--context", "64", "--index", "flat", "--key-dtype", "float32", "--quiet"]
+    out = tmp_path / "full"
+    res = subprocess.run(args + ["--out", str(out)], preexec_fn=limited, capture_output=True, text=True,
+                         timeout=300, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    err = res.stderr.strip().splitlines()
+    assert res.returncode == 2, res.stderr[-2000:]
+    assert "no space left writing" in err[-1] and "--resume" in err[-1], err[-3:]
+    with pytest.raises(DatastoreError):
+        _open(out)
+    res = subprocess.run(args + ["--out", str(out), "--resume"], capture_output=True, text=True, timeout=300,
+                         env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert res.returncode == 0, res.stderr[-2000:]
+    clean = tmp_path / "clean"
+    res = subprocess.run(args + ["--out", str(clean)], capture_output=True, text=True, timeout=300,
+                         env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert res.returncode == 0, res.stderr[-2000:]
+    for name in ("keys.npy", "values.npy", "tokens.npy", "documents.json", "index.faiss"):
+        assert (out / name).read_bytes() == (clean / name).read_bytes(), name
