@@ -88,6 +88,30 @@ class Capture:
     model: nn.Module = field(repr=False)
     stop_after: bool = False
     keys: torch.Tensor | None = field(default=None, repr=False)
+    head_input: torch.Tensor | None = field(default=None, repr=False)  # (B, T, H) with stop_before_head
+    stop_before_head: bool = False  # may be switched off for a full forward (logits) inside the block
+
+    def run(self, input_ids: torch.Tensor) -> None:
+        """The model's forward on ``input_ids`` (B, T), up to where the hooks stop it."""
+        try:
+            self.model(input_ids=input_ids, use_cache=False)
+        except _StopForward:
+            pass
+
+    def apply_head(self, x: torch.Tensor) -> torch.Tensor:
+        """The LM head on ``x`` (..., H) -> (..., V), its stop hook held off meanwhile."""
+        stop, self.stop_before_head = self.stop_before_head, False
+        try:
+            return self.model.get_output_embeddings()(x)
+        finally:
+            self.stop_before_head = stop
+
+    def pop_head_input(self) -> torch.Tensor:
+        """What the LM head would have received, (B, T, H) (``stop_before_head``)."""
+        if self.head_input is None:
+            raise RuntimeError("no LM-head input was captured; use capture_keys(..., stop_before_head=True)")
+        out, self.head_input = self.head_input, None
+        return out
 
     def keys_of(self, input_ids: torch.Tensor) -> torch.Tensor:
         """Run the model on ``input_ids`` (B, T) and return the keys (B, T, D).
@@ -95,10 +119,7 @@ class Capture:
         With ``stop_after`` the forward pass ends at the key module: nothing after it (the rest
         of the last layer, the final norm, the LM head) is computed.
         """
-        try:
-            self.model(input_ids=input_ids, use_cache=False)
-        except _StopForward:
-            pass
+        self.run(input_ids)
         return self.pop()
 
     def pop(self) -> torch.Tensor:
@@ -110,12 +131,16 @@ class Capture:
 
 
 @contextlib.contextmanager
-def capture_keys(model: nn.Module, layer: str | None = None, *, stop_after: bool = False):
+def capture_keys(model: nn.Module, layer: str | None = None, *, stop_after: bool = False,
+                 stop_before_head: bool = False):
     """``with capture_keys(model) as cap: model(ids); keys = cap.pop()  # (B, T, D)``.
 
     Registers a forward pre-hook on the key module for the duration of the block. With
     ``stop_after=True`` the hook also aborts the forward pass right after capturing (use
-    ``cap.keys_of(ids)``), which is all the datastore builder needs.
+    ``cap.keys_of(ids)``), which is all the datastore builder needs. With ``stop_before_head``
+    the forward pass runs to the LM head (``model.get_output_embeddings()``), records its input
+    and stops there (``cap.run(ids)``, then ``cap.pop()`` and ``cap.pop_head_input()``): no
+    (B, T, V) logits are computed; the caller applies the head to the positions it needs.
     """
     path = find_key_module(model, layer)
     module = model.get_submodule(path)
@@ -135,8 +160,23 @@ def capture_keys(model: nn.Module, layer: str | None = None, *, stop_after: bool
         if stop_after:
             raise _StopForward
 
+    def head_hook(_mod, args, kwargs):
+        if not cap.stop_before_head:
+            return
+        x = args[0] if args else next(iter(kwargs.values()))
+        if x.dim() == 2 and batch_shape and x.shape[0] == batch_shape[0].numel():
+            x = x.view(*batch_shape[0], x.shape[-1])
+        cap.head_input = x.detach()
+        raise _StopForward
+
     handles = [model.register_forward_pre_hook(model_hook, with_kwargs=True),
                module.register_forward_pre_hook(hook, with_kwargs=True)]
+    cap.stop_before_head = stop_before_head
+    if stop_before_head:
+        head = model.get_output_embeddings()
+        if head is None:
+            raise KeyLayerError(f"{type(model).__name__} has no output embeddings (LM head) to stop before")
+        handles.append(head.register_forward_pre_hook(head_hook, with_kwargs=True))
     try:
         yield cap
     finally:

@@ -200,6 +200,54 @@ def _score_knn(knn: EvaluationMixin, tally: _Tally, grid, cfg: EvalConfig, query
         tally.add_setting(gi, bucket, mix(lp_lm, lp_knn[(k, t)], lam))
 
 
+HEAD_CHUNK_BYTES = 64 << 20  # fp32 logits materialised at once when the LM head is applied in chunks
+
+
+def _head_log_probs(model, cap, h: torch.Tensor, tgt: torch.Tensor) -> torch.Tensor:
+    """log p_lm(tgt) (R,) from LM-head inputs ``h`` (R, H): the head is applied to chunks of rows
+    and only each row's target log-prob survives, so memory does not grow with B x T x V."""
+    head = model.get_output_embeddings()
+    softcap = getattr(model.config, "final_logit_softcapping", None)
+    rows = max(1, HEAD_CHUNK_BYTES // (4 * head.weight.shape[0]))
+    out = torch.empty(h.shape[0], dtype=torch.float32, device=h.device)
+    for lo in range(0, h.shape[0], rows):
+        logits = cap.apply_head(h[lo: lo + rows])  # (r, V)
+        if softcap:
+            logits = torch.tanh(logits / softcap) * softcap
+        out[lo: lo + rows] = lm_target_log_probs(logits, tgt[lo: lo + rows])
+    return out
+
+
+def _lm_pass(model, cap, ids: torch.Tensor, rows_b: torch.Tensor, rows_t: torch.Tensor):
+    """One forward: the key hidden states (B, T, D) and log p_lm of the scored targets (R,),
+    through the chunked LM head when ``cap.stop_before_head``, else from the full logits."""
+    tgt = ids[rows_b, rows_t + 1]
+    if cap.stop_before_head:
+        cap.run(ids)
+        final = cap.pop_head_input()  # (B, T, H)
+        return cap.pop(), _head_log_probs(model, cap, final[rows_b, rows_t], tgt)
+    logits = model(input_ids=ids, use_cache=False).logits  # (B, T, V)
+    return cap.pop(), lm_target_log_probs(logits[rows_b, rows_t], tgt)
+
+
+def _head_path_matches(model, cap, doc_ids, probe: int = 64) -> bool:
+    """Whether the chunked LM head reproduces the model's own logits (it does unless the model
+    transforms its logits after the head in a way knnlm does not know): checked once, on a
+    short probe; otherwise eval falls back to full logits (memory grows with B x T x V)."""
+    ids = torch.as_tensor(np.asarray(doc_ids[:probe]), dtype=torch.long)[None].to(next(model.parameters()).device)
+    rows_b = torch.zeros(ids.shape[1] - 1, dtype=torch.long, device=ids.device)
+    rows_t = torch.arange(ids.shape[1] - 1, device=ids.device)
+    cap.stop_before_head = True
+    _, chunked = _lm_pass(model, cap, ids, rows_b, rows_t)
+    cap.stop_before_head = False
+    _, full = _lm_pass(model, cap, ids, rows_b, rows_t)
+    if torch.allclose(chunked, full, rtol=1e-4, atol=1e-4):
+        return True
+    logger.warning("%s: the LM head applied alone does not reproduce the model's logits (max difference %.3g); "
+                   "scoring from full logits instead", type(model).__name__, float((chunked - full).abs().max()))
+    return False
+
+
 def run(model, tokenizer, knn: EvaluationMixin | None, data: Sequence | None, cfg: EvalConfig, *,
         texts: Sequence[str] | None = None) -> dict:
     """Score ``data`` or ``texts`` with the base LM and, when ``knn`` is given, every setting of
@@ -230,18 +278,15 @@ def run(model, tokenizer, knn: EvaluationMixin | None, data: Sequence | None, cf
 
     total = sum(max(d["length"] - 1, 0) for d in docs)
     key_layer = ds.header.key.layer if ds is not None else None
-    with torch.inference_mode(), capture_keys(model, key_layer) as cap, \
+    with torch.inference_mode(), capture_keys(model, key_layer, stop_before_head=True) as cap, \
             tqdm(total=total, unit="tok", unit_scale=True, desc="evaluating", disable=not cfg.progress) as bar:
+        cap.stop_before_head = _head_path_matches(model, cap, next(d["ids"] for d in docs if d["length"] > 1))
         for _, batch in iter_batches(docs, context, stride, cfg.batch_size):
             t0 = time.time()
             ids, rows_b, rows_t = batch_inputs(batch, lambda di: docs[di]["ids"], bos)
             ids, rows_b, rows_t = (torch.from_numpy(a).to(device) for a in (ids, rows_b, rows_t))
-            logits = model(input_ids=ids, use_cache=False).logits  # (B, T, V)
-            hidden = cap.pop()  # (B, T, D)
             tgt = ids[rows_b, rows_t + 1]  # (R,)
-            # log p_lm of the next token at every position (no (R, V) copy), then the targets
-            nxt = torch.cat([ids[:, 1:], ids[:, :1]], dim=1)  # (B, T); last column unused
-            lp_lm = lm_target_log_probs(logits, nxt)[rows_b, rows_t]  # (R,)
+            hidden, lp_lm = _lm_pass(model, cap, ids, rows_b, rows_t)  # (B, T, D), (R,)
             tally.add_base(lp_lm)
             t1 = time.time()
             tally.t_lm += t1 - t0
