@@ -23,13 +23,10 @@ import statistics
 import sys
 import time
 from functools import partial
-from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from knnlm import ops, scoring  # noqa: E402
+from knnlm import ops, scoring
 
 FULL_B = (1, 8, 64)
 FULL_V = (32000, 50257, 151936, 262144)
