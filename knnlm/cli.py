@@ -453,7 +453,8 @@ def _summary(path, h) -> str:
         lines.append(f"  extract    {stats['extract_seconds']} s, {stats['tokens_per_second']:,} tok/s, "
                      f"peak RSS {stats.get('peak_rss_mib_after_extract')} MiB")
     if idx:
-        lines.append(f"  index      {idx['factory']} ({idx['ntotal']:,} vectors, nprobe {idx['nprobe']}, "
+        probes = f"nprobe {idx['nprobe']}" if idx.get("nprobe") is not None else "exact search"
+        lines.append(f"  index      {idx['factory']} ({idx['ntotal']:,} vectors, {probes}, "
                      f"{idx['bytes'] / 2**20:.1f} MiB, built in {idx['build_seconds']} s)")
     return "\n".join(lines)
 

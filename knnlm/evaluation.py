@@ -365,8 +365,9 @@ def format_results(res: dict) -> str:
         lines.append(f"perplexity  base LM {_fmt(res['ppl_base'])}")
         return "\n".join(lines)
     r = res["retrieval"]
+    probes = f"nprobe {r['nprobe']}" if r["nprobe"] is not None else "exact search"
     lines.append(f"datastore {res['datastore']['path']} ({res['datastore']['rows']:,} keys, {r['index']}, "
-                 f"k {r['k']}, nprobe {r['nprobe']}{', exact re-rank' if r['rerank'] else ''})")
+                 f"k {r['k']}, {probes}{', exact re-rank' if r['rerank'] else ''})")
     ov = res["overlap"]
     if ov["documents"]:
         lines.append(f"overlap: {ov['documents']} eval documents ({ov['tokens']:,} tokens) are in the datastore; "

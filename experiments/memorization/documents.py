@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -109,6 +110,10 @@ def domain_corpus(which: str = "auto") -> tuple[str, list[dict], str]:
     """
     if which == "auto":
         which = "python-doc" if PYTHON_DOC_SOURCES.is_dir() else "licenses"
+        if which == "licenses":
+            print(f"[memorization] {PYTHON_DOC_SOURCES} is missing: the new domain is /usr/share/common-licenses, "
+                  "not the Python documentation of the recorded runs (`apt-get install python3.11-doc`, or "
+                  "--domain licenses to silence this)", file=sys.stderr, flush=True)
     if which == "python-doc":
         if not PYTHON_DOC_SOURCES.is_dir():
             raise FileNotFoundError(f"{PYTHON_DOC_SOURCES} is missing: `apt-get install python3.11-doc`")
