@@ -152,30 +152,31 @@ def capture_keys(model: nn.Module, layer: str | None = None, *, stop_after: bool
         if x is not None:
             batch_shape[:] = [x.shape[:2]]
 
-    def hook(_mod, args, kwargs):
+    head = model.get_output_embeddings() if stop_before_head else None
+    if stop_before_head and head is None:
+        raise KeyLayerError(f"{type(model).__name__} has no output embeddings (LM head) to stop before")
+
+    def model_input(args, kwargs) -> torch.Tensor:
+        """A hooked module's input, detached, as (B, T, D)."""
         x = args[0] if args else next(iter(kwargs.values()))
         if x.dim() == 2 and batch_shape and x.shape[0] == batch_shape[0].numel():
             x = x.view(*batch_shape[0], x.shape[-1])  # OPT flattens (B, T, D) -> (B*T, D)
-        cap.keys = x.detach()
+        return x.detach()
+
+    def hook(_mod, args, kwargs):
+        cap.keys = model_input(args, kwargs)
         if stop_after:
             raise _StopForward
 
     def head_hook(_mod, args, kwargs):
-        if not cap.stop_before_head:
-            return
-        x = args[0] if args else next(iter(kwargs.values()))
-        if x.dim() == 2 and batch_shape and x.shape[0] == batch_shape[0].numel():
-            x = x.view(*batch_shape[0], x.shape[-1])
-        cap.head_input = x.detach()
-        raise _StopForward
+        if cap.stop_before_head:
+            cap.head_input = model_input(args, kwargs)
+            raise _StopForward
 
     handles = [model.register_forward_pre_hook(model_hook, with_kwargs=True),
                module.register_forward_pre_hook(hook, with_kwargs=True)]
     cap.stop_before_head = stop_before_head
-    if stop_before_head:
-        head = model.get_output_embeddings()
-        if head is None:
-            raise KeyLayerError(f"{type(model).__name__} has no output embeddings (LM head) to stop before")
+    if head is not None:
         handles.append(head.register_forward_pre_hook(head_hook, with_kwargs=True))
     try:
         yield cap

@@ -151,6 +151,8 @@ def _add_generate_parser(sub) -> None:
 
 
 def _add_build_parser(sub) -> None:
+    from knnlm.config import KEY_DTYPES
+
     b = sub.add_parser("build-index", help="build a datastore and FAISS index from a corpus",
                        description="Extract the key hidden state for every corpus token, write the datastore "
                                    "(keys, next-token values, JSON header) and build its FAISS index.",
@@ -163,7 +165,7 @@ def _add_build_parser(sub) -> None:
     g.add_argument("--layer", default=None,
                    help="key module path (e.g. model.layers.29.mlp) or decoder-layer index (e.g. -1); "
                         "default: the input of the last layer's feed-forward block")
-    g.add_argument("--key-dtype", default="float16", choices=["float16", "float32"],
+    g.add_argument("--key-dtype", default="float16", choices=KEY_DTYPES,
                    help="storage dtype of the keys (default: %(default)s)")
     g.add_argument("--index", default="auto", metavar="KIND",
                    help="flat (exact), ivfpq, auto (flat up to 65,536 keys, IVF-SQfp16 while the keys fit "

@@ -41,7 +41,8 @@ from typing import Any
 
 import numpy as np
 
-from knnlm import __version__
+from knnlm import __version__, config
+from knnlm.data import count_targets
 from knnlm.errors import CorpusError, DatastoreError
 
 logger = logging.getLogger(__name__)
@@ -61,7 +62,7 @@ VALUES = "values.npy"
 KEYS = "keys.npy"
 INDEX = "index.faiss"
 LOCK = ".knnlm.lock"  # held (flock) by the one writer of a directory; other writers are refused
-KEY_DTYPES = {"float16": np.float16, "float32": np.float32}
+KEY_DTYPES = {name: np.dtype(name) for name in config.KEY_DTYPES}  # header key.dtype -> numpy dtype
 _OWNED_FILES = (HEADER, HEADER + ".tmp", DOCUMENTS, DOCUMENTS + ".tmp", TOKENS, TOKENS + ".tmp", VALUES,
                 VALUES + ".tmp", KEYS, INDEX, INDEX + ".tmp", TOKENS + ".part", VALUES + ".part")
 COPY_ROWS = 1 << 16  # key rows per chunk when copying between datastores (constant memory)
@@ -293,13 +294,16 @@ class Datastore:
                 f"{getattr(identity, name)}; built with model {mine.name_or_path!r}); use that model or "
                 "rebuild the datastore")
 
+    def document_of(self, rows) -> np.ndarray:
+        """Index of the document each key row belongs to (rows >= 0)."""
+        starts = np.array([d["first_row"] for d in self.documents], dtype=np.int64)
+        return np.searchsorted(starts, np.asarray(rows, dtype=np.int64), side="right") - 1
+
     def provenance(self, rows: np.ndarray) -> list[tuple[str, int]]:
         """(document name, token position of the value) for each key row."""
-        starts = np.array([d["first_row"] for d in self.documents], dtype=np.int64)
         rows = np.asarray(rows, dtype=np.int64)
-        di = np.searchsorted(starts, rows, side="right") - 1
         return [(self.documents[d]["name"], r - self.documents[d]["first_row"] + 1)
-                for r, d in zip(rows.tolist(), di.tolist())]
+                for r, d in zip(rows.tolist(), self.document_of(rows).tolist())]
 
     def document_tokens(self, doc: int) -> np.ndarray:
         d = self.documents[doc]
@@ -331,7 +335,7 @@ def _check_documents(path: Path, documents: list[dict], header: Header) -> None:
             raise DatastoreError(f"{path}/{DOCUMENTS}: document {i} ({d['name']}) starts at token {d['offset']}, "
                                  f"row {d['first_row']}; expected {offset}, {row}; rebuild the datastore")
         offset += d["length"]
-        row += max(d["length"] - 1, 0)
+        row += count_targets(d["length"])
     if (offset, row) != (header.tokens, header.count):
         raise DatastoreError(f"{path}/{DOCUMENTS}: the documents hold {offset} tokens and {row} key rows, the header "
                              f"{header.tokens} and {header.count}; rebuild the datastore")
@@ -407,7 +411,8 @@ class DatastoreWriter:
         self._lock_fd = lock_fd
         self._fd: int | None = None
         self._offset = 0
-        self._row_bytes = header.key.dim * np.dtype(KEY_DTYPES[header.key.dtype]).itemsize
+        self._dtype = KEY_DTYPES[header.key.dtype]
+        self._row_bytes = header.key.dim * self._dtype.itemsize
 
     # ---- starting -----------------------------------------------------------------------------
     @classmethod
@@ -439,9 +444,7 @@ class DatastoreWriter:
             header.write(path)
             return cls(path, header, fresh=True, lock_fd=lock_fd)
         except BaseException:
-            _unlock(path, lock_fd, remove=created and not _listing(path))
-            if created and not any(path.iterdir()):
-                path.rmdir()
+            _let_go(path, lock_fd, drop_dir=created)
             raise
 
     def release(self) -> None:
@@ -479,10 +482,7 @@ class DatastoreWriter:
         fd, self._lock_fd = self._lock_fd, None
         if self.fresh:
             _clear(self.path)
-        if fd is not None:
-            _unlock(self.path, fd, remove=self.fresh and not _listing(self.path))
-        if self.fresh and not any(self.path.iterdir()):
-            self.path.rmdir()
+        _let_go(self.path, fd, drop_dir=self.fresh)
 
     # ---- phase 1: the corpus ------------------------------------------------------------------
     def write_corpus(self, documents: Iterable[tuple[dict, np.ndarray]], progress: bool = True) -> None:
@@ -501,7 +501,7 @@ class DatastoreWriter:
                 docs.append({"name": doc["name"], "source": doc["source"], "offset": n_tokens,
                              "length": len(ids), "first_row": n_rows, "sha256": doc["sha256"]})
                 n_tokens += len(ids)
-                n_rows += max(len(ids) - 1, 0)
+                n_rows += count_targets(len(ids))
                 bar.update(1)
         if n_rows == 0:
             raise CorpusError(f"the corpus has no tokens to predict ({len(docs)} documents, "
@@ -523,8 +523,7 @@ class DatastoreWriter:
     # ---- phase 2: the keys --------------------------------------------------------------------
     def __enter__(self) -> DatastoreWriter:
         """Open ``keys.npy`` for writing rows: allocated at full size when no row is final yet."""
-        path, n, dim = self.path / KEYS, self.header.total, self.header.key.dim
-        dtype = np.dtype(KEY_DTYPES[self.header.key.dtype])
+        path, n, dim, dtype = self.path / KEYS, self.header.total, self.header.key.dim, self._dtype
         if self.header.count == 0 or not path.exists():
             self.header.count = 0
             with open(path, "wb") as f:
@@ -549,7 +548,7 @@ class DatastoreWriter:
 
     def write_rows(self, row0: int, rows: np.ndarray) -> None:
         """Key rows ``[row0, row0 + len(rows))`` (any float dtype, converted to the key dtype)."""
-        buf = np.ascontiguousarray(rows, dtype=KEY_DTYPES[self.header.key.dtype]).tobytes()
+        buf = np.ascontiguousarray(rows, dtype=self._dtype).tobytes()
         os.pwrite(self._fd, buf, self._offset + row0 * self._row_bytes)
 
     def commit(self, rows: int) -> None:
@@ -622,6 +621,15 @@ def _unlock(path: Path, fd: int, *, remove: bool) -> None:
     os.close(fd)
 
 
+def _let_go(path: Path, fd: int | None, *, drop_dir: bool) -> None:
+    """Release the lock; with ``drop_dir``, remove the directory when nothing else is in it."""
+    empty = drop_dir and not _listing(path)
+    if fd is not None:
+        _unlock(path, fd, remove=empty)
+    if empty and not any(path.iterdir()):
+        path.rmdir()
+
+
 def _listing(path: Path) -> list[str]:
     """What ``path`` holds besides the writer lock."""
     return [p.name for p in path.iterdir() if p.name != LOCK]
@@ -675,7 +683,7 @@ def subset_datastore(src: Datastore, out: str | os.PathLike, max_tokens: int, *,
     from knnlm.index import plan_index
 
     docs = [d for d in src.documents if d["offset"] + d["length"] <= max_tokens]
-    if not docs or sum(d["length"] - 1 for d in docs) == 0:
+    if not docs or sum(count_targets(d["length"]) for d in docs) == 0:
         raise DatastoreError(f"no whole document of {src.path} fits in `max_tokens` = {max_tokens}; raise it",
                              param="max_tokens")
     n = docs[-1]["first_row"] + docs[-1]["length"] - 1

@@ -36,6 +36,7 @@ from knnlm.data import (
     Document,
     Source,
     batch_inputs,
+    count_targets,
     iter_batches,
     iter_documents,
     resolve_sources,
@@ -104,7 +105,7 @@ def _load_eval_documents(tokenizer, data, texts, cfg: EvalConfig) -> list[dict]:
     docs = []
     for d, ids in tokenize_documents(tokenizer, documents, cfg.max_tokens):
         docs.append({"name": d.name, "length": len(ids), "ids": ids, "sha256": sha256_text(d.text)})
-    if sum(max(d["length"] - 1, 0) for d in docs) == 0:
+    if sum(count_targets(d["length"]) for d in docs) == 0:
         raise CorpusError(f"the eval text has no tokens to predict ({len(docs)} documents); check `data`",
                           param="data")
     return docs
@@ -276,7 +277,7 @@ def run(model, tokenizer, knn: EvaluationMixin | None, data: Sequence | None, cf
 
     from tqdm.auto import tqdm
 
-    total = sum(max(d["length"] - 1, 0) for d in docs)
+    total = sum(count_targets(d["length"]) for d in docs)
     key_layer = ds.header.key.layer if ds is not None else None
     with torch.inference_mode(), capture_keys(model, key_layer, stop_before_head=True) as cap, \
             tqdm(total=total, unit="tok", unit_scale=True, desc="evaluating", disable=not cfg.progress) as bar:

@@ -110,12 +110,12 @@ class KNNLM(EvaluationMixin, GenerationMixin):
         rows = np.asarray(rows, dtype=np.int64).reshape(-1)
         d = None if dists is None else np.asarray(dists, dtype=np.float64).reshape(-1)
         ds, dec = self.datastore, self.tokenizer.decode
-        starts = np.array([doc["first_row"] for doc in ds.documents], dtype=np.int64)
+        docs = ds.document_of(rows.clip(min=0))
         out = []
         for i, r in enumerate(rows.tolist()):
             if r < 0:
                 continue
-            di = int(np.searchsorted(starts, r, side="right")) - 1
+            di = int(docs[i])
             pos = r - ds.documents[di]["first_row"] + 1
             toks = ds.document_tokens(di)
             item = {"row": r, "document": ds.documents[di]["name"], "position": pos, "token": int(toks[pos]),
