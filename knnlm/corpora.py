@@ -1,9 +1,15 @@
 """Real corpora available on every machine: the CPython standard library sources.
 
-The split is deterministic and committed (``knnlm/splits/stdlib_{train,test}.txt``, paths
-relative to the stdlib root): a file is held out when the SHA-1 of its relative path is 0 modulo
-``TEST_MODULUS``. Both lists are ordered by that hash, so any prefix of the train list (e.g. with
-``--max-tokens``) is a uniform sample of files rather than the alphabetically first packages.
+The split is deterministic and committed (``knnlm/splits/stdlib_{train,tune,test}.txt``, paths
+relative to the stdlib root): a file is held out for evaluation (test) when the SHA-1 of its
+relative path is 0 modulo ``TEST_MODULUS``, and set aside for tuning (λ gates, temperatures) when
+it is 1 modulo ``TEST_MODULUS``; the rest is train, the datastore text. The three are disjoint, so
+nothing fitted on tune ever sees test, and no tune document is in a stdlib datastore. All lists are
+ordered by that hash, so any prefix of the train list (e.g. with ``--max-tokens``) is a uniform
+sample of files rather than the alphabetically first packages.
+
+Split history: until 2026-11-26 the tune files were part of train (705 files); results measured
+on datastores built before then (the 3.29M-token and 150k-token stdlib datastores) used that train.
 
 ``python -m knnlm.corpora stdlib-train`` prints the absolute paths, one per line, for shells::
 
@@ -25,9 +31,10 @@ from knnlm.errors import KnnlmError
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
 
-__all__ = ["stdlib_root", "stdlib_files", "make_stdlib_split", "hash_key", "hash_split", "TEST_MODULUS"]
+__all__ = ["stdlib_root", "stdlib_files", "make_stdlib_split", "hash_key", "hash_split", "TEST_MODULUS", "SPLITS"]
 
-TEST_MODULUS = 25  # ~4 % of the files are held out
+TEST_MODULUS = 25  # ~4 % of the files are held out for evaluation, ~4 % for tuning
+SPLITS = ("train", "tune", "test")
 SPLITS_DIR = Path(__file__).parent / "splits"
 # directories of tests, vendored packages and generated data, relative to the stdlib root
 _EXCLUDED_PARTS = {"site-packages", "test", "tests", "idle_test", "__pycache__", "lib-dynload"}
@@ -66,14 +73,16 @@ def make_stdlib_split(root: Path | None = None) -> dict[str, list[str]]:
             continue
         rels.append(rel)
     rels.sort(key=lambda r: (hash_key(r), r))
-    train, test = hash_split(rels, TEST_MODULUS)
-    return {"train": train, "test": test}
+    rest, test = hash_split(rels, TEST_MODULUS)
+    tune = [r for r in rest if hash_key(r) % TEST_MODULUS == 1]
+    train = [r for r in rest if hash_key(r) % TEST_MODULUS != 1]
+    return {"train": train, "tune": tune, "test": test}
 
 
 def stdlib_files(split: str, root: Path | None = None) -> list[str]:
-    """Absolute paths of the committed ``split`` ("train" or "test") that exist on this machine."""
-    if split not in ("train", "test"):
-        raise KnnlmError(f"unknown stdlib split {split!r}; use train or test")
+    """Absolute paths of the committed ``split`` ("train", "tune" or "test") that exist on this machine."""
+    if split not in SPLITS:
+        raise KnnlmError(f"unknown stdlib split {split!r}; use train, tune or test")
     root = root or stdlib_root()
     rels = (SPLITS_DIR / f"stdlib_{split}.txt").read_text().split()
     paths = [root / r for r in rels]
@@ -87,8 +96,8 @@ def stdlib_files(split: str, root: Path | None = None) -> list[str]:
 
 
 def _main(argv: list[str]) -> int:
-    if len(argv) != 1 or argv[0] not in ("stdlib-train", "stdlib-test", "write-split"):
-        print("usage: python -m knnlm.corpora {stdlib-train|stdlib-test|write-split}", file=sys.stderr)
+    if len(argv) != 1 or argv[0] not in (*(f"stdlib-{s}" for s in SPLITS), "write-split"):
+        print("usage: python -m knnlm.corpora {stdlib-train|stdlib-tune|stdlib-test|write-split}", file=sys.stderr)
         return 2
     if argv[0] == "write-split":
         SPLITS_DIR.mkdir(exist_ok=True)
