@@ -51,7 +51,9 @@ from knnlm.datastore import (
     disk_errors,
     model_identity,
     open_datastore,
+    read_header,
 )
+from knnlm.distributed import SINGLE, World, agree, barrier, on_main, shard_range
 from knnlm.index import check_index_spec
 
 logger = logging.getLogger(__name__)
@@ -91,55 +93,85 @@ def _corpus(tokenizer, sources: list[Source], cfg: BuildConfig):
         yield {"name": d.name, "source": d.source, "sha256": sha256_text(d.text)}, ids
 
 
-def _extract(writer: DatastoreWriter, model, cfg: BuildConfig) -> None:
-    """Phase 2: run the model over every window and write key rows; resumable."""
+def _todo(writer: DatastoreWriter, header: Header, batch_size: int) -> list[tuple[int, list]]:
+    """The batches (``iter_batches``) whose rows are not all final yet, in row order."""
+    done = writer.done_rows()
+    out, j = [], 0
+    for row0, batch in iter_batches(writer.documents(), header.window.context, header.window.stride, batch_size):
+        end = row0 + sum(w.end - w.first for w in batch)
+        while j < len(done) and done[j][1] <= row0:
+            j += 1
+        if not (j < len(done) and done[j][0] <= row0 and end <= done[j][1]):
+            out.append((row0, batch))
+    return out
+
+
+def _extract(writer: DatastoreWriter, model, cfg: BuildConfig, world: World = SINGLE) -> None:
+    """Phase 2: run the model over the windows whose rows are not final and write key rows;
+    resumable. Under torchrun each rank takes a contiguous share of those batches (balanced by
+    rows); the rows, and so the bytes, do not depend on which rank computes them."""
     from tqdm.auto import tqdm
 
     header = writer.header
+    todo = _todo(writer, header, cfg.batch_size)
+    lo, hi = shard_range([sum(w.end - w.first for w in b) for _, b in todo], world)
+    mine = todo[lo:hi]
+    # a single process whose rows so far are a prefix keeps recording it as Header.count
+    as_prefix = not world.distributed and writer.done_rows() in ([], [[0, header.count]]) and \
+        (not mine or mine[0][0] == header.count)
     documents, tokens = writer.documents(), writer.tokens()
-    n, bos = header.total, header.window.bos
-    device = next(model.parameters()).device
-    start_count = cursor = header.count
+    bos, device = header.window.bos, next(model.parameters()).device
+    n_mine = sum(w.end - w.first for _, b in mine for w in b)
+    done: list[list[int]] = []
     t0 = last_commit = time.time()
+    desc = "extracting keys" + (f" ({world}, {world.size} ranks)" if world.distributed else "")
     with writer, torch.inference_mode(), capture_keys(model, header.key.layer, stop_after=True) as cap, \
-            tqdm(total=n, initial=start_count, unit="tok", unit_scale=True, desc="extracting keys",
-                 disable=not cfg.progress, smoothing=0.1) as bar:
-        for row0, batch in iter_batches(documents, header.window.context, header.window.stride, cfg.batch_size):
-            nrows = sum(w.end - w.first for w in batch)
-            if row0 + nrows <= start_count:
-                continue  # done before the interruption
-            if row0 != cursor:
-                raise DatastoreError(f"{writer.path}: row count {start_count} is not at a batch boundary; "
-                                     "the datastore is corrupt, rebuild it with `overwrite`")
+            tqdm(total=header.total, initial=header.total - sum(w.end - w.first for _, b in todo for w in b),
+                 unit="tok", unit_scale=True, desc=desc, disable=not cfg.progress, smoothing=0.1) as bar:
+        for i, (row0, batch) in enumerate(mine):
             ids, rows_b, rows_t = batch_inputs(
                 batch, lambda di: tokens[documents[di]["offset"]: documents[di]["offset"] + documents[di]["length"]],
                 bos)
             h = cap.keys_of(torch.from_numpy(ids).to(device))  # (B, T, D)
             rows = h[torch.from_numpy(rows_b).to(device), torch.from_numpy(rows_t).to(device)]  # (nrows, D)
             writer.write_rows(row0, rows.to(torch.float32).cpu().numpy())
-            cursor = row0 + nrows
-            if time.time() - last_commit >= COMMIT_SECONDS or cursor == n:
-                writer.commit(cursor)
+            end = row0 + len(rows)
+            if done and done[-1][1] == row0:
+                done[-1][1] = end
+            else:
+                done.append([row0, end])
+            last = i == len(mine) - 1
+            if time.time() - last_commit >= COMMIT_SECONDS or last:
+                if as_prefix:
+                    writer.commit(end)
+                else:
+                    writer.record(world.rank, done)
                 last_commit = time.time()
-            bar.update(nrows)
-    dt, done = time.time() - t0, n - start_count
+            bar.update(len(rows) * world.size)  # every rank advances at about this pace
+    dt = time.time() - t0
     header.build["stats"] = {
-        "extract_seconds": round(dt, 2), "rows_this_run": done,
-        "tokens_per_second": round(done / dt, 1) if dt > 0 else None,
-        "peak_rss_mib_after_extract": round(_peak_rss_mib(), 1),
+        "extract_seconds": round(dt, 2), "rows_this_run": n_mine * world.size if world.distributed else n_mine,
+        "tokens_per_second": round(n_mine * world.size / dt, 1) if dt > 0 else None,
+        "peak_rss_mib_after_extract": round(_peak_rss_mib(), 1), "world_size": world.size,
     }
-    writer.save_header()
-    logger.info("extracted %d keys in %.1fs (%.0f tok/s)", done, dt, done / max(dt, 1e-9))
+    logger.info("extracted %d keys in %.1fs (%.0f tok/s%s)", n_mine, dt, n_mine / max(dt, 1e-9),
+                f" on {world}" if world.distributed else "")
 
 
 def build_datastore(model, tokenizer, data: Sequence[str] | Sequence[Source], out: str | os.PathLike,
-                    cfg: BuildConfig | None = None) -> Datastore:
+                    cfg: BuildConfig | None = None, world: World = SINGLE) -> Datastore:
     """Build (or resume) a datastore in ``out`` and return it opened (``knnlm.Datastore``).
 
     ``data`` is a list of input paths, or of ``Source`` from ``check_build_inputs`` /
     ``resolve_sources`` (already checked). Everything that can be checked before writing is
     checked first (corpus, index spec, key layer, context, the output directory); a failure while
     tokenizing a fresh build removes what it wrote.
+
+    ``world`` (``knnlm.distributed.init_world()`` under torchrun): every rank calls this with the
+    same arguments and its own model replica; rank 0 holds the directory's lock, tokenizes and
+    builds the index, and every rank extracts its share of the keys. The datastore is the same,
+    byte for byte, whatever the number of ranks; ranks that disagree on the arguments are refused
+    before anything is written.
     """
     cfg = cfg or BuildConfig()
     if data and all(isinstance(d, Source) for d in data):
@@ -148,26 +180,64 @@ def build_datastore(model, tokenizer, data: Sequence[str] | Sequence[Source], ou
     else:
         sources = check_build_inputs(data, cfg)
     t_start = time.time()
-    with disk_errors(Path(out)):
-        writer = DatastoreWriter.start(Path(out), _new_header(model, tokenizer, sources, cfg), resume=cfg.resume,
-                                       overwrite=cfg.overwrite, resume_keys=RESUME_KEYS)
-    try:
-        with disk_errors(writer.path):
-            if writer.header.complete:
-                return open_datastore(writer.path)
-            if writer.header.status == "tokenizing":
-                try:
-                    writer.write_corpus(_corpus(tokenizer, sources, cfg), progress=cfg.progress)
-                except BaseException:
-                    writer.discard()
-                    raise
-            if writer.header.count < writer.header.total:
-                _extract(writer, model, cfg)
-            ds = writer.finalize(cfg.index, seed=cfg.seed, progress=cfg.progress)
-    finally:
-        writer.release()
-    ds.header.build.setdefault("stats", {}).update(peak_rss_mib=round(_peak_rss_mib(), 1),
-                                                   total_seconds_this_run=round(time.time() - t_start, 2))
-    ds.header.write(ds.path)
-    return ds
+    header = _new_header(model, tokenizer, sources, cfg)
+    agree(world, {"out": str(Path(out).resolve()), "data": header.corpus.sources, **header.build,
+                  "model": header.model.to_json(), "layer": header.key.layer, "resume": cfg.resume,
+                  "overwrite": cfg.overwrite})
 
+    def start() -> DatastoreWriter:
+        with disk_errors(Path(out)):
+            w = DatastoreWriter.start(Path(out), header, resume=cfg.resume, overwrite=cfg.overwrite,
+                                      resume_keys=RESUME_KEYS)
+        try:
+            with disk_errors(w.path):
+                if w.header.status == "tokenizing":
+                    try:
+                        w.write_corpus(_corpus(tokenizer, sources, cfg), progress=cfg.progress)
+                    except BaseException:
+                        w.discard()
+                        raise
+                if not w.header.complete:
+                    w.consolidate()
+                    w.prepare_keys()  # before any other rank opens keys.npy
+        except BaseException:
+            w.release()
+            raise
+        return w
+
+    writer = on_main(world, start)
+    try:
+        complete = on_main(world, lambda: writer.header.complete)
+        if not world.main:
+            complete = read_header(out).complete
+        if not complete:
+            if not world.main:
+                writer = DatastoreWriter.follow(out)
+            with disk_errors(writer.path):
+                _extract(writer, model, cfg, world)
+            barrier(world)
+
+            def finish() -> Datastore:
+                with disk_errors(writer.path):
+                    writer.consolidate()  # the ranks' progress files -> Header.count
+                    if writer.header.count < writer.header.total:
+                        raise DatastoreError(f"{writer.path}: {writer.header.count}/{writer.header.total} key rows "
+                                             "final after every rank finished; run the same command with `resume`",
+                                             param="out")
+                    return writer.finalize(cfg.index, seed=cfg.seed, progress=cfg.progress)
+
+            ds = on_main(world, finish)
+        else:
+            ds = None
+    finally:
+        if world.main and writer is not None:
+            writer.release()
+    barrier(world)
+    if ds is None:
+        ds = open_datastore(out)
+    if world.main:
+        ds.header.build.setdefault("stats", {}).update(peak_rss_mib=round(_peak_rss_mib(), 1),
+                                                       total_seconds_this_run=round(time.time() - t_start, 2))
+        ds.header.write(ds.path)
+    barrier(world)
+    return ds

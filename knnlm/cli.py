@@ -270,20 +270,39 @@ def _build_parser() -> argparse.ArgumentParser:
 def cmd_build_index(args) -> int:
     from knnlm.config import BuildConfig
     from knnlm.data import check_build_inputs
+    from knnlm.distributed import world_from_env
 
+    world = world_from_env()
     cfg = BuildConfig(context=args.context, stride=args.stride, batch_size=args.batch_size,
                       key_dtype=args.key_dtype, layer=args.layer, globs=tuple(args.glob or ("*",)),
                       exclude=tuple(args.exclude), text_field=args.text_field, index=args.index,
                       max_tokens=args.max_tokens, seed=args.seed, resume=args.resume,
-                      overwrite=args.overwrite, progress=not args.quiet)
+                      overwrite=args.overwrite, progress=not args.quiet and world.main)
     sources = check_build_inputs(args.data, cfg)  # fail fast: before torch, transformers and the model
 
     from knnlm.build import build_datastore
+    from knnlm.distributed import agree, init_world, shutdown
     from knnlm.loading import load_model
 
-    model, tokenizer = load_model(args.model, device=args.device, dtype=args.dtype)
-    ds = build_datastore(model, tokenizer, sources, args.out, cfg)
-    print(_summary(ds.path, ds.header))
+    device = args.device
+    if world.distributed:
+        import torch
+
+        if device in ("auto", "cuda") and torch.cuda.is_available():
+            device = f"cuda:{world.local_rank}"  # one GPU per rank
+        world = init_world(device)
+        if not world.main:
+            logging.getLogger().setLevel(logging.WARNING)
+        # every rank must build the same thing: compare the arguments before loading the model
+        agree(world, {**{k: v for k, v in vars(args).items() if k not in ("func", "data", "quiet")},
+                      "data": [s.to_json() for s in sources]})
+    try:
+        model, tokenizer = load_model(args.model, device=device, dtype=args.dtype)
+        ds = build_datastore(model, tokenizer, sources, args.out, cfg, world=world)
+    finally:
+        shutdown(world)
+    if world.main:
+        print(_summary(ds.path, ds.header))
     return 0
 
 
@@ -489,6 +508,10 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_USAGE
     from knnlm.errors import KnnlmError
 
+    if args.command != "build-index" and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        print(f"knnlm {args.command}: error: only build-index runs sharded over torchrun ranks; run "
+              f"`knnlm {args.command}` as one process (without torchrun)", file=sys.stderr)
+        return EXIT_USAGE
     try:
         return args.func(args)
     except KnnlmError as e:

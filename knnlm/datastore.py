@@ -13,7 +13,10 @@ Layout of a datastore directory::
 
 All arrays are standard ``.npy`` files (self-describing header, memory-mappable). ``keys.npy`` is
 allocated at full size up front and filled in row order; ``Header.count`` says how many rows are
-final, and only advances after the rows are flushed to disk. ``Header.status`` goes
+final, and only advances after the rows are flushed to disk. A sharded build (torchrun) fills
+several row ranges at once: each rank records the ranges it has flushed in its own
+``progress.rank<R>.json``, rank 0 folds them into ``progress.json`` (and the prefix into
+``count``) when it resumes or finishes; both files are gone once every row is final. ``Header.status`` goes
 ``tokenizing`` -> ``building`` -> ``complete`` (once the index is written), and ``open_datastore``
 refuses anything but ``complete``: an interrupted or failed build never loads as valid.
 
@@ -61,10 +64,13 @@ TOKENS = "tokens.npy"
 VALUES = "values.npy"
 KEYS = "keys.npy"
 INDEX = "index.faiss"
+PROGRESS = "progress.json"  # key rows final out of order (a sharded build): [[first, end], ...]
+PROGRESS_RANK = "progress.rank{}.json"  # the same, written by one rank of a sharded build
 LOCK = ".knnlm.lock"  # held (flock) by the one writer of a directory; other writers are refused
 KEY_DTYPES = {name: np.dtype(name) for name in config.KEY_DTYPES}  # header key.dtype -> numpy dtype
 _OWNED_FILES = (HEADER, HEADER + ".tmp", DOCUMENTS, DOCUMENTS + ".tmp", TOKENS, TOKENS + ".tmp", VALUES,
-                VALUES + ".tmp", KEYS, INDEX, INDEX + ".tmp", TOKENS + ".part", VALUES + ".part")
+                VALUES + ".tmp", KEYS, INDEX, INDEX + ".tmp", TOKENS + ".part", VALUES + ".part", PROGRESS,
+                PROGRESS + ".tmp")
 COPY_ROWS = 1 << 16  # key rows per chunk when copying between datastores (constant memory)
 
 
@@ -447,6 +453,17 @@ class DatastoreWriter:
             _let_go(path, lock_fd, drop_dir=created)
             raise
 
+    @classmethod
+    def follow(cls, path: str | os.PathLike) -> DatastoreWriter:
+        """A writer of key rows only, for a datastore whose lock another process holds: rank > 0 of
+        a sharded build writes its share of ``keys.npy`` and its own progress file, nothing else."""
+        path = Path(path)
+        header = read_header(path)
+        if header is None or header.status != "building":
+            raise DatastoreError(f"{path}: no datastore waiting for key rows (status "
+                                 f"{getattr(header, 'status', None)!r})", param="out")
+        return cls(path, header, fresh=False)
+
     def release(self) -> None:
         """Give up the directory's lock (idempotent)."""
         fd, self._lock_fd = self._lock_fd, None
@@ -521,23 +538,29 @@ class DatastoreWriter:
         return np.load(self.path / TOKENS, mmap_mode="r")
 
     # ---- phase 2: the keys --------------------------------------------------------------------
-    def __enter__(self) -> DatastoreWriter:
-        """Open ``keys.npy`` for writing rows: allocated at full size when no row is final yet."""
+    def prepare_keys(self) -> None:
+        """(the lock holder) Allocate ``keys.npy`` at full size (sparse) when no row is final yet;
+        before any rank opens it for writing."""
         path, n, dim, dtype = self.path / KEYS, self.header.total, self.header.key.dim, self._dtype
-        if self.header.count == 0 or not path.exists():
-            self.header.count = 0
-            with open(path, "wb") as f:
-                np.lib.format.write_array_header_2_0(
-                    f, {"descr": dtype.str, "fortran_order": False, "shape": (n, dim)})
-                self._offset = f.tell()
-                f.truncate(self._offset + n * dim * dtype.itemsize)  # sparse until written
-        else:
-            with open(path, "rb") as f:
-                version = np.lib.format.read_magic(f)
-                read = (np.lib.format.read_array_header_1_0 if version == (1, 0)
-                        else np.lib.format.read_array_header_2_0)
-                read(f)
-                self._offset = f.tell()
+        if self._lock_fd is None:
+            raise DatastoreError(f"{self.path}: only the writer holding the lock allocates keys")
+        if path.exists() and self.done_rows():
+            return
+        self.header.count = 0
+        with open(path, "wb") as f:
+            np.lib.format.write_array_header_2_0(f, {"descr": dtype.str, "fortran_order": False, "shape": (n, dim)})
+            f.truncate(f.tell() + n * dim * dtype.itemsize)  # sparse until written
+
+    def __enter__(self) -> DatastoreWriter:
+        """Open ``keys.npy`` for writing rows (the lock holder allocates it first if needed)."""
+        path = self.path / KEYS
+        if self._lock_fd is not None:
+            self.prepare_keys()
+        with open(path, "rb") as f:
+            version = np.lib.format.read_magic(f)
+            read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+            read(f)
+            self._offset = f.tell()
         self._fd = os.open(path, os.O_WRONLY)
         return self
 
@@ -556,6 +579,35 @@ class DatastoreWriter:
         os.fdatasync(self._fd)
         self.header.count = rows
         self.save_header()
+
+    def record(self, rank: int, ranges: Sequence[Sequence[int]]) -> None:
+        """Make the rows written so far durable, then record ``ranges`` (``[first, end)``) as final
+        in this rank's progress file: a sharded build's ``commit``."""
+        os.fdatasync(self._fd)
+        write_json_atomic(self.path / PROGRESS_RANK.format(rank), _merge_ranges(ranges))
+
+    def done_rows(self) -> list[list[int]]:
+        """The key rows that are final: ``[0, count)`` and every range in the progress files."""
+        ranges = [[0, self.header.count]]
+        for p in [self.path / PROGRESS, *sorted(self.path.glob(PROGRESS_RANK.format("*")))]:
+            if p.exists():
+                ranges += json.loads(p.read_text())
+        return _merge_ranges(ranges)
+
+    def consolidate(self) -> None:
+        """(the lock holder) Fold the ranks' progress files into ``progress.json`` and the final
+        prefix into ``count``; once every row is final, only ``count`` remains."""
+        done = self.done_rows()
+        prefix = done[0][1] if done and done[0][0] == 0 else 0
+        rest = [r for r in done if r[0] > 0]
+        if rest:
+            write_json_atomic(self.path / PROGRESS, rest)
+        self.header.count = prefix
+        self.save_header()
+        if not rest:
+            (self.path / PROGRESS).unlink(missing_ok=True)
+        for p in self.path.glob(PROGRESS_RANK.format("*")):
+            p.unlink()
 
     def copy_rows(self, keys: np.ndarray, row0: int, progress=None) -> None:
         """Copy a (memory-mapped) key array to rows ``[row0, row0 + len(keys))`` in chunks."""
@@ -638,6 +690,19 @@ def _listing(path: Path) -> list[str]:
 def _clear(path: Path) -> None:
     for name in _OWNED_FILES:
         (path / name).unlink(missing_ok=True)
+    for p in path.glob(PROGRESS_RANK.format("*")):
+        p.unlink()
+
+
+def _merge_ranges(ranges: Iterable[Sequence[int]]) -> list[list[int]]:
+    """Sorted, disjoint ``[first, end)`` ranges covering the union of ``ranges``."""
+    out: list[list[int]] = []
+    for a, b in sorted((int(a), int(b)) for a, b in ranges if b > a):
+        if out and a <= out[-1][1]:
+            out[-1][1] = max(out[-1][1], b)
+        else:
+            out.append([a, b])
+    return out
 
 
 def _npy_from_raw(raw: Path, dest: Path, dtype, shape: tuple) -> None:

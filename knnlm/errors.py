@@ -9,7 +9,7 @@ from __future__ import annotations
 
 __all__ = [
     "KnnlmError", "ConfigError", "CorpusError", "DatastoreError", "IndexSpecError", "KeyLayerError",
-    "ModelLoadError", "GenerateError",
+    "ModelLoadError", "GenerateError", "DistributedError",
 ]
 
 
@@ -51,3 +51,7 @@ class ModelLoadError(KnnlmError):
 
 class GenerateError(KnnlmError):
     """kNN-LM generation was asked for something it cannot do (and what to do instead)."""
+
+
+class DistributedError(KnnlmError):
+    """The ranks of a torchrun job disagree (arguments, state), or one of them failed."""
