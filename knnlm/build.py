@@ -147,7 +147,7 @@ def _extract(writer: DatastoreWriter, model, cfg: BuildConfig, world: World = SI
                 else:
                     writer.record(world.rank, done)
                 last_commit = time.time()
-            bar.update(len(rows) * world.size)  # every rank advances at about this pace
+            bar.update(min(len(rows) * world.size, bar.total - bar.n))  # every rank advances at about this pace
     dt = time.time() - t0
     header.build["stats"] = {
         "extract_seconds": round(dt, 2), "rows_this_run": n_mine * world.size if world.distributed else n_mine,

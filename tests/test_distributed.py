@@ -136,3 +136,51 @@ def test_commands_other_than_build_index_refuse_to_run_under_torchrun(tmp_path):
                          env=dict(os.environ, WORLD_SIZE="2", RANK="0"))
     assert res.returncode == 2
     assert "only build-index runs sharded over torchrun ranks" in res.stderr
+
+
+# ------------------------------------------------------------------------------ resume with holes
+
+def test_one_process_resumes_a_sharded_build_with_holes_to_the_same_bytes(tiny_model, tiny_tokenizer, corpus_dir,
+                                                                          tmp_path, monkeypatch):
+    """A sharded build killed midway leaves final rows that are not a prefix (rank 1's range
+    recorded in its progress file). Resumed by one process, only the missing batches are
+    computed, and the bytes equal an uninterrupted build."""
+    import numpy as np
+
+    from knnlm import build as build_mod
+    from knnlm.build import build_datastore
+    from knnlm.config import BuildConfig
+    from knnlm.datastore import PROGRESS_RANK, DatastoreWriter, read_header
+
+    cfg = dict(context=32, batch_size=2, index="flat", progress=False)
+    ref = build_datastore(tiny_model, tiny_tokenizer, [corpus_dir], tmp_path / "ref", BuildConfig(**cfg))
+
+    # a build that stops after tokenizing; then "rank 1" has finished rows [a, b) of the middle
+    part = tmp_path / "part"
+    calls = []
+    monkeypatch.setattr(build_mod, "_extract", lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt()))
+    try:
+        build_datastore(tiny_model, tiny_tokenizer, [corpus_dir], part, BuildConfig(**cfg))
+    except KeyboardInterrupt:
+        pass
+    monkeypatch.undo()
+    todo = build_mod._todo(DatastoreWriter.follow(part), read_header(part), 2)
+    a, b = todo[3][0], todo[7][0]  # batches 3..6
+    w = DatastoreWriter.follow(part)
+    with w:
+        w.write_rows(a, ref.keys[a:b].astype(np.float32))
+        w.record(1, [[a, b]])
+    assert (part / PROGRESS_RANK.format(1)).exists()
+
+    real_batch_inputs = build_mod.batch_inputs
+
+    def counting(batch, *args):
+        calls.append(batch)
+        return real_batch_inputs(batch, *args)
+
+    monkeypatch.setattr(build_mod, "batch_inputs", counting)
+    ds = build_datastore(tiny_model, tiny_tokenizer, [corpus_dir], part, BuildConfig(resume=True, **cfg))
+    assert len(calls) == len(todo) - 4, "the four recorded batches are not recomputed"
+    for name in FILES:
+        assert (ref.path / name).read_bytes() == (ds.path / name).read_bytes(), name
+    assert not list(part.glob("progress*"))
