@@ -280,3 +280,43 @@ def test_registered_by_name_and_lm_eval_stays_lazy():
             names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
                 [node.module or ""] if isinstance(node, ast.ImportFrom) else []
             assert not any(n.split(".")[0] == "lm_eval" or n.startswith("knnlm.harness") for n in names), path.name
+
+
+def _example(name: str):
+    """A script of examples/harness/ as a module."""
+    import importlib.util
+
+    path = Path(__file__).resolve().parent.parent / "examples" / "harness" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(f"harness_example_{name}", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_example_task_and_compare_agree_with_knnlm_eval(env, tmp_path, monkeypatch, capsys):
+    """The README's recipe on the tiny model: make_jsonl.py writes the documents `knnlm eval` reads
+    (same names, same text), the committed stdlib_test.yaml runs on them from the working directory,
+    and compare.py finds the same total NLL as `knnlm eval` (here the documents are also in the
+    datastore: both exclude their own keys the same way)."""
+    from knnlm.data import iter_documents, resolve_sources
+    from knnlm.harness import main
+
+    paths = corpus_paths()[:2]
+    monkeypatch.chdir(tmp_path)
+    assert _example("make_jsonl").main([*paths, "--out", "runs/harness/stdlib_test.jsonl"]) == 0
+    rows = [json.loads(line) for line in Path("runs/harness/stdlib_test.jsonl").read_text().splitlines()]
+    assert [(r["name"], r["text"]) for r in rows] == [(d.name, d.text) for d in iter_documents(resolve_sources(paths))]
+
+    examples = Path(__file__).resolve().parent.parent / "examples" / "harness"
+    assert main(["--model", "knnlm", "--model_args", f"pretrained={env['model_dir']},datastore={env['ds'].path}",
+                 "--tasks", "stdlib_test", "--include_path", str(examples), "--device", "cpu", "--batch_size", "8",
+                 "--output_path", "out"]) == 0
+    ev = knnlm.evaluate(env["model"], env["tok"], env["ds"], data=paths, cfg=knnlm.EvalConfig(progress=False))
+    assert ev["overlap"]["documents"] == 2
+    Path("eval.json").write_text(json.dumps(ev))
+    capsys.readouterr()
+    assert _example("compare").main(["--data", "runs/harness/stdlib_test.jsonl", "--knnlm", "eval.json",
+                                     "--harness", "out"]) == 0
+    line = next(x for x in capsys.readouterr().out.splitlines() if "NLL relative difference" in x)
+    assert line.startswith("harness, kNN-LM vs knnlm eval, kNN-LM")
+    assert abs(float(line.rsplit(" ", 1)[1])) < REL
