@@ -1,8 +1,10 @@
 """The lm-evaluation-harness model ``knnlm`` (``knnlm/harness.py``) on local tasks, no hub access.
 
-A tiny random Llama with a ``<bos>``-adding tokenizer is saved to disk, a flat datastore over the
-stdlib test corpus is built with it (64-token windows), and two task YAMLs read local jsonl files:
-a rolling-loglikelihood task (word / byte perplexity, bits per byte) and a multiple-choice task.
+A tiny random Llama with a ``<bos>``-adding tokenizer is saved to disk, a flat datastore over four
+small stdlib modules (``knnlm.testing.CORPUS_FILES``) is built with it (64-token windows), and two
+task YAMLs read local jsonl files: a rolling-loglikelihood task (word / byte perplexity, bits per
+byte) over excerpts of those modules and a multiple-choice task. lm-eval's index of its built-in
+tasks and its environment report are skipped (``_fast_lm_eval``): seconds per run, never read here.
 
 * At ``lambda=0`` multiple choice equals lm-eval's own ``hf`` model on the same saved model, choice
   by choice (1e-4 relative). Rolling loglikelihood is compared where the two are the same quantity:
