@@ -151,6 +151,7 @@ class EvalConfig:
     exclude: tuple[str, ...] = ()
     text_field: str = "text"
     max_tokens: int | None = None
+    per_document: bool = False  # also report each document's negative log-likelihood (the harness's rolling scores)
     progress: bool = True
 
     def __post_init__(self):

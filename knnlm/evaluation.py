@@ -13,6 +13,8 @@ prefix of the eval document's: a build cut by ``max_tokens`` keeps only the firs
 last document), each query whose own key is in the datastore has it excluded from the neighbours
 (``exclude_self``, on by default): otherwise retrieval would find the answer at distance zero and
 the perplexity would be meaningless. The result says how many documents and tokens overlapped.
+With ``per_document`` the result also holds each document's summed negative log-likelihood (base
+LM and the primary setting): what the lm-evaluation-harness model (``knnlm.harness``) reports.
 
 ``run(model, tokenizer, knn, ...)`` is the loop; ``EvaluationMixin`` gives ``KNNLM`` its
 ``evaluate`` method (as ``transformers``' ``GenerationMixin`` gives models ``generate``), and the
@@ -51,7 +53,7 @@ from knnlm.scoring import knn_target_log_probs, lm_target_log_probs, mix
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["EvaluationMixin", "run", "BUCKET_EDGES", "format_results"]
+__all__ = ["EvaluationMixin", "run", "eval_window", "BUCKET_EDGES", "format_results"]
 
 # Datastore-corpus frequency buckets of the target token: [0], [1, 10), [10, 100), ...
 BUCKET_EDGES = (0, 1, 10, 100, 1_000, 10_000)
@@ -161,6 +163,9 @@ class _Tally:
     nll_bucket: torch.Tensor = None  # (G, NB)
     t_lm: float = 0.0
     t_knn: float = 0.0
+    documents: int = 0  # > 0: also sum per document (``per_document``)
+    doc_nll_base: torch.Tensor = None  # (D,)
+    doc_nll: torch.Tensor = None  # (D,) the primary setting
 
     def __post_init__(self):
         nb = len(BUCKET_EDGES)
@@ -168,28 +173,37 @@ class _Tally:
         self.n_bucket = torch.zeros(nb, dtype=torch.float64)
         self.nll_bucket_base = torch.zeros(nb, dtype=torch.float64)
         self.nll_bucket = torch.zeros(self.grid_size, nb, dtype=torch.float64)
+        self.doc_nll_base = torch.zeros(self.documents, dtype=torch.float64)
+        self.doc_nll = torch.zeros(self.documents, dtype=torch.float64)
 
-    def add_base(self, lp_lm: torch.Tensor) -> None:
+    def add_base(self, lp_lm: torch.Tensor, doc: torch.Tensor | None = None) -> None:
+        """``doc`` (R,): the eval document of each target, when summing per document."""
         self.n += lp_lm.shape[0]
         self.nll_base -= lp_lm.double().sum().item()
+        if doc is not None:
+            self.doc_nll_base.index_add_(0, doc, -lp_lm.double().cpu())
 
     def add_buckets(self, bucket: torch.Tensor, lp_lm: torch.Tensor) -> None:
         nb = len(BUCKET_EDGES)
         self.n_bucket += torch.bincount(bucket, minlength=nb).double()
         self.nll_bucket_base -= torch.bincount(bucket, weights=lp_lm.double().cpu(), minlength=nb)
 
-    def add_setting(self, gi: int, bucket: torch.Tensor, lp: torch.Tensor) -> None:
+    def add_setting(self, gi: int, bucket: torch.Tensor, lp: torch.Tensor, doc: torch.Tensor | None = None) -> None:
         x = lp.double().cpu()
         self.nll[gi] -= x.sum()
         self.nll_bucket[gi] -= torch.bincount(bucket, weights=x, minlength=len(BUCKET_EDGES))
+        if gi == 0 and doc is not None:
+            self.doc_nll.index_add_(0, doc, -x)
 
 
 # ---------------------------------------------------------------------------- the loop
 
 
 def _score_knn(knn: EvaluationMixin, tally: _Tally, grid, cfg: EvalConfig, query: torch.Tensor, tgt: torch.Tensor,
-               lp_lm: torch.Tensor, exclude: torch.Tensor | None, counts: torch.Tensor) -> None:
-    """One retrieval at the largest k, then every (k, T, lambda) of the grid from its neighbours."""
+               lp_lm: torch.Tensor, exclude: torch.Tensor | None, counts: torch.Tensor,
+               doc: torch.Tensor | None = None) -> None:
+    """One retrieval at the largest k, then every (k, T, lambda) of the grid from its neighbours
+    (``doc`` (R,): each target's eval document, to sum the primary setting per document)."""
     kmax = max(k for _, _, k in grid)
     dists, values, _ = knn.search(query, k=kmax, exclude=exclude)  # (R, kmax)
     bucket = torch.bucketize(counts[tgt.cpu()], torch.tensor(BUCKET_EDGES[1:]), right=True)  # (R,)
@@ -198,7 +212,7 @@ def _score_knn(knn: EvaluationMixin, tally: _Tally, grid, cfg: EvalConfig, query
     for gi, (lam, t, k) in enumerate(grid):
         if (k, t) not in lp_knn:
             lp_knn[(k, t)] = knn_target_log_probs(dists[:, :k], values[:, :k], tgt, t)  # (R,)
-        tally.add_setting(gi, bucket, mix(lp_lm, lp_knn[(k, t)], lam))
+        tally.add_setting(gi, bucket, mix(lp_lm, lp_knn[(k, t)], lam), doc)
 
 
 HEAD_CHUNK_BYTES = 64 << 20  # fp32 logits materialised at once when the LM head is applied in chunks
@@ -249,20 +263,28 @@ def _head_path_matches(model, cap, doc_ids, probe: int = 64) -> bool:
     return False
 
 
+def eval_window(cfg: EvalConfig, datastore: Datastore | None, tokenizer) -> tuple[int, int, int | None]:
+    """``(context, stride, bos)`` of an eval: the datastore's window protocol unless ``cfg`` sets
+    the window; without a datastore, ``DEFAULT_CONTEXT`` windows and the tokenizer's own ``<bos>``."""
+    if datastore is not None:
+        w = datastore.header.window
+        return (*cfg.window(w.context, w.stride), w.bos)
+    return (*cfg.window(DEFAULT_CONTEXT, DEFAULT_CONTEXT - 1), tokenizer_bos(tokenizer))
+
+
 def run(model, tokenizer, knn: EvaluationMixin | None, data: Sequence | None, cfg: EvalConfig, *,
         texts: Sequence[str] | None = None) -> dict:
     """Score ``data`` or ``texts`` with the base LM and, when ``knn`` is given, every setting of
-    ``cfg``'s grid with ``knn``'s model, datastore and retriever. Returns a JSON-ready dict."""
+    ``cfg``'s grid with ``knn``'s model, datastore and retriever. Returns a JSON-ready dict; with
+    ``cfg.per_document`` it also lists each document's summed negative log-likelihood."""
     t_start = time.time()
     ds = knn.datastore if knn is not None else None
+    context, stride, bos = eval_window(cfg, ds, tokenizer)
     if ds is not None:
-        context, stride = cfg.window(ds.header.window.context, ds.header.window.stride)
-        bos = ds.header.window.bos
         grid = [(lam, t, resolve_k(k, len(ds), param="ks")) for lam, t, k in cfg.grid]
         counts = torch.from_numpy(ds.token_counts())
     else:
-        context, stride = cfg.window(DEFAULT_CONTEXT, DEFAULT_CONTEXT - 1)
-        bos, grid, counts = tokenizer_bos(tokenizer), [], None
+        grid, counts = [], None
     check_context(context, bos, getattr(model.config, "max_position_embeddings", None))
     docs = _load_eval_documents(tokenizer, data, texts, cfg)
     overlap = _find_overlap(docs, ds) if ds is not None else _Overlap()
@@ -272,7 +294,7 @@ def run(model, tokenizer, knn: EvaluationMixin | None, data: Sequence | None, cf
         logger.warning("%d of %d eval documents (%d tokens) are in the datastore; %s",
                        overlap.documents, len(docs), overlap.tokens, how)
     exclude_self = bool(overlap.documents) and cfg.exclude_self
-    tally = _Tally(len(grid))
+    tally = _Tally(len(grid), documents=len(docs) if cfg.per_document else 0)
     device = next(model.parameters()).device
 
     from tqdm.auto import tqdm
@@ -288,17 +310,23 @@ def run(model, tokenizer, knn: EvaluationMixin | None, data: Sequence | None, cf
             ids, rows_b, rows_t = (torch.from_numpy(a).to(device) for a in (ids, rows_b, rows_t))
             tgt = ids[rows_b, rows_t + 1]  # (R,)
             hidden, lp_lm = _lm_pass(model, cap, ids, rows_b, rows_t)  # (B, T, D), (R,)
-            tally.add_base(lp_lm)
+            doc = torch.cat([torch.full((w.end - w.first,), w.doc) for w in batch]) if cfg.per_document else None
+            tally.add_base(lp_lm, doc)
             t1 = time.time()
             tally.t_lm += t1 - t0
             if knn is not None:
                 exclude = torch.cat([overlap.own_rows(w.doc, w.first, w.end) for w in batch]) if exclude_self else None
-                _score_knn(knn, tally, grid, cfg, hidden[rows_b, rows_t], tgt, lp_lm, exclude, counts)
+                _score_knn(knn, tally, grid, cfg, hidden[rows_b, rows_t], tgt, lp_lm, exclude, counts, doc)
                 tally.t_knn += time.time() - t1
             bar.update(int(tgt.shape[0]))
     res = _base_result(tally, docs, context, stride, bos, cfg, time.time() - t_start)
     if knn is not None:
         res.update(_knn_result(tally, grid, knn, overlap, cfg))
+    if cfg.per_document:
+        res["per_document"] = [
+            {"name": d["name"], "tokens": count_targets(d["length"]), "nll_base": float(tally.doc_nll_base[i]),
+             **({"nll_knn": float(tally.doc_nll[i])} if knn is not None else {})}
+            for i, d in enumerate(docs)]
     return res
 
 

@@ -44,6 +44,26 @@ def test_lambda_zero_is_the_plain_hf_loss(store, tiny_tokenizer):
     assert res["ppl_knn"] == pytest.approx(res["ppl_base"], rel=1e-6)
 
 
+def test_per_document_sums_are_each_documents_own_eval(store, tiny_tokenizer):
+    """``per_document``: each document's NLL (base and primary setting) is what evaluating it alone
+    gives, and the sums are the overall perplexities (windows of 16 tokens: several per document)."""
+    model, ds = store
+    cfg = dict(lambdas=[0.5, 0.1], context=16)
+    res = evaluate(model, tiny_tokenizer, ds, texts=TEXTS, cfg=_cfg(per_document=True, batch_size=3, **cfg))
+    docs = res["per_document"]
+    assert [d["name"] for d in docs] == [f"text[{i}]" for i in range(len(TEXTS))]
+    assert sum(d["tokens"] for d in docs) == res["tokens"]
+    for field, ppl in (("nll_base", res["ppl_base"]), ("nll_knn", res["ppl_knn"])):
+        assert math.exp(sum(d[field] for d in docs) / res["tokens"]) == pytest.approx(ppl, rel=1e-9)
+    for text, d in zip(TEXTS, docs):
+        alone = evaluate(model, tiny_tokenizer, ds, texts=[text], cfg=_cfg(**cfg))
+        assert d["nll_knn"] == pytest.approx(math.log(alone["ppl_knn"]) * alone["tokens"], rel=1e-5)
+        assert d["nll_base"] == pytest.approx(math.log(alone["ppl_base"]) * alone["tokens"], rel=1e-5)
+    assert "per_document" not in evaluate(model, tiny_tokenizer, None, texts=TEXTS, cfg=_cfg(context=16))
+    plain = evaluate(model, tiny_tokenizer, None, texts=TEXTS, cfg=_cfg(context=16, per_document=True))
+    assert [d["nll_base"] for d in plain["per_document"]] == pytest.approx([d["nll_base"] for d in docs], rel=1e-5)
+
+
 def test_sweep_equals_single_runs(store, tiny_tokenizer, corpus_dir):
     model, ds = store
     data = [str(corpus_dir / "bisect.py")]

@@ -22,7 +22,7 @@ FLOORS = [
     ["retrieval"],
     ["build", "evaluation", "generate"],
     ["model"],
-    ["testing", "cli"],
+    ["testing", "cli", "harness"],  # front ends over KNNLM: the command line, lm-evaluation-harness
 ]
 FLOOR = {m: i for i, floor in enumerate(FLOORS) for m in floor}
 
