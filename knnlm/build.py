@@ -144,7 +144,7 @@ def build_datastore(model, tokenizer, data: Sequence[str] | Sequence[Source], ou
     cfg = cfg or BuildConfig()
     if data and all(isinstance(d, Source) for d in data):
         sources = list(data)
-        check_index_spec(cfg.index)
+        check_index_spec(cfg.index, cfg.index_storage)
     else:
         sources = check_build_inputs(data, cfg)
     t_start = time.time()
@@ -163,7 +163,7 @@ def build_datastore(model, tokenizer, data: Sequence[str] | Sequence[Source], ou
                     raise
             if writer.header.count < writer.header.total:
                 _extract(writer, model, cfg)
-            ds = writer.finalize(cfg.index, seed=cfg.seed, progress=cfg.progress)
+            ds = writer.finalize(cfg.index, storage=cfg.index_storage, seed=cfg.seed, progress=cfg.progress)
     finally:
         writer.release()
     ds.header.build.setdefault("stats", {}).update(peak_rss_mib=round(_peak_rss_mib(), 1),
