@@ -830,6 +830,11 @@ def merge_datastores(inputs: Sequence[str | os.PathLike | Datastore], out: str |
         writer.release()
 
 
+def _index_files(path: Path) -> list[Path]:
+    """Every index file the datastore's writers may have made in ``path``."""
+    return [p for pattern in (INDEX, IVFDATA, "index.r*.faiss", "index.r*.ivfdata") for p in path.glob(pattern)]
+
+
 def reindex_datastore(path: str | os.PathLike, *, index: str = "auto", index_storage: str = "auto", seed: int = 0,
                       progress: bool = True) -> Datastore:
     """Rebuild only the index of a complete datastore (another recipe, or RAM <-> disk storage),
@@ -847,7 +852,6 @@ def reindex_datastore(path: str | os.PathLike, *, index: str = "auto", index_sto
     fd = _lock(path)
     try:
         header = read_header(path)  # as it is now that the lock is held
-        old = [header.index_file, (header.index or {}).get("ivfdata")] if header.index else []
         gen = 1
         while any((path / f"index.r{gen}{ext}").exists() for ext in (".faiss", ".ivfdata")):
             gen += 1
@@ -858,9 +862,9 @@ def reindex_datastore(path: str | os.PathLike, *, index: str = "auto", index_sto
                                                              "seed": seed, "at": _now()})
             header.write(path)
         keep = {header.index_file, header.index.get("ivfdata")}
-        for f in old:
-            if f and f not in keep:
-                (path / f).unlink(missing_ok=True)
+        for p in _index_files(path):  # the old index, and any that an interrupted reindex left
+            if p.name not in keep:
+                p.unlink(missing_ok=True)
     finally:
         _unlock(path, fd, remove=False)
     return open_datastore(path)

@@ -284,7 +284,8 @@ def gpu_clone_settings(index) -> dict:
     import faiss
 
     ivf = _ivf(index)
-    pq_bytes = int(ivf.code_size) if ivf is not None and isinstance(ivf, faiss.IndexIVFPQ) else 0
+    ivf = faiss.downcast_index(ivf) if ivf is not None else None
+    pq_bytes = int(ivf.code_size) if isinstance(ivf, faiss.IndexIVFPQ) else 0
     return {"shard": True, "useFloat16": pq_bytes >= 56}
 
 
