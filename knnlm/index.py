@@ -596,7 +596,7 @@ def load_index(path: str | os.PathLike, *, n: int, dim: int, nprobe: int | None 
             if size != ivfdata_bytes:
                 raise DatastoreError(f"{data} is {'missing' if size is None else f'{size} bytes'}, the header "
                                      f"says {ivfdata_bytes} bytes; rebuild the index with `knnlm reindex`")
-            flags = faiss.IO_FLAG_ONDISK_SAME_DIR
+            flags = faiss.IO_FLAG_ONDISK_SAME_DIR | faiss.IO_FLAG_READ_ONLY  # mapped read-only
         else:
             flags = faiss.IO_FLAG_MMAP_IFC | faiss.IO_FLAG_READ_ONLY
     try:

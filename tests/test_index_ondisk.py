@@ -93,6 +93,48 @@ def test_disk_and_ram_search_identically_and_match_exact_search(tmp_path):
             np.testing.assert_array_equal(found["disk"][1], exact)
 
 
+_LOAD_AND_SEARCH = """
+import json, sys
+import numpy as np
+from knnlm.index import load_index
+
+def anon():
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("RssAnon:")) / 1024
+
+path, storage, ivfdata, n, d = sys.argv[1], sys.argv[2], json.loads(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5])
+q = np.load(sys.argv[6])
+before = anon()
+index = load_index(path, n=n, dim=d, nprobe=64, storage=storage, ivfdata_bytes=ivfdata, use_gpu=False)
+index.search(q, 16)
+print(anon() - before)
+"""
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="needs Linux /proc for RssAnon")
+def test_an_index_on_disk_adds_no_anonymous_memory(tmp_path):
+    """Loaded and searched in a fresh process, an on-disk index's lists are pages of a mapped file
+    (page cache), not the process's anonymous memory; the same index in RAM adds its whole size."""
+    import subprocess
+    import sys
+
+    path, keys = _keys(tmp_path, n=300_000, d=64)
+    n, d = keys.shape
+    np.save(tmp_path / "q.npy", keys[:256] + 0.05)
+    grown = {}
+    for storage in ("disk", "ram"):
+        out = tmp_path / storage
+        out.mkdir()
+        rec = build_index(path, n, d, plan_index("IVF64,SQfp16", n, d, storage=storage), out / "index.faiss",
+                          progress=False)
+        size = rec["bytes"] / 2**20  # ~39 MiB of fp16 codes + ids
+        res = subprocess.run([sys.executable, "-c", _LOAD_AND_SEARCH, str(out / "index.faiss"), storage,
+                              json.dumps(rec["ivfdata_bytes"]), str(n), str(d), str(tmp_path / "q.npy")],
+                             capture_output=True, text=True, check=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+        grown[storage] = float(res.stdout.split()[-1]) / size  # every list probed: every page was read
+    assert grown["disk"] < 0.25 and grown["ram"] > 0.9, grown  # disk: a few MiB of search buffers
+
+
 def test_a_crash_before_the_final_rename_leaves_no_index(tmp_path, monkeypatch):
     path, keys = _keys(tmp_path, n=3000)
     n, d = keys.shape
