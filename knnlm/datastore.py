@@ -618,8 +618,15 @@ class DatastoreWriter:
         plan = plan_index(index, n, dim, storage=storage)
         logger.info("%s", plan.describe(n, dim))
         (self.path / IVFDATA).unlink(missing_ok=True)  # a stale one from an interrupted attempt
-        self.header.index = build_index(self.path / KEYS, n, dim, plan, self.path / INDEX, seed=seed,
-                                        progress=progress, shards=shards)
+        record = build_index(self.path / KEYS, n, dim, plan, self.path / INDEX, seed=seed, progress=progress,
+                             shards=shards)
+        return self.complete(record)
+
+    def complete(self, index_record: dict) -> Datastore:
+        """Record the index written to ``index_record["file"]`` (``knnlm.index.index_record``; a
+        distributed build writes it with ``train_index`` / ``fill_shard`` / ``merge_shards``), mark
+        the datastore complete, drop spooled keys when none are kept, release the lock, open it."""
+        self.header.index = index_record
         self.header.status = "complete"
         self.save_header()
         if not self.header.has_keys:

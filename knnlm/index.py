@@ -47,8 +47,8 @@ from knnlm.errors import DatastoreError, IndexSpecError
 logger = logging.getLogger(__name__)
 
 __all__ = ["IndexSpecError", "IndexPlan", "check_index_spec", "plan_index", "build_index", "load_index", "set_nprobe",
-           "train_index", "fill_shard", "merge_shards", "index_files", "gpu_clone_settings", "AUTO_INDEX",
-           "COARSE_RECIPES", "AUTO_DISK_RAM_FRACTION"]
+           "train_index", "fill_shard", "merge_shards", "index_files", "index_record", "work_dir", "gpu_clone_settings",
+           "AUTO_INDEX", "COARSE_RECIPES", "AUTO_DISK_RAM_FRACTION"]
 
 # ------------------------------------------------------------------------------------ recipes
 # `auto`: the first row whose limit the datastore fits picks the recipe. A limit is a number of
@@ -541,7 +541,7 @@ def build_index(keys_path: str | os.PathLike, n: int, dim: int, plan: IndexPlan,
         raise DatastoreError(f"{keys_path} holds keys of shape {keys.shape}, expected {(n, dim)}")
     out_path = Path(out_path)
     t0 = time.time()
-    work = out_path.parent / f".{out_path.name}.build"
+    work = work_dir(out_path)
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
     try:
@@ -556,8 +556,20 @@ def build_index(keys_path: str | os.PathLike, n: int, dim: int, plan: IndexPlan,
         record = merge_shards(trained, paths, out_path, storage=plan.storage, ntotal=n)
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    return {"spec": plan.spec, "factory": plan.factory, "metric": "l2", "nprobe": plan.nprobe, **record,
-            "build_seconds": round(time.time() - t0, 2)}
+    return index_record(plan, record, time.time() - t0)
+
+
+def work_dir(out_path: str | os.PathLike) -> Path:
+    """Where the trained index and the shards of the index ``out_path`` are written while it is
+    built (next to it: on the same filesystem, shared by every rank of a distributed build)."""
+    out_path = Path(out_path)
+    return out_path.parent / f".{out_path.name}.build"
+
+
+def index_record(plan: IndexPlan, merged: dict, seconds: float) -> dict:
+    """The index section of the datastore header: the plan, ``merge_shards``'s record, the time."""
+    return {"spec": plan.spec, "factory": plan.factory, "metric": "l2", "nprobe": plan.nprobe, **merged,
+            "build_seconds": round(seconds, 2)}
 
 
 # ------------------------------------------------------------------------------------ loading
