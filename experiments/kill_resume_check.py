@@ -101,7 +101,7 @@ def run(model: str, data: list[str], tokens: int, extra: list[str], workdir: Pat
     subprocess.run([*ranks, "--out", str(part), "--resume"], check=True, stdout=subprocess.DEVNULL,
                    stderr=subprocess.DEVNULL if nproc > 1 else None)
     same = True
-    for name in FILES:
+    for name in [*FILES, *(["index.ivfdata"] if (full / "index.ivfdata").exists() else [])]:
         eq = (full / name).read_bytes() == (part / name).read_bytes()
         same &= eq
         print(f"{name:15} {'identical' if eq else 'DIFFERENT'} ({(full / name).stat().st_size:,} bytes)")

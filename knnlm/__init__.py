@@ -36,6 +36,7 @@ _API = {
     "open_or_create": "knnlm.datastore",
     "subset_datastore": "knnlm.datastore",
     "merge_datastores": "knnlm.datastore",
+    "reindex_datastore": "knnlm.datastore",
     # models, keys, corpora
     "load_model": "knnlm.loading",
     "capture_keys": "knnlm.capture",

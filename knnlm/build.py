@@ -22,6 +22,7 @@ from __future__ import annotations
 import logging
 import os
 import resource
+import shutil
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -41,6 +42,9 @@ from knnlm.data import (
     tokenizer_bos,
 )
 from knnlm.datastore import (
+    INDEX,
+    IVFDATA,
+    KEYS,
     CorpusSpec,
     Datastore,
     DatastoreError,
@@ -158,6 +162,51 @@ def _extract(writer: DatastoreWriter, model, cfg: BuildConfig, world: World = SI
                 f" on {world}" if world.distributed else "")
 
 
+def _index_sharded(writer: DatastoreWriter | None, cfg: BuildConfig, world: World, out: Path) -> Datastore | None:
+    """Phase 3 over torchrun ranks: rank 0 trains the index once on a seeded sample, every rank
+    encodes a contiguous share of the rows into a shard file, rank 0 merges the shards (RAM or
+    on-disk inverted lists) and completes the datastore. The same functions and the same bytes as
+    the one-process ``DatastoreWriter.finalize``. Returns the datastore on rank 0."""
+    from knnlm.index import fill_shard, index_record, merge_shards, plan_index, train_index, work_dir
+
+    header = read_header(out)
+    n, dim = header.total, header.key.dim
+    keys, index_path = out / KEYS, out / INDEX
+    work = work_dir(index_path)
+    t0 = time.time()
+
+    def train():
+        plan = plan_index(cfg.index, n, dim, storage=cfg.index_storage)  # storage "auto" is rank 0's call
+        logger.info("%s; filled by %d ranks", plan.describe(n, dim), world.size)
+        with disk_errors(out):
+            shutil.rmtree(work, ignore_errors=True)
+            work.mkdir(parents=True)
+            (out / IVFDATA).unlink(missing_ok=True)
+            train_index(keys, plan, work / "trained.faiss", seed=cfg.seed)
+        return plan
+
+    plan = on_main(world, train, share=True)
+    if plan.shardable:  # rank r encodes rows [n r / W, n (r + 1) / W)
+        shards = [work / f"shard{r:05d}.faiss" for r in range(world.size)]
+        with disk_errors(out):
+            fill_shard(work / "trained.faiss", keys, n * world.rank // world.size,
+                       n * (world.rank + 1) // world.size, shards[world.rank])
+    else:  # a graph index is filled in one piece
+        shards = [work / "shard00000.faiss"]
+        if world.main:
+            with disk_errors(out):
+                fill_shard(work / "trained.faiss", keys, 0, n, shards[0])
+    barrier(world)
+
+    def merge() -> Datastore:
+        with disk_errors(out):
+            record = merge_shards(work / "trained.faiss", shards, index_path, storage=plan.storage, ntotal=n)
+            shutil.rmtree(work, ignore_errors=True)
+            return writer.complete(index_record(plan, record, time.time() - t0))
+
+    return on_main(world, merge)
+
+
 def build_datastore(model, tokenizer, data: Sequence[str] | Sequence[Source], out: str | os.PathLike,
                     cfg: BuildConfig | None = None, world: World = SINGLE) -> Datastore:
     """Build (or resume) a datastore in ``out`` and return it opened (``knnlm.Datastore``).
@@ -176,7 +225,7 @@ def build_datastore(model, tokenizer, data: Sequence[str] | Sequence[Source], ou
     cfg = cfg or BuildConfig()
     if data and all(isinstance(d, Source) for d in data):
         sources = list(data)
-        check_index_spec(cfg.index)
+        check_index_spec(cfg.index, cfg.index_storage)
     else:
         sources = check_build_inputs(data, cfg)
     t_start = time.time()
@@ -217,16 +266,20 @@ def build_datastore(model, tokenizer, data: Sequence[str] | Sequence[Source], ou
                 _extract(writer, model, cfg, world)
             barrier(world)
 
-            def finish() -> Datastore:
+            def finish() -> None:
                 with disk_errors(writer.path):
                     writer.consolidate()  # the ranks' progress files -> Header.count
                     if writer.header.count < writer.header.total:
                         raise DatastoreError(f"{writer.path}: {writer.header.count}/{writer.header.total} key rows "
                                              "final after every rank finished; run the same command with `resume`",
                                              param="out")
-                    return writer.finalize(cfg.index, seed=cfg.seed, progress=cfg.progress)
 
-            ds = on_main(world, finish)
+            on_main(world, finish)
+            if world.distributed:
+                ds = _index_sharded(writer, cfg, world, Path(out))
+            else:
+                with disk_errors(writer.path):
+                    ds = writer.finalize(cfg.index, storage=cfg.index_storage, seed=cfg.seed, progress=cfg.progress)
         else:
             ds = None
     finally:

@@ -17,7 +17,8 @@ FLAGS = {
     "lam": "--lambda", "lambdas": "--lambda", "temperature": "--knn-temperature", "temperatures": "--temperature",
     "k": "--k", "ks": "--k", "nprobe": "--nprobe", "rerank": "--rerank", "context": "--context",
     "stride": "--stride", "batch_size": "--batch-size", "key_dtype": "--key-dtype", "layer": "--layer",
-    "index": "--index", "max_tokens": "--max-tokens", "seed": "--seed", "resume": "--resume",
+    "index": "--index", "index_storage": "--index-storage", "max_tokens": "--max-tokens", "seed": "--seed",
+    "resume": "--resume",
     "overwrite": "--overwrite", "out": "--out", "data": "--data", "globs": "--glob", "exclude": "--exclude",
     "text_field": "--text-field", "model": "--model", "device": "--device", "dtype": "--dtype",
     "inputs": "the inputs",
@@ -39,6 +40,10 @@ examples:
       --context 1024 --stride 512 --index ivfpq
   # continue a build that was interrupted (same arguments + --resume)
   knnlm build-index --data corpus/ --out runs/ds --resume
+  # a large corpus: IVF-PQ with its inverted lists memory-mapped from disk, no keys kept (~80 B/token)
+  knnlm build-index --data corpus/ --out runs/big --index ivfpq --index-storage disk --key-dtype none
+  # an OPQ-rotated IVF-PQ from a FAISS factory string
+  knnlm build-index --data corpus/ --out runs/opq --index OPQ64,IVF4096,PQ64 --index-storage disk
 """
 
 EVAL_EXAMPLES = """\
@@ -48,6 +53,8 @@ examples:
   # a sweep: one retrieval at k=1024, every combination scored from it; JSON results
   knnlm eval --datastore runs/stdlib --data held_out/ --lambda 0.25,0.1,0.5 --temperature 1,2,5 \\
       --k 1024,64,8 --output results.json
+  # exact distances from the stored keys for the candidates of a compressed index
+  knnlm eval --datastore runs/stdlib-pq --data held_out/ --rerank
 """
 
 GENERATE_EXAMPLES = """\
@@ -68,6 +75,16 @@ examples:
   knnlm build-index --data corpus/part1 --out runs/part1
   knnlm build-index --data corpus/part2 --out runs/part2
   knnlm merge runs/part1 runs/part2 --out runs/all
+  # the same, with an IVF-PQ index whose inverted lists stay on disk
+  knnlm merge runs/part1 runs/part2 --out runs/all-pq --index ivfpq --index-storage disk
+"""
+
+REINDEX_EXAMPLES = """\
+examples:
+  # replace a datastore's index by the original kNN-LM recipe, inverted lists memory-mapped from disk
+  knnlm reindex runs/stdlib-1m --index IVF4096,PQ64 --index-storage disk
+  # back to an in-RAM IVF-SQfp16 index
+  knnlm reindex runs/stdlib-1m --index ivfsq --index-storage ram
 """
 
 INFO_EXAMPLES = """\
@@ -111,6 +128,21 @@ def _add_window_args(p: argparse.ArgumentParser) -> None:
                    help="new target tokens per window; smaller = more left context, more compute "
                         "(default: context - 1, non-overlapping windows)")
     g.add_argument("--batch-size", type=int, default=8, help="windows per forward pass (default: %(default)s)")
+
+
+INDEX_HELP = ("flat (exact), ivfsq (IVF over fp16 vectors), ivfpq (IVF + 8-bit PQ, the coarse quantizer "
+              "by size), auto (flat up to 65,536 keys, ivfsq while the fp16 keys fit in 8 GiB, ivfpq beyond), or a "
+              "FAISS factory string such as IVF4096,PQ64 or OPQ64,IVF4096,PQ64 (default: %(default)s)")
+STORAGE_HELP = ("where the index lives: ram (read into memory), disk (IVF inverted lists / flat codes "
+                "memory-mapped from the datastore directory: search memory does not grow with the datastore), "
+                "auto (disk when the index would take more than a quarter of physical RAM) (default: %(default)s)")
+
+
+def _add_index_args(g) -> None:
+    from knnlm.config import INDEX_STORAGES
+
+    g.add_argument("--index", default="auto", metavar="KIND", help=INDEX_HELP)
+    g.add_argument("--index-storage", default="auto", choices=INDEX_STORAGES, help=STORAGE_HELP)
 
 
 def _add_generate_parser(sub) -> None:
@@ -166,10 +198,9 @@ def _add_build_parser(sub) -> None:
                    help="key module path (e.g. model.layers.29.mlp) or decoder-layer index (e.g. -1); "
                         "default: the input of the last layer's feed-forward block")
     g.add_argument("--key-dtype", default="float16", choices=KEY_DTYPES,
-                   help="storage dtype of the keys (default: %(default)s)")
-    g.add_argument("--index", default="auto", metavar="KIND",
-                   help="flat (exact), ivfpq, auto (flat up to 65,536 keys, IVF-SQfp16 while the keys fit "
-                        "in 8 GiB, IVF-PQ beyond), or a FAISS factory string (default: %(default)s)")
+                   help="storage dtype of the keys; none keeps no keys file (the index's codes are all that is "
+                        "kept: no --rerank; ~80 B per token with an IVF-PQ index) (default: %(default)s)")
+    _add_index_args(g)
     g.add_argument("--seed", type=int, default=0, help="seed of the index-training sample (default: %(default)s)")
     g.add_argument("--resume", action="store_true", help="continue an interrupted build in --out")
     g.add_argument("--overwrite", action="store_true", help="replace the datastore in --out")
@@ -233,10 +264,24 @@ def _add_merge_parser(sub) -> None:
                        epilog=MERGE_EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
     m.add_argument("inputs", nargs="+", metavar="DIR", help="datastores to merge, in order (at least two)")
     m.add_argument("--out", required=True, metavar="DIR", help="new datastore directory (must be new or empty)")
-    m.add_argument("--index", default="auto", metavar="KIND", help="as in build-index (default: %(default)s)")
+    _add_index_args(m)
     m.add_argument("--seed", type=int, default=0, help="seed of the index-training sample (default: %(default)s)")
     m.add_argument("--quiet", action="store_true", help="no progress bars")
     m.set_defaults(func=cmd_merge)
+
+
+def _add_reindex_parser(sub) -> None:
+    r = sub.add_parser("reindex", help="rebuild only the FAISS index of a datastore (another recipe or storage)",
+                       description="Train and fill a new index over a complete datastore's stored keys and switch "
+                                   "the datastore to it atomically (an interrupted reindex leaves the old index in "
+                                   "use). Keys, values and documents are not touched; a datastore built with "
+                                   "--key-dtype none cannot be re-indexed.",
+                       epilog=REINDEX_EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+    r.add_argument("datastore", metavar="DIR")
+    _add_index_args(r)
+    r.add_argument("--seed", type=int, default=0, help="seed of the index-training sample (default: %(default)s)")
+    r.add_argument("--quiet", action="store_true", help="no progress bars")
+    r.set_defaults(func=cmd_reindex)
 
 
 def _add_info_parser(sub) -> None:
@@ -263,6 +308,7 @@ def _build_parser() -> argparse.ArgumentParser:
     _add_generate_parser(sub)
     _add_demo_parser(sub)
     _add_merge_parser(sub)
+    _add_reindex_parser(sub)
     _add_info_parser(sub)
     return parser
 
@@ -276,8 +322,8 @@ def cmd_build_index(args) -> int:
     cfg = BuildConfig(context=args.context, stride=args.stride, batch_size=args.batch_size,
                       key_dtype=args.key_dtype, layer=args.layer, globs=tuple(args.glob or ("*",)),
                       exclude=tuple(args.exclude), text_field=args.text_field, index=args.index,
-                      max_tokens=args.max_tokens, seed=args.seed, resume=args.resume,
-                      overwrite=args.overwrite, progress=not args.quiet and world.main)
+                      index_storage=args.index_storage, max_tokens=args.max_tokens, seed=args.seed,
+                      resume=args.resume, overwrite=args.overwrite, progress=not args.quiet and world.main)
     sources = check_build_inputs(args.data, cfg)  # fail fast: before torch, transformers and the model
 
     from knnlm.build import build_datastore
@@ -327,6 +373,8 @@ def cmd_eval(args) -> int:
                      exclude_self=args.exclude_self, globs=tuple(args.glob or ("*",)), exclude=tuple(args.exclude),
                      text_field=args.text_field, max_tokens=args.max_tokens, progress=not args.quiet)
     ds = open_datastore(args.datastore)
+    if cfg.rerank:
+        ds.require_keys("rerank", "drop `rerank` (the index's own distances are used)")
     sources = resolve_sources(args.data, cfg.globs, cfg.exclude, text_field=cfg.text_field)  # before the model
 
     from knnlm.evaluation import format_results
@@ -449,7 +497,17 @@ def cmd_demo(args) -> int:
 def cmd_merge(args) -> int:
     from knnlm.datastore import merge_datastores
 
-    ds = merge_datastores(args.inputs, args.out, index=args.index, seed=args.seed, progress=not args.quiet)
+    ds = merge_datastores(args.inputs, args.out, index=args.index, index_storage=args.index_storage, seed=args.seed,
+                          progress=not args.quiet)
+    print(_summary(ds.path, ds.header))
+    return 0
+
+
+def cmd_reindex(args) -> int:
+    from knnlm.datastore import reindex_datastore
+
+    ds = reindex_datastore(args.datastore, index=args.index, index_storage=args.index_storage, seed=args.seed,
+                           progress=not args.quiet)
     print(_summary(ds.path, ds.header))
     return 0
 
@@ -463,7 +521,8 @@ def _summary(path, h) -> str:
         f"datastore {path}: {h.status}",
         f"  model      {h.model.name_or_path} ({h.model.model_class}), key {h.key.layer} dim {h.key.dim} {h.key.dtype}",
         f"  corpus     {len(h.corpus.sources)} sources, {h.corpus.documents} documents, {h.tokens or 0:,} tokens",
-        f"  keys       {h.count:,}/{h.total or 0:,} rows; windows of {h.window.context} tokens, "
+        f"  keys       {h.count:,}/{h.total or 0:,} rows{'' if h.has_keys else ' (no keys kept)'}; "
+        f"windows of {h.window.context} tokens, "
         f"stride {h.window.stride}{bos}",
     ]
     if h.build.get("merged_from"):
@@ -475,8 +534,9 @@ def _summary(path, h) -> str:
                      f"peak RSS {stats.get('peak_rss_mib_after_extract')} MiB")
     if idx:
         probes = f"nprobe {idx['nprobe']}" if idx.get("nprobe") is not None else "exact search"
+        where = "on disk, memory-mapped" if h.index_storage == "disk" else "in RAM"
         lines.append(f"  index      {idx['factory']} ({idx['ntotal']:,} vectors, {probes}, "
-                     f"{idx['bytes'] / 2**20:.1f} MiB, built in {idx['build_seconds']} s)")
+                     f"{idx['bytes'] / 2**20:.1f} MiB {where}, built in {idx['build_seconds']} s)")
     return "\n".join(lines)
 
 

@@ -14,10 +14,12 @@ from dataclasses import asdict, dataclass
 
 from knnlm.errors import ConfigError, KeyLayerError
 
-__all__ = ["BuildConfig", "EvalConfig", "ConfigError", "RESUME_KEYS", "KEY_DTYPES", "check_window", "check_context",
-           "check_mixture", "check_k", "check_nprobe", "check_at_least", "check_layer_spec", "is_int"]
+__all__ = ["BuildConfig", "EvalConfig", "ConfigError", "RESUME_KEYS", "KEY_DTYPES", "INDEX_STORAGES", "check_window",
+           "check_context", "check_mixture", "check_k", "check_index_storage", "check_nprobe", "check_at_least",
+           "check_layer_spec", "is_int"]
 
-KEY_DTYPES = ("float16", "float32")
+KEY_DTYPES = ("float16", "float32", "none")  # none: no keys file (the index's codes are all there is)
+INDEX_STORAGES = ("auto", "ram", "disk")  # where the index's bulk lives; knnlm.index.plan_index resolves auto
 
 
 _MODULE_PATH = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(\.([A-Za-z_][A-Za-z0-9_]*|[0-9]+))*")
@@ -84,6 +86,13 @@ def check_k(k: int | None, n: int | None = None, *, param: str = "k") -> None:
         raise ConfigError(f"`{param}` must be {upper}, got {k}", param=param)
 
 
+def check_index_storage(storage: str) -> None:
+    """``index_storage``: ram, disk or auto."""
+    if storage not in INDEX_STORAGES:
+        raise ConfigError(f"`index_storage` must be one of {', '.join(INDEX_STORAGES)}, got {storage!r}",
+                          param="index_storage")
+
+
 def check_nprobe(nprobe: int | None) -> None:
     check_at_least("nprobe", nprobe, 1)
 
@@ -93,12 +102,13 @@ class BuildConfig:
     context: int = 512  # corpus tokens per forward window (a <bos> in front of mid-document windows is extra)
     stride: int | None = None  # new targets per window; None = context - 1 (non-overlapping)
     batch_size: int = 8  # windows per forward pass
-    key_dtype: str = "float16"  # storage dtype of keys.npy: float16 | float32
+    key_dtype: str = "float16"  # storage dtype of keys.npy: float16 | float32 | none (no keys file)
     layer: str | None = None  # key module path or decoder-layer index; None = last layer's FFN
     globs: tuple[str, ...] = ("*",)  # file-name patterns when an input is a directory
     exclude: tuple[str, ...] = ()  # relative-path patterns to skip inside directories
     text_field: str = "text"  # jsonl key / dataset column holding the text
-    index: str = "auto"  # flat | ivfpq | auto | FAISS factory string
+    index: str = "auto"  # flat | ivfsq | ivfpq | auto | FAISS factory string
+    index_storage: str = "auto"  # ram | disk (inverted lists memory-mapped from a file) | auto
     max_tokens: int | None = None  # stop after this many corpus tokens (deterministic prefix)
     seed: int = 0  # index-training sample
     resume: bool = False
@@ -115,6 +125,7 @@ class BuildConfig:
         if self.key_dtype not in KEY_DTYPES:
             raise ConfigError(f"`key_dtype` must be one of {', '.join(KEY_DTYPES)}, got {self.key_dtype!r}",
                               param="key_dtype")
+        check_index_storage(self.index_storage)
         check_at_least("max_tokens", self.max_tokens, 2)
         if self.resume and self.overwrite:
             raise ConfigError("`resume` and `overwrite` exclude each other: continue the build or replace it",

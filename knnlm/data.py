@@ -223,7 +223,7 @@ def check_build_inputs(data: Sequence[str | os.PathLike], cfg) -> list[Source]:
 
     sources = resolve_sources(data, cfg.globs, cfg.exclude, text_field=cfg.text_field)
     check_layer_spec(cfg.layer)
-    check_index_spec(cfg.index)
+    check_index_spec(cfg.index, cfg.index_storage)
     return sources
 
 

@@ -8,8 +8,17 @@ Layout of a datastore directory::
     documents.json   per document: name, source, token offset, length, first row, sha256
     tokens.npy       (T,)   int32  the tokenized corpus, documents concatenated
     values.npy       (N,)   int32  next-token id of every key row (N = sum over docs of len - 1)
-    keys.npy         (N, D) fp16   hidden states (fp32 with key_dtype="float32")
-    index.faiss      FAISS index over keys.npy (CPU index, whatever built it)
+    keys.npy         (N, D) fp16   hidden states (fp32 with key_dtype="float32"; absent with "none")
+    index.faiss      FAISS index over the keys (CPU index, whatever built it); ids = row numbers
+    index.ivfdata    with index storage "disk": the IVF inverted lists, memory-mapped on load
+
+The header's ``index`` section names the index files (``file``, ``ivfdata``), their ``storage``
+(ram | disk) and sizes; ``knnlm reindex`` writes a new index under fresh names and switches the
+header to it atomically, so an interrupted reindex leaves the old index in use.
+With ``key.dtype`` "none" the keys are spooled to ``keys.npy`` (fp16) while building and removed
+once the index is complete: the index's codes are all that is kept (no re-ranking).
+Format version 2 (this one) adds key dtype "none" and index storage; version 1 headers are read as
+keys kept and index in RAM.
 
 All arrays are standard ``.npy`` files (self-describing header, memory-mappable). ``keys.npy`` is
 allocated at full size up front and filled in row order; ``Header.count`` says how many rows are
@@ -54,10 +63,12 @@ __all__ = [
     "FORMAT", "FORMAT_VERSION", "DatastoreError", "Header", "KeySpec", "WindowSpec", "CorpusSpec",
     "ModelIdentity", "Datastore", "DatastoreWriter", "open_datastore", "open_or_create", "read_header",
     "model_identity", "write_json_atomic", "subset_datastore", "disk_errors", "merge_datastores", "KEY_DTYPES",
+    "reindex_datastore",
 ]
 
 FORMAT = "knnlm-datastore"
-FORMAT_VERSION = 1  # v1 headers without window.bos read as "no <bos> per window" (their protocol)
+FORMAT_VERSION = 2  # written; v2 adds key.dtype "none" and index.storage / index.ivfdata
+READABLE_VERSIONS = (1, 2)  # v1 headers without window.bos read as "no <bos> per window" (their protocol)
 HEADER = "header.json"
 DOCUMENTS = "documents.json"
 TOKENS = "tokens.npy"
@@ -66,11 +77,15 @@ KEYS = "keys.npy"
 INDEX = "index.faiss"
 PROGRESS = "progress.json"  # key rows final out of order (a sharded build): [[first, end], ...]
 PROGRESS_RANK = "progress.rank{}.json"  # the same, written by one rank of a sharded build
+IVFDATA = "index.ivfdata"
 LOCK = ".knnlm.lock"  # held (flock) by the one writer of a directory; other writers are refused
-KEY_DTYPES = {name: np.dtype(name) for name in config.KEY_DTYPES}  # header key.dtype -> numpy dtype
+# header key.dtype -> numpy dtype of keys.npy (for "none": of the spool file removed once the index is built)
+KEY_DTYPES = {name: np.dtype("float16" if name == "none" else name) for name in config.KEY_DTYPES}
 _OWNED_FILES = (HEADER, HEADER + ".tmp", DOCUMENTS, DOCUMENTS + ".tmp", TOKENS, TOKENS + ".tmp", VALUES,
-                VALUES + ".tmp", KEYS, INDEX, INDEX + ".tmp", TOKENS + ".part", VALUES + ".part", PROGRESS,
-                PROGRESS + ".tmp")
+                VALUES + ".tmp", KEYS, INDEX, INDEX + ".tmp", IVFDATA, TOKENS + ".part", VALUES + ".part",
+                PROGRESS, PROGRESS + ".tmp")
+_OWNED_GLOBS = ("index.r*.faiss", "index.r*.ivfdata", "*.tmp", ".index*.staging", ".index*.build",
+                PROGRESS_RANK.format("*"))
 COPY_ROWS = 1 << 16  # key rows per chunk when copying between datastores (constant memory)
 
 
@@ -202,7 +217,7 @@ class Header:
     count: int = 0  # key rows final on disk
     total: int | None = None  # key rows when complete
     tokens: int | None = None  # corpus tokens
-    index: dict | None = None  # knnlm.index.build_index's record: spec, factory, nprobe, ntotal, ...
+    index: dict | None = None  # knnlm.index.build_index's record: spec, factory, nprobe, storage, file, ...
     knnlm_version: str = __version__
     created: str = field(default_factory=_now)
 
@@ -213,6 +228,18 @@ class Header:
     @property
     def nprobe(self) -> int | None:
         return (self.index or {}).get("nprobe")
+
+    @property
+    def has_keys(self) -> bool:
+        return self.key.dtype != "none"
+
+    @property
+    def index_file(self) -> str:
+        return (self.index or {}).get("file") or INDEX
+
+    @property
+    def index_storage(self) -> str:
+        return (self.index or {}).get("storage") or "ram"  # v1 headers: always in RAM
 
     def to_json(self) -> dict:
         return {
@@ -225,9 +252,10 @@ class Header:
 
     @classmethod
     def from_json(cls, d: dict, where: str | os.PathLike = HEADER) -> Header:
-        if d.get("format") != FORMAT or d.get("format_version") != FORMAT_VERSION:
+        if d.get("format") != FORMAT or d.get("format_version") not in READABLE_VERSIONS:
             raise DatastoreError(f"{where} is format {d.get('format')!r} version {d.get('format_version')}, "
-                                 f"this knnlm reads {FORMAT} version {FORMAT_VERSION}; rebuild the datastore")
+                                 f"this knnlm reads {FORMAT} versions {', '.join(map(str, READABLE_VERSIONS))}; "
+                                 "rebuild the datastore")
         try:
             return cls(
                 model=ModelIdentity.from_json(d["model"]), key=_typed(KeySpec, d["key"]),
@@ -268,7 +296,7 @@ class Datastore:
     path: Path
     header: Header
     documents: list[dict] = field(repr=False)
-    keys: np.ndarray = field(repr=False)  # (N, D)
+    keys: np.ndarray | None = field(repr=False)  # (N, D); None when the datastore keeps no keys
     values: np.ndarray = field(repr=False)  # (N,)
     tokens: np.ndarray = field(repr=False)  # (T,)
     _index: Any = field(default=None, repr=False)
@@ -286,8 +314,16 @@ class Datastore:
         if self._index is None:
             from knnlm.index import load_index
 
-            self._index = load_index(self.path / INDEX, n=len(self), dim=self.dim, nprobe=self.header.nprobe)
+            h = self.header
+            self._index = load_index(self.path / h.index_file, n=len(self), dim=self.dim, nprobe=h.nprobe,
+                                     storage=h.index_storage, ivfdata_bytes=(h.index or {}).get("ivfdata_bytes"))
         return self._index
+
+    def require_keys(self, param: str, remedy: str) -> None:
+        """Refuse ``param`` (something that reads the stored keys) on a datastore that keeps none."""
+        if self.keys is None:
+            raise DatastoreError(f"`{param}` needs the stored keys, and datastore {self.path} keeps none (built with "
+                                 f"`key_dtype` none); {remedy}", param=param)
 
     def check_compatible(self, identity: ModelIdentity) -> None:
         """Refuse a model / tokenizer other than the one the datastore was built with."""
@@ -362,7 +398,7 @@ def open_datastore(path: str | os.PathLike, *, require_index: bool = True) -> Da
     n, d = header.count, header.key.dim
     if n != header.total:
         raise DatastoreError(f"datastore {path} is marked complete but has {n}/{header.total} rows; rebuild it")
-    keys = _expect_npy(path / KEYS, (n, d), KEY_DTYPES[header.key.dtype], "keys")
+    keys = _expect_npy(path / KEYS, (n, d), KEY_DTYPES[header.key.dtype], "keys") if header.has_keys else None
     values = _expect_npy(path / VALUES, (n,), np.int32, "values")
     tokens = _expect_npy(path / TOKENS, (header.tokens,), np.int32, "tokens")
     try:
@@ -376,9 +412,13 @@ def open_datastore(path: str | os.PathLike, *, require_index: bool = True) -> Da
     if require_index:
         if not header.index:
             raise DatastoreError(f"datastore {path} has no index; run `knnlm build-index --resume` to build it")
-        if not (path / INDEX).exists():
-            raise DatastoreError(f"{path / INDEX} is missing; rebuild the index with "
-                                 f"`knnlm build-index --resume` using the same arguments")
+        files = [header.index_file] + ([header.index["ivfdata"]] if header.index.get("ivfdata") else [])
+        for name in files:
+            if Path(name).name != name:
+                raise DatastoreError(f"{path}/{HEADER} names index file {name!r} outside the datastore; it is corrupt")
+            if not (path / name).exists():
+                raise DatastoreError(f"{path / name} is missing; rebuild the index with `knnlm reindex` (or "
+                                     f"`knnlm build-index --resume` using the same arguments)")
     return Datastore(path, header, documents, keys, values, tokens)
 
 
@@ -618,19 +658,32 @@ class DatastoreWriter:
                 progress.update(hi - lo)
 
     # ---- phase 3: the index -------------------------------------------------------------------
-    def finalize(self, index: str = "auto", *, seed: int = 0, progress: bool = True) -> Datastore:
-        """Train and fill the index over all rows, mark the datastore complete, open it."""
+    def finalize(self, index: str = "auto", *, storage: str = "auto", seed: int = 0, progress: bool = True,
+                 shards: int = 1) -> Datastore:
+        """Train and fill the index over all rows (``knnlm.index.build_index``: one implementation
+        for every path), mark the datastore complete, open it. With key dtype "none" the spooled
+        keys are removed once the header says complete."""
         from knnlm.index import build_index, plan_index
 
         n, dim = self.header.total, self.header.key.dim
         if self.header.count != n:
             raise DatastoreError(f"{self.path}: {self.header.count}/{n} key rows written; cannot build the index yet")
-        plan = plan_index(index, n, dim)
+        plan = plan_index(index, n, dim, storage=storage)
         logger.info("%s", plan.describe(n, dim))
-        self.header.index = build_index(self.path / KEYS, n, dim, plan, self.path / INDEX, seed=seed,
-                                        progress=progress)
+        (self.path / IVFDATA).unlink(missing_ok=True)  # a stale one from an interrupted attempt
+        record = build_index(self.path / KEYS, n, dim, plan, self.path / INDEX, seed=seed, progress=progress,
+                             shards=shards)
+        return self.complete(record)
+
+    def complete(self, index_record: dict) -> Datastore:
+        """Record the index written to ``index_record["file"]`` (``knnlm.index.index_record``; a
+        distributed build writes it with ``train_index`` / ``fill_shard`` / ``merge_shards``), mark
+        the datastore complete, drop spooled keys when none are kept, release the lock, open it."""
+        self.header.index = index_record
         self.header.status = "complete"
         self.save_header()
+        if not self.header.has_keys:
+            (self.path / KEYS).unlink(missing_ok=True)
         self.release()
         return open_datastore(self.path)
 
@@ -690,8 +743,9 @@ def _listing(path: Path) -> list[str]:
 def _clear(path: Path) -> None:
     for name in _OWNED_FILES:
         (path / name).unlink(missing_ok=True)
-    for p in path.glob(PROGRESS_RANK.format("*")):
-        p.unlink()
+    for pattern in _OWNED_GLOBS:
+        for p in path.glob(pattern):
+            shutil.rmtree(p) if p.is_dir() else p.unlink()
 
 
 def _merge_ranges(ranges: Iterable[Sequence[int]]) -> list[list[int]]:
@@ -740,7 +794,7 @@ def _new_writer(out: str | os.PathLike, header: Header) -> DatastoreWriter:
 
 
 def subset_datastore(src: Datastore, out: str | os.PathLike, max_tokens: int, *, index: str = "auto",
-                     seed: int = 0, progress: bool = True) -> Datastore:
+                     index_storage: str = "auto", seed: int = 0, progress: bool = True) -> Datastore:
     """A smaller datastore made of the first documents of ``src`` (whole documents, at most
     ``max_tokens`` corpus tokens), with its own index: for datastore-size studies without
     re-running the model. Its keys are byte-identical to a build over those documents alone.
@@ -752,14 +806,15 @@ def subset_datastore(src: Datastore, out: str | os.PathLike, max_tokens: int, *,
         raise DatastoreError(f"no whole document of {src.path} fits in `max_tokens` = {max_tokens}; raise it",
                              param="max_tokens")
     n = docs[-1]["first_row"] + docs[-1]["length"] - 1
-    plan_index(index, n, src.dim)  # a bad index fails before anything is written
+    src.require_keys("index", "a subset re-indexes the keys: build the smaller datastore from the corpus")
+    plan_index(index, n, src.dim, storage=index_storage)  # a bad index fails before anything is written
     writer = _new_writer(out, _derived_header(src.header, subset_of={"path": str(src.path), "max_tokens": max_tokens}))
     try:
         writer.write_corpus(((d, src.document_tokens(i)) for i, d in enumerate(docs)), progress=False)
         with writer:
             writer.copy_rows(src.keys[:n], 0)
             writer.commit(n)
-        return writer.finalize(index, seed=seed, progress=progress)
+        return writer.finalize(index, storage=index_storage, seed=seed, progress=progress)
     finally:
         writer.release()
 
@@ -805,7 +860,8 @@ def _merged_documents(stores: Sequence[Datastore], sources: dict[str, int]):
 
 
 def merge_datastores(inputs: Sequence[str | os.PathLike | Datastore], out: str | os.PathLike, *,
-                     index: str = "auto", seed: int = 0, progress: bool = True) -> Datastore:
+                     index: str = "auto", index_storage: str = "auto", seed: int = 0,
+                     progress: bool = True) -> Datastore:
     """One datastore holding the rows of every input, in order, with a new index over all of them.
 
     For sharded builds: split a corpus, run ``build-index`` on each part (on several machines, or
@@ -821,7 +877,10 @@ def merge_datastores(inputs: Sequence[str | os.PathLike | Datastore], out: str |
         raise DatastoreError("`inputs`: merge needs at least two datastores", param="inputs")
     stores = [d if isinstance(d, Datastore) else open_datastore(d, require_index=False) for d in inputs]
     _check_mergeable(stores)
-    plan_index(index, sum(len(ds) for ds in stores), stores[0].dim)  # a bad index fails before anything is written
+    for ds in stores:
+        ds.require_keys("index", "a merge re-indexes the keys: build the merged datastore from the corpora")
+    plan_index(index, sum(len(ds) for ds in stores), stores[0].dim,
+               storage=index_storage)  # a bad index fails before anything is written
     merged_from = [{"path": str(ds.path), "keys": len(ds), "tokens": ds.header.tokens,
                     "documents": len(ds.documents), "created": ds.header.created} for ds in stores]
     header = _derived_header(stores[0].header, merged_from=merged_from)
@@ -837,6 +896,46 @@ def merge_datastores(inputs: Sequence[str | os.PathLike | Datastore], out: str |
                 writer.copy_rows(ds.keys, row, bar)
                 row += len(ds)
             writer.commit(row)
-        return writer.finalize(index, seed=seed, progress=progress)
+        return writer.finalize(index, storage=index_storage, seed=seed, progress=progress)
     finally:
         writer.release()
+
+
+def _index_files(path: Path) -> list[Path]:
+    """Every index file the datastore's writers may have made in ``path``."""
+    return [p for pattern in (INDEX, IVFDATA, "index.r*.faiss", "index.r*.ivfdata") for p in path.glob(pattern)]
+
+
+def reindex_datastore(path: str | os.PathLike, *, index: str = "auto", index_storage: str = "auto", seed: int = 0,
+                      progress: bool = True) -> Datastore:
+    """Rebuild only the index of a complete datastore (another recipe, or RAM <-> disk storage),
+    from its keys. The new index is written under fresh file names, then the header is switched to
+    it atomically, then the old index files are removed: an interrupted reindex leaves the old
+    index in use, never a half-written one. Holds the directory's writer lock throughout."""
+    from knnlm.index import build_index, plan_index
+
+    path = Path(path)
+    ds = open_datastore(path, require_index=False)
+    ds.require_keys("index", "its index cannot be rebuilt: rebuild the datastore from the corpus")
+    n, dim = len(ds), ds.dim
+    plan = plan_index(index, n, dim, storage=index_storage)
+    logger.info("%s", plan.describe(n, dim))
+    fd = _lock(path)
+    try:
+        header = read_header(path)  # as it is now that the lock is held
+        gen = 1
+        while any((path / f"index.r{gen}{ext}").exists() for ext in (".faiss", ".ivfdata")):
+            gen += 1
+        name = INDEX if header.index is None and not (path / INDEX).exists() else f"index.r{gen}.faiss"
+        with disk_errors(path):
+            header.index = build_index(path / KEYS, n, dim, plan, path / name, seed=seed, progress=progress)
+            header.build.setdefault("reindexed", []).append({"index": index, "index_storage": index_storage,
+                                                             "seed": seed, "at": _now()})
+            header.write(path)
+        keep = {header.index_file, header.index.get("ivfdata")}
+        for p in _index_files(path):  # the old index, and any that an interrupted reindex left
+            if p.name not in keep:
+                p.unlink(missing_ok=True)
+    finally:
+        _unlock(path, fd, remove=False)
+    return open_datastore(path)

@@ -138,8 +138,9 @@ def _short(v: Any, n: int = 80) -> str:
     return s if len(s) <= n else s[: n - 3] + "..."
 
 
-def on_main(world: World, fn: Callable[[], T]) -> T | None:
-    """Run ``fn`` on rank 0 only and return its result there (``None`` elsewhere); a
+def on_main(world: World, fn: Callable[[], T], *, share: bool = False) -> T | None:
+    """Run ``fn`` on rank 0 only and return its result there (``None`` elsewhere, or rank 0's
+    result on every rank with ``share``: it must then be picklable); a
     ``KnnlmError`` it raises is raised on every rank (same class, message and ``param``), so no
     rank is left waiting. Other exceptions are re-raised on rank 0 and reported to the others as
     a ``DistributedError``."""
@@ -157,13 +158,13 @@ def on_main(world: World, fn: Callable[[], T]) -> T | None:
             _broadcast(world, ("DistributedError", f"rank 0 failed: {type(e).__name__}: {e}", None))
             raise
         _broadcast(world, None)
-        return result
+        return _broadcast(world, result) if share else result
     failure = _broadcast(world, None)
     if failure is not None:
         name, message, param = failure
         cls = getattr(errors, name, DistributedError)
         raise cls(message, param=param)
-    return None
+    return _broadcast(world, None) if share else None
 
 
 def shard_range(weights: Sequence[int], world: World) -> tuple[int, int]:

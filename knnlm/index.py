@@ -1,40 +1,95 @@
-"""FAISS index creation, training, adding, loading, GPU cloning.
+"""FAISS planning, training, adding, on-disk merge, loading, GPU cloning.
 
-``--index`` takes ``flat`` (exact L2), ``ivfpq`` (IVF + 8-bit product quantization, compact),
-``auto`` (the default: exact for small datastores, IVF over fp16 vectors for medium ones, IVF-PQ
-for large ones) or any FAISS factory string (``"IVF4096,PQ64"``, ``"HNSW32"``...). Training
-uses a seeded sample of the keys; keys are added in chunks read straight from ``keys.npy``, so
-memory is the index itself plus one chunk. The index on disk is always a CPU index; a GPU is
-used for training / adding / search when ``faiss.get_num_gpus() > 0``.
+``--index`` takes ``flat`` (exact L2), ``ivfsq`` (IVF over fp16 vectors), ``ivfpq`` (IVF + 8-bit
+product quantization, compact), ``auto`` (the default: the first row of ``AUTO_INDEX`` the
+datastore fits) or any FAISS factory string (``"IVF4096,PQ64"``, ``"OPQ64,IVF4096,PQ64"``,
+``"IVF65536_HNSW32,PQ64"``, ``"HNSW32"``...). ``plan_index`` is the one place recipes live.
+
+An index is built in three steps, each a plain function, so that one process or many (one per
+torchrun rank) run the same code:
+
+1. ``train_index``: train once on a seeded sample of the keys -> a trained, empty index file
+   (deterministic given the keys and the seed, except HNSW coarse quantizers, whose graph FAISS
+   builds with several threads);
+2. ``fill_shard``: the trained index + key rows ``[start, stop)`` -> a shard file holding those
+   rows with ids = their global row numbers (ranks fill disjoint ranges in parallel). Rows are
+   encoded in chunks aligned to a global grid of ``ADD_CHUNK_ROWS`` rows, a chunk cut by a shard
+   boundary is encoded whole and only its own rows are kept: every row is computed in exactly the
+   batch a one-process build computes it in, so the result does not depend on the shard count;
+3. ``merge_shards``: the shards, in row order -> one index written atomically. With storage
+   ``disk`` an IVF index keeps its inverted lists in ``<name>.ivfdata`` next to the index file
+   (``faiss.OnDiskInvertedLists``), memory-mapped on load; a flat-codes index (Flat, SQ, PQ
+   without IVF) is memory-mapped whole. With ``ram`` the index is read into memory.
+
+``build_index`` chains the three (one shard, or several consecutive ones) for the
+single-process paths: ``DatastoreWriter.finalize``, merge, subset, reindex.
+Graph indexes (HNSW as the whole index) cannot be filled in shards: their plan says
+``shardable=False`` and they are filled in one piece.
 """
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import logging
 import math
 import os
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
+from knnlm.config import check_index_storage
 from knnlm.errors import DatastoreError, IndexSpecError
 
 logger = logging.getLogger(__name__)
 
 __all__ = ["IndexSpecError", "IndexPlan", "check_index_spec", "plan_index", "build_index", "load_index", "set_nprobe",
-           "AUTO_FLAT_MAX_ROWS", "AUTO_SQ_MAX_BYTES"]
+           "train_index", "fill_shard", "merge_shards", "index_files", "index_record", "work_dir", "gpu_clone_settings",
+           "AUTO_INDEX", "COARSE_RECIPES", "AUTO_DISK_RAM_FRACTION"]
 
-# `auto`: exact search while the flat scan is cheaper than the LM forward it accompanies
-# (a flat scan costs 2*D flops per key and query; 64k keys of dim ~1k is ~0.1 GFLOP/query) ...
-AUTO_FLAT_MAX_ROWS = 1 << 16
-# ... IVF over fp16 vectors (exact distances inside the probed lists) while the vectors fit
-# comfortably in RAM, IVF-PQ beyond that.
-AUTO_SQ_MAX_BYTES = 8 << 30
-# k-means wants >= 39 points per centroid (FAISS warns below); more than this many brings little.
+# ------------------------------------------------------------------------------------ recipes
+# `auto`: the first row whose limit the datastore fits picks the recipe. A limit is a number of
+# keys ("keys") or the size of the keys in fp16 ("fp16_bytes" = n * dim * 2); None = no limit.
+# Exact search while a flat scan is cheaper than the LM forward it accompanies (2*D flops per key
+# and query: 64k keys of dim ~1k is ~0.1 GFLOP/query); IVF over fp16 vectors while the vectors fit
+# comfortably in RAM; IVF-PQ beyond. To change `auto`, edit this table (and the README's).
+AUTO_INDEX: tuple[tuple[str | None, int | None, str], ...] = (
+    ("keys", 1 << 16, "flat"),
+    ("fp16_bytes", 8 << 30, "ivfsq"),
+    (None, None, "ivfpq"),
+)
+AUTO_FLAT_MAX_ROWS = AUTO_INDEX[0][1]
+AUTO_SQ_MAX_BYTES = AUTO_INDEX[1][1]
+
+# `ivfpq`'s coarse quantizer by datastore size, after the FAISS wiki's "Guidelines to choose an
+# index": (keys below, nlist, coarse quantizer). nlist None = 4*sqrt(N) rounded to a power of two
+# (the low end of the guideline's 4..16*sqrt(N): kNN-LM retrieves k = 1024 neighbours, so lists
+# must stay long), k-means on a flat quantizer (4096 lists at 1M keys, the original kNN-LM's
+# IVF4096,PQ64). Beyond, a fixed list count with an HNSW graph over the centroids.
+COARSE_RECIPES: tuple[tuple[int | None, int | None, str], ...] = (
+    (2_000_000, None, "IVF{nlist}"),
+    (10_000_000, 65536, "IVF65536_HNSW32"),
+    (None, 262144, "IVF262144_HNSW32"),
+)
+# Default probes: ivfsq 8 (exact distances inside the lists); PQ indexes at least 32 and enough
+# lists to see PQ_MIN_CANDIDATES codes on average (8 x k at k = 1024) when lists are short.
+SQ_NPROBE = 8
+PQ_NPROBE = 32
+PQ_MIN_CANDIDATES = 8192
+# Training sample: k-means wants >= 39 points per centroid (FAISS warns below); more than 64
+# brings little; PQ sub-quantizers (256 centroids each) want 256 * 64. The sample is held in RAM
+# as fp32: at most TRAIN_MAX_BYTES of it (FAISS then warns about few points per centroid).
 TRAIN_POINTS_PER_LIST = 64
+TRAIN_MAX_BYTES = 4 << 30
+# Rows per add chunk; also the global grid shards are aligned to (see fill_shard).
 ADD_CHUNK_ROWS = 1 << 16
+# Storage `auto`: on disk when the index would take more than this fraction of physical RAM.
+AUTO_DISK_RAM_FRACTION = 0.25
+# Coarse quantizers with at least this many lists are trained with an HNSW assigner on CPU.
+HNSW_ASSIGN_MIN_LISTS = 1 << 14
 
 
 @dataclass(frozen=True)
@@ -44,10 +99,13 @@ class IndexPlan:
     nprobe: int | None  # default probes for IVF indexes
     train_rows: int  # 0 when the index needs no training
     bytes_estimate: int
+    storage: str = "ram"  # ram | disk (resolved from auto)
+    shardable: bool = True  # False: the index is filled in one piece (graph indexes)
 
     def describe(self, n: int, dim: int) -> str:
+        where = "on disk (memory-mapped)" if self.storage == "disk" else "in memory"
         return (f"index {self.factory} over {n:,} keys of dim {dim}: ~{_fmt_bytes(self.bytes_estimate)} "
-                f"in memory" + (f", trained on {self.train_rows:,} keys" if self.train_rows else "")
+                f"{where}" + (f", trained on {self.train_rows:,} keys" if self.train_rows else "")
                 + (f", nprobe {self.nprobe}" if self.nprobe else ""))
 
 
@@ -59,10 +117,13 @@ def _fmt_bytes(b: float) -> str:
     return f"{b:.1f} PiB"
 
 
+def _pow2(x: float) -> int:
+    return 2 ** round(math.log2(max(x, 1)))
+
+
 def _nlist(n: int) -> int:
-    """Inverted lists: ~sqrt(n) as a power of two, with enough rows to train each centroid."""
-    target = 2 ** round(math.log2(max(math.sqrt(n), 1)))
-    return int(max(1, min(target, n // 39, 1 << 16)))
+    """Inverted lists of ``ivfsq``: ~sqrt(n) as a power of two, with enough rows to train each centroid."""
+    return int(max(1, min(_pow2(math.sqrt(n)), n // 39, 1 << 16)))
 
 
 def _pq_m(dim: int) -> int:
@@ -73,35 +134,60 @@ def _pq_m(dim: int) -> int:
     return 1
 
 
+def _ivfpq_factory(n: int, dim: int) -> str:
+    for limit, nlist, coarse in COARSE_RECIPES:
+        if limit is None or n < limit:
+            if nlist is None:
+                nlist = int(max(1, min(_pow2(4 * math.sqrt(n)), n // 39)))
+            return f"{coarse.format(nlist=nlist)},PQ{_pq_m(dim)}"
+    raise AssertionError("COARSE_RECIPES must end with a row without limit")
+
+
+def _auto_spec(n: int, dim: int) -> str:
+    for kind, limit, spec in AUTO_INDEX:
+        size = n if kind == "keys" else n * dim * 2
+        if limit is None or size <= limit:
+            return spec
+    raise AssertionError("AUTO_INDEX must end with a row without limit")
+
+
 SYNTAX_CHECK_DIM = 40320  # 8!: divisible by every usual PQ / OPQ sub-quantizer count
 
 
-def check_index_spec(spec: str) -> None:
-    """Refuse an index specification FAISS cannot parse, before any model or key exists (the
-    dimension is not known yet: a highly divisible one stands in; ``plan_index`` checks again)."""
-    plan_index(spec, 1 << 20, SYNTAX_CHECK_DIM)
+def check_index_spec(spec: str, storage: str = "auto") -> None:
+    """Refuse an index specification FAISS cannot parse (or a storage it cannot use), before any
+    model or key exists (the dimension is not known yet: a highly divisible one stands in;
+    ``plan_index`` checks again)."""
+    plan_index(spec, 1 << 20, SYNTAX_CHECK_DIM, storage=storage)
 
 
-def plan_index(spec: str, n: int, dim: int) -> IndexPlan:
-    """Resolve ``spec`` into a FAISS factory string for ``n`` keys of dimension ``dim``.
+def _physical_ram() -> int:
+    try:
+        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError):
+        return 16 << 30
 
-    Raises ``IndexSpecError`` for a string FAISS cannot parse or an index that cannot be trained
-    on ``n`` keys.
+
+def plan_index(spec: str, n: int, dim: int, *, storage: str = "ram") -> IndexPlan:
+    """Resolve ``spec`` into a FAISS factory string for ``n`` keys of dimension ``dim``, and
+    ``storage`` (ram | disk | auto) into ram or disk.
+
+    ``auto`` storage is disk when the index would take more than ``AUTO_DISK_RAM_FRACTION`` of
+    the machine's physical RAM and FAISS can keep it on disk (IVF and flat-codes indexes).
+    Raises ``IndexSpecError`` for a string FAISS cannot parse, an index that cannot be trained on
+    ``n`` keys, or storage ``disk`` for an index FAISS cannot memory-map (a graph index).
     """
     import faiss
 
+    check_index_storage(storage)
     spec = spec.strip()
-    if spec == "auto":
-        if n <= AUTO_FLAT_MAX_ROWS:
-            factory = "Flat"
-        elif n * dim * 2 <= AUTO_SQ_MAX_BYTES:
-            factory = f"IVF{_nlist(n)},SQfp16"
-        else:
-            factory = f"IVF{_nlist(n)},PQ{_pq_m(dim)}"
-    elif spec == "flat":
+    named = _auto_spec(n, dim) if spec == "auto" else spec
+    if named == "flat":
         factory = "Flat"
-    elif spec == "ivfpq":
-        factory = f"IVF{_nlist(n)},PQ{_pq_m(dim)}"
+    elif named == "ivfsq":
+        factory = f"IVF{_nlist(n)},SQfp16"
+    elif named == "ivfpq":
+        factory = _ivfpq_factory(n, dim)
     else:
         factory = spec
     try:
@@ -110,22 +196,33 @@ def plan_index(spec: str, n: int, dim: int) -> IndexPlan:
         msg = str(e).strip().splitlines()[-1].rsplit(": ", 1)[-1] if str(e).strip() else "unparseable"
         for_dim = "" if dim == SYNTAX_CHECK_DIM else f" for key dim {dim}"
         raise IndexSpecError(f"`index` {spec!r} is invalid: FAISS cannot build {factory!r}{for_dim} ({msg}); "
-                             "use flat, ivfpq, auto or a valid factory string", param="index") from None
+                             "use flat, ivfsq, ivfpq, auto or a valid factory string", param="index") from None
     ivf = _ivf(index)
+    kind = _kind(index)
     nprobe = None
     if ivf is not None:
-        nprobe = min(ivf.nlist, 32 if "PQ" in factory else 8)
+        if "PQ" in factory:
+            nprobe = min(ivf.nlist, max(PQ_NPROBE, math.ceil(PQ_MIN_CANDIDATES * ivf.nlist / max(n, 1))))
+        else:
+            nprobe = min(ivf.nlist, SQ_NPROBE)
     train_rows = 0
     if not index.is_trained:
         need = ivf.nlist * TRAIN_POINTS_PER_LIST if ivf is not None else 256 * 39
         if "PQ" in factory:
             need = max(need, 256 * TRAIN_POINTS_PER_LIST)
+        need = min(need, max(TRAIN_MAX_BYTES // (4 * dim), ivf.nlist if ivf is not None else 1))
         train_rows = min(n, need)
         minimum = max(ivf.nlist if ivf is not None else 1, 256 if "PQ" in factory else 1)
         if n < minimum:
             raise IndexSpecError(f"`index` {spec!r} ({factory}) needs at least {minimum} keys to "
                                  f"train, the datastore has {n}; use `index` flat or a smaller IVF", param="index")
-    return IndexPlan(spec, factory, nprobe, train_rows, _estimate_bytes(factory, index, n, dim))
+    estimate = _estimate_bytes(factory, index, n, dim)
+    if storage == "auto":
+        storage = "disk" if kind != "graph" and estimate > AUTO_DISK_RAM_FRACTION * _physical_ram() else "ram"
+    elif storage == "disk" and kind == "graph":
+        raise IndexSpecError(f"`index_storage` disk needs an IVF or flat-codes index; FAISS cannot memory-map "
+                             f"{factory!r}: use `index_storage` ram or an IVF index", param="index_storage")
+    return IndexPlan(spec, factory, nprobe, train_rows, estimate, storage, shardable=kind != "graph")
 
 
 def _ivf(index):
@@ -137,6 +234,24 @@ def _ivf(index):
         return None
 
 
+def _inner(index):
+    """The index under any pre-transforms (OPQ, PCA...)."""
+    import faiss
+
+    while isinstance(index, faiss.IndexPreTransform):
+        index = faiss.downcast_index(index.index)
+    return index
+
+
+def _kind(index) -> str:
+    """ivf | codes (flat-codes: Flat, SQ, PQ without IVF) | graph (anything else: HNSW, NSG...)."""
+    import faiss
+
+    if _ivf(index) is not None:
+        return "ivf"
+    return "codes" if isinstance(_inner(index), faiss.IndexFlatCodes) else "graph"
+
+
 def _estimate_bytes(factory: str, index, n: int, dim: int) -> int:
     ivf = _ivf(index)
     per_vec = 4 * dim  # flat fp32 by default
@@ -146,67 +261,318 @@ def _estimate_bytes(factory: str, index, n: int, dim: int) -> int:
         per_vec = dim
     elif "PQ" in factory and ivf is not None and hasattr(ivf, "code_size"):
         per_vec = int(ivf.code_size)
+    elif "PQ" in factory and hasattr(_inner(index), "code_size"):
+        per_vec = int(_inner(index).code_size)
     ids = 8 if ivf is not None else 0
     centroids = ivf.nlist * dim * 4 if ivf is not None else 0
     return n * (per_vec + ids) + centroids
 
 
-def _gpu_resources():
+# ------------------------------------------------------------------------------------ GPU
+
+
+def _num_gpus() -> int:
     import faiss
 
-    if not hasattr(faiss, "StandardGpuResources") or faiss.get_num_gpus() == 0:
+    return faiss.get_num_gpus() if hasattr(faiss, "get_num_gpus") else 0
+
+
+def gpu_clone_settings(index) -> dict:
+    """How ``load_index`` clones ``index`` to the GPUs: sharded over all of them, with fp16
+    lookup tables for IVF-PQ codes of 56 bytes and more (FAISS's GPU IVF-PQ keeps the tables in
+    shared memory, which fp32 tables of 64-byte codes overflow: faiss#1178)."""
+    import faiss
+
+    ivf = _ivf(index)
+    ivf = faiss.downcast_index(ivf) if ivf is not None else None
+    pq_bytes = int(ivf.code_size) if isinstance(ivf, faiss.IndexIVFPQ) else 0
+    return {"shard": True, "useFloat16": pq_bytes >= 56}
+
+
+def to_gpus(index):
+    """``index`` cloned to every GPU FAISS sees (sharded), or None when it cannot be."""
+    import faiss
+
+    if _num_gpus() == 0:
         return None
-    return faiss.StandardGpuResources()
+    co = faiss.GpuMultipleClonerOptions()
+    for k, v in gpu_clone_settings(index).items():
+        setattr(co, k, v)
+    try:
+        return faiss.index_cpu_to_all_gpus(index, co)
+    except RuntimeError as e:  # not every index type has a GPU version
+        logger.warning("searching on CPU: %s has no GPU version (%s)", type(index).__name__,
+                       str(e).strip().splitlines()[-1])
+        return None
 
 
-def _read_rows(keys_path: Path, rows: np.ndarray | slice, dim: int) -> np.ndarray:
-    """fp32 copy of some rows of keys.npy, without mapping the whole file."""
-    keys = np.load(keys_path, mmap_mode="r")
-    out = np.ascontiguousarray(keys[rows], dtype=np.float32)
-    del keys
-    return out
+# ------------------------------------------------------------------------------------ building
 
 
-def build_index(keys_path: str | os.PathLike, n: int, dim: int, plan: IndexPlan, out_path: str | os.PathLike,
-                *, seed: int = 0, progress: bool = True, use_gpu: bool | None = None) -> dict:
-    """Train and fill the planned index from ``keys_path``; write it atomically to ``out_path``.
+@contextlib.contextmanager
+def _faiss_quiet():
+    """Silence FAISS's C-level printf to stdout (OnDiskInvertedLists and IO_FLAG_ONDISK_SAME_DIR
+    print progress there), so that the CLI's stdout stays its own."""
+    import sys
 
-    Returns the index section of the datastore header.
-    """
+    libc = ctypes.CDLL(None)
+    sys.stdout.flush()
+    saved = os.dup(1)
+    try:
+        with open(os.devnull, "w") as null:
+            os.dup2(null.fileno(), 1)
+        yield
+    finally:
+        libc.fflush(None)
+        os.dup2(saved, 1)
+        os.close(saved)
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _write_atomic(index, path: Path) -> None:
     import faiss
-    from tqdm.auto import tqdm
 
-    keys_path, out_path = Path(keys_path), Path(out_path)
-    t0 = time.time()
+    tmp = path.with_name(path.name + ".tmp")
+    faiss.write_index(index, str(tmp))
+    with open(tmp, "rb+") as f:
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _as_keys(keys) -> np.ndarray:
+    """A key array (N, D): an array, or the path of a .npy file (memory-mapped)."""
+    if isinstance(keys, (str, os.PathLike)):
+        return np.load(keys, mmap_mode="r")
+    return keys
+
+
+def train_index(keys, plan: IndexPlan, out_path: str | os.PathLike, *, seed: int = 0,
+                use_gpu: bool | None = None) -> None:
+    """Train ``plan``'s index once on a seeded sample of ``keys`` (N, D) (an array or a .npy
+    path, memory-mapped) and write the trained, empty index to ``out_path`` (atomically).
+
+    The sample is ``plan.train_rows`` rows drawn without replacement with ``seed``, read in row
+    order. A GPU trains the coarse quantizer's k-means when FAISS has one; on CPU, coarse
+    quantizers of ``HNSW_ASSIGN_MIN_LISTS`` lists or more use an HNSW graph to assign points."""
+    import faiss
+
+    keys = _as_keys(keys)
+    n, dim = keys.shape
     index = faiss.index_factory(dim, plan.factory, faiss.METRIC_L2)
-    res = _gpu_resources() if use_gpu in (None, True) else None
-    work = index
-    if res is not None:
-        try:
-            work = faiss.index_cpu_to_gpu(res, 0, index)
-            logger.info("building the index on GPU 0")
-        except RuntimeError as e:  # not every index type has a GPU version
-            logger.warning("index %s has no GPU version (%s); building on CPU", plan.factory, e)
-            work = index
     if plan.train_rows:
         rng = np.random.default_rng(seed)
         sample = np.sort(rng.choice(n, size=plan.train_rows, replace=False))
+        x = np.ascontiguousarray(keys[sample], dtype=np.float32)  # (train_rows, D)
+        ivf = _ivf(index)
+        inner = faiss.downcast_index(ivf) if ivf is not None else _inner(index)
+        if hasattr(inner, "do_polysemous_training"):
+            # FAISS's factory turns on polysemous training for 8-bit PQ: an annealing that only
+            # serves Hamming-filtered search (unused here) and dominates training time.
+            inner.do_polysemous_training = False
+        if ivf is not None:
+            if use_gpu in (None, True) and _num_gpus() > 0:
+                ivf.clustering_index = faiss.index_cpu_to_all_gpus(faiss.IndexFlatL2(ivf.d))
+                logger.info("training the coarse quantizer on %d GPU(s)", _num_gpus())
+            elif ivf.nlist >= HNSW_ASSIGN_MIN_LISTS:
+                ivf.clustering_index = faiss.IndexHNSWFlat(ivf.d, 32)
         logger.info("training %s on %d keys", plan.factory, plan.train_rows)
-        work.train(_read_rows(keys_path, sample, dim))
-    bar = tqdm(total=n, unit="key", desc="adding keys", disable=not progress)
-    for lo in range(0, n, ADD_CHUNK_ROWS):
-        hi = min(n, lo + ADD_CHUNK_ROWS)
-        work.add(_read_rows(keys_path, slice(lo, hi), dim))
-        bar.update(hi - lo)
-    bar.close()
-    if work is not index:
-        index = faiss.index_gpu_to_cpu(work)
-    tmp = out_path.with_name(out_path.name + ".tmp")
-    faiss.write_index(index, str(tmp))
-    os.replace(tmp, out_path)
-    return {"spec": plan.spec, "factory": plan.factory, "metric": "l2", "nprobe": plan.nprobe,
-            "ntotal": int(index.ntotal), "file": out_path.name, "build_seconds": round(time.time() - t0, 2),
-            "bytes": out_path.stat().st_size}
+        t0 = time.time()
+        index.train(x)
+        if ivf is not None:
+            ivf.clustering_index = None
+        logger.info("trained in %.1f s", time.time() - t0)
+    _write_atomic(index, Path(out_path))
+
+
+def _grid_chunks(start: int, stop: int, n: int):
+    """Chunks of the global ADD_CHUNK_ROWS grid meeting [start, stop): (lo, hi, keep_lo, keep_hi)."""
+    for g in range(start // ADD_CHUNK_ROWS, -(-stop // ADD_CHUNK_ROWS)):
+        lo, hi = g * ADD_CHUNK_ROWS, min(n, (g + 1) * ADD_CHUNK_ROWS)
+        yield lo, hi, max(lo, start), min(hi, stop)
+
+
+def fill_shard(trained_path: str | os.PathLike, keys, start: int, stop: int, out_path: str | os.PathLike, *,
+               progress=None) -> int:
+    """Add key rows ``[start, stop)`` of ``keys`` (N, D) (array or .npy path, memory-mapped) to
+    the trained index at ``trained_path``, ids = global row numbers; write the shard to
+    ``out_path`` (atomically). Returns the rows added. ``progress``: a tqdm bar or None.
+
+    Every row is encoded in its chunk of the global ``ADD_CHUNK_ROWS`` grid, so a shard's codes are
+    the bytes a one-shard fill computes for those rows."""
+    import faiss
+
+    keys = _as_keys(keys)
+    n = keys.shape[0]
+    if not 0 <= start <= stop <= n:
+        raise ValueError(f"fill_shard: rows [{start}, {stop}) are outside the {n} keys")
+    index = faiss.read_index(str(trained_path))
+    kind = _kind(index)
+    if kind == "graph" and (start, stop) != (0, n):
+        raise IndexSpecError(f"{_factory_name(index)} is a graph index: it cannot be filled in shards; fill all "
+                             f"{n} rows in one shard", param="index")
+    target = _inner(index) if kind != "ivf" else _ivf(index)
+    for lo, hi, a, b in _grid_chunks(start, stop, n):
+        if a >= b:
+            continue
+        x = np.ascontiguousarray(keys[lo:hi], dtype=np.float32)  # (chunk, D): the whole grid chunk
+        if kind == "graph":
+            index.add(x[a - lo:b - lo])
+        else:
+            codes = index.sa_encode(x)  # (chunk, code bytes): through pre-transforms, with list numbers
+            ids = np.arange(a, b, dtype=np.int64) if kind == "ivf" else None
+            target.add_sa_codes(codes[a - lo:b - lo], ids)
+        if progress is not None:
+            progress.update(b - a)
+    index.ntotal = target.ntotal if kind != "graph" else index.ntotal
+    _write_atomic(index, Path(out_path))
+    return stop - start
+
+
+def _factory_name(index) -> str:
+    return type(_inner(index)).__name__
+
+
+def index_files(path: str | os.PathLike) -> list[Path]:
+    """The files an index written to ``path`` consists of (the index, and its inverted-lists file
+    when it is stored on disk)."""
+    path = Path(path)
+    data = _ivfdata_path(path)
+    return [path, data] if data.exists() else [path]
+
+
+def _ivfdata_path(path: Path) -> Path:
+    return path.with_suffix(".ivfdata")
+
+
+def merge_shards(trained_path: str | os.PathLike, shard_paths, out_path: str | os.PathLike, *, storage: str = "ram",
+                 ntotal: int | None = None) -> dict:
+    """Merge shard files (in row order) into one index at ``out_path``; returns
+    ``{"file", "ivfdata", "ivfdata_bytes", "bytes", "ntotal", "storage"}``.
+
+    ``storage`` disk: an IVF index's inverted lists go to ``out_path`` with suffix ``.ivfdata``
+    (``faiss.OnDiskInvertedLists``; read back memory-mapped by ``load_index``); a flat-codes index
+    is written as usual and memory-mapped on load. ``ram``: a normal index. Both files are staged
+    in a sibling directory and renamed into place, the index file last: a crash leaves either no
+    ``out_path`` or a complete one (callers record it, e.g. in the datastore header, only after)."""
+    import faiss
+
+    out_path = Path(out_path)
+    shard_paths = [Path(p) for p in shard_paths]
+    if not shard_paths:
+        raise ValueError("merge_shards: no shards")
+    stage = out_path.parent / f".{out_path.name}.staging"
+    shutil.rmtree(stage, ignore_errors=True)
+    stage.mkdir(parents=True)
+    try:
+        index = faiss.read_index(str(trained_path))
+        kind = _kind(index)
+        if kind == "graph":
+            if len(shard_paths) != 1:
+                raise IndexSpecError(f"{_factory_name(index)} is a graph index: it cannot be merged from "
+                                     f"{len(shard_paths)} shards", param="index")
+            index = faiss.read_index(str(shard_paths[0]))
+        elif kind == "ivf" and storage == "disk":
+            ivf = _ivf(index)
+            shards = []
+            with _faiss_quiet():
+                for p in shard_paths:
+                    s = faiss.read_index(str(p), faiss.IO_FLAG_MMAP)  # lists not read into RAM
+                    shards.append(s)
+                lists = faiss.InvertedListsPtrVector()
+                for s in shards:
+                    lists.push_back(_ivf(s).invlists)
+                invlists = faiss.OnDiskInvertedLists(ivf.nlist, ivf.code_size,
+                                                     str(stage / _ivfdata_path(out_path).name))
+                total = invlists.merge_from_multiple(lists.data(), lists.size(), False, False)
+            ivf.ntotal = index.ntotal = int(total)
+            invlists.filename = _ivfdata_path(out_path).name  # recorded bare: read back next to the index
+            ivf.replace_invlists(invlists, True)
+            invlists.this.disown()
+            del shards
+        else:
+            target = _ivf(index) if kind == "ivf" else _inner(index)
+            for p in shard_paths:
+                s = faiss.read_index(str(p))
+                target.merge_from(_ivf(s) if kind == "ivf" else _inner(s), 0)
+                del s
+            index.ntotal = target.ntotal
+        if ntotal is not None and index.ntotal != ntotal:
+            raise DatastoreError(f"the shards hold {index.ntotal} keys, expected {ntotal}; refill them")
+        faiss.write_index(index, str(stage / out_path.name))
+        got = int(index.ntotal)
+        del index
+        staged = [stage / out_path.name]
+        data = stage / _ivfdata_path(out_path).name
+        if data.exists():
+            staged.insert(0, data)  # the lists first: the index file that names them comes last
+        for p in staged:
+            with open(p, "rb+") as f:
+                os.fsync(f.fileno())
+        for p in staged:
+            os.replace(p, out_path.parent / p.name)
+        _fsync_dir(out_path.parent)
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
+    data = _ivfdata_path(out_path)
+    on_disk = kind == "ivf" and storage == "disk"
+    return {"file": out_path.name, "ivfdata": data.name if on_disk else None,
+            "ivfdata_bytes": data.stat().st_size if on_disk else None,
+            "bytes": out_path.stat().st_size + (data.stat().st_size if on_disk else 0),
+            "ntotal": got, "storage": storage}
+
+
+def build_index(keys_path: str | os.PathLike, n: int, dim: int, plan: IndexPlan, out_path: str | os.PathLike,
+                *, seed: int = 0, progress: bool = True, use_gpu: bool | None = None, shards: int = 1) -> dict:
+    """Train, fill (in ``shards`` consecutive row ranges, one after the other) and merge the
+    planned index over ``keys_path`` into ``out_path``: the single-process path, the same
+    functions a distributed build runs per rank. Returns the index section of the datastore
+    header (spec, factory, metric, nprobe, ntotal, storage, file, ivfdata, bytes...)."""
+    from tqdm.auto import tqdm
+
+    keys = _as_keys(keys_path)
+    if keys.shape != (n, dim):
+        raise DatastoreError(f"{keys_path} holds keys of shape {keys.shape}, expected {(n, dim)}")
+    out_path = Path(out_path)
+    t0 = time.time()
+    work = work_dir(out_path)
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir(parents=True)
+    try:
+        trained = work / "trained.faiss"
+        train_index(keys, plan, trained, seed=seed, use_gpu=use_gpu)
+        shards = 1 if not plan.shardable else max(1, min(int(shards), n))
+        bounds = [n * i // shards for i in range(shards + 1)]
+        paths = [work / f"shard{i:05d}.faiss" for i in range(shards)]
+        with tqdm(total=n, unit="key", desc="adding keys", disable=not progress) as bar:
+            for i, p in enumerate(paths):
+                fill_shard(trained, keys, bounds[i], bounds[i + 1], p, progress=bar)
+        record = merge_shards(trained, paths, out_path, storage=plan.storage, ntotal=n)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    return index_record(plan, record, time.time() - t0)
+
+
+def work_dir(out_path: str | os.PathLike) -> Path:
+    """Where the trained index and the shards of the index ``out_path`` are written while it is
+    built (next to it: on the same filesystem, shared by every rank of a distributed build)."""
+    out_path = Path(out_path)
+    return out_path.parent / f".{out_path.name}.build"
+
+
+def index_record(plan: IndexPlan, merged: dict, seconds: float) -> dict:
+    """The index section of the datastore header: the plan, ``merge_shards``'s record, the time."""
+    return {"spec": plan.spec, "factory": plan.factory, "metric": "l2", "nprobe": plan.nprobe, **merged,
+            "build_seconds": round(seconds, 2)}
+
+
+# ------------------------------------------------------------------------------------ loading
 
 
 def set_nprobe(index, nprobe: int | None) -> None:
@@ -223,25 +589,41 @@ def set_nprobe(index, nprobe: int | None) -> None:
 
 
 def load_index(path: str | os.PathLike, *, n: int, dim: int, nprobe: int | None = None,
-               use_gpu: bool | None = None):
+               use_gpu: bool | None = None, storage: str = "ram", ivfdata_bytes: int | None = None):
     """Read the index, check that it holds ``n`` vectors of dimension ``dim``, set its default
-    ``nprobe``, clone it to the GPU if FAISS has one."""
+    ``nprobe``, clone it to the GPUs if FAISS has some.
+
+    ``storage`` disk: the inverted lists (``<name>.ivfdata``, next to the index, of
+    ``ivfdata_bytes`` bytes) or the flat codes are memory-mapped, not read: search RAM does not
+    grow with the datastore (pages of a mapped file are the OS's page cache, not the process's
+    anonymous memory)."""
     import faiss
 
+    path = Path(path)
+    flags = 0
+    if storage == "disk":
+        data = _ivfdata_path(path)
+        if ivfdata_bytes is not None:
+            size = data.stat().st_size if data.exists() else None
+            if size != ivfdata_bytes:
+                raise DatastoreError(f"{data} is {'missing' if size is None else f'{size} bytes'}, the header "
+                                     f"says {ivfdata_bytes} bytes; rebuild the index with `knnlm reindex`")
+            flags = faiss.IO_FLAG_ONDISK_SAME_DIR | faiss.IO_FLAG_READ_ONLY  # mapped read-only
+        else:
+            flags = faiss.IO_FLAG_MMAP_IFC | faiss.IO_FLAG_READ_ONLY
     try:
-        index = faiss.read_index(str(path))
+        with _faiss_quiet():
+            index = faiss.read_index(str(path), flags)
     except RuntimeError as e:
         raise DatastoreError(f"{path} is not a readable FAISS index ({str(e).strip().splitlines()[-1]}); "
-                             "rebuild it with `knnlm build-index --resume`") from None
+                             "rebuild it with `knnlm build-index --resume` or `knnlm reindex`") from None
     if index.ntotal != n or index.d != dim:
         raise DatastoreError(f"{path} holds {index.ntotal} vectors of dim {index.d}, the datastore "
                              f"{n} of dim {dim}; rebuild the index")
     set_nprobe(index, nprobe)
-    res = _gpu_resources() if use_gpu in (None, True) else None
-    if res is not None:
-        try:
-            index = faiss.index_cpu_to_gpu(res, 0, index)
-            index._knnlm_gpu_res = res  # keep the resources alive with the index
-        except RuntimeError as e:
-            logger.warning("searching on CPU: %s has no GPU version (%s)", path, e)
+    if use_gpu in (None, True):
+        gpu = to_gpus(index)
+        if gpu is not None:
+            set_nprobe(gpu, nprobe)
+            return gpu
     return index

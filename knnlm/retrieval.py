@@ -41,6 +41,8 @@ class Retriever:
         from knnlm.index import set_nprobe
 
         self.datastore = datastore
+        if rerank:
+            datastore.require_keys("rerank", "drop `rerank` (the index's own distances are used)")
         self.k = resolve_k(k, len(datastore))
         check_nprobe(nprobe)
         self.index = datastore.index

@@ -52,6 +52,7 @@ BUILD_ERRORS = {  # case -> what the one-line message must name
     "binary": ["blob.bin", "re:binary|NUL"],
     "unknown-model": ["no-such-model"],
     "bad-index": ["IVFbogus"],
+    "graph-on-disk": ["--index-storage disk", "HNSW32"],
     "bad-layer": ["model.layers.7.mlp"],
     "bad-stride": ["--stride", "64"],
     "other-model": ["another model", "--overwrite"],
@@ -74,6 +75,8 @@ def test_bad_input_one_line_error(case, capsys, tiny_model_dir, other_model_dir,
         model = tmp_path / "no-such-model"
     elif case == "bad-index":
         extra = ["--index", "IVFbogus,PQ"]
+    elif case == "graph-on-disk":
+        extra = ["--index", "HNSW32", "--index-storage", "disk"]
     elif case == "bad-layer":
         extra = ["--layer", "model.layers.7.mlp"]
     elif case == "bad-stride":
@@ -96,8 +99,8 @@ def test_help_documents_every_option_with_examples():
     res = subprocess.run([sys.executable, "-m", "knnlm.cli", "build-index", "--help"], capture_output=True,
                          text=True, check=True)
     for opt in ("--model", "--data", "--glob", "--exclude", "--text-field", "--max-tokens", "--context", "--stride",
-                "--batch-size", "--out", "--layer", "--key-dtype", "--index", "--seed", "--resume", "--overwrite",
-                "--device", "--dtype", "--quiet"):
+                "--batch-size", "--out", "--layer", "--key-dtype", "--index", "--index-storage", "--seed", "--resume",
+                "--overwrite", "--device", "--dtype", "--quiet"):
         assert opt in res.stdout
     assert "examples:" in res.stdout and "knnlm build-index --data" in res.stdout
 

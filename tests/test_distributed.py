@@ -78,30 +78,33 @@ def _build(args: list[str], nproc: int = 1, env: dict | None = None) -> subproce
 def test_two_ranks_build_the_same_bytes_as_one_and_a_killed_rank_resumes_to_them(
         tmp_path, slow_model_dir, corpus_dir):
     files = sorted(str(p) for p in corpus_dir.iterdir())
+    # a trained, compressed index with on-disk lists: trained once by rank 0, filled by both ranks
+    index = ["--index", "IVF16,PQ8", "--index-storage", "disk"]
     args = ["build-index", "--model", str(slow_model_dir), "--data", *files, "--max-tokens", "6000", "--quiet",
-            "--index", "flat", "--context", "32", "--batch-size", "2"]
+            "--context", "32", "--batch-size", "2", *index]
     one, two = tmp_path / "one", tmp_path / "two"
     res = _build([*args, "--out", str(one)])
     assert res.returncode == 0, res.stderr
     res = _build([*args, "--out", str(two)], nproc=2)
     assert res.returncode == 0, res.stderr[-3000:]
-    for name in FILES:
+    for name in (*FILES, "index.ivfdata"):
         assert (one / name).read_bytes() == (two / name).read_bytes(), name
     assert not list(two.glob("progress*")), "progress files are gone once every row is final"
+    assert not list(two.glob(".index*")), "the index's work files are gone"
     assert res.stdout.count("datastore ") == 1, "only rank 0 prints the summary"
 
     # SIGKILL rank 1 midway; torchrun stops rank 0; `--resume` with two ranks finishes the same bytes
     res = subprocess.run([sys.executable, "-m", "experiments.kill_resume_check", "--model", str(slow_model_dir),
                           "--data", *files, "--tokens", "6000", "--nproc", "2", "--kill-rank", "1",
                           "--reference", str(one), "--workdir", str(tmp_path / "killed"),
-                          "--", "--context", "32", "--batch-size", "2"],
+                          "--", "--context", "32", "--batch-size", "2", *index],
                          capture_output=True, text=True, timeout=600, cwd=REPO,
                          env=dict(os.environ, HF_HUB_OFFLINE="1", KNNLM_COMMIT_SECONDS="0"))
     assert res.returncode == 0, res.stdout + res.stderr[-3000:]
     assert re.search(r"killed rank 1 of 2 with SIGKILL after it recorded [0-9,]+/[0-9,]+ rows", res.stdout)
     assert "partial datastore refused" in res.stdout
     lines = res.stdout.splitlines()
-    for name in FILES:
+    for name in (*FILES, "index.ivfdata"):
         assert any(re.fullmatch(rf"{re.escape(name)}\s+identical \([0-9,]+ bytes\)", ln) for ln in lines), name
     assert lines[-1] == "byte-identical"
 

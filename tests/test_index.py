@@ -30,7 +30,12 @@ def test_auto_picks_by_size():
     p = plan_index("auto", AUTO_FLAT_MAX_ROWS * 16, 64)
     assert p.factory.startswith("IVF") and p.factory.endswith("SQfp16") and p.nprobe > 0
     assert "PQ" in plan_index("auto", 200_000_000, 1024).factory
-    assert plan_index("ivfpq", 100_000, 576).factory == "IVF256,PQ64"
+    assert plan_index("ivfpq", 100_000, 576).factory == "IVF1024,PQ64"  # 4 * sqrt(N) lists, a power of two
+    pq = plan_index("ivfpq", 1_100_000, 576)  # the original kNN-LM recipe at ~1M keys
+    assert (pq.factory, pq.nprobe) == ("IVF4096,PQ64", 32)
+    big = plan_index("ivfpq", 4_000_000, 576)  # an HNSW coarse quantizer beyond 2M keys, probes for 8k candidates
+    assert big.factory == "IVF65536_HNSW32,PQ64" and big.nprobe * 4_000_000 / 65536 >= 8192
+    assert plan_index("ivfpq", 50_000_000, 576).factory == "IVF262144_HNSW32,PQ64"
 
 
 def test_ivf_recall_against_exact(tmp_path):
