@@ -20,6 +20,7 @@ FLOORS = [
     ["data"],
     ["datastore"],
     ["retrieval"],
+    ["gate"],
     ["build", "evaluation", "generate"],
     ["model"],
     ["testing", "cli"],
