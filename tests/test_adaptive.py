@@ -4,6 +4,7 @@ knnlm.retrieval.Retriever.step, evaluation / generation with them)."""
 import json
 import math
 import re
+import shutil
 import sysconfig
 from pathlib import Path
 
@@ -13,8 +14,8 @@ import torch
 from knnlm import KNNLM, BuildConfig, build_datastore
 from knnlm.config import ConfigError, EvalConfig
 from knnlm.datastore import DatastoreError, open_datastore
-from knnlm.evaluation import LMCache
-from knnlm.gate import Gate, load_gate
+from knnlm.evaluation import LMCache, collect_tuning
+from knnlm.gate import Gate, fit_gate, load_gate
 from knnlm.generate import KNNLogitsProcessor
 from knnlm.scoring import interpolate, mix, reference_interpolate, reference_interpolate_target
 from knnlm.testing import build_tiny_store, corpus_paths, make_tiny_model
@@ -25,12 +26,14 @@ EVAL = [str(STDLIB / "queue.py")]
 
 
 @pytest.fixture(scope="module")
-def tuned(tmp_path_factory, tiny_tokenizer):
-    """A tiny datastore of its own (tuning writes into it) with a gate tuned on sched.py."""
-    model, ds = build_tiny_store(tmp_path_factory.mktemp("adaptive") / "ds", tiny_tokenizer)
-    knn = KNNLM(model, ds, tiny_tokenizer, k=32)
-    gate = knn.tune(TUNE, max_tokens=3000, progress=False)
-    return model, open_datastore(ds.path), gate
+def tuned(tmp_path_factory, tiny_store, tiny_tokenizer):
+    """A copy of the tiny datastore (tuning writes into it) with a gate tuned on sched.py."""
+    model, shared = tiny_store
+    path = tmp_path_factory.mktemp("adaptive") / "ds"
+    shutil.copytree(shared.path, path)
+    knn = KNNLM(model, open_datastore(path), tiny_tokenizer, k=32)
+    gate = knn.tune(TUNE, max_tokens=2000, progress=False)
+    return model, open_datastore(path), gate
 
 
 def _forced(gate: Gate, logit: float) -> Gate:
@@ -96,10 +99,13 @@ def test_gate_limits_reproduce_base_lm_and_pure_knn(tuned, tiny_tokenizer):
     # log_probs: the full distributions, too
     torch.manual_seed(0)
     logits, hidden = torch.randn(3, model.config.vocab_size), torch.randn(3, ds.dim)
-    lp0 = KNNLM(model, ds, tiny_tokenizer, k=32, lam="adaptive", gate=_forced(gate, -math.inf)).log_probs(logits, hidden)
+    lp0 = KNNLM(model, ds, tiny_tokenizer, k=32, lam="adaptive", gate=_forced(gate, -math.inf)).log_probs(
+        logits, hidden)
     assert torch.equal(lp0, torch.log_softmax(logits, -1))
-    lp1 = KNNLM(model, ds, tiny_tokenizer, k=32, lam="adaptive", gate=_forced(gate, math.inf)).log_probs(logits, hidden)
-    assert torch.allclose(lp1, plain.replace(lam=1.0).log_probs(logits, hidden), atol=1e-6, equal_nan=True)
+    lp1 = KNNLM(model, ds, tiny_tokenizer, k=32, lam="adaptive", gate=_forced(gate, math.inf)).log_probs(
+        logits, hidden)
+    pure = plain.replace(lam=1.0, use_kernel=False).log_probs(logits, hidden)
+    assert torch.allclose(lp1, pure, atol=1e-6, equal_nan=True)
 
 
 def test_adaptive_in_a_sweep_equals_single_runs_and_reports_lambda(tuned, tiny_tokenizer):
@@ -119,7 +125,7 @@ def test_adaptive_in_a_sweep_equals_single_runs_and_reports_lambda(tuned, tiny_t
 
 def test_retrieval_gate_skips_searches_and_skipped_rows_are_the_lm_exactly(tuned, tiny_tokenizer, monkeypatch):
     model, ds, gate = tuned
-    knn = KNNLM(model, ds, tiny_tokenizer, k=32, gate=gate, retrieve_fraction=0.5)
+    knn = KNNLM(model, ds, tiny_tokenizer, k=32, gate=gate, retrieve_fraction=0.5, use_kernel=False)
     logits, hidden = _real_rows(model, ds, tiny_tokenizer)
     allow = gate.select(knn.lm_features(logits), 0.5)
     assert 0 < int(allow.sum()) < logits.shape[0]
@@ -129,7 +135,8 @@ def test_retrieval_gate_skips_searches_and_skipped_rows_are_the_lm_exactly(tuned
     out = knn.log_probs(logits, hidden)
     assert searched == [int(allow.sum())]  # one batched search over the selected rows only
     assert torch.equal(out[~allow], torch.log_softmax(logits[~allow], -1))
-    assert torch.allclose(out[allow], knn.replace(retrieve_fraction=None).log_probs(logits[allow], hidden[allow]))
+    every = knn.replace(retrieve_fraction=None, use_kernel=False).log_probs(logits[allow], hidden[allow])
+    assert torch.allclose(out[allow], every, atol=1e-5)
     # eval: fraction searched is reported, and F = 1 searches everything
     cache = LMCache()
     half = knn.evaluate(EVAL, lambdas=["adaptive"], max_tokens=600, progress=False, lm_cache=cache)
@@ -142,7 +149,7 @@ def test_retrieval_gate_skips_searches_and_skipped_rows_are_the_lm_exactly(tuned
 
 def test_gate_from_another_datastore_and_a_tampered_gate_are_refused(tuned, tiny_tokenizer, tmp_path):
     model, ds, gate = tuned
-    _, other = build_tiny_store(tmp_path / "other", tiny_tokenizer, model, files=["bisect.py", "keyword.py"])
+    _, other = build_tiny_store(tmp_path / "other", tiny_tokenizer, model, files=["keyword.py"])
     with pytest.raises(DatastoreError, match="tuned on another datastore"):
         load_gate(other, gate.path)
     with pytest.raises(DatastoreError, match="tuned on another datastore"):
@@ -170,8 +177,10 @@ def test_tuning_and_eval_overlap_is_refused(tuned, tiny_tokenizer):
 
 def test_tuning_is_deterministic(tuned, tiny_tokenizer):
     model, ds, gate = tuned
-    again = KNNLM(model, ds, tiny_tokenizer, k=32).tune(TUNE, max_tokens=3000, progress=False, save=False)
-    assert again.to_json()["net"] == gate.to_json()["net"]
+    data = collect_tuning(KNNLM(model, ds, tiny_tokenizer, k=32), TUNE, EvalConfig(max_tokens=2000, progress=False))
+    fits = [fit_gate(data, ds.identity(), 32, 1.0, select=False).to_json() for _ in range(2)]
+    assert fits[0]["net"] == fits[1]["net"] and fits[0]["pre"] == fits[1]["pre"]
+    assert set(gate.features) <= set(fits[0]["features"])  # the tuned gate kept a subset of the features
 
 
 # ------------------------------------------------------------------------------ pointers
@@ -226,7 +235,7 @@ def test_pointers_recall_a_numbered_list_that_near_duplicates_confuse(tiny_token
     enc = tiny_tokenizer(f"# list A\n{FILLER}item 1:", return_tensors="pt")
 
     def recall(**kw) -> tuple[int, dict]:
-        knn = KNNLM(model, ds, tiny_tokenizer, lam=0.9, k=16, **kw)
+        knn = KNNLM(model, ds, tiny_tokenizer, lam=0.9, k=16, use_kernel=False, **kw)
         proc = KNNLogitsProcessor(knn)
         out = knn.generate(enc["input_ids"], attention_mask=enc["attention_mask"], max_new_tokens=48,
                            do_sample=False, processor=proc, pad_token_id=0)
@@ -269,3 +278,74 @@ def test_header_gate_entry_is_optional_and_recorded(tuned):
     _, ds, gate = tuned
     h = json.loads((Path(ds.path) / "header.json").read_text())
     assert h["gate"]["file"] == "gate.json" and h["gate"]["datastore"] == ds.identity() == gate.identity
+
+
+# ------------------------------------------------------------------------------ the command line
+
+
+def _cli(capsys, *argv):
+    from knnlm.cli import main
+
+    code = main(list(map(str, argv)))
+    cap = capsys.readouterr()
+    return code, cap.out, cap.err
+
+
+def _one_line(err: str, command: str, *needles: str) -> None:
+    assert err.endswith("\n") and err.count("\n") == 1, err
+    assert err.startswith(f"knnlm {command}: error: "), err
+    for n in needles:
+        assert n in err, (n, err)
+
+
+def test_cli_tune_then_eval_adaptive_and_generate(capsys, tiny_model_dir, tiny_store, tmp_path):
+    ds = tmp_path / "ds"
+    shutil.copytree(tiny_store[1].path, ds)
+    # before tuning: --lambda adaptive has no gate; checked before the model loads (no such model)
+    code, _, err = _cli(capsys, "eval", "--model", tmp_path / "no-model", "--datastore", ds, "--data", *EVAL,
+                        "--lambda", "adaptive", "--quiet")
+    assert code == 2
+    _one_line(err, "eval", "--lambda", "knnlm tune")
+    # tuning on datastore documents is refused, before the model loads
+    code, _, err = _cli(capsys, "tune", "--model", tmp_path / "no-model", "--datastore", ds,
+                        "--data", *corpus_paths(["bisect.py"]), "--quiet")
+    assert code == 2
+    _one_line(err, "tune", "--data", "in the datastore")
+    code, out, err = _cli(capsys, "tune", "--model", tiny_model_dir, "--datastore", ds, "--data", *TUNE,
+                          "--max-tokens", 1500, "--k", 32, "--quiet")
+    assert code == 0, err
+    assert "held-out NLL" in out and "gate written to" in out
+    res_json = tmp_path / "res.json"
+    code, out, err = _cli(capsys, "eval", "--model", tiny_model_dir, "--datastore", ds, "--data", *EVAL,
+                          "--lambda", "adaptive,0.25", "--k", 32, "--max-tokens", 400, "--retrieve-fraction", 0.5,
+                          "--output", res_json, "--quiet")
+    assert code == 0, err
+    assert "adaptive lambda" in out and "searched" in out
+    res = json.loads(res_json.read_text())
+    assert res["grid"][0]["lambda"] == "adaptive" and "histogram" in res["adaptive"]
+    assert 0 < res["retrieval"]["searched_fraction"] < 1
+    # eval on the tuning text is refused
+    code, _, err = _cli(capsys, "eval", "--model", tiny_model_dir, "--datastore", ds, "--data", *TUNE,
+                        "--lambda", "adaptive", "--quiet")
+    assert code == 2
+    _one_line(err, "eval", "--data", "tuned on")
+    code, out, err = _cli(capsys, "generate", "--model", tiny_model_dir, "--datastore", ds, "--prompt", "import os\n",
+                          "--lambda", "adaptive", "--retrieve-fraction", 0.5, "--pointers", "--max-new-tokens", 8)
+    assert code == 0, err
+    assert "[retrieval: searched" in out
+
+
+@pytest.mark.parametrize("extra,needle", [
+    (["--retrieve-fraction", "0"], "--retrieve-fraction must be in (0, 1]"),
+    (["--retrieve-fraction", "1.5"], "--retrieve-fraction must be in (0, 1]"),
+    (["--lambda", "adaptve"], "--lambda must be a number in [0, 1] or 'adaptive'"),
+    (["--min-pointers", "4"], "--min-pointers only applies with --pointers"),
+    (["--pointers", "--min-pointers", "0"], "--min-pointers must be at least 1"),
+])
+def test_cli_bad_adaptive_settings_fail_before_the_model(capsys, tiny_store, tmp_path, extra, needle):
+    for cmd in ("eval", "generate"):
+        what = ["--data", *EVAL] if cmd == "eval" else ["--prompt", "x"]
+        code, _, err = _cli(capsys, cmd, "--model", tmp_path / "no-model", "--datastore", tiny_store[1].path,
+                            *what, *extra)
+        assert code == 2
+        _one_line(err, cmd, needle)
