@@ -53,7 +53,7 @@ examples:
   # the tuned gate (knnlm tune): lambda per token next to a fixed one; searching 50 % of tokens; pointers
   knnlm eval --datastore runs/stdlib --data held_out/ --lambda adaptive,0.25
   knnlm eval --datastore runs/stdlib --data held_out/ --lambda adaptive --retrieve-fraction 0.5
-  knnlm eval --datastore runs/stdlib --data held_out/ --pointers --min-pointers 32
+  knnlm eval --datastore runs/stdlib --data held_out/ --pointers --min-pointers 64
 """
 
 GENERATE_EXAMPLES = """\
@@ -142,7 +142,7 @@ def _add_adaptive_args(g) -> None:
                         "the actual token are this step's neighbours; search only when fewer than "
                         "--min-pointers survive")
     g.add_argument("--min-pointers", type=int, default=None, metavar="N",
-                   help="with --pointers: search when fewer than N pointers survive (default: 32)")
+                   help="with --pointers: search when fewer than N pointers survive (default: 64, capped at k)")
     g.add_argument("--gate", default=None, metavar="FILE",
                    help="a gate file from `knnlm tune --out` (default: the datastore's own gate)")
 

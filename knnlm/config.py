@@ -109,7 +109,7 @@ def check_fraction(fraction: float | None, param: str = "retrieve_fraction") -> 
         raise ConfigError(f"`{param}` must be in (0, 1], got {fraction}", param=param)
 
 
-DEFAULT_MIN_POINTERS = 32
+DEFAULT_MIN_POINTERS = 64  # search when fewer pointers survive (capped at k); see README "Pointers"
 
 
 def check_pointers(pointers: bool, min_pointers: int | None, k: int | None = None) -> None:

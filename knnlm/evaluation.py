@@ -282,7 +282,7 @@ def _neighbours(knn, cfg: EvalConfig, lmb: _LMBatch, kmax: int, gate) -> Step:
     lengths = torch.tensor(lmb.lengths)
     starts = torch.cumsum(lengths, 0) - lengths
     state = torch.full((len(lmb.lengths), kmax), -1, dtype=torch.int64, device=dev)  # pointers per window
-    min_ptr = cfg.min_pointers or DEFAULT_MIN_POINTERS
+    min_ptr = cfg.min_pointers or min(DEFAULT_MIN_POINTERS, kmax)
     for s in range(int(lengths.max())):
         wins = (lengths > s).nonzero().squeeze(1)
         r = (starts[wins] + s).to(dev)
@@ -533,7 +533,7 @@ def _knn_result(tally: _Tally, grid, knn: EvaluationMixin, overlap: _Overlap, cf
         "retrieval": {"k": kmax, "nprobe": knn.nprobe, "rerank": knn.rerank,
                       "index": (ds.header.index or {}).get("factory"),
                       "retrieve_fraction": cfg.retrieve_fraction, "pointers": cfg.pointers,
-                      "min_pointers": (cfg.min_pointers or DEFAULT_MIN_POINTERS) if cfg.pointers else None,
+                      "min_pointers": (cfg.min_pointers or min(DEFAULT_MIN_POINTERS, kmax)) if cfg.pointers else None,
                       "searched_fraction": tally.n_searched / max(n, 1),
                       "pointer_fraction": tally.n_pointed / max(n, 1),
                       "searches_saved": 1.0 - tally.n_searched / max(n, 1)},
@@ -542,6 +542,7 @@ def _knn_result(tally: _Tally, grid, knn: EvaluationMixin, overlap: _Overlap, cf
             {"frequency": names[i], "tokens": int(tally.n_bucket[i]),
              "ppl_base": bucket_ppl(tally.nll_bucket_base, i), "ppl_knn": bucket_ppl(tally.nll_bucket[0], i),
              "ppl_best": bucket_ppl(tally.nll_bucket[results.index(best)], i) if best else None,
+             "ppl_grid": [bucket_ppl(tally.nll_bucket[g], i) for g in range(len(grid))],
              **({"mean_lambda": float(tally.lam_bucket[i] / tally.n_bucket[i])} if adaptive else {})}
             for i in range(len(BUCKET_EDGES)) if tally.n_bucket[i] > 0],
         "datastore": {"path": str(ds.path), "rows": len(ds), "header": ds.header.to_json()},

@@ -79,7 +79,8 @@ class KNNLM(EvaluationMixin, GenerationMixin):
         self.retriever = Retriever(datastore, k, nprobe=nprobe, rerank=rerank)
         check_pointers(pointers, min_pointers, self.retriever.k)
         self.retrieve_fraction = None if retrieve_fraction is None else float(retrieve_fraction)
-        self.pointers, self.min_pointers = bool(pointers), min_pointers or DEFAULT_MIN_POINTERS
+        self.pointers = bool(pointers)
+        self.min_pointers = min_pointers or min(DEFAULT_MIN_POINTERS, self.retriever.k)
         self.gate = gate
         if lam == ADAPTIVE or (self.retrieve_fraction is not None and self.retrieve_fraction < 1):
             self.require_gate()  # fail now, not at the first token

@@ -94,11 +94,19 @@ class Retriever:
 
     def candidates(self, queries: torch.Tensor, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Score given candidate rows (Q, K) (-1: none) like search results: exact squared L2 from
-        the stored keys, ascending; returns dists (Q, K) fp32, values (Q, K), ids (Q, K)."""
+        the stored keys, ascending; returns dists (Q, W) fp32, values (Q, W), ids (Q, W) with
+        W <= K the largest number of candidates of a row (only real candidates are read)."""
         device = queries.device
         ids = rows.detach().cpu().long()
-        dists = self._exact_dists(queries.detach().to("cpu", torch.float32), ids)
-        dists = dists.masked_fill(ids < 0, math.inf)
+        valid = ids >= 0
+        width = max(int(valid.sum(1).max()) if ids.numel() else 0, 1)
+        ids = ids.gather(1, torch.argsort((~valid).to(torch.int8), dim=1, stable=True))[:, :width]  # real first
+        valid = ids >= 0
+        dists = torch.full(ids.shape, math.inf, dtype=torch.float32)
+        if bool(valid.any()):
+            keys = torch.from_numpy(np.asarray(self.datastore.keys[ids[valid].numpy()])).float()  # (M, D)
+            q = queries.detach().to("cpu", torch.float32).repeat_interleave(valid.sum(1), dim=0)  # (M, D)
+            dists[valid] = ((keys - q) ** 2).sum(-1)
         dists, order = torch.sort(dists, dim=1, stable=True)
         ids = ids.gather(1, order)
         values = self._values[ids.clamp(min=0)].masked_fill(ids < 0, 0)
