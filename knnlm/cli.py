@@ -617,6 +617,9 @@ def _summary(path, h) -> str:
         probes = f"nprobe {idx['nprobe']}" if idx.get("nprobe") is not None else "exact search"
         lines.append(f"  index      {idx['factory']} ({idx['ntotal']:,} vectors, {probes}, "
                      f"{idx['bytes'] / 2**20:.1f} MiB, built in {idx['build_seconds']} s)")
+    if h.gate:
+        lines.append(f"  gate       {h.gate['file']} (adaptive lambda / retrieval gate from `knnlm tune`, "
+                     f"sha256 {h.gate['sha256'][:12]}...)")
     return "\n".join(lines)
 
 

@@ -103,6 +103,8 @@ class KNNLM(EvaluationMixin, GenerationMixin):
         if unknown:
             raise TypeError(f"KNNLM.replace() got unknown settings: {', '.join(sorted(unknown))}")
         settings.update(changes)
+        if settings["gate"] is not None and not isinstance(settings["gate"], Gate):
+            settings["gate"] = load_gate(self.datastore, settings["gate"])
         new = object.__new__(KNNLM)
         new._setup(self.model, self.datastore, self.tokenizer, **settings)
         return new
