@@ -434,7 +434,7 @@ def cmd_tune(args) -> int:
     model, tokenizer = load_model(args.model, device=args.device, dtype=args.dtype)
     knn = KNNLM(model, ds, tokenizer, temperature=args.temperature, k=args.k, nprobe=args.nprobe)
     gate = knn.tune(sources, out=args.out, max_tokens=args.max_tokens, seed=args.seed, kind=args.kind,
-                    progress=not args.quiet)
+                    batch_size=args.batch_size, progress=not args.quiet)
     print(format_report(gate))
     print(f"gate written to {gate.path}" + ("" if args.out else f" (recorded in {ds.path}/header.json)"))
     return 0

@@ -167,12 +167,12 @@ class KNNLM(EvaluationMixin, GenerationMixin):
         return out
 
     def tune(self, data: Sequence | None = None, *, texts: Sequence[str] | None = None, out=None,
-             max_tokens: int | None = None, seed: int = 0, kind: str = "auto", progress: bool = True,
-             save: bool = True) -> Gate:
+             max_tokens: int | None = None, seed: int = 0, kind: str = "auto", batch_size: int = 8,
+             progress: bool = True, save: bool = True) -> Gate:
         """Fit the adaptive gate (``knnlm.gate``) on tuning text at this object's k and temperature,
         save it with the datastore (or to the file ``out``) and use it from now on. The tuning
         documents must not be in the datastore (refused)."""
-        cfg = EvalConfig(max_tokens=max_tokens, progress=progress)
+        cfg = EvalConfig(max_tokens=max_tokens, batch_size=batch_size, progress=progress)
         data_ = collect_tuning(self, data, cfg, texts=texts)
         gate = fit_gate(data_, self.datastore.identity(), self.k, self.temperature, kind=kind, seed=seed)
         if save:
