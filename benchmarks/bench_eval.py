@@ -1,6 +1,8 @@
 """kNN-LM eval throughput vs the plain LM eval on the same tokens, measured side by side.
 
     python benchmarks/bench_eval.py --datastore runs/stdlib-1m --tokens 20000 --nprobe 8,16,32
+    # the adaptive kNN-LM (gate from `knnlm tune`) searching half of the tokens, vs the plain LM
+    python benchmarks/bench_eval.py --datastore runs/stdlib-1m --tokens 16000 --lambda adaptive --retrieve-fraction 0.5
 
 Runs plain, then kNN-LM (once per --nprobe), then plain again, on the first --tokens tokens of the
 held-out stdlib files, and prints tokens/s, the ratio kNN / plain (plain = mean of the two
@@ -25,7 +27,10 @@ def main(argv=None) -> int:
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--k", type=int, default=None, help="neighbours (default: 1024 capped at the datastore size)")
     p.add_argument("--nprobe", default=None, help="comma list of nprobe values to measure (default: the datastore's)")
-    p.add_argument("--lambda", dest="lam", type=float, default=0.25)
+    p.add_argument("--lambda", dest="lam", default="0.25", help="a number in [0, 1] or 'adaptive' (needs `knnlm tune`)")
+    p.add_argument("--retrieve-fraction", type=float, default=None, help="search only this fraction of tokens")
+    p.add_argument("--pointers", action="store_true", help="RetoMaton-style pointers")
+    p.add_argument("--min-pointers", type=int, default=None)
     p.add_argument("--temperature", type=float, default=1.0)
     p.add_argument("--sweep", action="store_true",
                    help="also time a 48-setting sweep (lambda 4 x T 4 x k 3) against the single-setting kNN run")
@@ -43,6 +48,7 @@ def main(argv=None) -> int:
     data = stdlib_files("test")
     common = dict(max_tokens=args.tokens, batch_size=args.batch_size, progress=False, lambdas=[args.lam],
                   temperatures=[args.temperature], ks=[args.k])
+    knn_only = dict(retrieve_fraction=args.retrieve_fraction, pointers=args.pointers, min_pointers=args.min_pointers)
     nprobes = [None] if args.nprobe is None else [int(x) for x in args.nprobe.split(",")]
 
     def plain():
@@ -51,7 +57,7 @@ def main(argv=None) -> int:
     evaluate(model, tok, None, data, EvalConfig(**dict(common, max_tokens=2000)))  # warm-up
     runs = {"plain_before": plain()}
     for npb in nprobes:
-        runs[f"knn_nprobe{npb}"] = evaluate(model, tok, ds, data, EvalConfig(nprobe=npb, **common))
+        runs[f"knn_nprobe{npb}"] = evaluate(model, tok, ds, data, EvalConfig(nprobe=npb, **common, **knn_only))
     if args.sweep:
         runs["knn_sweep48"] = evaluate(model, tok, ds, data, EvalConfig(**dict(
             common, nprobe=nprobes[0], lambdas=[args.lam, 0.1, 0.5, 0.75], temperatures=[args.temperature, 0.5, 2, 5],
@@ -62,7 +68,8 @@ def main(argv=None) -> int:
     idx = ds.header.index
     n_eval = runs['plain_before']['tokens']
     print(f"datastore {args.datastore}: {len(ds):,} keys, index {idx['factory']}; eval {n_eval:,} "
-          f"held-out tokens, batch {args.batch_size}, lambda {args.lam}, T {args.temperature}")
+          f"held-out tokens, batch {args.batch_size}, lambda {args.lam}, T {args.temperature}, "
+          f"retrieve fraction {args.retrieve_fraction}, pointers {args.pointers}")
     print(f"{'run':>16} {'nprobe':>7} {'k':>6} {'tok/s':>9} {'ratio':>7} {'ppl base':>9} {'ppl kNN':>9}")
     rows = []
     for name, r in runs.items():
@@ -71,7 +78,8 @@ def main(argv=None) -> int:
         row = {"run": name, "nprobe": r["retrieval"]["nprobe"] if knn else None,
                "k": r["retrieval"]["k"] if knn else None,
                "tokens_per_second": tps, "ratio_vs_plain": round(tps / base_tps, 3), "ppl_base": r["ppl_base"],
-               "ppl_knn": r.get("ppl_knn")}
+               "ppl_knn": r.get("ppl_knn"),
+               "searched_fraction": r["retrieval"]["searched_fraction"] if knn else None}
         rows.append(row)
         print(f"{name:>16} {str(row['nprobe'] or '-'):>7} {str(row['k'] or '-'):>6} {tps:>9.1f} "
               f"{row['ratio_vs_plain']:>6.2f}x {r['ppl_base']:>9.3f} {(r.get('ppl_knn') or float('nan')):>9.3f}")

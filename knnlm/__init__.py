@@ -20,6 +20,10 @@ _API = {
     # the core object and the ways to use it
     "KNNLM": "knnlm.model",
     "evaluate": "knnlm.model",
+    "tune": "knnlm.model",
+    "Gate": "knnlm.gate",
+    "load_gate": "knnlm.gate",
+    "LMCache": "knnlm.evaluation",
     "format_results": "knnlm.evaluation",
     "KNNLogitsProcessor": "knnlm.generate",
     "Retriever": "knnlm.retrieval",

@@ -8,6 +8,7 @@ import logging
 import os
 import re
 import sys
+import time
 
 EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130
@@ -21,7 +22,8 @@ FLAGS = {
     "resume": "--resume",
     "overwrite": "--overwrite", "out": "--out", "data": "--data", "globs": "--glob", "exclude": "--exclude",
     "text_field": "--text-field", "model": "--model", "device": "--device", "dtype": "--dtype",
-    "inputs": "the inputs",
+    "inputs": "the inputs", "retrieve_fraction": "--retrieve-fraction", "pointers": "--pointers",
+    "min_pointers": "--min-pointers", "gate": "--gate",
 }
 _PARAM = re.compile(r"`([a-z_]+)`")
 
@@ -55,6 +57,10 @@ examples:
       --k 1024,64,8 --output results.json
   # exact distances from the stored keys for the candidates of a compressed index
   knnlm eval --datastore runs/stdlib-pq --data held_out/ --rerank
+  # the tuned gate (knnlm tune): lambda per token next to a fixed one; searching 50 % of tokens; pointers
+  knnlm eval --datastore runs/stdlib --data held_out/ --lambda adaptive,0.25
+  knnlm eval --datastore runs/stdlib --data held_out/ --lambda adaptive --retrieve-fraction 0.5
+  knnlm eval --datastore runs/stdlib --data held_out/ --pointers --min-pointers 64
 """
 
 GENERATE_EXAMPLES = """\
@@ -67,6 +73,19 @@ examples:
   # sampling on the kNN-LM distribution (reproducible with --seed), or beam search
   knnlm generate --datastore runs/stdlib --prompt 'import os' --do-sample --temperature 0.8 --top-p 0.95 --seed 1
   knnlm generate --datastore runs/stdlib --prompt 'import os' --num-beams 4
+  # the tuned gate (knnlm tune), searching at most half of the steps; RetoMaton-style pointers
+  knnlm generate --datastore runs/stdlib --prompt 'import os' --lambda adaptive --retrieve-fraction 0.5
+  knnlm generate --datastore runs/stdlib --prompt-file prompt.py --lambda 0.5 --pointers
+"""
+
+TUNE_EXAMPLES = """\
+examples:
+  # fit the adaptive gate of a stdlib datastore on the tuning split (in neither the datastore nor the test split)
+  knnlm tune --datastore runs/stdlib-1m --data $(python -m knnlm.corpora stdlib-tune) --max-tokens 60000
+  # then: a per-token lambda, and searching only half of the tokens
+  knnlm eval --datastore runs/stdlib-1m --data $(python -m knnlm.corpora stdlib-test) --lambda adaptive,0.25
+  knnlm eval --datastore runs/stdlib-1m --data $(python -m knnlm.corpora stdlib-test) --lambda adaptive \\
+      --retrieve-fraction 0.5
 """
 
 MERGE_EXAMPLES = """\
@@ -145,6 +164,21 @@ def _add_index_args(g) -> None:
     g.add_argument("--index-storage", default="auto", choices=INDEX_STORAGES, help=STORAGE_HELP)
 
 
+def _add_adaptive_args(g) -> None:
+    g.add_argument("--retrieve-fraction", type=float, default=None, metavar="F",
+                   help="search only for a fraction F in (0, 1] of the tokens, those the gate's retrieval part "
+                        "(LM entropy, max-prob, argmax frequency) expects to gain most; the others use the LM "
+                        "alone (needs `knnlm tune`; default: search every token)")
+    g.add_argument("--pointers", action="store_true",
+                   help="RetoMaton-style pointers: the successors of the last step's neighbours whose value was "
+                        "the actual token are this step's neighbours; search only when fewer than "
+                        "--min-pointers survive")
+    g.add_argument("--min-pointers", type=int, default=None, metavar="N",
+                   help="with --pointers: search when fewer than N pointers survive (default: 64, capped at k)")
+    g.add_argument("--gate", default=None, metavar="FILE",
+                   help="a gate file from `knnlm tune --out` (default: the datastore's own gate)")
+
+
 def _add_generate_parser(sub) -> None:
     p = sub.add_parser("generate", help="generate text with the kNN-LM mixture at every step",
                        description="Continue a prompt with model.generate, every next-token distribution "
@@ -156,13 +190,15 @@ def _add_generate_parser(sub) -> None:
     g.add_argument("--prompt", help="the text to continue")
     g.add_argument("--prompt-file", metavar="FILE", help="read the text to continue from FILE")
     g = p.add_argument_group("kNN-LM")
-    g.add_argument("--lambda", dest="lam", type=float, default=0.25, metavar="L",
-                   help="weight of the kNN distribution in [0, 1]; 0 = the base model (default: %(default)s)")
+    g.add_argument("--lambda", dest="lam", default="0.25", metavar="L",
+                   help="weight of the kNN distribution in [0, 1], or 'adaptive' (per token, from the gate of "
+                        "`knnlm tune`); 0 = the base model (default: %(default)s)")
     g.add_argument("--knn-temperature", type=float, default=1.0, metavar="T",
                    help="softmax temperature over negative squared distances, > 0 (default: %(default)s)")
     g.add_argument("--k", type=int, default=None,
                    help="neighbours per step (default: 1024, capped at the datastore size)")
     g.add_argument("--nprobe", type=int, default=None, help="IVF lists to probe (default: the datastore's)")
+    _add_adaptive_args(g)
     g = p.add_argument_group("decoding")
     g.add_argument("--max-new-tokens", type=int, default=64, metavar="N",
                    help="tokens to generate (default: %(default)s)")
@@ -218,7 +254,8 @@ def _add_eval_parser(sub) -> None:
     _add_corpus_args(e)
     g = e.add_argument_group("kNN-LM")
     g.add_argument("--lambda", dest="lambdas", default="0.25", metavar="L[,L...]",
-                   help="interpolation weight of the kNN distribution, in [0, 1]; a comma list sweeps "
+                   help="interpolation weight of the kNN distribution, in [0, 1], or 'adaptive' (per token, "
+                        "from the gate of `knnlm tune`); a comma list sweeps, e.g. adaptive,0.25 "
                         "(default: %(default)s)")
     g.add_argument("--temperature", default="1", metavar="T[,T...]",
                    help="softmax temperature over negative squared distances, > 0 (default: %(default)s)")
@@ -228,6 +265,7 @@ def _add_eval_parser(sub) -> None:
     g.add_argument("--rerank", action="store_true", help="re-rank candidates with exact distances from the stored keys")
     g.add_argument("--no-exclude-self", dest="exclude_self", action="store_false",
                    help="keep a token's own key when the eval text is in the datastore (inflates results)")
+    _add_adaptive_args(g)
     g = e.add_argument_group("windows")
     g.add_argument("--context", type=int, default=None, help="tokens per window (default: the datastore's)")
     g.add_argument("--stride", type=int, default=None, help="new targets per window (default: the datastore's)")
@@ -237,12 +275,40 @@ def _add_eval_parser(sub) -> None:
     e.set_defaults(func=cmd_eval)
 
 
+def _add_tune_parser(sub) -> None:
+    t = sub.add_parser("tune", help="fit the adaptive gate (per-token lambda, retrieval gate) of a datastore",
+                       description="Fit a small gate on tuning text (not in the datastore, not the eval text): "
+                                   "per-token features (LM entropy and max-prob, argmax frequency, kNN distances, "
+                                   "entropy, agreement) -> lambda(x), by maximising the kNN-LM likelihood itself; "
+                                   "and a retrieval gate that predicts from the LM features alone whether searching "
+                                   "pays. Saved with the datastore (gate.json + a header entry) unless --out.",
+                       epilog=TUNE_EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+    _add_model_args(t)
+    t.add_argument("--datastore", required=True, metavar="DIR", help="datastore built by `knnlm build-index`")
+    _add_corpus_args(t)
+    g = t.add_argument_group("gate")
+    g.add_argument("--out", default=None, metavar="FILE",
+                   help="write the gate to FILE instead of into the datastore (use it with --gate)")
+    g.add_argument("--kind", default="auto", choices=["auto", "linear", "mlp"],
+                   help="gate model: logistic regression, a 16-unit tanh MLP, or auto (the better on held-out "
+                        "tuning documents) (default: %(default)s)")
+    g.add_argument("--k", type=int, default=None, help="neighbours per token (default: 1024, capped at the size)")
+    g.add_argument("--temperature", type=float, default=1.0, help="kNN softmax temperature (default: %(default)s)")
+    g.add_argument("--nprobe", type=int, default=None, help="IVF lists to probe (default: the datastore's)")
+    g.add_argument("--seed", type=int, default=0, help="initialisation / sampling seed (default: %(default)s)")
+    g.add_argument("--batch-size", type=int, default=8, help="windows per forward pass (default: %(default)s)")
+    t.add_argument("--quiet", action="store_true", help="no progress bars")
+    t.set_defaults(func=cmd_tune)
+
+
 def _add_demo_parser(sub) -> None:
     d = sub.add_parser("demo", help="quickstart: stdlib datastore with SmolLM2-135M, perplexity with/without it",
                        description="Build a datastore over the CPython standard library (a deterministic "
-                                   "train split of the files) with the bundled SmolLM2-135M and report the "
-                                   "perplexity of held-out stdlib files with and without retrieval. Resumable: "
-                                   "rerunning reuses or continues the datastore in --out.",
+                                   "train split of the files) with the bundled SmolLM2-135M, tune the adaptive "
+                                   "gate on the stdlib tuning split, and report the perplexity of held-out stdlib "
+                                   "files with the base LM, the adaptive kNN-LM (lambda per token) and fixed "
+                                   "lambdas. Resumable: rerunning reuses or continues the datastore (and its "
+                                   "gate) in --out.",
                        epilog="examples:\n  knnlm demo\n  knnlm demo --tokens 1000000 --eval-tokens 60000 "
                               "--out runs/stdlib-1m",
                        formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -251,6 +317,9 @@ def _add_demo_parser(sub) -> None:
     d.add_argument("--tokens", type=int, default=200_000, help="datastore size in corpus tokens (default: %(default)s)")
     d.add_argument("--eval-tokens", type=int, default=20_000,
                    help="held-out tokens to score (default: %(default)s)")
+    d.add_argument("--tune-tokens", type=int, default=20_000,
+                   help="tokens of the stdlib tuning split the adaptive gate is fitted on, once per datastore "
+                        "(default: %(default)s)")
     d.add_argument("--index", default="auto", metavar="KIND", help="as in build-index (default: %(default)s)")
     d.add_argument("--quiet", action="store_true", help="no progress bars")
     d.set_defaults(func=cmd_demo)
@@ -306,6 +375,7 @@ def _build_parser() -> argparse.ArgumentParser:
     _add_build_parser(sub)
     _add_eval_parser(sub)
     _add_generate_parser(sub)
+    _add_tune_parser(sub)
     _add_demo_parser(sub)
     _add_merge_parser(sub)
     _add_reindex_parser(sub)
@@ -362,27 +432,50 @@ def _numbers(text: str, what: str, kind=float) -> list:
                           f"got {text!r}") from None
 
 
+def _lambdas(text: str) -> list:
+    """--lambda's comma list: numbers and/or 'adaptive' (checked by EvalConfig)."""
+    return [x.strip() for x in text.split(",") if x.strip()]
+
+
+def _gate_before_model(ds, args, needed: bool):
+    """Load (and check) the gate before the model when the settings need one."""
+    if not needed and args.gate is None:
+        return None
+    from knnlm.gate import load_gate
+
+    return load_gate(ds, args.gate)
+
+
 def cmd_eval(args) -> int:
     from knnlm.config import EvalConfig
     from knnlm.data import resolve_sources
     from knnlm.datastore import open_datastore, write_json_atomic
 
-    cfg = EvalConfig(lambdas=_numbers(args.lambdas, "lambda"), temperatures=_numbers(args.temperature, "temperature"),
+    cfg = EvalConfig(lambdas=_lambdas(args.lambdas), temperatures=_numbers(args.temperature, "temperature"),
                      ks=[None] if args.k is None else _numbers(args.k, "k", int), nprobe=args.nprobe,
                      rerank=args.rerank, context=args.context, stride=args.stride, batch_size=args.batch_size,
                      exclude_self=args.exclude_self, globs=tuple(args.glob or ("*",)), exclude=tuple(args.exclude),
-                     text_field=args.text_field, max_tokens=args.max_tokens, progress=not args.quiet)
+                     text_field=args.text_field, max_tokens=args.max_tokens, retrieve_fraction=args.retrieve_fraction,
+                     pointers=args.pointers, min_pointers=args.min_pointers, progress=not args.quiet)
     ds = open_datastore(args.datastore)
     if cfg.rerank:
         ds.require_keys("rerank", "drop `rerank` (the index's own distances are used)")
+    if cfg.pointers:
+        ds.require_keys("pointers", "drop `pointers`")
+    gate = _gate_before_model(ds, args, cfg.adaptive)
     sources = resolve_sources(args.data, cfg.globs, cfg.exclude, text_field=cfg.text_field)  # before the model
 
-    from knnlm.evaluation import format_results
+    from knnlm.evaluation import format_results, run
     from knnlm.loading import load_model
-    from knnlm.model import evaluate
+    from knnlm.model import KNNLM
+    from knnlm.retrieval import resolve_k
 
     model, tokenizer = load_model(args.model, device=args.device, dtype=args.dtype)
-    res = evaluate(model, tokenizer, ds, sources, cfg)
+    kmax = max(resolve_k(k, len(ds), param="ks") for k in cfg.ks)
+    knn = KNNLM(model, ds, tokenizer, lam=cfg.lambdas[0], temperature=cfg.temperatures[0], k=kmax, nprobe=cfg.nprobe,
+                rerank=cfg.rerank, gate=gate, retrieve_fraction=cfg.retrieve_fraction, pointers=cfg.pointers,
+                min_pointers=cfg.min_pointers)
+    res = run(model, tokenizer, knn, sources, cfg)
     print(format_results(res))
     if args.output:
         write_json_atomic(args.output, res)
@@ -390,11 +483,44 @@ def cmd_eval(args) -> int:
     return 0
 
 
+def cmd_tune(args) -> int:
+    from knnlm.config import EvalConfig, check_k
+    from knnlm.data import iter_documents, resolve_sources, sha256_text
+    from knnlm.datastore import open_datastore
+    from knnlm.gate import check_outside_datastore, format_report
+
+    EvalConfig(temperatures=[args.temperature], ks=[args.k], nprobe=args.nprobe, batch_size=args.batch_size,
+               max_tokens=args.max_tokens)  # the checks, before anything is loaded
+    ds = open_datastore(args.datastore)
+    check_k(args.k, len(ds))
+    sources = resolve_sources(args.data, tuple(args.glob or ("*",)), tuple(args.exclude), text_field=args.text_field)
+    check_outside_datastore(ds, [{"name": d.name, "sha256": sha256_text(d.text)}
+                                 for d in iter_documents(sources, args.text_field)])  # before the model
+
+    from knnlm.loading import load_model
+    from knnlm.model import KNNLM
+
+    model, tokenizer = load_model(args.model, device=args.device, dtype=args.dtype)
+    knn = KNNLM(model, ds, tokenizer, temperature=args.temperature, k=args.k, nprobe=args.nprobe)
+    gate = knn.tune(sources, out=args.out, max_tokens=args.max_tokens, seed=args.seed, kind=args.kind,
+                    batch_size=args.batch_size, progress=not args.quiet)
+    print(format_report(gate))
+    print(f"gate written to {gate.path}" + ("" if args.out else f" (recorded in {ds.path}/header.json)"))
+    return 0
+
+
 def _check_generate_args(args) -> None:
-    from knnlm.config import check_mixture
+    from knnlm.config import ADAPTIVE, check_fraction, check_mixture, check_pointers, parse_lambda
     from knnlm.errors import ConfigError
 
-    check_mixture(args.lam, args.knn_temperature)
+    args.lam = parse_lambda(args.lam)
+    check_mixture(0.0 if args.lam == ADAPTIVE else args.lam, args.knn_temperature)
+    check_fraction(args.retrieve_fraction)
+    check_pointers(args.pointers, args.min_pointers)
+    if args.min_pointers is not None and not args.pointers:
+        raise ConfigError("--min-pointers only applies with --pointers")
+    if args.pointers and args.num_beams > 1:
+        raise ConfigError("--pointers follow one sequence per row; beam search reorders rows: drop --num-beams")
     for flag, value, low in (("--max-new-tokens", args.max_new_tokens, 1), ("--num-beams", args.num_beams, 1),
                              ("--show-neighbours", args.show_neighbours, 0), ("--show-tokens", args.show_tokens, 0)):
         if value < low:
@@ -435,8 +561,13 @@ def cmd_generate(args) -> int:
     else:
         prompt = args.prompt
     ds = open_datastore(args.datastore)
+    from knnlm.config import ADAPTIVE
+
+    gate = _gate_before_model(ds, args, args.lam == ADAPTIVE or (args.retrieve_fraction or 1) < 1)
     model, tokenizer = load_model(args.model, device=args.device, dtype=args.dtype)
-    knn = KNNLM(model, ds, tokenizer, lam=args.lam, temperature=args.knn_temperature, k=args.k, nprobe=args.nprobe)
+    knn = KNNLM(model, ds, tokenizer, lam=args.lam, temperature=args.knn_temperature, k=args.k, nprobe=args.nprobe,
+                gate=gate, retrieve_fraction=args.retrieve_fraction, pointers=args.pointers,
+                min_pointers=args.min_pointers)
     enc = tokenizer(prompt, return_tensors="pt").to(model.device)
     n_prompt = enc["input_ids"].shape[1]
     if n_prompt == 0:
@@ -452,15 +583,24 @@ def cmd_generate(args) -> int:
         kw.update(return_dict_in_generate=True, output_scores=True)  # beam_indices: which row made each token
     proc = KNNLogitsProcessor(knn, record=args.show_tokens if show else 0)
     torch.manual_seed(args.seed)
+    t0 = time.time()
     try:
         out = knn.generate(enc["input_ids"], processor=proc, **kw)
     except KnnlmError:
         raise
     except ValueError as e:  # transformers' checks of the generation settings
         raise GenerateError(" ".join(str(e).split())) from None
+    wall = time.time() - t0
     seq = out if isinstance(out, torch.Tensor) else out.sequences
     new = seq[0, n_prompt:].tolist()
     print(tokenizer.decode(new, skip_special_tokens=True))
+    if args.retrieve_fraction is not None or args.pointers or args.lam == "adaptive":
+        st = proc.stats
+        line = (f"\n[retrieval: searched {st['searched']} of {st['steps']} steps"
+                + (f", pointers {st['pointed']}; prompt tracking searched {st['prompt_searched']} of "
+                   f"{st['prompt_steps']} positions" if args.pointers else "")
+                + f"; {len(new) / max(wall, 1e-9):.1f} tok/s]")
+        print(line)
     if show:
         n_show = min(args.show_neighbours, knn.k)
         print(f"\n--- nearest {n_show} of k={knn.k} neighbours for the first {min(len(new), len(proc.records))} "
@@ -477,19 +617,40 @@ def cmd_generate(args) -> int:
 
 def cmd_demo(args) -> int:
     from knnlm.build import build_datastore
-    from knnlm.config import BuildConfig, EvalConfig
+    from knnlm.config import ADAPTIVE, BuildConfig, EvalConfig
     from knnlm.corpora import stdlib_files
-    from knnlm.evaluation import format_results
+    from knnlm.errors import KnnlmError
+    from knnlm.evaluation import format_results, run
+    from knnlm.gate import format_report, load_gate
     from knnlm.loading import load_model
-    from knnlm.model import evaluate
+    from knnlm.model import KNNLM
 
     model, tokenizer = load_model(args.model, device=args.device, dtype=args.dtype)
     cfg = BuildConfig(max_tokens=args.tokens, index=args.index, resume=True, progress=not args.quiet)
     ds = build_datastore(model, tokenizer, stdlib_files("train"), args.out, cfg)
     print(_summary(ds.path, ds.header))
     print()
-    res = evaluate(model, tokenizer, ds, stdlib_files("test"),
-                   EvalConfig(lambdas=[0.25, 0.1, 0.5], max_tokens=args.eval_tokens, progress=not args.quiet))
+    knn = KNNLM(model, ds, tokenizer)
+    gate = None
+    if ds.header.gate:
+        try:
+            gate = load_gate(ds)
+            print(f"reusing the gate in {gate.path} (tuned on {sum(d['tokens'] for d in gate.tuned_on):,} tokens "
+                  "of stdlib-tune)")
+        except KnnlmError as e:
+            print(f"re-tuning the gate: {e}")
+    if gate is None:
+        inside = {d["name"] for d in ds.documents}  # a datastore built before the tune split existed holds some
+        tune_files = [f for f in stdlib_files("tune") if f not in inside]
+        if not tune_files:
+            raise KnnlmError(f"every stdlib tuning file is in the datastore {ds.path}; rebuild it with the current "
+                             "train split (`--out` a new directory)")
+        gate = knn.tune(tune_files, max_tokens=args.tune_tokens, progress=not args.quiet)
+        print(format_report(gate))
+    print()
+    lambdas = [ADAPTIVE, 0.25, 0.1, 0.5]
+    res = run(model, tokenizer, knn.replace(lam=ADAPTIVE, gate=gate), stdlib_files("test"),
+              EvalConfig(lambdas=lambdas, max_tokens=args.eval_tokens, progress=not args.quiet))
     print(format_results(res))
     return 0
 
@@ -537,6 +698,9 @@ def _summary(path, h) -> str:
         where = "on disk, memory-mapped" if h.index_storage == "disk" else "in RAM"
         lines.append(f"  index      {idx['factory']} ({idx['ntotal']:,} vectors, {probes}, "
                      f"{idx['bytes'] / 2**20:.1f} MiB {where}, built in {idx['build_seconds']} s)")
+    if h.gate:
+        lines.append(f"  gate       {h.gate['file']} (adaptive lambda / retrieval gate from `knnlm tune`, "
+                     f"sha256 {h.gate['sha256'][:12]}...)")
     return "\n".join(lines)
 
 

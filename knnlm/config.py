@@ -14,8 +14,9 @@ from dataclasses import asdict, dataclass
 
 from knnlm.errors import ConfigError, KeyLayerError
 
-__all__ = ["BuildConfig", "EvalConfig", "ConfigError", "RESUME_KEYS", "KEY_DTYPES", "INDEX_STORAGES", "check_window",
-           "check_context", "check_mixture", "check_k", "check_index_storage", "check_nprobe", "check_at_least",
+__all__ = ["BuildConfig", "EvalConfig", "ConfigError", "RESUME_KEYS", "KEY_DTYPES", "INDEX_STORAGES",
+           "check_window", "check_context", "check_mixture", "check_k", "check_index_storage", "check_nprobe",
+           "ADAPTIVE", "parse_lambda", "check_fraction", "check_pointers", "DEFAULT_MIN_POINTERS", "check_at_least",
            "check_layer_spec", "is_int"]
 
 KEY_DTYPES = ("float16", "float32", "none")  # none: no keys file (the index's codes are all there is)
@@ -93,6 +94,42 @@ def check_index_storage(storage: str) -> None:
                           param="index_storage")
 
 
+ADAPTIVE = "adaptive"  # the λ setting that takes a per-token λ(x) from the datastore's tuned gate
+
+
+def parse_lambda(lam, param: str = "lam"):
+    """A λ setting: a number in [0, 1] (returned as float) or ``"adaptive"``."""
+    if isinstance(lam, str) and lam.strip().lower() == ADAPTIVE:
+        return ADAPTIVE
+    try:
+        value = float(lam)
+    except (TypeError, ValueError):
+        raise ConfigError(f"`{param}` must be a number in [0, 1] or 'adaptive', got {lam!r}", param=param) from None
+    check_mixture(value, 1.0, lam_param=param)
+    return value
+
+
+def check_fraction(fraction: float | None, param: str = "retrieve_fraction") -> None:
+    """``retrieve_fraction`` must be in (0, 1] (None = search every token)."""
+    if fraction is None:
+        return
+    f = float(fraction)
+    if not 0.0 < f <= 1.0:
+        raise ConfigError(f"`{param}` must be in (0, 1], got {fraction}", param=param)
+
+
+DEFAULT_MIN_POINTERS = 64  # search when fewer pointers survive (capped at k); see README "Pointers"
+
+
+def check_pointers(pointers: bool, min_pointers: int | None, k: int | None = None) -> None:
+    """``min_pointers`` at least 1 (and at most ``k`` when known: more could never survive)."""
+    if min_pointers is None:
+        return
+    if min_pointers < 1 or (k is not None and min_pointers > k):
+        upper = f" and at most `k` = {k}" if k is not None else ""
+        raise ConfigError(f"`min_pointers` must be at least 1{upper}, got {min_pointers}", param="min_pointers")
+
+
 def check_nprobe(nprobe: int | None) -> None:
     check_at_least("nprobe", nprobe, 1)
 
@@ -149,7 +186,7 @@ RESUME_KEYS = ("context", "stride", "batch_size", "key_dtype", "globs", "exclude
 class EvalConfig:
     """Perplexity settings. Every combination of lambdas x temperatures x ks is scored from one
     retrieval at the largest k (a sweep); the first combination is the primary result."""
-    lambdas: tuple[float, ...] = (0.25,)
+    lambdas: tuple[float | str, ...] = (0.25,)  # numbers in [0, 1] and/or "adaptive" (the tuned gate)
     temperatures: tuple[float, ...] = (1.0,)
     ks: tuple[int | None, ...] = (None,)  # None = 1024 capped at the datastore size
     nprobe: int | None = None  # None = the datastore's default
@@ -163,16 +200,22 @@ class EvalConfig:
     text_field: str = "text"
     max_tokens: int | None = None
     per_document: bool = False  # also report each document's negative log-likelihood (the harness's rolling scores)
+    retrieve_fraction: float | None = None  # search only this fraction of tokens (the gate's pre-retrieval part)
+    pointers: bool = False  # RetoMaton-style pointers: follow the last step's matching neighbours
+    min_pointers: int | None = None  # search when fewer pointers survive; None = DEFAULT_MIN_POINTERS
     progress: bool = True
 
     def __post_init__(self):
-        self.lambdas, self.temperatures = tuple(map(float, self.lambdas)), tuple(map(float, self.temperatures))
+        self.lambdas = tuple(parse_lambda(x, "lambdas") for x in self.lambdas)
+        self.temperatures = tuple(map(float, self.temperatures))
         self.ks, self.globs, self.exclude = tuple(self.ks), tuple(self.globs) or ("*",), tuple(self.exclude)
         for param, values in (("lambdas", self.lambdas), ("temperatures", self.temperatures), ("ks", self.ks)):
             if not values:
                 raise ConfigError(f"`{param}` needs at least one value", param=param)
-        for lam in self.lambdas:
-            check_mixture(lam, 1.0, lam_param="lambdas")
+        check_fraction(self.retrieve_fraction)
+        check_pointers(self.pointers, self.min_pointers)
+        if self.min_pointers is not None and not self.pointers:
+            raise ConfigError("`min_pointers` only applies with `pointers`", param="min_pointers")
         for t in self.temperatures:
             check_mixture(0.0, t, temperature_param="temperatures")
         for k in self.ks:
@@ -192,6 +235,11 @@ class EvalConfig:
         return context, stride
 
     @property
-    def grid(self) -> list[tuple[float, float, int | None]]:
+    def adaptive(self) -> bool:
+        """Whether a tuned gate is needed (an adaptive λ, or a retrieval fraction below 1)."""
+        return ADAPTIVE in self.lambdas or (self.retrieve_fraction is not None and self.retrieve_fraction < 1)
+
+    @property
+    def grid(self) -> list[tuple[float | str, float, int | None]]:
         """(lambda, temperature, k) for every setting, the primary one first."""
         return [(lam, t, k) for k in self.ks for t in self.temperatures for lam in self.lambdas]

@@ -19,6 +19,9 @@ With ``key.dtype`` "none" the keys are spooled to ``keys.npy`` (fp16) while buil
 once the index is complete: the index's codes are all that is kept (no re-ranking).
 Format version 2 (this one) adds key dtype "none" and index storage; version 1 headers are read as
 keys kept and index in RAM.
+    gate.json        optional: the adaptive-λ / retrieval gate fitted by ``knnlm tune`` (``knnlm.gate``);
+                     the header's ``gate`` entry holds its SHA-256 and the datastore identity it
+                     was fitted on (``Datastore.identity``), and ``attach_gate`` writes both
 
 All arrays are standard ``.npy`` files (self-describing header, memory-mappable). ``keys.npy`` is
 allocated at full size up front and filled in row order; ``Header.count`` says how many rows are
@@ -63,7 +66,7 @@ __all__ = [
     "FORMAT", "FORMAT_VERSION", "DatastoreError", "Header", "KeySpec", "WindowSpec", "CorpusSpec",
     "ModelIdentity", "Datastore", "DatastoreWriter", "open_datastore", "open_or_create", "read_header",
     "model_identity", "write_json_atomic", "subset_datastore", "disk_errors", "merge_datastores", "KEY_DTYPES",
-    "reindex_datastore",
+    "reindex_datastore", "attach_gate", "GATE",
 ]
 
 FORMAT = "knnlm-datastore"
@@ -78,12 +81,13 @@ INDEX = "index.faiss"
 PROGRESS = "progress.json"  # key rows final out of order (a sharded build): [[first, end], ...]
 PROGRESS_RANK = "progress.rank{}.json"  # the same, written by one rank of a sharded build
 IVFDATA = "index.ivfdata"
+GATE = "gate.json"
 LOCK = ".knnlm.lock"  # held (flock) by the one writer of a directory; other writers are refused
 # header key.dtype -> numpy dtype of keys.npy (for "none": of the spool file removed once the index is built)
 KEY_DTYPES = {name: np.dtype("float16" if name == "none" else name) for name in config.KEY_DTYPES}
 _OWNED_FILES = (HEADER, HEADER + ".tmp", DOCUMENTS, DOCUMENTS + ".tmp", TOKENS, TOKENS + ".tmp", VALUES,
                 VALUES + ".tmp", KEYS, INDEX, INDEX + ".tmp", IVFDATA, TOKENS + ".part", VALUES + ".part",
-                PROGRESS, PROGRESS + ".tmp")
+                PROGRESS, PROGRESS + ".tmp", GATE, GATE + ".tmp")
 _OWNED_GLOBS = ("index.r*.faiss", "index.r*.ivfdata", "*.tmp", ".index*.staging", ".index*.build",
                 PROGRESS_RANK.format("*"))
 COPY_ROWS = 1 << 16  # key rows per chunk when copying between datastores (constant memory)
@@ -218,6 +222,7 @@ class Header:
     total: int | None = None  # key rows when complete
     tokens: int | None = None  # corpus tokens
     index: dict | None = None  # knnlm.index.build_index's record: spec, factory, nprobe, storage, file, ...
+    gate: dict | None = None  # {"file", "sha256", "datastore"} of the tuned gate (attach_gate), or None
     knnlm_version: str = __version__
     created: str = field(default_factory=_now)
 
@@ -242,13 +247,16 @@ class Header:
         return (self.index or {}).get("storage") or "ram"  # v1 headers: always in RAM
 
     def to_json(self) -> dict:
-        return {
+        d = {
             "format": FORMAT, "format_version": FORMAT_VERSION, "knnlm_version": self.knnlm_version,
             "created": self.created, "status": self.status, "model": self.model.to_json(),
             "key": asdict(self.key), "values": {"dtype": "int32", "meaning": "next token id"},
             "count": self.count, "total": self.total, "tokens": self.tokens, "corpus": asdict(self.corpus),
             "window": asdict(self.window), "build": self.build, "index": self.index,
         }
+        if self.gate is not None:  # optional entry: headers without a gate are written as before
+            d["gate"] = self.gate
+        return d
 
     @classmethod
     def from_json(cls, d: dict, where: str | os.PathLike = HEADER) -> Header:
@@ -263,7 +271,7 @@ class Header:
                 build=dict(d.get("build") or {}), status=d["status"], count=int(d["count"]),
                 total=None if d["total"] is None else int(d["total"]),
                 tokens=None if d["tokens"] is None else int(d["tokens"]), index=d.get("index"),
-                knnlm_version=d.get("knnlm_version", "?"), created=d.get("created", "?"))
+                gate=d.get("gate"), knnlm_version=d.get("knnlm_version", "?"), created=d.get("created", "?"))
         except (KeyError, TypeError, ValueError) as e:
             raise DatastoreError(f"{where} lacks or mangles field {e}; the datastore is corrupt, rebuild it") from None
 
@@ -347,6 +355,16 @@ class Datastore:
         return [(self.documents[d]["name"], r - self.documents[d]["first_row"] + 1)
                 for r, d in zip(rows.tolist(), self.document_of(rows).tolist())]
 
+    def identity(self) -> str:
+        """A fingerprint of what the datastore holds: model identity, key spec, window protocol,
+        row and token counts, and every document (name, SHA-256, first row). A gate fitted on one
+        datastore is refused by another (``knnlm.gate``); rebuilding the same corpus with the same
+        model gives the same identity (the index is not part of it)."""
+        h = self.header
+        docs = [(d["name"], d.get("sha256"), d["first_row"], d["length"]) for d in self.documents]
+        return _hash([json.dumps(h.model.to_json(), sort_keys=True), json.dumps(asdict(h.key), sort_keys=True),
+                      json.dumps(asdict(h.window), sort_keys=True), h.count, h.tokens, json.dumps(docs)])
+
     def document_tokens(self, doc: int) -> np.ndarray:
         d = self.documents[doc]
         return self.tokens[d["offset"]: d["offset"] + d["length"]]
@@ -420,6 +438,28 @@ def open_datastore(path: str | os.PathLike, *, require_index: bool = True) -> Da
                 raise DatastoreError(f"{path / name} is missing; rebuild the index with `knnlm reindex` (or "
                                      f"`knnlm build-index --resume` using the same arguments)")
     return Datastore(path, header, documents, keys, values, tokens)
+
+
+def attach_gate(ds: Datastore, payload: dict) -> str:
+    """Write a tuned gate (a JSON-ready dict from ``knnlm.gate``) into ``ds``'s directory as
+    ``gate.json`` and record its SHA-256 and ``ds.identity()`` in the header's ``gate`` entry.
+    Takes the directory's writer lock; the file and the header are each replaced atomically (a
+    crash between the two leaves a header whose hash the new file fails: the gate is refused,
+    never silently mismatched). Returns the file's SHA-256."""
+    path = Path(ds.path)
+    fd = _lock(path)
+    try:
+        header = read_header(path)
+        if header is None or not header.complete:
+            raise DatastoreError(f"datastore {path} is not complete; finish it before tuning a gate")
+        write_json_atomic(path / GATE, payload)
+        digest = hashlib.sha256((path / GATE).read_bytes()).hexdigest()
+        header.gate = {"file": GATE, "sha256": digest, "datastore": ds.identity()}
+        header.write(path)
+        ds.header.gate = header.gate
+        return digest
+    finally:
+        _unlock(path, fd, remove=False)
 
 
 def open_or_create(path: str | os.PathLike, create: Callable[[], Datastore], *,
@@ -778,7 +818,7 @@ def _npy_from_raw(raw: Path, dest: Path, dtype, shape: tuple) -> None:
 def _derived_header(src: Header, **build_extra) -> Header:
     """A fresh header for a datastore made from others' rows (same model, keys and windows)."""
     h = copy.deepcopy(src)
-    h.status, h.count, h.total, h.tokens, h.index = "tokenizing", 0, None, None, None
+    h.status, h.count, h.total, h.tokens, h.index, h.gate = "tokenizing", 0, None, None, None, None
     h.created, h.knnlm_version = _now(), __version__
     for k in ("stats", "subset_of", "merged_from"):
         h.build.pop(k, None)

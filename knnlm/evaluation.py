@@ -33,7 +33,7 @@ import numpy as np
 import torch
 
 from knnlm.capture import capture_keys
-from knnlm.config import EvalConfig, check_context
+from knnlm.config import ADAPTIVE, DEFAULT_MIN_POINTERS, EvalConfig, check_context
 from knnlm.data import (
     Document,
     Source,
@@ -48,12 +48,13 @@ from knnlm.data import (
 )
 from knnlm.datastore import Datastore
 from knnlm.errors import CorpusError, KnnlmError
-from knnlm.retrieval import resolve_k
+from knnlm.gate import lm_features
+from knnlm.retrieval import Step, resolve_k
 from knnlm.scoring import knn_target_log_probs, lm_target_log_probs, mix
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["EvaluationMixin", "run", "eval_window", "BUCKET_EDGES", "format_results"]
+__all__ = ["EvaluationMixin", "run", "eval_window", "BUCKET_EDGES", "format_results", "LMCache", "collect_tuning"]
 
 # Datastore-corpus frequency buckets of the target token: [0], [1, 10), [10, 100), ...
 BUCKET_EDGES = (0, 1, 10, 100, 1_000, 10_000)
@@ -79,17 +80,20 @@ class EvaluationMixin:
     """``evaluate`` for ``KNNLM`` (which provides ``model``, ``tokenizer``, ``datastore``,
     ``search`` and the settings ``lam``, ``temperature``, ``k``, ``nprobe``, ``rerank``)."""
 
-    def evaluate(self, data: Sequence | None = None, *, texts: Sequence[str] | None = None, **settings) -> dict:
+    def evaluate(self, data: Sequence | None = None, *, texts: Sequence[str] | None = None,
+                 lm_cache: LMCache | None = None, **settings) -> dict:
         """Perplexity with and without retrieval on ``data`` (paths or ``Source``s) or ``texts``,
         at this object's settings; keyword ``settings`` override ``EvalConfig`` fields (e.g.
-        ``lambdas=[0.1, 0.25]`` for a sweep, scored from one retrieval)."""
+        ``lambdas=[0.1, 0.25, "adaptive"]`` for a sweep, scored from one retrieval).
+        ``lm_cache`` (an ``LMCache``): one forward pass serves several calls on the same text."""
         base = dict(lambdas=[self.lam], temperatures=[self.temperature], ks=[self.k], nprobe=self.nprobe,
-                    rerank=self.rerank)
+                    rerank=self.rerank, retrieve_fraction=self.retrieve_fraction, pointers=self.pointers,
+                    min_pointers=self.min_pointers if self.pointers else None)
         base.update(settings)
         cfg = EvalConfig(**base)
         same = (cfg.nprobe, cfg.rerank) == (self.nprobe, self.rerank)
         knn = self if same else self.replace(nprobe=cfg.nprobe, rerank=cfg.rerank)
-        return run(self.model, self.tokenizer, knn, data, cfg, texts=texts)
+        return run(self.model, self.tokenizer, knn, data, cfg, texts=texts, lm_cache=lm_cache)
 
 
 # ---------------------------------------------------------------------------- the eval text
@@ -163,6 +167,10 @@ class _Tally:
     nll_bucket: torch.Tensor = None  # (G, NB)
     t_lm: float = 0.0
     t_knn: float = 0.0
+    n_searched: int = 0  # rows that ran a search
+    n_pointed: int = 0  # rows scored from pointers (no search)
+    lambdas: list = field(default_factory=list)  # adaptive λ of the rows with neighbours, per batch
+    lam_bucket: torch.Tensor = None  # (NB,) sum of adaptive λ per bucket (rows without neighbours: 0)
     documents: int = 0  # > 0: also sum per document (``per_document``)
     doc_nll_base: torch.Tensor = None  # (D,)
     doc_nll: torch.Tensor = None  # (D,) the primary setting
@@ -175,6 +183,12 @@ class _Tally:
         self.nll_bucket = torch.zeros(self.grid_size, nb, dtype=torch.float64)
         self.doc_nll_base = torch.zeros(self.documents, dtype=torch.float64)
         self.doc_nll = torch.zeros(self.documents, dtype=torch.float64)
+        self.lam_bucket = torch.zeros(nb, dtype=torch.float64)
+
+    def add_lambdas(self, lam: torch.Tensor, bucket: torch.Tensor) -> None:
+        x = lam.double().cpu()
+        self.lambdas.append(x)
+        self.lam_bucket += torch.bincount(bucket, weights=x, minlength=len(BUCKET_EDGES))
 
     def add_base(self, lp_lm: torch.Tensor, doc: torch.Tensor | None = None) -> None:
         """``doc`` (R,): the eval document of each target, when summing per document."""
@@ -199,50 +213,135 @@ class _Tally:
 # ---------------------------------------------------------------------------- the loop
 
 
-def _score_knn(knn: EvaluationMixin, tally: _Tally, grid, cfg: EvalConfig, query: torch.Tensor, tgt: torch.Tensor,
-               lp_lm: torch.Tensor, exclude: torch.Tensor | None, counts: torch.Tensor,
-               doc: torch.Tensor | None = None) -> None:
-    """One retrieval at the largest k, then every (k, T, lambda) of the grid from its neighbours
-    (``doc`` (R,): each target's eval document, to sum the primary setting per document)."""
-    kmax = max(k for _, _, k in grid)
-    dists, values, _ = knn.search(query, k=kmax, exclude=exclude)  # (R, kmax)
+@dataclass
+class _LMBatch:
+    """What one forward pass gives the kNN side: per scored target (R rows, in row order)."""
+    query: torch.Tensor  # (R, D) key hidden states
+    tgt: torch.Tensor  # (R,)
+    lp_lm: torch.Tensor  # (R,) log p_lm(target)
+    lm_feats: torch.Tensor | None  # (R, 4) knnlm.gate.lm_features, when asked for
+    exclude: torch.Tensor | None  # (R,) own datastore row (self-exclusion) or None
+    lengths: list[int]  # scored targets per window of the batch (their rows are consecutive)
+    seconds: float  # time the forward (and LM head) took
+    doc: torch.Tensor  # (R,) the eval document of each target (per-document sums)
+
+
+class LMCache:
+    """The LM side of an eval text kept in RAM (per batch: query hidden states, log p_lm of the
+    targets, LM features), so that several kNN settings (fixed / adaptive λ, a retrieval fraction,
+    pointers) are scored from one forward pass per batch: pass the same ``LMCache`` to ``run``
+    (``KNNLM.evaluate(..., lm_cache=c)``) with the same text and windows. Timings of later runs
+    reuse the first run's measured LM seconds. Memory: about R x D x 4 bytes (121k tokens x 576
+    dims = 280 MB)."""
+
+    def __init__(self):
+        self.key = None
+        self.batches: list[_LMBatch] = []
+
+
+def _score_knn(knn: EvaluationMixin, tally: _Tally, grid, cfg: EvalConfig, lmb: _LMBatch, counts: torch.Tensor,
+               gate, kmax: int) -> None:
+    """Neighbours at the largest k (searched, followed as pointers, or skipped by the retrieval
+    gate), then every (k, T, lambda) of the grid from them; skipped rows score log p_lm exactly."""
+    tgt, lp_lm = lmb.tgt, lmb.lp_lm
+    step = _neighbours(knn, cfg, lmb, kmax, gate)
+    dists, values = step.dists, step.values
+    if step.searched is None:  # plain search of every row: the fast path of a fixed-λ eval
+        has, all_rows = None, True
+        tally.n_searched += tgt.shape[0]
+    else:
+        has = step.searched | step.pointed  # (R,)
+        all_rows = bool(has.all())
+        tally.n_searched += int(step.searched.sum())
+        tally.n_pointed += int(step.pointed.sum())
     bucket = torch.bucketize(counts[tgt.cpu()], torch.tensor(BUCKET_EDGES[1:]), right=True)  # (R,)
     tally.add_buckets(bucket, lp_lm)
+    sel = slice(None) if all_rows else has
+    lam_ad = None
+    if any(lam == ADAPTIVE for lam, _, _ in grid):
+        lam_ad = gate.lam(lmb.lm_feats[sel], dists[sel], values[sel])  # (H,)
+        tally.add_lambdas(lam_ad, bucket if all_rows else bucket[has.cpu()])
     lp_knn = {}
     for gi, (lam, t, k) in enumerate(grid):
         if (k, t) not in lp_knn:
-            lp_knn[(k, t)] = knn_target_log_probs(dists[:, :k], values[:, :k], tgt, t)  # (R,)
-        tally.add_setting(gi, bucket, mix(lp_lm, lp_knn[(k, t)], lam), doc)
+            lp_knn[(k, t)] = knn_target_log_probs(dists[sel, :k], values[sel, :k], tgt[sel], t)  # (H,)
+        w = lam_ad if lam == ADAPTIVE else lam
+        if all_rows:
+            lp = mix(lp_lm, lp_knn[(k, t)], w)
+        else:
+            lp = lp_lm.float().clone()
+            lp[has] = mix(lp_lm[has], lp_knn[(k, t)], w)
+        tally.add_setting(gi, bucket, lp, lmb.doc if cfg.per_document else None)
+
+
+def _neighbours(knn, cfg: EvalConfig, lmb: _LMBatch, kmax: int, gate) -> Step:
+    """The neighbours of every row of a batch; ``searched`` None when every row simply searched."""
+    query, exclude = lmb.query, lmb.exclude
+    allow = None
+    if cfg.retrieve_fraction is not None and cfg.retrieve_fraction < 1:
+        allow = gate.select(lmb.lm_feats, cfg.retrieve_fraction)  # (R,) bool
+    if not cfg.pointers:
+        if allow is None:
+            d, v, i = knn.search(query, k=kmax, exclude=exclude)
+            return Step(d, v, i, None, None)
+        return knn.retriever.step(query, kmax, allow=allow, exclude=exclude)
+    # pointers: sequential over the positions of each window, vectorised across the windows
+    r_all, dev = query.shape[0], query.device
+    dists = torch.full((r_all, kmax), math.inf, device=dev)
+    values = torch.zeros(r_all, kmax, dtype=torch.int64, device=dev)
+    ids = torch.full((r_all, kmax), -1, dtype=torch.int64, device=dev)
+    searched = torch.zeros(r_all, dtype=torch.bool, device=dev)
+    pointed = torch.zeros_like(searched)
+    lengths = torch.tensor(lmb.lengths)
+    starts = torch.cumsum(lengths, 0) - lengths
+    state = torch.full((len(lmb.lengths), kmax), -1, dtype=torch.int64, device=dev)  # pointers per window
+    min_ptr = cfg.min_pointers or min(DEFAULT_MIN_POINTERS, kmax)
+    for s in range(int(lengths.max())):
+        wins = (lengths > s).nonzero().squeeze(1)
+        r = (starts[wins] + s).to(dev)
+        st = knn.retriever.step(query[r], kmax, pointers=state[wins.to(dev)], min_pointers=min_ptr,
+                                allow=None if allow is None else allow[r],
+                                exclude=None if exclude is None else exclude[r])
+        dists[r], values[r], ids[r], searched[r], pointed[r] = st
+        state[wins.to(dev)] = knn.retriever.successors(st.ids, st.values, lmb.tgt[r])
+    return Step(dists, values, ids, searched, pointed)
 
 
 HEAD_CHUNK_BYTES = 64 << 20  # fp32 logits materialised at once when the LM head is applied in chunks
 
 
-def _head_log_probs(model, cap, h: torch.Tensor, tgt: torch.Tensor) -> torch.Tensor:
+def _head_log_probs(model, cap, h: torch.Tensor, tgt: torch.Tensor, counts: torch.Tensor | None = None):
     """log p_lm(tgt) (R,) from LM-head inputs ``h`` (R, H): the head is applied to chunks of rows
-    and only each row's target log-prob survives, so memory does not grow with B x T x V."""
+    and only each row's target log-prob survives, so memory does not grow with B x T x V. With
+    ``counts`` also the LM features (R, 4) (``knnlm.gate.lm_features``), else None."""
     head = model.get_output_embeddings()
     softcap = getattr(model.config, "final_logit_softcapping", None)
     rows = max(1, HEAD_CHUNK_BYTES // (4 * head.weight.shape[0]))
     out = torch.empty(h.shape[0], dtype=torch.float32, device=h.device)
+    feats = None if counts is None else torch.empty(h.shape[0], 4, dtype=torch.float32, device=h.device)
     for lo in range(0, h.shape[0], rows):
         logits = cap.apply_head(h[lo: lo + rows])  # (r, V)
         if softcap:
             logits = torch.tanh(logits / softcap) * softcap
         out[lo: lo + rows] = lm_target_log_probs(logits, tgt[lo: lo + rows])
-    return out
+        if feats is not None:
+            feats[lo: lo + rows] = lm_features(logits, counts)
+    return out, feats
 
 
-def _lm_pass(model, cap, ids: torch.Tensor, rows_b: torch.Tensor, rows_t: torch.Tensor):
-    """One forward: the key hidden states (B, T, D) and log p_lm of the scored targets (R,),
-    through the chunked LM head when ``cap.stop_before_head``, else from the full logits."""
+def _lm_pass(model, cap, ids: torch.Tensor, rows_b: torch.Tensor, rows_t: torch.Tensor,
+             counts: torch.Tensor | None = None):
+    """One forward: the key hidden states (B, T, D), log p_lm of the scored targets (R,) and, with
+    ``counts``, the LM features (R, 4); through the chunked LM head when ``cap.stop_before_head``,
+    else from the full logits."""
     tgt = ids[rows_b, rows_t + 1]
     if cap.stop_before_head:
         cap.run(ids)
         final = cap.pop_head_input()  # (B, T, H)
-        return cap.pop(), _head_log_probs(model, cap, final[rows_b, rows_t], tgt)
+        return (cap.pop(), *_head_log_probs(model, cap, final[rows_b, rows_t], tgt, counts))
     logits = model(input_ids=ids, use_cache=False).logits  # (B, T, V)
-    return cap.pop(), lm_target_log_probs(logits[rows_b, rows_t], tgt)
+    scored = logits[rows_b, rows_t]  # (R, V)
+    return cap.pop(), lm_target_log_probs(scored, tgt), None if counts is None else lm_features(scored, counts)
 
 
 def _head_path_matches(model, cap, doc_ids, probe: int = 64) -> bool:
@@ -253,9 +352,9 @@ def _head_path_matches(model, cap, doc_ids, probe: int = 64) -> bool:
     rows_b = torch.zeros(ids.shape[1] - 1, dtype=torch.long, device=ids.device)
     rows_t = torch.arange(ids.shape[1] - 1, device=ids.device)
     cap.stop_before_head = True
-    _, chunked = _lm_pass(model, cap, ids, rows_b, rows_t)
+    _, chunked, _ = _lm_pass(model, cap, ids, rows_b, rows_t)
     cap.stop_before_head = False
-    _, full = _lm_pass(model, cap, ids, rows_b, rows_t)
+    _, full, _ = _lm_pass(model, cap, ids, rows_b, rows_t)
     if torch.allclose(chunked, full, rtol=1e-4, atol=1e-4):
         return True
     logger.warning("%s: the LM head applied alone does not reproduce the model's logits (max difference %.3g); "
@@ -272,22 +371,65 @@ def eval_window(cfg: EvalConfig, datastore: Datastore | None, tokenizer) -> tupl
     return (*cfg.window(DEFAULT_CONTEXT, DEFAULT_CONTEXT - 1), tokenizer_bos(tokenizer))
 
 
-def run(model, tokenizer, knn: EvaluationMixin | None, data: Sequence | None, cfg: EvalConfig, *,
-        texts: Sequence[str] | None = None) -> dict:
-    """Score ``data`` or ``texts`` with the base LM and, when ``knn`` is given, every setting of
-    ``cfg``'s grid with ``knn``'s model, datastore and retriever. Returns a JSON-ready dict; with
-    ``cfg.per_document`` it also lists each document's summed negative log-likelihood."""
-    t_start = time.time()
+def _lm_batches(model, docs: list[dict], key_layer, context: int, stride: int, bos, cfg: EvalConfig,
+                counts: torch.Tensor | None, overlap: _Overlap, exclude_self: bool, lm_cache: LMCache | None):
+    """The LM side of every batch (``_LMBatch``), from the model or from ``lm_cache``."""
+    key = (tuple((d["sha256"], d["length"]) for d in docs), context, stride, bos, cfg.batch_size, key_layer,
+           exclude_self, counts is not None)
+    if lm_cache is not None and lm_cache.key == key:
+        yield from lm_cache.batches
+        return
+    if lm_cache is not None:
+        lm_cache.key, lm_cache.batches = None, []
+    device = next(model.parameters()).device
+    out = []
+    with torch.inference_mode(), capture_keys(model, key_layer, stop_before_head=True) as cap:
+        cap.stop_before_head = _head_path_matches(model, cap, next(d["ids"] for d in docs if d["length"] > 1))
+        for _, batch in iter_batches(docs, context, stride, cfg.batch_size):
+            t0 = time.time()
+            ids, rows_b, rows_t = batch_inputs(batch, lambda di: docs[di]["ids"], bos)
+            ids, rows_b, rows_t = (torch.from_numpy(a).to(device) for a in (ids, rows_b, rows_t))
+            tgt = ids[rows_b, rows_t + 1]  # (R,)
+            hidden, lp_lm, feats = _lm_pass(model, cap, ids, rows_b, rows_t, counts)  # (B, T, D), (R,), (R, 4)
+            exclude = torch.cat([overlap.own_rows(w.doc, w.first, w.end) for w in batch]).to(device) \
+                if exclude_self else None
+            lmb = _LMBatch(hidden[rows_b, rows_t], tgt, lp_lm, feats, exclude, [w.end - w.first for w in batch],
+                           time.time() - t0, torch.cat([torch.full((w.end - w.first,), w.doc) for w in batch]))
+            if lm_cache is not None:
+                out.append(lmb)
+            yield lmb
+    if lm_cache is not None:
+        lm_cache.key, lm_cache.batches = key, out
+
+
+def _prepare(model, tokenizer, knn, data, cfg: EvalConfig, texts):
+    """Windows, documents, overlap with the datastore: what every pass over an eval text needs."""
     ds = knn.datastore if knn is not None else None
     context, stride, bos = eval_window(cfg, ds, tokenizer)
-    if ds is not None:
-        grid = [(lam, t, resolve_k(k, len(ds), param="ks")) for lam, t, k in cfg.grid]
-        counts = torch.from_numpy(ds.token_counts())
-    else:
-        grid, counts = [], None
     check_context(context, bos, getattr(model.config, "max_position_embeddings", None))
     docs = _load_eval_documents(tokenizer, data, texts, cfg)
     overlap = _find_overlap(docs, ds) if ds is not None else _Overlap()
+    return ds, context, stride, bos, docs, overlap
+
+
+def run(model, tokenizer, knn: EvaluationMixin | None, data: Sequence | None, cfg: EvalConfig, *,
+        texts: Sequence[str] | None = None, lm_cache: LMCache | None = None) -> dict:
+    """Score ``data`` or ``texts`` with the base LM and, when ``knn`` is given, every setting of
+    ``cfg``'s grid with ``knn``'s model, datastore and retriever. Returns a JSON-ready dict.
+    ``lm_cache``: reuse (or fill) the LM side of the same text (``LMCache``)."""
+    t_start = time.time()
+    gate = knn.require_gate() if knn is not None and cfg.adaptive else None
+    ds, context, stride, bos, docs, overlap = _prepare(model, tokenizer, knn, data, cfg, texts)
+    if gate is not None:
+        gate.check_disjoint(docs)
+    if ds is not None:
+        grid = [(lam, t, resolve_k(k, len(ds), param="ks")) for lam, t, k in cfg.grid]
+        counts = torch.from_numpy(ds.token_counts())
+        kmax = max(k for _, _, k in grid)
+        if gate is not None and ADAPTIVE in cfg.lambdas:
+            kmax = max(kmax, gate.k)  # the gate's features are computed from its own k neighbours
+    else:
+        grid, counts, kmax = [], None, 0
     if overlap.documents:
         how = "their own keys are excluded from retrieval" if cfg.exclude_self else \
             "NOT excluded: kNN-LM perplexity is inflated by self-retrieval"
@@ -295,39 +437,64 @@ def run(model, tokenizer, knn: EvaluationMixin | None, data: Sequence | None, cf
                        overlap.documents, len(docs), overlap.tokens, how)
     exclude_self = bool(overlap.documents) and cfg.exclude_self
     tally = _Tally(len(grid), documents=len(docs) if cfg.per_document else 0)
-    device = next(model.parameters()).device
+    need_feats = counts is not None and (gate is not None or lm_cache is not None)
 
     from tqdm.auto import tqdm
 
     total = sum(count_targets(d["length"]) for d in docs)
     key_layer = ds.header.key.layer if ds is not None else None
-    with torch.inference_mode(), capture_keys(model, key_layer, stop_before_head=True) as cap, \
-            tqdm(total=total, unit="tok", unit_scale=True, desc="evaluating", disable=not cfg.progress) as bar:
-        cap.stop_before_head = _head_path_matches(model, cap, next(d["ids"] for d in docs if d["length"] > 1))
-        for _, batch in iter_batches(docs, context, stride, cfg.batch_size):
-            t0 = time.time()
-            ids, rows_b, rows_t = batch_inputs(batch, lambda di: docs[di]["ids"], bos)
-            ids, rows_b, rows_t = (torch.from_numpy(a).to(device) for a in (ids, rows_b, rows_t))
-            tgt = ids[rows_b, rows_t + 1]  # (R,)
-            hidden, lp_lm = _lm_pass(model, cap, ids, rows_b, rows_t)  # (B, T, D), (R,)
-            doc = torch.cat([torch.full((w.end - w.first,), w.doc) for w in batch]) if cfg.per_document else None
-            tally.add_base(lp_lm, doc)
-            t1 = time.time()
-            tally.t_lm += t1 - t0
+    with tqdm(total=total, unit="tok", unit_scale=True, desc="evaluating", disable=not cfg.progress) as bar:
+        for lmb in _lm_batches(model, docs, key_layer, context, stride, bos, cfg, counts if need_feats else None,
+                               overlap, exclude_self, lm_cache):
+            tally.add_base(lmb.lp_lm, lmb.doc if cfg.per_document else None)
+            tally.t_lm += lmb.seconds
             if knn is not None:
-                exclude = torch.cat([overlap.own_rows(w.doc, w.first, w.end) for w in batch]) if exclude_self else None
-                _score_knn(knn, tally, grid, cfg, hidden[rows_b, rows_t], tgt, lp_lm, exclude, counts, doc)
+                t1 = time.time()
+                with torch.inference_mode():
+                    _score_knn(knn, tally, grid, cfg, lmb, counts, gate, kmax)
                 tally.t_knn += time.time() - t1
-            bar.update(int(tgt.shape[0]))
+            bar.update(int(lmb.tgt.shape[0]))
     res = _base_result(tally, docs, context, stride, bos, cfg, time.time() - t_start)
     if knn is not None:
-        res.update(_knn_result(tally, grid, knn, overlap, cfg))
+        res.update(_knn_result(tally, grid, knn, overlap, cfg, gate, kmax))
     if cfg.per_document:
         res["per_document"] = [
             {"name": d["name"], "tokens": count_targets(d["length"]), "nll_base": float(tally.doc_nll_base[i]),
              **({"nll_knn": float(tally.doc_nll[i])} if knn is not None else {})}
             for i, d in enumerate(docs)]
     return res
+
+
+def collect_tuning(knn, data: Sequence | None, cfg: EvalConfig, *, texts: Sequence[str] | None = None):
+    """The per-token statistics ``knnlm.gate.fit_gate`` needs, from one pass over the tuning
+    text at ``knn``'s k and temperature: LM features, kNN features, log p_lm(y), log p_knn(y)
+    (``knnlm.gate.TuneData``). Refuses tuning documents that are in the datastore (same text)."""
+    from knnlm.gate import TuneData, check_outside_datastore, knn_features
+
+    model, tokenizer = knn.model, knn.tokenizer
+    ds, context, stride, bos, docs, overlap = _prepare(model, tokenizer, knn, data, cfg, texts)
+    check_outside_datastore(ds, docs)
+    counts = torch.from_numpy(ds.token_counts())
+    parts = {n: [] for n in ("lm", "knn", "has", "lp_lm", "lp_knn", "doc")}
+    from tqdm.auto import tqdm
+
+    total = sum(count_targets(d["length"]) for d in docs)
+    doc_of_row = torch.cat([torch.full((count_targets(d["length"]),), i) for i, d in enumerate(docs)])
+    row = 0
+    with tqdm(total=total, unit="tok", unit_scale=True, desc="tuning", disable=not cfg.progress) as bar:
+        for lmb in _lm_batches(model, docs, knn.key_layer, context, stride, bos, cfg, counts, overlap, False, None):
+            with torch.inference_mode():
+                dists, values, _ = knn.search(lmb.query)  # (R, k)
+                kf, has = knn_features(dists, values, knn.temperature, lmb.lm_feats[:, 3])
+                lpk = knn_target_log_probs(dists, values, lmb.tgt, knn.temperature)
+            n = lmb.tgt.shape[0]
+            for name, x in (("lm", lmb.lm_feats), ("knn", kf), ("has", has), ("lp_lm", lmb.lp_lm),
+                            ("lp_knn", lpk), ("doc", doc_of_row[row: row + n])):
+                parts[name].append(x.cpu())
+            row += n
+            bar.update(n)
+    documents = [{"name": d["name"], "sha256": d["sha256"], "tokens": d["length"]} for d in docs]
+    return TuneData(**{n: torch.cat(v) for n, v in parts.items()}, documents=documents)
 
 
 # ---------------------------------------------------------------------------- results
@@ -352,7 +519,22 @@ def _base_result(tally: _Tally, docs, context: int, stride: int, bos, cfg: EvalC
     }
 
 
-def _knn_result(tally: _Tally, grid, knn: EvaluationMixin, overlap: _Overlap, cfg: EvalConfig) -> dict:
+def _lambda_summary(tally: _Tally, gate) -> dict:
+    lam = torch.cat(tally.lambdas) if tally.lambdas else torch.zeros(0, dtype=torch.float64)
+    qs = (0.0, 0.05, 0.25, 0.5, 0.75, 0.95, 1.0)
+    return {
+        "gate": {"path": gate.path, "kind": gate.net["kind"], "features": gate.features, "k": gate.k,
+                 "temperature": gate.temperature},
+        "tokens": int(lam.numel()),
+        "mean": float(lam.mean()) if lam.numel() else None,
+        "quantiles": {str(q): float(torch.quantile(lam, q)) for q in qs} if lam.numel() else {},
+        "histogram": {"edges": [i / 10 for i in range(11)],
+                      "counts": torch.histc(lam.float(), bins=10, min=0.0, max=1.0).long().tolist()},
+    }
+
+
+def _knn_result(tally: _Tally, grid, knn: EvaluationMixin, overlap: _Overlap, cfg: EvalConfig, gate,
+                kmax: int) -> dict:
     n = tally.n
     results = [{"lambda": lam, "temperature": t, "k": k, "ppl": _ppl(float(tally.nll[gi]), n)}
                for gi, (lam, t, k) in enumerate(grid)]
@@ -364,21 +546,32 @@ def _knn_result(tally: _Tally, grid, knn: EvaluationMixin, overlap: _Overlap, cf
         return _ppl(float(nll_row[i]), int(tally.n_bucket[i]))
 
     ds = knn.datastore
-    return {
+    adaptive = any(lam == ADAPTIVE for lam, _, _ in grid)
+    out = {
         "ppl_knn": results[0]["ppl"],
         "primary": results[0],
         "best": best,
         "grid": results,
-        "retrieval": {"k": max(k for _, _, k in grid), "nprobe": knn.nprobe, "rerank": knn.rerank,
-                      "index": (ds.header.index or {}).get("factory")},
+        "retrieval": {"k": kmax, "nprobe": knn.nprobe, "rerank": knn.rerank,
+                      "index": (ds.header.index or {}).get("factory"),
+                      "retrieve_fraction": cfg.retrieve_fraction, "pointers": cfg.pointers,
+                      "min_pointers": (cfg.min_pointers or min(DEFAULT_MIN_POINTERS, kmax)) if cfg.pointers else None,
+                      "searched_fraction": tally.n_searched / max(n, 1),
+                      "pointer_fraction": tally.n_pointed / max(n, 1),
+                      "searches_saved": 1.0 - tally.n_searched / max(n, 1)},
         "overlap": {"documents": overlap.documents, "tokens": overlap.tokens, "excluded": bool(cfg.exclude_self)},
         "buckets": [
             {"frequency": names[i], "tokens": int(tally.n_bucket[i]),
              "ppl_base": bucket_ppl(tally.nll_bucket_base, i), "ppl_knn": bucket_ppl(tally.nll_bucket[0], i),
-             "ppl_best": bucket_ppl(tally.nll_bucket[results.index(best)], i) if best else None}
+             "ppl_best": bucket_ppl(tally.nll_bucket[results.index(best)], i) if best else None,
+             "ppl_grid": [bucket_ppl(tally.nll_bucket[g], i) for g in range(len(grid))],
+             **({"mean_lambda": float(tally.lam_bucket[i] / tally.n_bucket[i])} if adaptive else {})}
             for i in range(len(BUCKET_EDGES)) if tally.n_bucket[i] > 0],
         "datastore": {"path": str(ds.path), "rows": len(ds), "header": ds.header.to_json()},
     }
+    if adaptive:
+        out["adaptive"] = _lambda_summary(tally, gate)
+    return out
 
 
 def _fmt(x: float | None) -> str:
@@ -405,14 +598,31 @@ def format_results(res: dict) -> str:
     change = f"{100 * (p['ppl'] / base - 1):+.1f}% vs base" if p["ppl"] and base else "n/a"
     lines.append(f"perplexity  base LM {_fmt(base)}   kNN-LM {_fmt(p['ppl'])}  ({change}; lambda {p['lambda']}, "
                  f"T {p['temperature']}, k {p['k']})")
+    if r.get("retrieve_fraction") is not None or r.get("pointers"):
+        what = [f"searched {100 * r['searched_fraction']:.1f}% of tokens"]
+        if r.get("pointers"):
+            what.append(f"pointers {100 * r['pointer_fraction']:.1f}% (min {r['min_pointers']})")
+        if r.get("retrieve_fraction") is not None:
+            what.append(f"retrieve fraction {r['retrieve_fraction']:g}")
+        lines.append("retrieval: " + ", ".join(what) + f"; searches saved {100 * r['searches_saved']:.1f}%")
+    if "adaptive" in res:
+        a = res["adaptive"]
+        q = a["quantiles"]
+        if q:
+            lines.append(f"adaptive lambda ({a['gate']['kind']} gate, {len(a['gate']['features'])} features): mean "
+                         f"{a['mean']:.3f}, 5/50/95% {q['0.05']:.3f}/{q['0.5']:.3f}/{q['0.95']:.3f}")
     if len(res["grid"]) > 1:
         lines.append("")
         lines.append(f"{'lambda':>8} {'T':>8} {'k':>6} {'ppl':>9}")
         for row in res["grid"]:
             mark = "  <- best" if row == res["best"] else ""
-            lines.append(f"{row['lambda']:>8g} {row['temperature']:>8g} {row['k']:>6} {_fmt(row['ppl']):>9}{mark}")
+            lam = row["lambda"] if isinstance(row["lambda"], str) else f"{row['lambda']:g}"
+            lines.append(f"{lam:>8} {row['temperature']:>8g} {row['k']:>6} {_fmt(row['ppl']):>9}{mark}")
     lines.append("")
-    lines.append(f"{'datastore freq':>15} {'tokens':>8} {'base ppl':>10} {'kNN ppl':>10}")
+    lam_col = "adaptive" in res
+    lines.append(f"{'datastore freq':>15} {'tokens':>8} {'base ppl':>10} {'kNN ppl':>10}"
+                 + (f" {'mean lambda':>12}" if lam_col else ""))
     for b in res["buckets"]:
-        lines.append(f"{b['frequency']:>15} {b['tokens']:>8,} {_fmt(b['ppl_base']):>10} {_fmt(b['ppl_knn']):>10}")
+        lines.append(f"{b['frequency']:>15} {b['tokens']:>8,} {_fmt(b['ppl_base']):>10} {_fmt(b['ppl_knn']):>10}"
+                     + (f" {b['mean_lambda']:>12.3f}" if lam_col else ""))
     return "\n".join(lines)

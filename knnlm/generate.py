@@ -22,6 +22,14 @@ Processors transformers itself places *before* custom ones (only when configured
 penalty, ``min_new_tokens``, ``bad_words_ids``, ``suppress_tokens``, forced BOS/EOS, ...) see the
 LM logits; their bans (``-inf`` scores) are kept in the kNN-LM scores, so a banned token stays
 banned even when a neighbour votes for it.
+
+Adaptive settings of the ``KNNLM`` apply per step: ``lam="adaptive"`` takes λ(x) per row from the
+gate, ``retrieve_fraction`` lets the gate's retrieval part skip the search for some rows (they get
+the LM's distribution exactly), and ``pointers`` follows the previous step's neighbours whose
+value was the chosen token (greedy / sampling; not with beam search, which reorders rows). With
+pointers the prompt is tracked first, teacher-forced, position by position (searching only where
+fewer than ``min_pointers`` pointers survive), so the pointers know which document the prompt is
+in. ``proc.stats`` counts row-steps, searches and pointer steps (prompt tracking included).
 """
 
 from __future__ import annotations
@@ -80,6 +88,10 @@ class KNNLogitsProcessor(LogitsProcessor):
         self._ctx = None
         self._cap = None
         self._vocab = knnlm.datastore.header.model.vocab_size
+        self.attention_mask: torch.Tensor | None = None  # the prompt's, for pointer tracking (set by generate)
+        self.stats = {"steps": 0, "searched": 0, "pointed": 0, "prompt_steps": 0, "prompt_searched": 0}
+        self._pending = None  # (ids, values) of the last step, for the pointers of the next one
+        self._state: torch.Tensor | None = None  # (rows, k) pointer rows
 
     # ---- the key hook -------------------------------------------------------------------------
     def __enter__(self) -> KNNLogitsProcessor:
@@ -88,6 +100,8 @@ class KNNLogitsProcessor(LogitsProcessor):
         if self._ctx is not None:
             raise GenerateError("this KNNLogitsProcessor is already in use; create one per generate() call")
         self.records, self.key_lengths = [], []
+        self.stats = dict.fromkeys(self.stats, 0)
+        self._pending, self._state = None, None
         self._ctx = capture_keys(self.knnlm.model, self.knnlm.key_layer)
         self._cap = self._ctx.__enter__()
         return self
@@ -126,19 +140,66 @@ class KNNLogitsProcessor(LogitsProcessor):
                                 f"vocabulary of {self._vocab}; use the model the datastore was built with")
         self.key_lengths.append(int(keys.shape[1]))
         query = keys[:, -1, :]  # (rows, D): the position whose next token is being chosen
+        if self.knnlm.pointers:
+            self._advance_pointers(keys, input_ids)
         out = self._mix(query, scores)
         banned = torch.isneginf(scores)  # bans set by processors that ran before this one
         return out.masked_fill(banned, -math.inf) if bool(banned.any()) else out
 
+    def _advance_pointers(self, keys: torch.Tensor, input_ids: torch.Tensor) -> None:
+        """Pointers for this step: from the last step's neighbours and the token chosen after it,
+        or, on the first step, by tracking the prompt (keys (rows, P, D), P > 1)."""
+        knn = self.knnlm
+        if self._pending is not None:
+            ids, values = self._pending
+            self._state = knn.retriever.successors(ids, values, input_ids[:, -1])
+            return
+        rows, p = keys.shape[0], keys.shape[1]
+        state = torch.full((rows, knn.k), -1, dtype=torch.int64, device=keys.device)
+        mask = self.attention_mask
+        for t in range(p - 1):  # position t predicts input_ids[:, t + 1], which is known
+            real = torch.ones(rows, dtype=torch.bool, device=keys.device) if mask is None else \
+                mask[:, t].to(keys.device).bool()
+            if not bool(real.any()):
+                continue
+            st = knn.retriever.step(keys[real, t], pointers=state[real], min_pointers=knn.min_pointers)
+            self.stats["prompt_steps"] += int(real.sum())
+            self.stats["prompt_searched"] += int(st.searched.sum())
+            state[real] = knn.retriever.successors(st.ids, st.values, input_ids[real, t + 1])
+            state[~real] = -1
+        self._state = state
+
     def _mix(self, query: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
         knn = self.knnlm
         keep = len(self.records) < self.record
+        rows = scores.shape[0]
+        self.stats["steps"] += rows
         if knn.lam == 0.0 and not keep:  # no kNN mass: skip the search
             return torch.log_softmax(scores.float(), dim=-1)
-        dists, values, ids = knn.search(query)  # (rows, k) each
+        allow = None
+        if knn.retrieve_fraction is not None and knn.retrieve_fraction < 1:
+            allow = knn.require_gate().select(knn.lm_features(scores), knn.retrieve_fraction)  # (rows,)
+        if allow is None and not knn.pointers:
+            dists, values, ids = knn.search(query)  # (rows, k) each
+            has = None
+            self.stats["searched"] += rows
+        else:
+            st = knn.retriever.step(query, pointers=self._state if knn.pointers else None,
+                                    min_pointers=knn.min_pointers, allow=allow)
+            dists, values, ids = st.dists, st.values, st.ids
+            has = st.searched | st.pointed
+            self.stats["searched"] += int(st.searched.sum())
+            self.stats["pointed"] += int(st.pointed.sum())
+        if knn.pointers:
+            self._pending = (ids, values)
         if keep:
             self.records.append((dists.detach().cpu(), ids.detach().cpu()))
-        out = knn.mix(scores, dists, values)
+        if has is None or bool(has.all()):
+            out = knn.mix(scores, dists, values)
+        else:  # rows without neighbours (skipped by the retrieval gate) get the LM exactly
+            out = torch.log_softmax(scores.float(), dim=-1)
+            if bool(has.any()):
+                out[has] = knn.mix(scores[has], dists[has], values[has])
         if knn.lam == 1.0:  # a row whose neighbours are all missing has no kNN mass: fall back to the LM
             empty = torch.isneginf(out).all(dim=-1)
             if bool(empty.any()):
@@ -161,6 +222,10 @@ def generate(knnlm: GenerationMixin, inputs: torch.Tensor | None = None, *, logi
     proc = processor if processor is not None else KNNLogitsProcessor(knnlm)
     if proc.knnlm is not knnlm:
         raise GenerateError("the processor belongs to another KNNLM object")
+    if getattr(knnlm, "pointers", False) and (kwargs.get("num_beams") or 1) > 1:
+        raise GenerateError("`pointers` follow one sequence per row; beam search reorders rows between steps: "
+                            "use greedy search or sampling with pointers", param="pointers")
+    proc.attention_mask = kwargs.get("attention_mask")
     procs = LogitsProcessorList([proc])
     procs.extend(logits_processor or [])
     with proc:

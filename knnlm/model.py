@@ -23,16 +23,25 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-from knnlm.config import EvalConfig, check_mixture
+from knnlm.config import (
+    ADAPTIVE,
+    DEFAULT_MIN_POINTERS,
+    EvalConfig,
+    check_fraction,
+    check_mixture,
+    check_pointers,
+    parse_lambda,
+)
 from knnlm.datastore import Datastore, model_identity
-from knnlm.evaluation import EvaluationMixin, run
+from knnlm.evaluation import EvaluationMixin, collect_tuning, run
+from knnlm.gate import Gate, fit_gate, lm_features, load_gate, save_gate
 from knnlm.generate import GenerationMixin
 from knnlm.retrieval import Retriever, resolve_k
 from knnlm.scoring import interpolate
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["KNNLM", "evaluate"]
+__all__ = ["KNNLM", "evaluate", "tune"]
 
 
 class KNNLM(EvaluationMixin, GenerationMixin):
@@ -41,27 +50,63 @@ class KNNLM(EvaluationMixin, GenerationMixin):
     ``evaluate`` (perplexity, sweeps) comes from ``knnlm.evaluation.EvaluationMixin`` and
     ``generate`` (``model.generate`` with the mixture) from ``knnlm.generate.GenerationMixin``."""
 
-    def __init__(self, model, datastore: Datastore, tokenizer, *, lam: float = 0.25, temperature: float = 1.0,
-                 k: int | None = None, nprobe: int | None = None, rerank: bool = False, use_kernel: bool = True):
+    def __init__(self, model, datastore: Datastore, tokenizer, *, lam: float | str = 0.25, temperature: float = 1.0,
+                 k: int | None = None, nprobe: int | None = None, rerank: bool = False, use_kernel: bool = True,
+                 gate: Gate | str | None = None, retrieve_fraction: float | None = None, pointers: bool = False,
+                 min_pointers: int | None = None):
+        """``lam``: a number in [0, 1] or ``"adaptive"`` (λ(x) per token from the datastore's tuned
+        gate, ``knnlm tune``); ``gate``: a ``Gate`` or a gate file instead of the datastore's;
+        ``retrieve_fraction``: search only that fraction of tokens (the gate's retrieval part,
+        the others score the LM alone); ``pointers``: follow the previous step's matching
+        neighbours instead of searching while at least ``min_pointers`` survive (evaluate and
+        generate)."""
+        lam = parse_lambda(lam)
+        check_fraction(retrieve_fraction)
+        check_pointers(pointers, min_pointers)
         datastore.check_compatible(model_identity(model, tokenizer, datastore.header.key.layer))
-        self._setup(model, datastore, tokenizer, lam, temperature, k, nprobe, rerank, use_kernel)
+        if gate is not None and not isinstance(gate, Gate):
+            gate = load_gate(datastore, gate)
+        self._setup(model, datastore, tokenizer, lam, temperature, k, nprobe, rerank, use_kernel, gate,
+                    retrieve_fraction, pointers, min_pointers)
 
-    def _setup(self, model, datastore, tokenizer, lam, temperature, k, nprobe, rerank, use_kernel) -> None:
-        check_mixture(lam, temperature)
+    def _setup(self, model, datastore, tokenizer, lam, temperature, k, nprobe, rerank, use_kernel, gate=None,
+               retrieve_fraction=None, pointers=False, min_pointers=None) -> None:
+        lam = parse_lambda(lam)
+        check_mixture(0.0 if lam == ADAPTIVE else lam, temperature)
         self.model, self.datastore, self.tokenizer = model, datastore, tokenizer
-        self.lam, self.temperature, self.use_kernel = float(lam), float(temperature), use_kernel
+        self.lam, self.temperature, self.use_kernel = lam, float(temperature), use_kernel
         self.key_layer = datastore.header.key.layer
         self.retriever = Retriever(datastore, k, nprobe=nprobe, rerank=rerank)
+        check_pointers(pointers, min_pointers, self.retriever.k)
+        if pointers:  # a pointer's distance is recomputed from its stored key
+            datastore.require_keys("pointers", "drop `pointers`")
+        self.retrieve_fraction = None if retrieve_fraction is None else float(retrieve_fraction)
+        self.pointers = bool(pointers)
+        self.min_pointers = min_pointers or min(DEFAULT_MIN_POINTERS, self.retriever.k)
+        self.gate = gate
+        if lam == ADAPTIVE or (self.retrieve_fraction is not None and self.retrieve_fraction < 1):
+            self.require_gate()  # fail now, not at the first token
+
+    def require_gate(self) -> Gate:
+        """The gate (loaded from the datastore on first use); a one-line error when there is none."""
+        if self.gate is None:
+            self.gate = load_gate(self.datastore)
+        return self.gate
 
     def replace(self, **changes) -> KNNLM:
         """The same model and datastore with some settings changed (``lam``, ``temperature``,
-        ``k``, ``nprobe``, ``rerank``, ``use_kernel``); the model is not checked again."""
+        ``k``, ``nprobe``, ``rerank``, ``use_kernel``, ``gate``, ``retrieve_fraction``,
+        ``pointers``, ``min_pointers``); the model is not checked again."""
         settings = dict(lam=self.lam, temperature=self.temperature, k=self.k, nprobe=self.nprobe,
-                        rerank=self.rerank, use_kernel=self.use_kernel)
+                        rerank=self.rerank, use_kernel=self.use_kernel, gate=self.gate,
+                        retrieve_fraction=self.retrieve_fraction, pointers=self.pointers,
+                        min_pointers=self.min_pointers)
         unknown = set(changes) - set(settings)
         if unknown:
             raise TypeError(f"KNNLM.replace() got unknown settings: {', '.join(sorted(unknown))}")
         settings.update(changes)
+        if settings["gate"] is not None and not isinstance(settings["gate"], Gate):
+            settings["gate"] = load_gate(self.datastore, settings["gate"])
         new = object.__new__(KNNLM)
         new._setup(self.model, self.datastore, self.tokenizer, **settings)
         return new
@@ -91,16 +136,51 @@ class KNNLM(EvaluationMixin, GenerationMixin):
         ``exclude`` (Q,): one datastore row per query that must not be returned (-1: none)."""
         return self.retriever.search(hidden, k, exclude=exclude)
 
-    def mix(self, logits: torch.Tensor, dists: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
-        """kNN-LM log-distribution (B, V) fp32 from logits (B, V) and neighbours (B, k)."""
+    def lm_features(self, logits: torch.Tensor) -> torch.Tensor:
+        """The gate's LM features (B, 4) of logits (B, V) (``knnlm.gate.lm_features``)."""
+        if getattr(self, "_counts", None) is None:
+            self._counts = torch.from_numpy(self.datastore.token_counts())
+        return lm_features(logits, self._counts)
+
+    def mix(self, logits: torch.Tensor, dists: torch.Tensor, values: torch.Tensor,
+            lam: float | torch.Tensor | None = None) -> torch.Tensor:
+        """kNN-LM log-distribution (B, V) fp32 from logits (B, V) and neighbours (B, k); ``lam``
+        overrides this object's λ (a float or one per row (B,)); with ``lam="adaptive"`` the gate
+        computes λ(x) from the logits and neighbours."""
         dev = logits.device
-        return interpolate(logits.contiguous(), dists.to(dev), values.to(dev), self.lam, self.temperature,
+        lam = self.lam if lam is None else lam
+        if isinstance(lam, str):  # ADAPTIVE
+            lam = self.require_gate().lam(self.lm_features(logits), dists.to(dev), values.to(dev))
+        return interpolate(logits.contiguous(), dists.to(dev), values.to(dev), lam, self.temperature,
                            use_kernel=self.use_kernel)
 
     def log_probs(self, logits: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
-        """kNN-LM log-distribution: logits (B, V), query hidden states (B, D) -> (B, V) fp32."""
-        dists, values, _ = self.search(hidden)  # (B, k), (B, k)
-        return self.mix(logits, dists, values)
+        """kNN-LM log-distribution: logits (B, V), query hidden states (B, D) -> (B, V) fp32.
+        With ``retrieve_fraction`` only the rows the retrieval gate selects search; the others are
+        exactly ``log_softmax(logits)``. (Pointers need the token sequence: evaluate / generate.)"""
+        if self.retrieve_fraction is None or self.retrieve_fraction >= 1:
+            dists, values, _ = self.search(hidden)  # (B, k), (B, k)
+            return self.mix(logits, dists, values)
+        allow = self.require_gate().select(self.lm_features(logits), self.retrieve_fraction)  # (B,)
+        out = torch.log_softmax(logits.float(), dim=-1)
+        if bool(allow.any()):
+            dists, values, _ = self.search(hidden[allow])
+            out[allow] = self.mix(logits[allow], dists, values)
+        return out
+
+    def tune(self, data: Sequence | None = None, *, texts: Sequence[str] | None = None, out=None,
+             max_tokens: int | None = None, seed: int = 0, kind: str = "auto", batch_size: int = 8,
+             progress: bool = True, save: bool = True) -> Gate:
+        """Fit the adaptive gate (``knnlm.gate``) on tuning text at this object's k and temperature,
+        save it with the datastore (or to the file ``out``) and use it from now on. The tuning
+        documents must not be in the datastore (refused)."""
+        cfg = EvalConfig(max_tokens=max_tokens, batch_size=batch_size, progress=progress)
+        data_ = collect_tuning(self, data, cfg, texts=texts)
+        gate = fit_gate(data_, self.datastore.identity(), self.k, self.temperature, kind=kind, seed=seed)
+        if save:
+            save_gate(gate, self.datastore, out)
+        self.gate = gate
+        return gate
 
     def neighbours(self, rows, dists=None, *, context: int = 12) -> list[dict]:
         """Where datastore rows come from: one dict per row id >= 0 (missing neighbours, -1, are
@@ -140,5 +220,12 @@ def evaluate(model, tokenizer, datastore: Datastore | None, data: Sequence | Non
     if datastore is not None:
         kmax = max(resolve_k(k, len(datastore), param="ks") for k in cfg.ks)
         knn = KNNLM(model, datastore, tokenizer, lam=cfg.lambdas[0], temperature=cfg.temperatures[0], k=kmax,
-                    nprobe=cfg.nprobe, rerank=cfg.rerank)
+                    nprobe=cfg.nprobe, rerank=cfg.rerank, retrieve_fraction=cfg.retrieve_fraction,
+                    pointers=cfg.pointers, min_pointers=cfg.min_pointers)
     return run(model, tokenizer, knn, data, cfg, texts=texts)
+
+
+def tune(model, tokenizer, datastore: Datastore, data: Sequence | None = None, *,
+         texts: Sequence[str] | None = None, **kwargs) -> Gate:
+    """Fit and save the adaptive gate of ``datastore`` on tuning text (``KNNLM.tune``)."""
+    return KNNLM(model, datastore, tokenizer, lam=0.25).tune(data, texts=texts, **kwargs)

@@ -4,12 +4,21 @@
 distances (Q, k) fp32 and the neighbours' values (Q, k) int64 and row ids (Q, k) int64, on the
 queries' device, ready for ``knnlm.scoring``. Missing neighbours (FAISS id -1, or excluded rows)
 come back with distance ``+inf``, value 0 and id -1: zero weight in the kNN softmax.
+
+Pointers (RetoMaton-style, Alon et al. 2022): ``successors(ids, values, target)`` turns the
+neighbours of step t whose value was the actual next token into step t+1's candidates (row + 1,
+when it is in the same document), and ``step(queries, pointers, ...)`` uses those candidates
+instead of a search when at least ``min_pointers`` survive. A pointer's distance is recomputed
+exactly from the memory-mapped keys (``keys.npy`` always exists: the format requires it), so
+pointer rows are scored like searched ones (ascending distances, then the same formula); rows
+with fewer pointers search (the surviving pointers are then dropped, as a plain search would).
 """
 
 from __future__ import annotations
 
 import logging
 import math
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -19,7 +28,7 @@ from knnlm.datastore import Datastore
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["Retriever", "DEFAULT_K", "resolve_k"]
+__all__ = ["Retriever", "DEFAULT_K", "resolve_k", "Step"]
 
 DEFAULT_K = 1024  # as in Khandelwal et al. (2020)
 RERANK_ROWS = 1 << 18  # candidate rows gathered per re-ranking chunk (~300 MB of fp16 keys at D=576)
@@ -31,6 +40,16 @@ def resolve_k(k: int | None, n: int, *, param: str = "k") -> int:
         return min(DEFAULT_K, n)
     check_k(k, n, param=param)
     return int(k)
+
+
+class Step(NamedTuple):
+    """What ``Retriever.step`` found: neighbours (Q, k) as ``search`` returns them, and per row
+    whether it searched / used pointers (Q,) bool (neither: no neighbours, the LM alone)."""
+    dists: torch.Tensor
+    values: torch.Tensor
+    ids: torch.Tensor
+    searched: torch.Tensor
+    pointed: torch.Tensor
 
 
 class Retriever:
@@ -50,6 +69,84 @@ class Retriever:
         set_nprobe(self.index, self.nprobe)  # the index is shared by every Retriever of this datastore
         self.rerank = rerank
         self._values = torch.from_numpy(np.asarray(datastore.values, dtype=np.int64))  # (N,)
+        self._has_next: torch.Tensor | None = None  # (N,) bool, built on first use of pointers
+
+    @property
+    def has_next(self) -> torch.Tensor:
+        """(N,) bool: row r + 1 belongs to the same document as row r (the last row of every
+        document has no successor)."""
+        if self._has_next is None:
+            from knnlm.data import count_targets
+
+            ok = torch.ones(len(self.datastore), dtype=torch.bool)
+            ends = [d["first_row"] + count_targets(d["length"]) - 1 for d in self.datastore.documents
+                    if count_targets(d["length"]) > 0]
+            ok[torch.tensor(ends, dtype=torch.long)] = False
+            self._has_next = ok
+        return self._has_next
+
+    def successors(self, ids: torch.Tensor, values: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """Pointers for the next step: ids (Q, K), values (Q, K), the actual next token (Q,) ->
+        rows (Q, K) int64: ``id + 1`` where the neighbour's value was ``target`` and its document
+        goes on, else -1."""
+        ids_c, dev = ids.cpu(), ids.device
+        hit = (ids_c >= 0) & (values.cpu() == target.cpu().long()[:, None])
+        hit &= self.has_next[ids_c.clamp(min=0)]
+        return torch.where(hit, ids_c + 1, torch.full_like(ids_c, -1)).to(dev)
+
+    def candidates(self, queries: torch.Tensor, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Score given candidate rows (Q, K) (-1: none) like search results: exact squared L2 from
+        the stored keys, ascending; returns dists (Q, W) fp32, values (Q, W), ids (Q, W) with
+        W <= K the largest number of candidates of a row (only real candidates are read)."""
+        device = queries.device
+        ids = rows.detach().cpu().long()
+        valid = ids >= 0
+        width = max(int(valid.sum(1).max()) if ids.numel() else 0, 1)
+        ids = ids.gather(1, torch.argsort((~valid).to(torch.int8), dim=1, stable=True))[:, :width]  # real first
+        valid = ids >= 0
+        dists = torch.full(ids.shape, math.inf, dtype=torch.float32)
+        if bool(valid.any()):
+            keys = torch.from_numpy(np.asarray(self.datastore.keys[ids[valid].numpy()])).float()  # (M, D)
+            q = queries.detach().to("cpu", torch.float32).repeat_interleave(valid.sum(1), dim=0)  # (M, D)
+            dists[valid] = ((keys - q) ** 2).sum(-1)
+        dists, order = torch.sort(dists, dim=1, stable=True)
+        ids = ids.gather(1, order)
+        values = self._values[ids.clamp(min=0)].masked_fill(ids < 0, 0)
+        return dists.to(device), values.to(device), ids.to(device)
+
+    def step(self, queries: torch.Tensor, k: int | None = None, *, pointers: torch.Tensor | None = None,
+             min_pointers: int = 1, allow: torch.Tensor | None = None,
+             exclude: torch.Tensor | None = None) -> Step:
+        """Neighbours for a set of queries (Q, D), searching only where needed:
+
+        * rows with at least ``min_pointers`` pointers (``pointers`` (Q, K') rows, -1 padded)
+          take those as their neighbours, scored exactly (no search);
+        * other rows search, if ``allow`` (Q,) bool permits (a retrieval gate), as one batched
+          search over just those rows;
+        * the remaining rows get no neighbours (distance +inf, id -1: the LM alone).
+
+        ``exclude`` (Q,) as in ``search`` (also removed from pointers). Returns a ``Step``."""
+        k = self.k if k is None else k
+        q = queries.shape[0]
+        dev = queries.device
+        dists = torch.full((q, k), math.inf, dtype=torch.float32, device=dev)
+        values = torch.zeros(q, k, dtype=torch.int64, device=dev)
+        ids = torch.full((q, k), -1, dtype=torch.int64, device=dev)
+        use_ptr = torch.zeros(q, dtype=torch.bool, device=dev)
+        if pointers is not None:
+            ptr = pointers[:, :k].to(dev)
+            if exclude is not None:
+                ptr = torch.where(ptr == exclude.to(dev)[:, None], torch.full_like(ptr, -1), ptr)
+            use_ptr = (ptr >= 0).sum(-1) >= min_pointers
+            if bool(use_ptr.any()):
+                d, v, i = self.candidates(queries[use_ptr], ptr[use_ptr])
+                dists[use_ptr, :d.shape[1]], values[use_ptr, :d.shape[1]], ids[use_ptr, :d.shape[1]] = d, v, i
+        search = ~use_ptr if allow is None else (~use_ptr & allow.to(dev))
+        if bool(search.any()):
+            ex = exclude[search] if exclude is not None else None
+            d, v, i = self.search(queries[search], k, exclude=ex)
+            dists[search], values[search], ids[search] = d, v, i
+        return Step(dists, values, ids, search, use_ptr)
 
     def search(self, queries: torch.Tensor, k: int | None = None,
                exclude: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

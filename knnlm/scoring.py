@@ -13,7 +13,11 @@ Everything is computed in fp32 log space. Conventions shared by the reference an
   neighbours are all ``+inf`` has no kNN mass at all, so ``log p_knn = -inf`` everywhere and the
   result is ``log(1 - lam) + log p_lm``.
 * tokens that no neighbour votes for get ``log p_knn = -inf`` (no epsilon, no magic floor).
-* ``lam = 0`` returns ``log p_lm`` and ``lam = 1`` returns ``log p_knn`` exactly, without NaN.
+* ``lam`` is a float, or a per-row tensor (B,) / (N,) of weights in [0, 1] (an adaptive gate's
+  λ(x), ``knnlm.gate``): row i is mixed with ``lam[i]``, by the same formula. The fused op takes a
+  scalar only; a tensor ``lam`` is computed by the torch reference (the spec).
+* ``lam = 0`` returns ``log p_lm`` and ``lam = 1`` returns ``log p_knn`` exactly, without NaN
+  (per row for a tensor ``lam``).
   A side with weight zero is not evaluated at all: at ``lam = 1`` the logits are not read (the
   result is the pure kNN distribution even for a NaN logits row), at ``lam = 0`` the distances are
   not read. (IEEE ``0 * NaN = NaN`` would make the endpoints depend on the unused side; the fused
@@ -45,6 +49,7 @@ import math
 import torch
 
 from knnlm.config import check_mixture
+from knnlm.errors import ConfigError
 
 __all__ = [
     "check_mixture_args",
@@ -60,9 +65,26 @@ __all__ = [
 ]
 
 
-def check_mixture_args(lam: float, temperature: float) -> None:
-    """Raise ``ConfigError`` (a ``ValueError``) naming ``lam`` / ``temperature`` when invalid."""
-    check_mixture(lam, temperature)
+Lam = float | torch.Tensor  # a weight for every row, or one per row: (B,) / (N,)
+
+
+def check_mixture_args(lam: Lam, temperature: float) -> None:
+    """Raise ``ConfigError`` (a ``ValueError``) naming ``lam`` / ``temperature`` when invalid.
+    A tensor ``lam`` must be 1-D with every entry in [0, 1] (no NaN)."""
+    if not isinstance(lam, torch.Tensor):
+        check_mixture(lam, temperature)
+        return
+    check_mixture(0.0, temperature)
+    if lam.dim() != 1:
+        raise ConfigError(f"`lam` as a tensor must be 1-D (one weight per row), got shape {tuple(lam.shape)}",
+                          param="lam")
+    if lam.numel() and not bool(((lam >= 0) & (lam <= 1)).all()):  # NaN fails both comparisons
+        bad = lam[~((lam >= 0) & (lam <= 1))][0].item()
+        raise ConfigError(f"`lam` must be in [0, 1] for every row, got {bad}", param="lam")
+
+
+def _is_scalar(lam: Lam) -> bool:
+    return not isinstance(lam, torch.Tensor)
 
 
 def _log_mix_weights(lam: float) -> tuple[float, float]:
@@ -70,6 +92,11 @@ def _log_mix_weights(lam: float) -> tuple[float, float]:
     log_lm = math.log1p(-lam) if lam < 1.0 else -math.inf
     log_knn = math.log(lam) if lam > 0.0 else -math.inf
     return log_lm, log_knn
+
+
+def _rows(lam: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """A per-row ``lam`` (N,) shaped to broadcast over ``like`` (N, ...), fp32 on its device."""
+    return lam.to(like.device, torch.float32).reshape(lam.shape + (1,) * (like.dim() - 1))
 
 
 def knn_log_weights(dists: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -103,14 +130,14 @@ def reference_knn_log_probs(dists: torch.Tensor, values: torch.Tensor, vocab_siz
 
 
 def reference_interpolate(logits: torch.Tensor, dists: torch.Tensor, values: torch.Tensor,
-                          lam: float, temperature: float) -> torch.Tensor:
-    """The spec. logits (B, V), dists (B, K), values (B, K) -> log p (B, V) fp32."""
+                          lam: Lam, temperature: float) -> torch.Tensor:
+    """The spec. logits (B, V), dists (B, K), values (B, K), lam float or (B,) -> log p (B, V) fp32."""
     check_mixture_args(lam, temperature)
-    if lam == 1.0:  # the LM side has weight zero and is not evaluated (module docstring)
+    if _is_scalar(lam) and lam == 1.0:  # the LM side has weight zero and is not evaluated (module docstring)
         return reference_knn_log_probs(dists, values, logits.shape[-1], temperature)
     # torch.log_softmax: a row with a NaN / +inf logit, or only -inf logits, is NaN everywhere
     lp_lm = torch.log_softmax(logits.float(), dim=-1)  # (B, V)
-    if lam == 0.0:
+    if _is_scalar(lam) and lam == 0.0:
         return lp_lm
     lp_knn = reference_knn_log_probs(dists, values, logits.shape[-1], temperature)  # (B, V)
     return mix(lp_lm, lp_knn, lam)
@@ -142,8 +169,15 @@ def knn_target_log_probs(dists: torch.Tensor, values: torch.Tensor, target: torc
     return torch.where(torch.isnan(w).any(dim=-1), torch.full_like(out, math.nan), out)
 
 
-def mix(lp_lm: torch.Tensor, lp_knn: torch.Tensor, lam: float) -> torch.Tensor:
-    """log(lam * p_knn + (1 - lam) * p_lm) from the two log-probabilities (any shape)."""
+def mix(lp_lm: torch.Tensor, lp_knn: torch.Tensor, lam: Lam) -> torch.Tensor:
+    """log(lam * p_knn + (1 - lam) * p_lm) from the two log-probabilities (any shape (N, ...));
+    ``lam`` a float or one weight per row (N,). Rows with weight 0 / 1 return the LM / kNN side
+    exactly (the other side is not read: a NaN there does not leak)."""
+    if not _is_scalar(lam):
+        w = _rows(lam, lp_lm)  # (N, 1, ...)
+        lm, knn = lp_lm.float(), lp_knn.float()
+        out = torch.logaddexp(lm + torch.log1p(-w), knn + torch.log(w))
+        return torch.where(w == 0, lm, torch.where(w == 1, knn, out))
     if lam == 0.0:
         return lp_lm.float()
     if lam == 1.0:
@@ -153,18 +187,18 @@ def mix(lp_lm: torch.Tensor, lp_knn: torch.Tensor, lam: float) -> torch.Tensor:
 
 
 def reference_interpolate_target(logits: torch.Tensor, dists: torch.Tensor, values: torch.Tensor,
-                                 target: torch.Tensor, lam: float,
+                                 target: torch.Tensor, lam: Lam,
                                  temperature: float) -> torch.Tensor:
-    """log p(target) only. logits (B, V), dists/values (B, K), target (B,) -> (B,) fp32.
+    """log p(target) only. logits (B, V), dists/values (B, K), target (B,), lam float or (B,) -> (B,) fp32.
 
     Sweeps over lambda / T / k call the three pieces (``lm_target_log_probs``,
     ``knn_target_log_probs``, ``mix``) directly so that shared parts are computed once.
     """
     check_mixture_args(lam, temperature)
-    if lam == 1.0:  # the LM side has weight zero and is not evaluated (module docstring)
+    if _is_scalar(lam) and lam == 1.0:  # the LM side has weight zero and is not evaluated (module docstring)
         return knn_target_log_probs(dists, values, target, temperature)
     lp_lm = lm_target_log_probs(logits, target)
-    if lam == 0.0:
+    if _is_scalar(lam) and lam == 0.0:
         return lp_lm
     return mix(lp_lm, knn_target_log_probs(dists, values, target, temperature), lam)
 
@@ -181,22 +215,23 @@ def _fused(name: str, logits: torch.Tensor):
     return ops.get_op(name, logits.device)
 
 
-def interpolate(logits: torch.Tensor, dists: torch.Tensor, values: torch.Tensor, lam: float,
+def interpolate(logits: torch.Tensor, dists: torch.Tensor, values: torch.Tensor, lam: Lam,
                 temperature: float, *, use_kernel: bool = True) -> torch.Tensor:
-    """Full kNN-LM log-distribution (B, V); the fused op when available, else the reference."""
+    """Full kNN-LM log-distribution (B, V); the fused op when available (scalar ``lam``), else
+    the reference (a per-row ``lam`` (B,) always takes the reference)."""
     check_mixture_args(lam, temperature)
-    op = _fused("knn_interpolate", logits) if use_kernel else None
+    op = _fused("knn_interpolate", logits) if use_kernel and _is_scalar(lam) else None
     if op is None:
         return reference_interpolate(logits, dists, values, lam, temperature)
     return op(logits, dists.float(), values, float(lam), float(temperature))
 
 
 def interpolate_target(logits: torch.Tensor, dists: torch.Tensor, values: torch.Tensor,
-                       target: torch.Tensor, lam: float, temperature: float, *,
+                       target: torch.Tensor, lam: Lam, temperature: float, *,
                        use_kernel: bool = True) -> torch.Tensor:
-    """kNN-LM log-probability of ``target`` (B,); the fused op when available."""
+    """kNN-LM log-probability of ``target`` (B,); the fused op when available (scalar ``lam``)."""
     check_mixture_args(lam, temperature)
-    op = _fused("knn_interpolate_target", logits) if use_kernel else None
+    op = _fused("knn_interpolate_target", logits) if use_kernel and _is_scalar(lam) else None
     if op is None:
         return reference_interpolate_target(logits, dists, values, target, lam, temperature)
     return op(logits, dists.float(), values, target, float(lam), float(temperature))

@@ -200,10 +200,12 @@ def test_info_json_is_the_header(capsys, cli_store, tmp_path):
 
 
 def test_demo_on_a_tiny_model(capsys, tiny_model_dir, tmp_path):
-    """`knnlm demo` end to end (stdlib train split -> datastore, held-out split -> perplexities), and
-    a rerun reuses the datastore and prints the same numbers."""
+    """`knnlm demo` end to end (stdlib train split -> datastore, tune split -> gate, held-out split
+    -> perplexities with the adaptive lambda first), and a rerun reuses the datastore and its gate
+    and prints the same numbers."""
     out = tmp_path / "demo"
-    argv = ["demo", "--model", tiny_model_dir, "--tokens", 3000, "--eval-tokens", 500, "--out", out, "--quiet"]
+    argv = ["demo", "--model", tiny_model_dir, "--tokens", 3000, "--eval-tokens", 500, "--tune-tokens", 1000,
+            "--out", out, "--quiet"]
     code, stdout, err = _run(capsys, *argv)
     assert code == 0, err
     m = re.search(r"perplexity\s+base LM ([0-9.]+)\s+kNN-LM ([0-9.]+)", stdout)
@@ -215,9 +217,12 @@ def test_demo_on_a_tiny_model(capsys, tiny_model_dir, tmp_path):
     assert int(h["tokens"]) == 3000 and h["status"] == "complete"
     n_eval = int(re.search(r"tokens ([0-9,]+) in \d+ documents", stdout).group(1).replace(",", ""))
     assert 490 <= n_eval <= 500  # --eval-tokens 500: its targets were scored
+    assert "lambda adaptive" in stdout and "held-out NLL" in stdout and (out / "gate.json").exists()
+    assert h["gate"]["file"] == "gate.json"
     keys_before = (out / "keys.npy").read_bytes()
     code, stdout2, err = _run(capsys, *argv)
     assert code == 0, err
+    assert "reusing the gate" in stdout2
     assert re.search(r"perplexity\s+base LM ([0-9.]+)\s+kNN-LM ([0-9.]+)", stdout2).groups() == m.groups()
     assert (out / "keys.npy").read_bytes() == keys_before
 

@@ -20,6 +20,7 @@ FLOORS = [
     ["data"],
     ["datastore"],
     ["retrieval"],
+    ["gate"],
     ["build", "evaluation", "generate"],
     ["model"],
     ["testing", "cli", "harness"],  # front ends over KNNLM: the command line, lm-evaluation-harness

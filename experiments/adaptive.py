@@ -1,0 +1,138 @@
+"""Adaptive kNN-LM on held-out stdlib: fixed λ vs a tuned per-token λ vs searching a fraction of
+tokens vs RetoMaton-style pointers, all on the same tokens, from one forward pass per batch.
+
+    python -m experiments.adaptive --datastore runs/stdlib-1m            # tune on stdlib-tune, eval all of stdlib-test
+    python -m experiments.adaptive --datastore runs/base-150k --tune-tokens 3000 --eval-tokens 3000   # a smoke run
+
+1. Tune the gate on the stdlib tuning split (``knnlm tune``: documents in neither the datastore
+   nor the test split; files that an older datastore holds are skipped), unless the datastore
+   already has a gate (``--retune`` refits). The gate is saved into the datastore (gate.json + a
+   header entry), as ``knnlm tune`` does.
+2. Score the test split once with the LM (an ``LMCache`` keeps the query hidden states, log p_lm
+   and LM features of every batch in RAM), then every variant from that cache:
+   fixed λ (``--lambda``) and adaptive with a full search; adaptive (and the fixed λ) searching a
+   fraction F of tokens (``--retrieve-fractions``); pointers (``--min-pointers``), fixed and
+   adaptive λ.
+3. Print a markdown table (perplexity, the "never seen" bucket = target tokens with datastore
+   frequency 0, fraction of tokens searched, tokens/s counting the LM time of the one forward
+   pass plus each variant's kNN time) and write everything to ``--out``.
+
+Throughput side by side with the plain LM is measured separately by ``benchmarks/bench_eval.py``
+(``--lambda adaptive --retrieve-fraction 0.5``), since here the LM pass is shared.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+from experiments.common import command_line, floats, logger, write_json  # noqa: E402
+
+MODULE = "experiments.adaptive"
+log = logger("adaptive")
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog=f"python -m {MODULE}", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--datastore", required=True, help="a datastore built over the stdlib train split")
+    p.add_argument("--model", default="smollm2")
+    p.add_argument("--tune-tokens", type=int, default=0, help="tuning tokens (default 0: the whole tune split)")
+    p.add_argument("--eval-tokens", type=int, default=0, help="held-out tokens (default 0: all 121,673)")
+    p.add_argument("--lambda", dest="lam", type=float, default=0.25, help="the fixed λ to compare with")
+    p.add_argument("--nprobe", type=int, default=None, help="IVF probes (default: the datastore's)")
+    p.add_argument("--retrieve-fractions", default="0.5", help="comma list of F for --retrieve-fraction")
+    p.add_argument("--min-pointers", default="16,64,256", help="--min-pointers values (empty: none)")
+    p.add_argument("--retune", action="store_true", help="fit a new gate even if the datastore has one")
+    p.add_argument("--kind", default="auto", choices=["auto", "linear", "mlp"])
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--out", default=None, help="JSON (default: results/adaptive_<datastore name>.json)")
+    return p.parse_args(argv)
+
+
+def summary(name: str, res: dict, setting) -> dict:
+    """One row of the table: the grid entry with λ ``setting``, its never-seen bucket, speed."""
+    gi = next(i for i, r in enumerate(res["grid"]) if r["lambda"] == setting)
+    never = next((b for b in res["buckets"] if b["frequency"] == "0"), None)
+    t = res["timing"]
+    return {
+        "variant": name, "lambda": setting, "ppl": res["grid"][gi]["ppl"], "ppl_base": res["ppl_base"],
+        "never_seen": None if never is None else {
+            "tokens": never["tokens"], "ppl_base": never["ppl_base"], "ppl": never["ppl_grid"][gi]},
+        "searched_fraction": res["retrieval"]["searched_fraction"],
+        "pointer_fraction": res["retrieval"]["pointer_fraction"],
+        "tokens_per_second": t["tokens_per_second"], "lm_tokens_per_second": t["lm_tokens_per_second"],
+        "knn_seconds": t["knn_seconds"],
+    }
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    import knnlm
+    from knnlm.corpora import stdlib_files
+    from knnlm.evaluation import LMCache
+    from knnlm.gate import format_report, load_gate
+
+    ds = knnlm.open_datastore(args.datastore)
+    model, tok = knnlm.load_model(args.model)
+    knn = knnlm.KNNLM(model, ds, tok, lam=args.lam, nprobe=args.nprobe)
+    inside = {d["name"] for d in ds.documents}
+    tune_files = [f for f in stdlib_files("tune") if f not in inside]
+    skipped = len(stdlib_files("tune")) - len(tune_files)
+    t0 = time.time()
+    if ds.header.gate and not args.retune:
+        gate = load_gate(ds)
+        log(f"reusing the gate in {gate.path} (--retune to refit)")
+    else:
+        log(f"tuning on {len(tune_files)} stdlib-tune files ({skipped} skipped: in the datastore), "
+            f"{args.tune_tokens or 'all'} tokens")
+        gate = knn.tune(tune_files, max_tokens=args.tune_tokens or None, kind=args.kind)
+    tune_seconds = time.time() - t0
+    print(format_report(gate))
+    knn = knn.replace(gate=gate)
+
+    test = stdlib_files("test")
+    cache = LMCache()
+    common = dict(max_tokens=args.eval_tokens or None, batch_size=args.batch_size, progress=True)
+    rows, raw = [], {}
+
+    def variant(name: str, lambdas, **kw):
+        log(f"scoring {name}")
+        res = knn.evaluate(test, lambdas=lambdas, lm_cache=cache, **common, **kw)
+        raw[name] = res
+        rows.extend(summary(name, res, lam) for lam in lambdas)
+        return res
+
+    variant("full search", [args.lam, "adaptive"])
+    for f in floats(args.retrieve_fractions):
+        variant(f"retrieve fraction {f:g}", ["adaptive", args.lam], retrieve_fraction=f)
+    for m in [int(x) for x in args.min_pointers.split(",") if x.strip()]:
+        variant(f"pointers (min {m})", [args.lam, "adaptive"], pointers=True, min_pointers=m)
+
+    first = raw["full search"]
+    print(f"\ndatastore {ds.path} ({len(ds):,} keys, {ds.header.index['factory']}), {first['tokens']:,} held-out "
+          f"tokens; base LM ppl {first['ppl_base']:.3f}; gate: {gate.net['kind']} on {len(gate.features)} features, "
+          f"tuned on {sum(d['tokens'] for d in gate.tuned_on):,} tokens\n")
+    print("| variant | λ | ppl | change vs base | never seen: base → this | searched | tok/s |")
+    print("|---|---|---:|---:|---|---:|---:|")
+    for r in rows:
+        ns = r["never_seen"]
+        ns_s = f"{ns['ppl_base']:.1f} → {ns['ppl']:.1f} ({ns['tokens']} tokens)" if ns and ns["ppl"] else ""
+        lam = r["lambda"] if isinstance(r["lambda"], str) else f"{r['lambda']:g}"
+        print(f"| {r['variant']} | {lam} | "
+              f"{r['ppl']:.3f} | {100 * (r['ppl'] / r['ppl_base'] - 1):+.1f}% | {ns_s} | "
+              f"{100 * r['searched_fraction']:.1f}% | {r['tokens_per_second']:.0f} |")
+    out = args.out or f"results/adaptive_{Path(args.datastore).name}.json"
+    write_json(out, {"command": command_line(MODULE, argv), "datastore": str(ds.path), "keys": len(ds),
+                     "tune_seconds": round(tune_seconds, 1), "gate": gate.to_json(), "rows": rows, "runs": raw})
+    log(f"results written to {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,508 @@
+"""Adaptive kNN-LM: a per-token λ(x) and a pre-retrieval gate, their features, fitting and saving.
+
+Two small models, fitted by ``knnlm tune`` on text that is neither in the datastore nor in the eval
+text, saved with the datastore (``gate.json``, see ``knnlm.datastore.attach_gate``):
+
+* the **λ gate** maps per-token features to λ(x) = sigmoid(f(z)) (z: features standardised with
+  the tuning text's mean / std, f: a linear map or a one-hidden-layer tanh MLP) and is fitted by
+  maximising the mixture log-likelihood itself, ``mean log(λ(x) p_knn(y) + (1 - λ(x)) p_lm(y))``,
+  on the tuning tokens (full-batch L-BFGS, fixed seed: deterministic). The mixture is computed by
+  ``knnlm.scoring.mix``: the gate only produces λ.
+* the **retrieval gate** sees only what is known before searching (LM entropy, LM max
+  log-prob, datastore frequency of the LM's argmax) and predicts the log-likelihood gain that
+  searching would bring (a regression on ``log p_mix(y) - log p_lm(y)`` under the λ gate). Tokens
+  whose predicted gain is below a threshold skip the search and score the LM alone. The threshold
+  for a searched fraction F is the (1 - F) quantile of the predicted gains on the tuning text
+  (1,001 quantiles are stored), so "F" is the fraction of tuning tokens that would search; the
+  fraction actually searched on other text is measured and reported.
+
+Features (``FEATURES``; which ones the λ gate keeps is decided on held-out tuning documents by
+backward elimination, and recorded in the gate's ``report``):
+
+==================== =========================================================================
+``lm_entropy``        entropy of p_lm (nats)
+``lm_max_logprob``    log of the LM's largest probability
+``argmax_log_freq``   log(1 + datastore frequency of the LM's argmax token)
+``knn_top1_log_dist`` log(1 + squared distance of the nearest neighbour)
+``knn_mean_log_dist`` log(1 + mean squared distance of the neighbours)
+``knn_entropy``       entropy of p_knn (over tokens, neighbours' weights summed per value)
+``knn_log_distinct``  log of the number of distinct values among the neighbours
+``knn_max_prob``      the largest p_knn
+``knn_lm_argmax_prob`` p_knn of the LM's argmax token (do retrieval and the LM agree?)
+==================== =========================================================================
+
+The kNN features use the gate's own ``k`` and ``temperature`` (those it was tuned with) whatever
+setting the mixture uses, so λ(x) means the same in a sweep. A row with no neighbour at all
+(everything excluded or missing) gets λ = 0.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from knnlm.config import check_fraction
+from knnlm.datastore import GATE, Datastore, attach_gate
+from knnlm.errors import ConfigError, DatastoreError
+from knnlm.scoring import knn_log_weights, mix
+
+__all__ = ["FEATURES", "PRE_FEATURES", "Gate", "TuneData", "fit_gate", "load_gate", "save_gate", "lm_features",
+           "knn_features", "check_fraction", "GATE_FORMAT", "check_outside_datastore", "format_report"]
+
+GATE_FORMAT = "knnlm-gate"
+GATE_VERSION = 1
+LM_FEATURES = ("lm_entropy", "lm_max_logprob", "argmax_log_freq")
+KNN_FEATURES = ("knn_top1_log_dist", "knn_mean_log_dist", "knn_entropy", "knn_log_distinct", "knn_max_prob",
+                "knn_lm_argmax_prob")
+FEATURES = LM_FEATURES + KNN_FEATURES
+PRE_FEATURES = LM_FEATURES  # known before searching
+QUANTILES = 1001
+KEEP_EPS = 1e-3  # nats/token: a feature stays when dropping it costs more than this on held-out tuning docs
+
+
+# ---------------------------------------------------------------------------------- features
+
+
+def lm_features(logits: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+    """(R, V) logits, (V,) datastore token counts -> (R, 4) fp32: entropy, max log-prob,
+    log(1 + frequency of the argmax), and the argmax id (as float, for ``knn_features``)."""
+    lp = torch.log_softmax(logits.float(), dim=-1)  # (R, V)
+    p = lp.exp()
+    ent = -(p * lp.masked_fill(p == 0, 0.0)).sum(-1)  # (R,)
+    top, arg = lp.max(dim=-1)  # (R,), (R,)
+    freq = torch.log1p(counts.to(arg.device)[arg].float())
+    return torch.stack([ent, top, freq, arg.float()], dim=-1)
+
+
+def knn_features(dists: torch.Tensor, values: torch.Tensor, temperature: float,
+                 lm_argmax: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Neighbours (R, K) ascending, the LM's argmax (R,) -> (features (R, 6) fp32, has (R,) bool:
+    the row has at least one neighbour). Features of a row without neighbours are 0."""
+    d = dists.float()
+    finite = torch.isfinite(d)  # (R, K)
+    has = finite.any(dim=-1)
+    nfin = finite.sum(-1).clamp(min=1)
+    dz = torch.where(finite, d.clamp(min=0), torch.zeros_like(d))
+    top1 = torch.log1p(torch.where(finite, d.clamp(min=0), torch.full_like(d, math.inf)).min(-1).values)
+    mean = torch.log1p(dz.sum(-1) / nfin)
+    # p_knn per distinct value: sort the values, sum the weights of each run of equal values
+    w = knn_log_weights(d, temperature).exp()  # (R, K), 0 for missing
+    vals = torch.where(finite, values.long(), torch.full_like(values.long(), -1))
+    sv, order = vals.sort(dim=-1)
+    sw = w.gather(1, order)
+    start = torch.ones_like(sv, dtype=torch.bool)
+    start[:, 1:] = sv[:, 1:] != sv[:, :-1]
+    seg = start.long().cumsum(-1) - 1  # (R, K) run id
+    mass = torch.zeros_like(sw).scatter_add_(1, seg, sw)  # (R, K) mass per run (runs of -1 have 0)
+    ent = -(mass * torch.log(mass.clamp(min=1e-30))).sum(-1)
+    distinct = (start & (sv >= 0)).sum(-1).clamp(min=1).float()
+    agree = (w * (vals == lm_argmax.long()[:, None])).sum(-1)
+    out = torch.stack([top1, mean, ent, torch.log(distinct), mass.max(-1).values, agree], dim=-1)
+    return torch.where(has[:, None], out, torch.zeros_like(out)), has
+
+
+# ---------------------------------------------------------------------------------- the models
+
+
+def _forward(net: dict, z: torch.Tensor) -> torch.Tensor:
+    """z (R, F) -> (R,) logit (λ gate) or predicted gain (retrieval gate)."""
+    if net["kind"] == "linear":
+        return z @ net["w"] + net["b"]
+    return torch.tanh(z @ net["W1"] + net["b1"]) @ net["w2"] + net["b2"]
+
+
+def _new_net(kind: str, n_features: int, hidden: int, gen: torch.Generator) -> dict:
+    if kind == "linear":
+        return {"kind": kind, "w": torch.zeros(n_features, dtype=torch.float64),
+                "b": torch.zeros((), dtype=torch.float64)}
+    return {"kind": kind,
+            "W1": torch.randn(n_features, hidden, generator=gen, dtype=torch.float64) / math.sqrt(max(n_features, 1)),
+            "b1": torch.zeros(hidden, dtype=torch.float64),
+            "w2": torch.randn(hidden, generator=gen, dtype=torch.float64) * 0.1,
+            "b2": torch.zeros((), dtype=torch.float64)}
+
+
+def _params(net: dict) -> list[torch.Tensor]:
+    return [v for k, v in net.items() if k != "kind"]
+
+
+def _train(net: dict, loss_fn, z: torch.Tensor, *, l2: float, iters: int) -> dict:
+    """Full-batch L-BFGS (deterministic) on ``loss_fn(_forward(net, z))`` + l2 on the weights."""
+    for p in _params(net):
+        p.requires_grad_(True)
+    weights = [v for k, v in net.items() if k in ("w", "W1", "w2")]
+    opt = torch.optim.LBFGS(_params(net), lr=1.0, max_iter=iters, history_size=20, line_search_fn="strong_wolfe",
+                            tolerance_grad=1e-9, tolerance_change=1e-12)
+
+    def closure():
+        opt.zero_grad()
+        loss = loss_fn(_forward(net, z)) + l2 * sum((w ** 2).sum() for w in weights)
+        loss.backward()
+        return loss
+
+    with torch.enable_grad():
+        opt.step(closure)
+    return {k: (v.detach() if k != "kind" else v) for k, v in net.items()}
+
+
+def _net_json(net: dict) -> dict:
+    return {k: (v if k == "kind" else v.tolist()) for k, v in net.items()}
+
+
+def _net_from_json(d: dict) -> dict:
+    return {k: (v if k == "kind" else torch.tensor(v, dtype=torch.float64)) for k, v in d.items()}
+
+
+def _mixture_nll(lp_lm: torch.Tensor, lp_knn: torch.Tensor):
+    """loss(s): mean -log(sigmoid(s) p_knn + sigmoid(-s) p_lm), the objective of the λ gate."""
+    knn = lp_knn.clamp(min=-1e4)  # -inf (no neighbour votes for y) would give NaN gradients
+
+    def loss(s: torch.Tensor) -> torch.Tensor:
+        return -torch.logaddexp(torch.nn.functional.logsigmoid(-s) + lp_lm,
+                                torch.nn.functional.logsigmoid(s) + knn).mean()
+    return loss
+
+
+# ---------------------------------------------------------------------------------- the gate
+
+
+@dataclass
+class Gate:
+    """A fitted λ gate + retrieval gate for one datastore (``identity``), at the kNN setting
+    (``k``, ``temperature``) its features are computed with."""
+    identity: str
+    k: int
+    temperature: float
+    features: list[str]  # the λ gate's inputs (a subset of FEATURES)
+    mean: torch.Tensor  # (F,) standardisation of those
+    std: torch.Tensor
+    net: dict
+    pre_features: list[str] = field(default_factory=lambda: list(PRE_FEATURES))
+    pre_mean: torch.Tensor | None = None
+    pre_std: torch.Tensor | None = None
+    pre_net: dict | None = None
+    pre_quantiles: list[float] | None = None  # predicted gain at QUANTILES evenly spaced levels
+    tuned_on: list[dict] = field(default_factory=list)  # {"name", "sha256", "tokens"}
+    report: dict = field(default_factory=dict)
+    path: str | None = None
+
+    # ---- using it ------------------------------------------------------------------------------
+    @staticmethod
+    def _z(x: torch.Tensor, names: Sequence[str], chosen: Sequence[str], mean, std) -> torch.Tensor:
+        idx = [names.index(f) for f in chosen]
+        return (x[:, idx].double() - mean.to(x.device)) / std.to(x.device)
+
+    def lam(self, lm_feats: torch.Tensor, dists: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+        """λ(x) (R,) fp32 in [0, 1] from ``lm_features`` (R, 4) and the neighbours (R, K ascending;
+        the first ``self.k`` are used). Rows without a neighbour get 0."""
+        kf, has = knn_features(dists[:, :self.k], values[:, :self.k], self.temperature, lm_feats[:, 3])
+        x = torch.cat([lm_feats[:, :3], kf], dim=-1)  # (R, len(FEATURES))
+        s = _forward({k: (v.to(x.device) if k != "kind" else v) for k, v in self.net.items()},
+                     self._z(x, FEATURES, self.features, self.mean, self.std))
+        return torch.where(has, torch.sigmoid(s), torch.zeros_like(s)).float()
+
+    def pre_score(self, lm_feats: torch.Tensor) -> torch.Tensor:
+        """Predicted log-likelihood gain of searching (R,) from ``lm_features`` only."""
+        if self.pre_net is None:
+            raise DatastoreError(f"gate {self.path} has no retrieval gate; re-run `knnlm tune`")
+        net = {k: (v.to(lm_feats.device) if k != "kind" else v) for k, v in self.pre_net.items()}
+        return _forward(net, self._z(lm_feats[:, :3], LM_FEATURES, self.pre_features, self.pre_mean,
+                                     self.pre_std)).float()
+
+    def threshold(self, fraction: float) -> float:
+        """The predicted-gain threshold above which a fraction ``fraction`` of the tuning tokens searched."""
+        check_fraction(fraction)
+        q = np.linspace(0.0, 1.0, len(self.pre_quantiles))
+        return float(np.interp(1.0 - fraction, q, self.pre_quantiles))
+
+    def select(self, lm_feats: torch.Tensor, fraction: float | None) -> torch.Tensor:
+        """Which rows search (R,) bool: all for ``fraction`` None or 1, else predicted gain >= threshold."""
+        if fraction is None or fraction >= 1.0:
+            return torch.ones(lm_feats.shape[0], dtype=torch.bool, device=lm_feats.device)
+        return self.pre_score(lm_feats) >= self.threshold(fraction)
+
+    # ---- checks -------------------------------------------------------------------------------
+    def check_datastore(self, ds: Datastore) -> None:
+        if self.identity != ds.identity():
+            raise DatastoreError(f"gate {self.path} was tuned on another datastore (identity {self.identity}, "
+                                 f"{ds.path} is {ds.identity()}); run `knnlm tune --datastore {ds.path}`")
+
+    def check_disjoint(self, docs: Sequence[dict], param: str = "data") -> None:
+        """Refuse eval documents (dicts with ``name``, ``sha256``) the gate was tuned on."""
+        tuned = {d["sha256"]: d["name"] for d in self.tuned_on}
+        both = [d["name"] for d in docs if d["sha256"] in tuned]
+        if both:
+            raise ConfigError(f"`{param}` has {len(both)} document(s) the gate was tuned on (e.g. {both[0]}); "
+                              "evaluate on text disjoint from the tuning text", param=param)
+
+    # ---- storage ------------------------------------------------------------------------------
+    def to_json(self) -> dict:
+        return {"format": GATE_FORMAT, "version": GATE_VERSION, "datastore": self.identity, "k": self.k,
+                "temperature": self.temperature, "features": list(self.features), "mean": self.mean.tolist(),
+                "std": self.std.tolist(), "net": _net_json(self.net),
+                "pre": None if self.pre_net is None else {
+                    "features": list(self.pre_features), "mean": self.pre_mean.tolist(), "std": self.pre_std.tolist(),
+                    "net": _net_json(self.pre_net), "quantiles": self.pre_quantiles},
+                "tuned_on": self.tuned_on, "report": self.report}
+
+    @classmethod
+    def from_json(cls, d: dict, where: str) -> Gate:
+        if d.get("format") != GATE_FORMAT or d.get("version") != GATE_VERSION:
+            raise DatastoreError(f"{where} is not a {GATE_FORMAT} v{GATE_VERSION} file; re-run `knnlm tune`")
+        try:
+            pre = d.get("pre")
+            return cls(identity=d["datastore"], k=int(d["k"]), temperature=float(d["temperature"]),
+                       features=list(d["features"]), mean=torch.tensor(d["mean"], dtype=torch.float64),
+                       std=torch.tensor(d["std"], dtype=torch.float64), net=_net_from_json(d["net"]),
+                       pre_features=list(pre["features"]) if pre else list(PRE_FEATURES),
+                       pre_mean=torch.tensor(pre["mean"], dtype=torch.float64) if pre else None,
+                       pre_std=torch.tensor(pre["std"], dtype=torch.float64) if pre else None,
+                       pre_net=_net_from_json(pre["net"]) if pre else None,
+                       pre_quantiles=list(pre["quantiles"]) if pre else None,
+                       tuned_on=list(d.get("tuned_on") or []), report=dict(d.get("report") or {}), path=where)
+        except (KeyError, TypeError, ValueError) as e:
+            raise DatastoreError(f"{where} lacks or mangles field {e}; re-run `knnlm tune`") from None
+
+
+def check_outside_datastore(ds: Datastore, docs: Sequence[dict], param: str = "data") -> None:
+    """Refuse tuning documents (dicts with ``name``, ``sha256`` of the text) that are in ``ds``."""
+    inside = {d.get("sha256") for d in ds.documents}
+    names = [d["name"] for d in docs if d["sha256"] in inside]
+    if names:
+        raise ConfigError(f"`{param}` has {len(names)} document(s) that are in the datastore (e.g. {names[0]}); tune "
+                          "on text outside it (for stdlib: python -m knnlm.corpora stdlib-tune)", param=param)
+
+
+def format_report(gate: Gate) -> str:
+    """What ``knnlm tune`` prints: the held-out NLL of each choice, the features kept."""
+    r = gate.report
+    n = r["nll_per_token"]
+    bf = n["best_fixed_lambda"]
+    lines = [f"tuned on {len(gate.tuned_on)} documents, {r['tokens']:,} tokens ({r['validation_tokens']:,} held out "
+             f"for the choices below), k {gate.k}, T {gate.temperature:g}",
+             "held-out NLL per token (lower is better):",
+             f"  base LM                {n['base_lm']:.4f}",
+             f"  best fixed lambda {bf['lambda']:<4g} {bf['nll']:.4f}",
+             f"  linear gate, all       {n['linear_all']:.4f}",
+             f"  MLP gate, all          {n['mlp_all']:.4f}",
+             f"  chosen: {r['kind']} on {len(r['features'])} features  {r['validation_nll']:.4f}",
+             "  kept: " + ", ".join(r["features"])]
+    dropped = [f for f in FEATURES if f not in r["features"]]
+    if dropped:
+        lines.append(f"  dropped (each cost <= {KEEP_EPS:g} nats/token): {', '.join(dropped)}")
+    rg = r.get("retrieval_gate")
+    if rg:
+        kept = rg["fraction_kept_by_top_predicted"]
+        lines.append("retrieval gate: share of the tuning text's total gain kept when searching the top F by "
+                     "predicted gain: " + ", ".join(f"F {f}: {v['gain_kept']} (oracle {v['oracle']})"
+                                                    for f, v in kept.items()))
+    return "\n".join(lines)
+
+
+def load_gate(ds: Datastore, path: str | Path | None = None) -> Gate:
+    """The gate saved with ``ds`` (``path`` None: the header's ``gate`` entry, hash-checked) or the
+    gate file at ``path``; refused when it was tuned on another datastore."""
+    if path is None:
+        entry = ds.header.gate
+        if not entry:
+            raise ConfigError(f"`lam` 'adaptive' (and `retrieve_fraction`) need a gate, and datastore {ds.path} has "
+                              f"none; tune one with `knnlm tune --datastore {ds.path} --data TUNE_TEXT`", param="lam")
+        p = Path(ds.path) / entry.get("file", GATE)
+        if not p.exists():
+            raise DatastoreError(f"{p} is missing (the header lists a gate); re-run `knnlm tune`")
+        raw = p.read_bytes()
+        if hashlib.sha256(raw).hexdigest() != entry.get("sha256"):
+            raise DatastoreError(f"{p} does not match the SHA-256 in {ds.path}/header.json; re-run `knnlm tune`")
+    else:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"`gate` file not found: {p}", param="gate")
+        raw = p.read_bytes()
+    try:
+        d = json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise DatastoreError(f"{p} is not valid JSON ({e}); re-run `knnlm tune`") from None
+    gate = Gate.from_json(d, str(p))
+    gate.check_datastore(ds)
+    return gate
+
+
+def save_gate(gate: Gate, ds: Datastore, out: str | Path | None = None) -> Path:
+    """Save ``gate`` with ``ds`` (``out`` None: ``gate.json`` + header entry) or to the file ``out``."""
+    gate.check_datastore(ds)
+    if out is None:
+        attach_gate(ds, gate.to_json())
+        gate.path = str(Path(ds.path) / GATE)
+    else:
+        from knnlm.datastore import write_json_atomic
+
+        write_json_atomic(out, gate.to_json())
+        gate.path = str(out)
+    return Path(gate.path)
+
+
+# ---------------------------------------------------------------------------------- fitting
+
+
+@dataclass
+class TuneData:
+    """Per tuning token: LM features (N, 4) (``lm_features``), kNN features (N, 6) at the gate's
+    k / T, has-neighbour (N,), log p_lm(y) and log p_knn(y) at that T / k (N,), document (N,)."""
+    lm: torch.Tensor
+    knn: torch.Tensor
+    has: torch.Tensor
+    lp_lm: torch.Tensor
+    lp_knn: torch.Tensor
+    doc: torch.Tensor
+    documents: list[dict]  # {"name", "sha256", "tokens"}
+
+    @property
+    def x(self) -> torch.Tensor:
+        return torch.cat([self.lm[:, :3], self.knn], dim=-1).double()  # (N, len(FEATURES))
+
+
+def _standardise(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    return x.mean(0), x.std(0).clamp(min=1e-6)
+
+
+def _fit_lambda(x, lp_lm, lp_knn, names, chosen, kind, hidden, seed, l2, iters):
+    idx = [names.index(f) for f in chosen]
+    xs = x[:, idx]
+    mean, std = _standardise(xs)
+    gen = torch.Generator().manual_seed(seed)
+    net = _train(_new_net(kind, len(idx), hidden, gen), _mixture_nll(lp_lm, lp_knn), (xs - mean) / std,
+                 l2=l2, iters=iters)
+    return net, mean, std
+
+
+def _eval_nll(net, mean, std, x, lp_lm, lp_knn, names, chosen) -> float:
+    idx = [names.index(f) for f in chosen]
+    with torch.no_grad():
+        return float(_mixture_nll(lp_lm, lp_knn)(_forward(net, (x[:, idx] - mean) / std)))
+
+
+@contextlib.contextmanager
+def _one_thread():
+    """Fitting is a small dense problem: one thread avoids the threading overhead that dominates
+    it (and does not fight other jobs for the cores)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(n)
+
+
+SELECT_ROWS = 20_000  # tuning rows the model-kind / feature choices are fitted on (a seeded sample)
+
+
+def fit_gate(data: TuneData, identity: str, k: int, temperature: float, *, kind: str = "auto", hidden: int = 16,
+             seed: int = 0, l2: float = 1e-4, iters: int = 100, select: bool = True) -> Gate:
+    """Fit the λ gate and the retrieval gate on ``data`` (deterministic for a ``seed``).
+
+    Held-out documents (every fifth tuning document, or the last one when there are fewer than
+    five; with a single document the choices are made in-sample) choose the model kind (``auto``:
+    linear vs MLP, fitted on a seeded sample of at most ``SELECT_ROWS`` of the other documents'
+    tokens) and the features: each feature's drop-one cost is measured, then features are
+    dropped in order of that cost while each drop costs at most ``KEEP_EPS`` nats/token. The
+    final gate is refitted on all tokens. Everything measured goes into ``gate.report``."""
+    with _one_thread():
+        return _fit_gate(data, identity, k, temperature, kind, hidden, seed, l2, iters, select)
+
+
+def _fit_gate(data, identity, k, temperature, kind, hidden, seed, l2, iters, select) -> Gate:
+    rows = data.has  # tokens without a single neighbour carry no information about λ
+    x, lp_lm, lp_knn, doc = data.x[rows], data.lp_lm[rows].double(), data.lp_knn[rows].double(), data.doc[rows]
+    names = list(FEATURES)
+    n_docs = len(data.documents)
+    held_docs = [i for i in range(n_docs) if i % 5 == 4] or ([n_docs - 1] if n_docs >= 2 else [])
+    held = torch.isin(doc, torch.tensor(held_docs, dtype=doc.dtype))
+    if bool(held.any()) and bool((~held).any()):
+        fit_rows, val_rows = ~held, held
+    else:  # a single tuning document: choices are made in-sample
+        fit_rows = val_rows = torch.ones(x.shape[0], dtype=torch.bool)
+    fit_idx = fit_rows.nonzero().squeeze(1)
+    if fit_idx.numel() > SELECT_ROWS:
+        gen = torch.Generator().manual_seed(seed)
+        fit_idx = fit_idx[torch.randperm(fit_idx.numel(), generator=gen)[:SELECT_ROWS]]
+    xf, xv = x[fit_idx], x[val_rows]
+    args = (lp_lm[fit_idx], lp_knn[fit_idx])
+    vargs = (lp_lm[val_rows], lp_knn[val_rows])
+
+    def val(chosen, kind_):
+        net, m, s = _fit_lambda(xf, *args, names, chosen, kind_, hidden, seed, l2, iters)
+        return _eval_nll(net, m, s, xv, *vargs, names, chosen)
+
+    report: dict = {"tokens": int(data.lp_lm.shape[0]), "tokens_with_neighbours": int(rows.sum()),
+                    "selection_fit_tokens": int(fit_idx.numel()), "validation_tokens": int(val_rows.sum()),
+                    "validation_documents": [data.documents[i]["name"] for i in held_docs] if bool(held.any()) else
+                    "in-sample", "nll_per_token": {}}
+    nll = report["nll_per_token"]
+    nll["base_lm"] = float(-vargs[0].mean())
+    best_fixed = min(((lam, float(-mix(vargs[0], vargs[1], lam).mean())) for lam in np.linspace(0.05, 0.95, 19)),
+                     key=lambda t: t[1])
+    nll["best_fixed_lambda"] = {"lambda": round(float(best_fixed[0]), 2), "nll": best_fixed[1]}
+    nll["linear_all"] = val(names, "linear")
+    nll["mlp_all"] = val(names, "mlp")
+    if kind == "auto":
+        kind = "mlp" if nll["mlp_all"] < nll["linear_all"] - KEEP_EPS else "linear"
+    chosen, current = list(names), nll[f"{kind}_all"]
+    if select:
+        drop_one = {f: val([c for c in chosen if c != f], kind) - current for f in chosen}
+        report["drop_one_cost"] = {f: round(v, 5) for f, v in drop_one.items()}
+        for f in sorted(drop_one, key=drop_one.get):
+            if len(chosen) == 1 or drop_one[f] > KEEP_EPS:
+                break
+            v = val([c for c in chosen if c != f], kind)
+            if v - current > KEEP_EPS:
+                break
+            chosen.remove(f)
+            current = v
+    report.update(kind=kind, features=chosen, validation_nll=current)
+    net, mean, std = _fit_lambda(x, lp_lm, lp_knn, names, chosen, kind, hidden, seed, l2, iters)
+    gate = Gate(identity=identity, k=k, temperature=temperature, features=chosen, mean=mean, std=std, net=net,
+                tuned_on=data.documents, report=report)
+    _fit_retrieval(gate, data, hidden, seed, l2, iters)
+    return gate
+
+
+def _fit_retrieval(gate: Gate, data: TuneData, hidden: int, seed: int, l2: float, iters: int) -> None:
+    """The retrieval gate: predicted gain of searching from the LM features (all tuning tokens,
+    those without neighbours included: their gain is 0)."""
+    with torch.no_grad():
+        x = torch.cat([data.lm[:, :3], data.knn], dim=-1)
+        kf = _forward(gate.net, Gate._z(x, FEATURES, gate.features, gate.mean, gate.std))
+        lam = torch.where(data.has, torch.sigmoid(kf), torch.zeros_like(kf))
+        gain = (mix(data.lp_lm, data.lp_knn, lam.float()) - data.lp_lm).double()  # (N,)
+    xs = data.lm[:, :3].double()
+    mean, std = _standardise(xs)  # the regression is fitted on every tuning token
+    gen = torch.Generator().manual_seed(seed)
+    target = gain
+
+    def mse(pred):
+        return ((pred - target) ** 2).mean()
+
+    net = _train(_new_net("mlp", 3, hidden, gen), mse, (xs - mean) / std, l2=l2, iters=iters)
+    with torch.no_grad():
+        score = _forward(net, (xs - mean) / std)
+    gate.pre_net, gate.pre_mean, gate.pre_std = net, mean, std
+    gate.pre_quantiles = np.quantile(score.numpy(), np.linspace(0, 1, QUANTILES)).tolist()
+    # how much of the total gain the top-F tokens by predicted gain keep (in-sample, and the oracle)
+    total = float(gain.sum())
+    kept = {}
+    for f in (0.25, 0.5, 0.75):
+        n = int(round(f * len(gain)))
+        by_pred = float(gain[torch.argsort(score, descending=True)[:n]].sum())
+        oracle = float(gain.sort(descending=True).values[:n].sum())
+        kept[str(f)] = {"gain_kept": round(by_pred / total, 4) if total else None,
+                        "oracle": round(oracle / total, 4) if total else None}
+    gate.report["retrieval_gate"] = {"total_gain_nats": total, "mean_gain_per_token": total / max(len(gain), 1),
+                                     "fraction_kept_by_top_predicted": kept}

@@ -1,0 +1,351 @@
+"""Adaptive kNN-LM: per-token λ from a tuned gate, the retrieval gate, pointers (knnlm.gate,
+knnlm.retrieval.Retriever.step, evaluation / generation with them)."""
+
+import json
+import math
+import re
+import shutil
+import sysconfig
+from pathlib import Path
+
+import pytest
+import torch
+
+from knnlm import KNNLM, BuildConfig, build_datastore
+from knnlm.config import ConfigError, EvalConfig
+from knnlm.datastore import DatastoreError, open_datastore
+from knnlm.evaluation import LMCache, collect_tuning
+from knnlm.gate import Gate, fit_gate, load_gate
+from knnlm.generate import KNNLogitsProcessor
+from knnlm.scoring import interpolate, mix, reference_interpolate, reference_interpolate_target
+from knnlm.testing import build_tiny_store, corpus_paths, make_tiny_model
+
+STDLIB = Path(sysconfig.get_paths()["stdlib"])
+TUNE = [str(STDLIB / "sched.py")]  # not in the tiny datastore (CORPUS_FILES)
+EVAL = [str(STDLIB / "queue.py")]
+
+
+@pytest.fixture(scope="module")
+def tuned(tmp_path_factory, tiny_store, tiny_tokenizer):
+    """A copy of the tiny datastore (tuning writes into it) with a gate tuned on sched.py."""
+    model, shared = tiny_store
+    path = tmp_path_factory.mktemp("adaptive") / "ds"
+    shutil.copytree(shared.path, path)
+    knn = KNNLM(model, open_datastore(path), tiny_tokenizer, k=32)
+    gate = knn.tune(TUNE, max_tokens=2000, progress=False)
+    return model, open_datastore(path), gate
+
+
+def _forced(gate: Gate, logit: float) -> Gate:
+    """The same gate with its output forced: sigmoid(+inf) = 1, sigmoid(-inf) = 0 exactly."""
+    g = Gate.from_json(gate.to_json(), gate.path)
+    for k, v in g.net.items():
+        if k != "kind":
+            g.net[k] = torch.zeros_like(v)
+    g.net["b" if g.net["kind"] == "linear" else "b2"] = torch.tensor(logit, dtype=torch.float64)
+    return g
+
+
+def _real_rows(model, ds, tokenizer):
+    """Logits (R, V) and key hidden states (R, D) of the tiny model on a stretch of eval text."""
+    from knnlm.capture import capture_keys
+
+    ids = torch.tensor([tokenizer(Path(EVAL[0]).read_text()[:2000])["input_ids"][:96]])
+    with torch.inference_mode(), capture_keys(model, ds.header.key.layer) as cap:
+        logits = model(input_ids=ids).logits[0]
+        hidden = cap.pop()[0]
+    return logits.clone(), hidden.clone()
+
+
+# ------------------------------------------------------------------------------ the formula
+
+
+def test_tensor_lambda_is_the_scalar_formula_per_row():
+    torch.manual_seed(0)
+    logits, dists = torch.randn(5, 50), torch.rand(5, 8) * 4
+    values, target = torch.randint(0, 50, (5, 8)), torch.randint(0, 50, (5,))
+    lam = torch.tensor([0.0, 0.1, 0.5, 0.9, 1.0])
+    full = reference_interpolate(logits, dists, values, lam, 2.0)
+    fused = interpolate(logits, dists, values, lam, 2.0)  # a tensor λ takes the reference
+    tgt = reference_interpolate_target(logits, dists, values, target, lam, 2.0)
+    for i, x in enumerate(lam.tolist()):
+        row = reference_interpolate(logits[i:i + 1], dists[i:i + 1], values[i:i + 1], x, 2.0)[0]
+        assert torch.allclose(full[i], row, atol=1e-6, equal_nan=True)
+        assert torch.allclose(fused[i], row, atol=1e-6, equal_nan=True)
+        assert torch.allclose(tgt[i], row[target[i]], atol=1e-6, equal_nan=True)
+    assert torch.equal(full[0], torch.log_softmax(logits[0], -1))  # λ = 0: the LM exactly
+    nan_lm = torch.full((2, 4), math.nan)
+    knn = torch.log(torch.tensor([[0.5, 0.5, 0.0, 0.0], [0.25, 0.25, 0.25, 0.25]]))
+    out = mix(nan_lm, knn, torch.tensor([1.0, 1.0]))  # λ = 1 rows never read the LM side
+    assert torch.equal(out, knn)
+    for bad in (torch.tensor([0.5, 1.5]), torch.tensor([math.nan]), torch.ones(2, 2)):
+        with pytest.raises(ConfigError, match="`lam`"):
+            reference_interpolate(logits[:2], dists[:2], values[:2], bad, 1.0)
+
+
+# ------------------------------------------------------------------------------ the gate
+
+
+def test_gate_limits_reproduce_base_lm_and_pure_knn(tuned, tiny_tokenizer):
+    model, ds, gate = tuned
+    plain = KNNLM(model, ds, tiny_tokenizer, k=32)
+    cache = LMCache()
+    ref = plain.evaluate(EVAL, lambdas=[0.0, 1.0], max_tokens=600, progress=False, lm_cache=cache)
+    for logit, ppl in ((-math.inf, ref["ppl_base"]), (math.inf, ref["grid"][1]["ppl"])):
+        knn = KNNLM(model, ds, tiny_tokenizer, k=32, lam="adaptive", gate=_forced(gate, logit))
+        res = knn.evaluate(EVAL, max_tokens=600, progress=False, lm_cache=cache)
+        assert res["ppl_knn"] == pytest.approx(ppl, rel=1e-6)
+        assert res["adaptive"]["quantiles"]["0.5"] == (0.0 if logit < 0 else 1.0)
+    # log_probs: the full distributions, too
+    torch.manual_seed(0)
+    logits, hidden = torch.randn(3, model.config.vocab_size), torch.randn(3, ds.dim)
+    lp0 = KNNLM(model, ds, tiny_tokenizer, k=32, lam="adaptive", gate=_forced(gate, -math.inf)).log_probs(
+        logits, hidden)
+    assert torch.equal(lp0, torch.log_softmax(logits, -1))
+    lp1 = KNNLM(model, ds, tiny_tokenizer, k=32, lam="adaptive", gate=_forced(gate, math.inf)).log_probs(
+        logits, hidden)
+    pure = plain.replace(lam=1.0, use_kernel=False).log_probs(logits, hidden)
+    assert torch.allclose(lp1, pure, atol=1e-6, equal_nan=True)
+
+
+def test_adaptive_in_a_sweep_equals_single_runs_and_reports_lambda(tuned, tiny_tokenizer):
+    model, ds, gate = tuned
+    knn = KNNLM(model, ds, tiny_tokenizer, k=32, gate=gate)
+    cache = LMCache()
+    sweep = knn.evaluate(EVAL, lambdas=[0.25, "adaptive", 0.1], max_tokens=600, progress=False, lm_cache=cache)
+    assert [r["lambda"] for r in sweep["grid"]] == [0.25, "adaptive", 0.1]
+    single = knn.replace(lam="adaptive").evaluate(EVAL, max_tokens=600, progress=False)  # its own forward
+    assert single["ppl_knn"] == pytest.approx(sweep["grid"][1]["ppl"], rel=1e-5)
+    a = single["adaptive"]
+    assert a["tokens"] == single["tokens"] and sum(a["histogram"]["counts"]) == a["tokens"]
+    assert 0.0 <= a["quantiles"]["0.05"] <= a["quantiles"]["0.5"] <= a["quantiles"]["0.95"] <= 1.0
+    assert all(0.0 <= b["mean_lambda"] <= 1.0 for b in single["buckets"])
+    assert gate.report["nll_per_token"]["mlp_all"] < gate.report["nll_per_token"]["base_lm"]
+
+
+def test_retrieval_gate_skips_searches_and_skipped_rows_are_the_lm_exactly(tuned, tiny_tokenizer, monkeypatch):
+    model, ds, gate = tuned
+    knn = KNNLM(model, ds, tiny_tokenizer, k=32, gate=gate, retrieve_fraction=0.5, use_kernel=False)
+    logits, hidden = _real_rows(model, ds, tiny_tokenizer)
+    allow = gate.select(knn.lm_features(logits), 0.5)
+    assert 0 < int(allow.sum()) < logits.shape[0]
+    searched = []
+    real = knn.retriever.search
+    monkeypatch.setattr(knn.retriever, "search", lambda q, *a, **kw: searched.append(q.shape[0]) or real(q, *a, **kw))
+    out = knn.log_probs(logits, hidden)
+    assert searched == [int(allow.sum())]  # one batched search over the selected rows only
+    assert torch.equal(out[~allow], torch.log_softmax(logits[~allow], -1))
+    every = knn.replace(retrieve_fraction=None, use_kernel=False).log_probs(logits[allow], hidden[allow])
+    assert torch.allclose(out[allow], every, atol=1e-5)
+    # eval: fraction searched is reported, and F = 1 searches everything
+    cache = LMCache()
+    half = knn.evaluate(EVAL, lambdas=["adaptive"], max_tokens=600, progress=False, lm_cache=cache)
+    full = knn.evaluate(EVAL, lambdas=["adaptive"], retrieve_fraction=1.0, max_tokens=600, progress=False,
+                        lm_cache=cache)
+    assert 0.2 < half["retrieval"]["searched_fraction"] < 0.8
+    assert full["retrieval"]["searched_fraction"] == 1.0
+    assert half["ppl_base"] == full["ppl_base"]
+
+
+def test_gate_from_another_datastore_and_a_tampered_gate_are_refused(tuned, tiny_tokenizer, tmp_path):
+    model, ds, gate = tuned
+    _, other = build_tiny_store(tmp_path / "other", tiny_tokenizer, model, files=["keyword.py"])
+    with pytest.raises(DatastoreError, match="tuned on another datastore"):
+        load_gate(other, gate.path)
+    with pytest.raises(DatastoreError, match="tuned on another datastore"):
+        KNNLM(model, other, tiny_tokenizer, lam="adaptive", gate=gate.path)
+    with pytest.raises(ConfigError, match="need a gate"):
+        KNNLM(model, other, tiny_tokenizer, lam="adaptive")
+    tampered = tmp_path / "ds"
+    tampered.mkdir()
+    for f in Path(ds.path).iterdir():
+        (tampered / f.name).symlink_to(f) if f.name != "gate.json" else None
+    (tampered / "gate.json").write_text(Path(gate.path).read_text().replace('"k": 32', '"k": 31'))
+    with pytest.raises(DatastoreError, match="SHA-256"):
+        load_gate(open_datastore(tampered))
+
+
+def test_tuning_and_eval_overlap_is_refused(tuned, tiny_tokenizer):
+    model, ds, gate = tuned
+    knn = KNNLM(model, ds, tiny_tokenizer, k=32, gate=gate)
+    with pytest.raises(ConfigError, match="in the datastore"):
+        knn.tune(corpus_paths(["bisect.py"]), max_tokens=500, progress=False, save=False)
+    with pytest.raises(ConfigError, match="tuned on"):
+        knn.evaluate(TUNE, lambdas=["adaptive"], max_tokens=300, progress=False)
+    knn.evaluate(TUNE, lambdas=[0.25], max_tokens=300, progress=False)  # a fixed λ does not use the gate
+
+
+def test_tuning_is_deterministic(tuned, tiny_tokenizer):
+    model, ds, gate = tuned
+    data = collect_tuning(KNNLM(model, ds, tiny_tokenizer, k=32), TUNE, EvalConfig(max_tokens=2000, progress=False))
+    fits = [fit_gate(data, ds.identity(), 32, 1.0, select=False).to_json() for _ in range(2)]
+    assert fits[0]["net"] == fits[1]["net"] and fits[0]["pre"] == fits[1]["pre"]
+    assert set(gate.features) <= set(fits[0]["features"])  # the tuned gate kept a subset of the features
+
+
+# ------------------------------------------------------------------------------ pointers
+
+
+def test_pointers_save_searches_on_repeated_text(tuned, tiny_tokenizer):
+    """Text the datastore holds (own keys kept): pointers follow it, about one search per window
+    (its first position; then the chain through the text's own rows holds — the last window of
+    the 800-token prefix is aligned differently from the datastore's and needs a few more); with
+    ``min_pointers`` = k, only rows whose k neighbours all continue the text skip the search."""
+    model, ds, _ = tuned
+    knn = KNNLM(model, ds, tiny_tokenizer, k=32)
+    data = corpus_paths(["colorsys.py"])
+    cache = LMCache()
+    plain = knn.evaluate(data, max_tokens=800, exclude_self=False, progress=False, lm_cache=cache)
+    ptr = knn.evaluate(data, max_tokens=800, exclude_self=False, pointers=True, min_pointers=1, progress=False,
+                       lm_cache=cache)
+    windows = math.ceil(ptr["tokens"] / 63)
+    assert windows <= ptr["retrieval"]["searched_fraction"] * ptr["tokens"] <= windows + 4
+    assert ptr["retrieval"]["searched_fraction"] + ptr["retrieval"]["pointer_fraction"] == pytest.approx(1.0)
+    assert math.isfinite(ptr["ppl_knn"])
+    never = knn.evaluate(data, max_tokens=800, exclude_self=False, pointers=True, min_pointers=32, progress=False,
+                         lm_cache=cache)
+    assert plain["retrieval"]["searches_saved"] == 0.0
+    if never["retrieval"]["searches_saved"] == 0.0:
+        assert never["ppl_knn"] == pytest.approx(plain["ppl_knn"], rel=1e-6)
+
+
+A_LIST = [7, 3, 9, 2, 8, 4, 6]
+OTHER_LIST = [5, 3, 9, 1, 8, 0, 6]
+FILLER = "".join(f"def helper_{i}(value):\n    return value + {i}\n" for i in range(6))
+
+
+def _list_doc(title: str, values: list[int]) -> str:
+    return f"# list {title}\n" + FILLER + "".join(f"item {i + 1}: {v}\n" for i, v in enumerate(values))
+
+
+def test_pointers_recall_a_numbered_list_that_near_duplicates_confuse(tiny_tokenizer, tmp_path):
+    """Four documents that differ only in their title and in the list at its end: A's list, and
+    three near-duplicates that share another list. Prompted with A's beginning, the query at
+    "item 1:" is nearest to A's key, but B, C and D's keys are almost as near (their contexts
+    differ only by the title, 150 tokens back), so plain kNN-LM votes 3 : 1 for their value at any
+    temperature and then follows them. With pointers, tracking the prompt finds the one neighbour
+    whose next token was A's title, and from there the pointers stay inside document A."""
+    corpus = tmp_path / "lists"
+    corpus.mkdir()
+    for t in "ABCD":
+        (corpus / f"{t}.txt").write_text(_list_doc(t, A_LIST if t == "A" else OTHER_LIST))
+    model = make_tiny_model("llama")
+    ds = build_datastore(model, tiny_tokenizer, [str(corpus)], tmp_path / "ds",
+                         BuildConfig(context=256, index="flat", progress=False))
+    enc = tiny_tokenizer(f"# list A\n{FILLER}item 1:", return_tensors="pt")
+
+    def recall(**kw) -> tuple[int, dict]:
+        knn = KNNLM(model, ds, tiny_tokenizer, lam=0.9, k=16, use_kernel=False, **kw)
+        proc = KNNLogitsProcessor(knn)
+        out = knn.generate(enc["input_ids"], attention_mask=enc["attention_mask"], max_new_tokens=48,
+                           do_sample=False, processor=proc, pad_token_id=0)
+        text = "item 1:" + tiny_tokenizer.decode(out[0, enc["input_ids"].shape[1]:])
+        items = re.findall(r"item (\d+): (\d+)\n", text)
+        return sum(1 for i, v in items if 1 <= int(i) <= 7 and int(v) == A_LIST[int(i) - 1]), proc.stats
+
+    plain, plain_stats = recall()
+    ptr, ptr_stats = recall(pointers=True, min_pointers=1)
+    assert ptr >= 5 and ptr > plain, (plain, ptr)
+    assert ptr_stats["searched"] < plain_stats["searched"] == plain_stats["steps"]
+    with pytest.raises(Exception, match="beam"):
+        KNNLM(model, ds, tiny_tokenizer, pointers=True).generate(enc["input_ids"], num_beams=2, max_new_tokens=2)
+
+
+def test_generate_with_adaptive_lambda_and_retrieve_fraction(tuned, tiny_tokenizer):
+    model, ds, gate = tuned
+    knn = KNNLM(model, ds, tiny_tokenizer, k=32, lam="adaptive", gate=gate, retrieve_fraction=0.5)
+    enc = tiny_tokenizer(["def f(x):\n    return", "import os\n"], return_tensors="pt", padding=True)
+    proc = KNNLogitsProcessor(knn)
+    out = knn.generate(enc["input_ids"], attention_mask=enc["attention_mask"], max_new_tokens=12,
+                       do_sample=False, processor=proc, pad_token_id=0)
+    assert out.shape[1] == enc["input_ids"].shape[1] + 12
+    assert proc.stats["steps"] == 24 and proc.stats["searched"] <= 24
+
+
+def test_eval_config_checks():
+    with pytest.raises(ConfigError, match="`retrieve_fraction`"):
+        EvalConfig(retrieve_fraction=0)
+    with pytest.raises(ConfigError, match="`lambdas`"):
+        EvalConfig(lambdas=["adaptiv"])
+    with pytest.raises(ConfigError, match="`min_pointers`"):
+        EvalConfig(min_pointers=4)
+    with pytest.raises(ConfigError, match="`min_pointers`"):
+        EvalConfig(pointers=True, min_pointers=0)
+    assert EvalConfig(lambdas=["adaptive", "0.5"]).lambdas == ("adaptive", 0.5)
+
+
+def test_header_gate_entry_is_optional_and_recorded(tuned):
+    _, ds, gate = tuned
+    h = json.loads((Path(ds.path) / "header.json").read_text())
+    assert h["gate"]["file"] == "gate.json" and h["gate"]["datastore"] == ds.identity() == gate.identity
+
+
+# ------------------------------------------------------------------------------ the command line
+
+
+def _cli(capsys, *argv):
+    from knnlm.cli import main
+
+    code = main(list(map(str, argv)))
+    cap = capsys.readouterr()
+    return code, cap.out, cap.err
+
+
+def _one_line(err: str, command: str, *needles: str) -> None:
+    assert err.endswith("\n") and err.count("\n") == 1, err
+    assert err.startswith(f"knnlm {command}: error: "), err
+    for n in needles:
+        assert n in err, (n, err)
+
+
+def test_cli_tune_then_eval_adaptive_and_generate(capsys, tiny_model_dir, tiny_store, tmp_path):
+    ds = tmp_path / "ds"
+    shutil.copytree(tiny_store[1].path, ds)
+    # before tuning: --lambda adaptive has no gate; checked before the model loads (no such model)
+    code, _, err = _cli(capsys, "eval", "--model", tmp_path / "no-model", "--datastore", ds, "--data", *EVAL,
+                        "--lambda", "adaptive", "--quiet")
+    assert code == 2
+    _one_line(err, "eval", "--lambda", "knnlm tune")
+    # tuning on datastore documents is refused, before the model loads
+    code, _, err = _cli(capsys, "tune", "--model", tmp_path / "no-model", "--datastore", ds,
+                        "--data", *corpus_paths(["bisect.py"]), "--quiet")
+    assert code == 2
+    _one_line(err, "tune", "--data", "in the datastore")
+    code, out, err = _cli(capsys, "tune", "--model", tiny_model_dir, "--datastore", ds, "--data", *TUNE,
+                          "--max-tokens", 1500, "--k", 32, "--quiet")
+    assert code == 0, err
+    assert "held-out NLL" in out and "gate written to" in out
+    res_json = tmp_path / "res.json"
+    code, out, err = _cli(capsys, "eval", "--model", tiny_model_dir, "--datastore", ds, "--data", *EVAL,
+                          "--lambda", "adaptive,0.25", "--k", 32, "--max-tokens", 400, "--retrieve-fraction", 0.5,
+                          "--output", res_json, "--quiet")
+    assert code == 0, err
+    assert "adaptive lambda" in out and "searched" in out
+    res = json.loads(res_json.read_text())
+    assert res["grid"][0]["lambda"] == "adaptive" and "histogram" in res["adaptive"]
+    assert 0 < res["retrieval"]["searched_fraction"] < 1
+    # eval on the tuning text is refused
+    code, _, err = _cli(capsys, "eval", "--model", tiny_model_dir, "--datastore", ds, "--data", *TUNE,
+                        "--lambda", "adaptive", "--quiet")
+    assert code == 2
+    _one_line(err, "eval", "--data", "tuned on")
+    code, out, err = _cli(capsys, "generate", "--model", tiny_model_dir, "--datastore", ds, "--prompt", "import os\n",
+                          "--lambda", "adaptive", "--retrieve-fraction", 0.5, "--pointers", "--max-new-tokens", 8)
+    assert code == 0, err
+    assert "[retrieval: searched" in out
+
+
+@pytest.mark.parametrize("extra,needle", [
+    (["--retrieve-fraction", "0"], "--retrieve-fraction must be in (0, 1]"),
+    (["--retrieve-fraction", "1.5"], "--retrieve-fraction must be in (0, 1]"),
+    (["--lambda", "adaptve"], "--lambda must be a number in [0, 1] or 'adaptive'"),
+    (["--min-pointers", "4"], "--min-pointers only applies with --pointers"),
+    (["--pointers", "--min-pointers", "0"], "--min-pointers must be at least 1"),
+])
+def test_cli_bad_adaptive_settings_fail_before_the_model(capsys, tiny_store, tmp_path, extra, needle):
+    for cmd in ("eval", "generate"):
+        what = ["--data", *EVAL] if cmd == "eval" else ["--prompt", "x"]
+        code, _, err = _cli(capsys, cmd, "--model", tmp_path / "no-model", "--datastore", tiny_store[1].path,
+                            *what, *extra)
+        assert code == 2
+        _one_line(err, cmd, needle)
