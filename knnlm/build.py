@@ -97,11 +97,10 @@ def _corpus(tokenizer, sources: list[Source], cfg: BuildConfig):
         yield {"name": d.name, "source": d.source, "sha256": sha256_text(d.text)}, ids
 
 
-def _todo(writer: DatastoreWriter, header: Header, batch_size: int) -> list[tuple[int, list]]:
-    """The batches (``iter_batches``) whose rows are not all final yet, in row order."""
-    done = writer.done_rows()
+def _todo(documents: list[dict], done: list[list[int]], header: Header, batch_size: int) -> list[tuple[int, list]]:
+    """The batches (``iter_batches``) whose rows are not all in ``done`` (``done_rows()``), in row order."""
     out, j = [], 0
-    for row0, batch in iter_batches(writer.documents(), header.window.context, header.window.stride, batch_size):
+    for row0, batch in iter_batches(documents, header.window.context, header.window.stride, batch_size):
         end = row0 + sum(w.end - w.first for w in batch)
         while j < len(done) and done[j][1] <= row0:
             j += 1
@@ -117,13 +116,14 @@ def _extract(writer: DatastoreWriter, model, cfg: BuildConfig, world: World = SI
     from tqdm.auto import tqdm
 
     header = writer.header
-    todo = _todo(writer, header, cfg.batch_size)
+    documents, done_before = writer.documents(), writer.done_rows()  # read once
+    todo = _todo(documents, done_before, header, cfg.batch_size)
     lo, hi = shard_range([sum(w.end - w.first for w in b) for _, b in todo], world)
     mine = todo[lo:hi]
     # a single process whose rows so far are a prefix keeps recording it as Header.count
-    as_prefix = not world.distributed and writer.done_rows() in ([], [[0, header.count]]) and \
+    as_prefix = not world.distributed and done_before in ([], [[0, header.count]]) and \
         (not mine or mine[0][0] == header.count)
-    documents, tokens = writer.documents(), writer.tokens()
+    tokens = writer.tokens()
     bos, device = header.window.bos, next(model.parameters()).device
     n_mine = sum(w.end - w.first for _, b in mine for w in b)
     done: list[list[int]] = []

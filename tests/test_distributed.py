@@ -167,7 +167,8 @@ def test_one_process_resumes_a_sharded_build_with_holes_to_the_same_bytes(tiny_m
     except KeyboardInterrupt:
         pass
     monkeypatch.undo()
-    todo = build_mod._todo(DatastoreWriter.follow(part), read_header(part), 2)
+    follower = DatastoreWriter.follow(part)
+    todo = build_mod._todo(follower.documents(), follower.done_rows(), read_header(part), 2)
     a, b = todo[3][0], todo[7][0]  # batches 3..6
     w = DatastoreWriter.follow(part)
     with w:
