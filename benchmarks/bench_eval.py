@@ -30,6 +30,7 @@ def main(argv=None) -> int:
     p.add_argument("--lambda", dest="lam", default="0.25", help="a number in [0, 1] or 'adaptive' (needs `knnlm tune`)")
     p.add_argument("--retrieve-fraction", type=float, default=None, help="search only this fraction of tokens")
     p.add_argument("--pointers", action="store_true", help="RetoMaton-style pointers")
+    p.add_argument("--rerank", action="store_true", help="also measure --rerank (exact distances from keys.npy)")
     p.add_argument("--min-pointers", type=int, default=None)
     p.add_argument("--temperature", type=float, default=1.0)
     p.add_argument("--sweep", action="store_true",
@@ -58,6 +59,9 @@ def main(argv=None) -> int:
     runs = {"plain_before": plain()}
     for npb in nprobes:
         runs[f"knn_nprobe{npb}"] = evaluate(model, tok, ds, data, EvalConfig(nprobe=npb, **common, **knn_only))
+    if args.rerank:
+        runs[f"knn_rerank{nprobes[0]}"] = evaluate(model, tok, ds, data, EvalConfig(
+            nprobe=nprobes[0], rerank=True, **common, **knn_only))
     if args.sweep:
         runs["knn_sweep48"] = evaluate(model, tok, ds, data, EvalConfig(**dict(
             common, nprobe=nprobes[0], lambdas=[args.lam, 0.1, 0.5, 0.75], temperatures=[args.temperature, 0.5, 2, 5],

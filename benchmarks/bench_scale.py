@@ -4,6 +4,10 @@
         --workdir runs/scale-bench --json results/bench_scale.json
     python benchmarks/bench_scale.py --sizes 20000,40000 --quick       # a smoke run, synthetic keys
 
+Resumable: an interrupted run continues where it stopped when given the same command (each N's
+trained index, filled shards, merged index and search result are kept in ``--workdir`` as they
+finish; delete the workdir to start over).
+
 For every N the package's own recipe (``--index``, default ``ivfpq``: ``knnlm.index.plan_index``)
 is trained once on its seeded sample, filled in ``--shards`` shards and merged with storage
 ``disk`` (inverted lists memory-mapped), through the same functions a build uses. Keys: the
@@ -114,28 +118,55 @@ def exact_neighbours(keys, q: np.ndarray, k: int) -> np.ndarray:
 
 
 def build(keys, spec: str, out: Path, shards: int, seed: int) -> dict:
-    """The package's build path, step by step (timed): train once, fill shards, merge onto disk."""
+    """The package's build path, step by step (timed): train once, fill shards, merge onto disk.
+
+    Resumable: each finished step leaves its output and a JSON record in ``out`` (the trained
+    index, every filled shard, the merged index), so a killed run continues after the last one."""
     from knnlm.index import fill_shard, merge_shards, plan_index, train_index
 
     n, d = keys.shape
+    done = out / "build.json"
+    if done.exists():
+        return json.loads(done.read_text())
     plan = plan_index(spec, n, d, storage="disk")
     out.mkdir(parents=True, exist_ok=True)
-    t0 = time.time()
-    train_index(keys, plan, out / "trained.faiss", seed=seed)
-    t1 = time.time()
+    steps_file = out / "steps.json"
+    steps = json.loads(steps_file.read_text()) if steps_file.exists() else {}
+
+    def step(name: str, fn) -> None:
+        if name not in steps:
+            t = time.time()
+            fn()
+            steps[name] = round(time.time() - t, 1)
+            tmp = steps_file.with_suffix(".tmp")
+            tmp.write_text(json.dumps(steps))
+            os.replace(tmp, steps_file)
+
+    def train() -> None:
+        train_index(keys, plan, out / "trained.tmp.faiss", seed=seed)
+        os.replace(out / "trained.tmp.faiss", out / "trained.faiss")
+
+    step("train", train)
     bounds = [n * i // shards for i in range(shards + 1)]
     paths = [out / f"shard{i}.faiss" for i in range(shards)]
     for i, p in enumerate(paths):
-        fill_shard(out / "trained.faiss", keys, bounds[i], bounds[i + 1], p)
-    t2 = time.time()
+        def fill(i=i, p=p) -> None:
+            tmp = p.with_suffix(".tmp.faiss")
+            fill_shard(out / "trained.faiss", keys, bounds[i], bounds[i + 1], tmp)
+            os.replace(tmp, p)
+        step(f"fill{i}", fill)
+    t = time.time()
     rec = merge_shards(out / "trained.faiss", paths, out / "index.faiss", storage="disk", ntotal=n)
-    t3 = time.time()
+    steps["merge"] = round(time.time() - t, 1)
     for p in paths + [out / "trained.faiss"]:
         p.unlink()
-    return {"n": n, "dim": d, "factory": plan.factory, "nprobe": plan.nprobe, "train_rows": plan.train_rows,
-            "train_s": round(t1 - t0, 1), "fill_s": round(t2 - t1, 1), "merge_s": round(t3 - t2, 1),
-            "build_s": round(t3 - t0, 1), "bytes": rec["bytes"], "bytes_per_key": round(rec["bytes"] / n, 2),
-            "ivfdata_bytes": rec["ivfdata_bytes"]}
+    fill_s = sum(v for k, v in steps.items() if k.startswith("fill"))
+    rec = {"n": n, "dim": d, "factory": plan.factory, "nprobe": plan.nprobe, "train_rows": plan.train_rows,
+           "train_s": steps["train"], "fill_s": round(fill_s, 1), "merge_s": steps["merge"],
+           "build_s": round(steps["train"] + fill_s + steps["merge"], 1), "bytes": rec["bytes"],
+           "bytes_per_key": round(rec["bytes"] / n, 2), "ivfdata_bytes": rec["ivfdata_bytes"]}
+    done.write_text(json.dumps(rec))
+    return rec
 
 
 def search_child(args) -> int:
@@ -270,7 +301,10 @@ def main(argv=None) -> int:
         source = f"synthetic Gaussian mixture ({len(base):,} base keys of dim {args.dim})"
     dim = base.shape[1]
     mode = args.queries or ("model" if ds is not None else "keys")
-    if mode == "model":
+    qfile = work / "queries.npy"
+    if qfile.exists():  # a resumed run measures every N on the same queries
+        queries = np.load(qfile)
+    elif mode == "model":
         sys.path.insert(0, str(Path(__file__).parent))
         from bench_index import held_out_queries
 
@@ -281,18 +315,26 @@ def main(argv=None) -> int:
         queries = np.asarray(base[rows], dtype=np.float32)
         queries += qrng.standard_normal(queries.shape, dtype=np.float32) * queries.std(axis=0) * 0.2
     queries = np.ascontiguousarray(queries, dtype=np.float32)
-    np.save(work / "queries.npy", queries)
+    np.save(qfile, queries)
     print(f"keys: {source}; queries: {len(queries):,} ({mode}); k {args.k}; index {args.index!r}, storage disk")
 
     rows = []
     for n in sizes:
         keys = ScaledKeys(base, n, args.noise, seed=args.seed)
         out = work / f"n{n}"
+        result = out / "result.json"
+        if result.exists():  # finished by an earlier (interrupted) run of the same command
+            rec = json.loads(result.read_text())
+            rows.append(rec)
+            print(f"N={n:,}: done earlier ({result})", flush=True)
+            continue
         rec = build(keys, args.index, out, args.shards, args.seed)
-        t0 = time.time()
-        gt = exact_neighbours(keys, queries[: args.exact_queries], min(args.k, n))
-        rec["exact_s"] = round(time.time() - t0, 1)
-        np.save(out / "gt.npy", gt)
+        if not (out / "gt.npy").exists():
+            t0 = time.time()
+            gt = exact_neighbours(keys, queries[: args.exact_queries], min(args.k, n))
+            rec["exact_s"] = round(time.time() - t0, 1)
+            np.save(out / "gt.tmp.npy", gt)
+            os.replace(out / "gt.tmp.npy", out / "gt.npy")
         (out / "record.json").write_text(json.dumps(rec))
         child = subprocess.run([sys.executable, __file__, "--search-child", "--index-path", str(out / "index.faiss"),
                                 "--queries-file", str(work / "queries.npy"), "--gt-file", str(out / "gt.npy"),
@@ -303,13 +345,13 @@ def main(argv=None) -> int:
             raise SystemExit(f"search child failed for N={n}")
         rec.update(json.loads(child.stdout.strip().splitlines()[-1]))
         rows.append(rec)
-        print(f"N={n:,}: {rec['factory']} nprobe {rec['nprobe']}: build {rec['build_s']} s, "
-              f"{rec['bytes_per_key']} B/key, RssAnon {rec['rss_anon_mib_searching']} MiB, "
-              f"{rec['ms_per_query']} ms/query, recall@{rec['k']} {rec['recall_at_k']}", flush=True)
         if not args.keep:
             for f in out.iterdir():
                 f.unlink()
-            out.rmdir()
+        result.write_text(json.dumps(rec))
+        print(f"N={n:,}: {rec['factory']} nprobe {rec['nprobe']}: build {rec['build_s']} s, "
+              f"{rec['bytes_per_key']} B/key, RssAnon {rec['rss_anon_mib_searching']} MiB, "
+              f"{rec['ms_per_query']} ms/query, recall@{rec['k']} {rec['recall_at_k']}", flush=True)
 
     proj = project(rows, args.index, dim)
     print()
