@@ -100,6 +100,9 @@ def test_rerun_recomputes_nothing_and_other_settings_are_refused(full_run):
     assert {p: p.stat().st_mtime_ns for p in (w / "results").glob("*/*.json")} == before
     with pytest.raises(SystemExit, match="epochs: 1 in settings.json, 2 asked"):
         standard.main(["--workdir", str(w), "--tiny", "--epochs", "2"])
+    settings = standard.resolve_settings(w, True, {"gemma_max_tokens": 1000})  # Gemma not started: allowed
+    assert settings.gemma_max_tokens == 1000
+    assert json.loads((w / "settings.json").read_text())["gemma_max_tokens"] == 1000
 
 
 def test_parameter_multiple_of_a_known_curve():

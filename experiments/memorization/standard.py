@@ -136,12 +136,23 @@ def _approx_params(size: str) -> int:
     return p.hidden * (1 + 8192) + p.layers * (4 * p.hidden ** 2 + 3 * p.hidden * p.intermediate + 2 * p.hidden)
 
 
+# Settings that may still change after the first run, as long as nothing was built with them
+# (the path under the workdir that would exist).
+LATE_SETTINGS = {"gemma_max_tokens": "ds/gemma3-270m"}
+
+
 def resolve_settings(workdir: Path, tiny: bool, overrides: dict) -> Settings:
     """The run's settings: saved ones when ``workdir`` has them (explicit options that differ are
-    refused), else the defaults (``tiny`` or real) with ``overrides``."""
+    refused, except ``LATE_SETTINGS`` whose work has not started: they are updated), else the
+    defaults (``tiny`` or real) with ``overrides``."""
     path = workdir / "settings.json"
     if path.exists():
         saved = json.loads(path.read_text())
+        for k, where in LATE_SETTINGS.items():
+            if k in overrides and saved.get(k) != overrides[k] and not (workdir / where).exists():
+                log(f"{k}: {saved.get(k)!r} -> {overrides[k]!r} (nothing was built with it yet)")
+                saved[k] = overrides[k]
+                write_json(path, saved)
         differ = {k: (saved.get(k), v) for k, v in overrides.items() if saved.get(k) != v}
         if saved.get("tiny") != tiny:
             differ["tiny"] = (saved.get("tiny"), tiny)
