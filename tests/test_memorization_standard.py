@@ -56,6 +56,10 @@ def test_every_stage_runs_and_the_summary_is_generated(full_run, capsys):
         assert [r["size"] for r in rows] == ["smoke-a", "smoke-b", "smoke-c"], key
         assert all(r["multiple"] is None or r["multiple"] > 0 for r in rows)
     assert summary["multiples"]["in_domain"]["rows"][0]["seeds"] == [0, 1]
+    ov = fam[0]["overlap"]["train"]["stdlib_test"]
+    assert len(ov["per_document_fraction"]) == ov["documents"] == summary["text"]["eval"]["documents"]
+    low = summary["multiples"]["in_domain_low_overlap"]  # documents not mostly in the training text
+    assert low["documents"] == [i for i, f in enumerate(ov["per_document_fraction"]) if f <= 0.5]
     md = (w / "results" / "summary.md").read_text()
     assert md == render_markdown(summary)  # the tables are generated from the JSON
     for name in summary["plots"]:

@@ -71,9 +71,23 @@ def collect(pipe) -> list[dict]:
     return rows
 
 
-def _ppl_runs(pipe, rows: list[dict], task: str, base_task: str | None = None) -> list[dict]:
+MOSTLY_SHARED = 0.5  # an eval document with more than this share of its 13-grams in the datastore
+
+
+def _clean_documents(pipe, rows: list[dict]) -> list[int] | None:
+    """Indices of the held-out stdlib documents with at most ``MOSTLY_SHARED`` of their 13-grams
+    in the family's training datastore (the same text and tokenizer for every family model)."""
+    for r in rows:
+        ov = ((r.get("overlap") or {}).get("train") or {}).get("stdlib_test") if r["kind"] == "family" else None
+        if ov and "per_document_fraction" in ov:
+            return [i for i, f in enumerate(ov["per_document_fraction"]) if f <= MOSTLY_SHARED]
+    return None
+
+
+def _ppl_runs(pipe, rows: list[dict], task: str, base_task: str | None = None,
+              keep: list[int] | None = None) -> list[dict]:
     """Per family model: log-perplexity (NLL per token) without / with the datastore of ``task``,
-    with per-document units (the same eval documents for every model)."""
+    with per-document units (the same eval documents for every model; only ``keep`` when given)."""
     out = []
     for r in rows:
         if r["kind"] != "family" or not r["params"]:
@@ -83,6 +97,8 @@ def _ppl_runs(pipe, rows: list[dict], task: str, base_task: str | None = None) -
         if not res or not base or not res.get("per_document") or not base.get("per_document"):
             continue
         pk, pb = res["per_document"], base["per_document"]
+        if keep is not None:
+            pk, pb = [pk[i] for i in keep], [pb[i] for i in keep]
         units = {"base": [d["nll_base"] for d in pb], "knn": [d["nll_knn"] for d in pk],
                  "den": [d["tokens"] for d in pb]}
         out.append({"size": r["size"], "params": r["params"], "seed": r["seed"],
@@ -123,10 +139,17 @@ def family_multiples(pipe, rows: list[dict]) -> dict:
     n, seed = pipe.s.bootstrap, pipe.s.seed
     out = {
         "in_domain": multiples(_ppl_runs(pipe, rows, "in_domain_ppl"), n_boot=n, seed=seed),
+        "in_domain_low_overlap": None,
         "more_data": multiples(_ppl_runs(pipe, rows, "more_data", "in_domain_ppl"), n_boot=n, seed=seed),
         "new_domain": multiples(_ppl_runs(pipe, rows, "domain_adaptation"), n_boot=n, seed=seed),
         "control": multiples(_ppl_runs(pipe, rows, "control"), n_boot=n, seed=seed),
     }
+    clean = _clean_documents(pipe, rows)
+    if clean:  # the held-out documents that are not mostly in the training text
+        out["in_domain_low_overlap"] = multiples(_ppl_runs(pipe, rows, "in_domain_ppl", keep=clean), n_boot=n,
+                                                 seed=seed)
+        if out["in_domain_low_overlap"]:
+            out["in_domain_low_overlap"]["documents"] = clean
     for lam in pipe.s.recall_lambdas:
         out[f"recall_lambda_{lam:g}"] = multiples(_recall_runs(pipe, rows, lam), lower_is_better=False, n_boot=n,
                                                   seed=seed)
@@ -191,15 +214,19 @@ def render_markdown(summary: dict) -> str:
     pm = summary.get("multiples") or {}
     lines += ["", f"Parameter multiple a datastore is worth (fitted no-datastore curve, metric = a + b ln params; "
               f"[{int(100 * summary['level'])} % bootstrap interval over documents/passages and seeds]):", "",
-              "| size | params | in-domain | more data | new domain | control | recall λ "
-              f"{summary['recall_lambdas'][0]:g} (token acc.) |", "|---|---:|---|---|---|---|---|"]
+              "| size | params | in-domain | in-domain, low-overlap documents | more data | new domain | control | "
+              f"recall λ {summary['recall_lambdas'][0]:g} (token acc.) |", "|---|---:|---|---|---|---|---|---|"]
     first = f"recall_lambda_{summary['recall_lambdas'][0]:g}"
     by = {k: {r["size"]: r for r in (v or {}).get("rows", [])} for k, v in pm.items() if k != "rare_tokens"}
     sizes = [r for r in (pm.get("in_domain") or {}).get("rows", [])]
     for s in sizes:
         cells = [_mult(by[k][s["size"]]) if s["size"] in by.get(k, {}) else "–"
-                 for k in ("in_domain", "more_data", "new_domain", "control", first)]
+                 for k in ("in_domain", "in_domain_low_overlap", "more_data", "new_domain", "control", first)]
         lines.append(f"| {s['size']} | {s['params']:,} | " + " | ".join(cells) + " |")
+    low = pm.get("in_domain_low_overlap")
+    if low:
+        lines.append(f"\nLow-overlap documents: {len(low['documents'])} of the held-out stdlib documents have at most "
+                     f"{MOSTLY_SHARED:.0%} of their 13-grams in the training text.")
     for k in ("in_domain", "new_domain", first):
         fit = (pm.get(k) or {}).get("fit")
         if fit:
@@ -268,7 +295,8 @@ def _plots(summary: dict, out: Path) -> list[str]:
     _params_axis(ax)
     ax.set_ylabel("held-out bits per UTF-8 byte")
     ax.set_title("family (dots) and references (SmolLM2 ★, Gemma ◆): filled = no datastore", fontsize=8)
-    ax.legend(fontsize=6)
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=6)
     fig.tight_layout()
     fig.savefig(out / PLOTS[0], dpi=90)
 
@@ -288,7 +316,8 @@ def _plots(summary: dict, out: Path) -> list[str]:
     ax.set_yscale("log")
     _params_axis(ax)
     ax.set_ylabel("parameter multiple the datastore is worth")
-    ax.legend(fontsize=6)
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=6)
     fig.tight_layout()
     fig.savefig(out / PLOTS[1], dpi=90)
     return list(PLOTS)

@@ -323,17 +323,20 @@ def ngram_overlap(datastore, tok, docs: Sequence[dict], n: int = 13) -> dict:
     """The share of the ``n``-grams (of ``datastore``'s tokenizer's tokens, within documents)
     of the eval ``docs`` that also occur in the datastore's corpus: a leakage report (a gain on
     text the datastore contains verbatim is recall, not generalisation). Also the documents with
-    at least one shared n-gram, and those with more than half."""
+    at least one shared n-gram, those with more than half, and each document's share."""
     stored = np.unique(np.concatenate([_ngram_hashes(datastore.document_tokens(i), n)
                                        for i in range(len(datastore.documents))] or [np.zeros(0, np.int64)]))
     enc = tok([d["text"] for d in docs], add_special_tokens=False, verbose=False)["input_ids"]
     total = shared = any_doc = half_doc = 0
+    per_doc = []
     for ids in enc:
         h = _ngram_hashes(np.asarray(ids), n)
-        hit = int(np.isin(h, stored).sum())
+        pos = np.searchsorted(stored, h).clip(max=max(0, len(stored) - 1))  # stored is sorted (np.unique)
+        hit = int((stored[pos] == h).sum()) if len(stored) else 0
         total, shared = total + len(h), shared + hit
         any_doc += hit > 0
         half_doc += len(h) > 0 and hit > len(h) / 2
+        per_doc.append(hit / len(h) if len(h) else 0.0)
     return {"n": n, "ngrams": total, "shared": shared, "fraction": shared / total if total else None,
             "documents": len(docs), "documents_with_shared": any_doc, "documents_mostly_shared": half_doc,
-            "datastore_tokens": int(datastore.header.tokens)}
+            "datastore_tokens": int(datastore.header.tokens), "per_document_fraction": per_doc}
