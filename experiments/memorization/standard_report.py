@@ -285,9 +285,11 @@ def _plots(summary: dict, out: Path) -> list[str]:
             if task == "more_data" and key == "bpb_base":
                 continue
             pts = sorted((r["params"], r[task][key]) for r in fam if r.get(task) and r[task].get(key) is not None)
-            if pts:
-                ax.plot(*zip(*pts, strict=True), marker="o", ls=ls or "-", color=color, label=f"{label}, {what}",
-                        alpha=0.8)
+            if pts:  # the line through the mean over seeds; every seed as a dot
+                xs = sorted({p for p, _ in pts})
+                ax.plot(xs, [sum(v for p, v in pts if p == x) / sum(1 for p, _ in pts if p == x) for x in xs],
+                        ls=ls or "-", color=color, label=f"{label}, {what}", alpha=0.8)
+                ax.plot(*zip(*pts, strict=True), marker="o", ms=4, ls="", color=color, alpha=0.8)
             for i, r in enumerate(refs):
                 if r.get(task) and r[task].get(key) is not None:
                     ax.plot([r["params"]], [r[task][key]], marker=REF_MARKERS[i % 4], ms=10, ls="", color=color,
