@@ -72,11 +72,14 @@ log = logger("standard")
 # this machine at 4,096 tokens per step (0.29M params 4,750 tokens/s, 1.0M 2,790, 1.9M 2,050,
 # 4.2M 1,020), fitted as tokens/s = 4,750 (params / 0.29M)^-0.6. Forward passes (datastore
 # builds, evals): 3x the training speed for the family; SmolLM2-135M 340 tokens/s building,
-# 530 evaluating; Gemma-3-270M ~140 / ~180. kNN search and scoring: ~2 ms per token (assumed).
+# 530 evaluating; Gemma-3-270M ~140 / ~180. kNN search and scoring: ~2 ms per token (assumed;
+# replaced by the mean of the finished in-domain evals). Recall: ~0.12 s per greedy step of
+# a 16-passage batch plus the forward; control: ~0.08 s per short document per eval.
 # Once a model is trained its measured training speed replaces the fit.
 SPEED = {"train_tps_0": 4750.0, "train_params_0": 288_928, "train_exponent": -0.6, "forward_factor": 3.0,
          "knn_s_per_token": 2e-3, "smollm2": (340.0, 530.0), "gemma3-270m": (140.0, 180.0),
-         "smoke-ref": (20000.0, 20000.0), "ref_bytes_per_token": 3.6}
+         "smoke-ref": (20000.0, 20000.0), "ref_bytes_per_token": 3.6,
+         "generate_step_s": 0.12, "short_document_s": 0.08}  # measured on the 0.3m preset (shared CPU)
 
 
 # ------------------------------------------------------------------------------------ settings
@@ -554,8 +557,11 @@ class Pipeline:
             t += n / build
         if "in_domain_ppl" in left:
             t += eval_b / bpt * (1 / fwd + knn)
-        if "verbatim_recall" in left:
-            t += 2 * self.s.recall_passages * self.s.recall_continuation * 4 * 8 / fwd
+        if "verbatim_recall" in left:  # greedy steps of 16 passages, with and without retrieval, 2 sets
+            steps = 2 * (1 + len(self.s.recall_lambdas)) * -(-self.s.recall_passages // 16) * self.s.recall_continuation
+            t += steps * (SPEED["generate_step_s"] + 16 / fwd)
+        if "control" in left:  # two evals of short documents: per-document overhead dominates
+            t += 2 * self.s.control_documents * SPEED["short_document_s"]
         if "domain_adaptation" in left:
             t += dom_ds_b / bpt / build + dom_b / bpt * (1 / fwd + knn)
         return t
