@@ -31,8 +31,13 @@ over the first 20 steps or first minute (recorded in training.json), so it depen
 the cosine schedule is stretched over the planned steps either way. A validation loss is recorded
 every ``--eval-every`` steps and at least every 10 minutes.
 
+Whole epochs: ``EpochBatches`` (used by ``experiments.memorization.standard``) replaces the
+random windows by every window of the stream once per epoch, in a seeded order per epoch; the
+batch of a step depends on the step only, so a resumed run continues at the same data position.
+
 Resumable: a finished checkpoint (training.json with ``"finished": true``) is skipped; an
-unfinished run continues from ``<size>/resume.pt``, written every ``--save-minutes``.
+unfinished run continues from ``<size>/resume.pt`` (model, optimizer, torch RNG, step, curve),
+written every ``--save-minutes``.
 Uses CUDA (bf16 autocast) when present (``--device auto``).
 """
 
@@ -44,6 +49,7 @@ import math
 import os
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
@@ -77,9 +83,17 @@ PRESETS: dict[str, Preset] = {
     "4m": Preset(hidden=192, layers=5, heads=6, intermediate=640, lr=1.5e-3),
     "16m": Preset(hidden=320, layers=10, heads=5, intermediate=864, lr=1e-3),
     "50m": Preset(hidden=512, layers=12, heads=8, intermediate=1536, lr=6e-4),
+    # the standard-setting family (experiments.memorization.standard): 0.29M -> 10.3M, 35.7x
+    "0.3m": Preset(hidden=32, layers=2, heads=2, intermediate=96, batch=8, lr=3e-3),
+    "0.6m": Preset(hidden=64, layers=2, heads=2, intermediate=192, batch=8, lr=2.5e-3),
+    "1.2m": Preset(hidden=96, layers=3, heads=3, intermediate=288, batch=8, lr=2e-3),
+    "2.5m": Preset(hidden=160, layers=4, heads=5, intermediate=448, batch=8, lr=1.5e-3),
+    "5m": Preset(hidden=224, layers=6, heads=7, intermediate=640, batch=8, lr=1.2e-3),
+    "10m": Preset(hidden=288, layers=8, heads=9, intermediate=768, batch=8, lr=1e-3),
     # smoke-test sizes: seconds on a CPU
     "smoke-a": Preset(hidden=16, layers=1, heads=2, intermediate=32, context=64, batch=4, lr=3e-3),
     "smoke-b": Preset(hidden=32, layers=2, heads=2, intermediate=64, context=64, batch=4, lr=3e-3),
+    "smoke-c": Preset(hidden=48, layers=2, heads=2, intermediate=96, context=64, batch=4, lr=3e-3),
 }
 EXCLUDED_FROM_TRAINING = ("pydoc_data/topics.py",)
 log = logger("train_family")
@@ -182,6 +196,44 @@ def _batch(stream: np.ndarray, n: int, context: int, gen: torch.Generator) -> to
     return torch.from_numpy(np.stack([np.asarray(stream[s: s + context + 1], dtype=np.int64) for s in starts]))
 
 
+class EpochBatches:
+    """Whole epochs over a token stream, for training on exactly the datastore's text.
+
+    An epoch is every window of ``context + 1`` tokens starting at 0, context, 2 context, ...
+    plus one ending at the stream's last token, so every token but the first is a target at
+    least once per epoch (the last window overlaps its neighbour by less than ``context``
+    targets). Each epoch visits the windows in its own permutation (seeded by ``seed`` and the
+    epoch); step ``i`` takes the windows ``i * batch ... (i + 1) * batch`` of the concatenated
+    epochs (the last step may be smaller). The batch of a step depends on the step number only:
+    the data position of a resumed run is its step.
+    """
+
+    def __init__(self, stream: np.ndarray, context: int, batch: int, epochs: int, seed: int):
+        n = len(stream)
+        if n < context + 2:
+            raise SystemExit(f"the training stream has {n} tokens, fewer than a {context}-token window + 2")
+        starts = list(range(0, n - context - 1, context))
+        if starts[-1] != n - context - 1:
+            starts.append(n - context - 1)
+        self.stream, self.context, self.batch, self.epochs = stream, context, batch, epochs
+        self.starts = np.asarray(starts, dtype=np.int64)  # (W,)
+        self.order = np.concatenate([np.random.default_rng([seed, e]).permutation(len(starts))
+                                     for e in range(epochs)])  # (epochs * W,)
+        self.steps = -(-len(self.order) // batch)
+        self.targets_per_epoch = n - 1
+        self.tokens_processed = len(self.order) * context  # targets scored, all epochs
+
+    def __call__(self, step: int) -> torch.Tensor:
+        """The windows of ``step``: (B, context + 1) int64."""
+        sel = self.starts[self.order[step * self.batch: (step + 1) * self.batch]]
+        return torch.from_numpy(np.stack([np.asarray(self.stream[s: s + self.context + 1], dtype=np.int64)
+                                          for s in sel]))
+
+
+class TrainingInterrupted(RuntimeError):
+    """Raised by ``train_one(stop_after_steps=...)``: a simulated kill (nothing saved at that step)."""
+
+
 @torch.no_grad()
 def val_loss(model, val: np.ndarray, context: int, device, max_windows: int = 64) -> float:
     model.eval()
@@ -222,9 +274,11 @@ class _Run:
     t_start: float = 0.0
 
     def save(self, path: Path, model, opt) -> None:
+        """Model, optimizer, torch RNG, step (= the data position) and curve, atomically."""
         torch.save({"model": model.state_dict(), "optimizer": opt.state_dict(), "step": self.step,
                     "curve": self.curve, "elapsed": time.time() - self.t_start, "planned": self.planned,
-                    "time_planned": self.time_planned, "stop_reason": self.stop_reason},
+                    "time_planned": self.time_planned, "stop_reason": self.stop_reason,
+                    "rng": torch.get_rng_state()},
                    str(path) + ".tmp")
         os.replace(str(path) + ".tmp", path)
 
@@ -233,6 +287,8 @@ class _Run:
         state = torch.load(path, map_location=device, weights_only=False)
         model.load_state_dict(state["model"])
         opt.load_state_dict(state["optimizer"])
+        if "rng" in state:
+            torch.set_rng_state(state["rng"])
         return cls(planned=state["planned"], step=state["step"], curve=state["curve"], elapsed=state["elapsed"],
                    time_planned=state["time_planned"], stop_reason=state["stop_reason"])
 
@@ -277,19 +333,30 @@ def _plan_by_time(run: _Run, name: str, max_minutes: float, now: float, bar) -> 
 
 def _train_loop(run: _Run, name: str, model, opt, preset: Preset, train: np.ndarray, val: np.ndarray, resume: Path,
                 *, seed: int, device, eval_every: int, max_minutes: float | None, save_minutes: float,
-                progress: bool) -> None:
-    """Train until ``run.planned`` steps, recording the curve and saving ``resume`` regularly."""
+                progress: bool, batches: Callable[[int], torch.Tensor] | None = None,
+                save_every_steps: int | None = None, stop_after_steps: int | None = None) -> None:
+    """Train until ``run.planned`` steps, recording the curve and saving ``resume`` regularly
+    (every ``save_minutes``, and every ``save_every_steps`` steps when given). ``batches``: the
+    windows of a step (default: random windows from a generator seeded by seed and step).
+    ``stop_after_steps``: raise ``TrainingInterrupted`` once the run reaches that step, without
+    saving (a simulated kill, for tests)."""
     from tqdm.auto import tqdm
 
     per_step = preset.batch * preset.context
     last_save = last_val = time.time()
     bar = tqdm(total=run.planned, initial=run.step, desc=f"train {name}", unit="step", disable=not progress)
     while run.step < run.planned:
-        gen = torch.Generator().manual_seed(seed * 1_000_003 + run.step)
-        x = _batch(train, preset.batch, preset.context, gen).to(device)
+        if batches is not None:
+            x = batches(run.step).to(device)
+        else:
+            gen = torch.Generator().manual_seed(seed * 1_000_003 + run.step)
+            x = _batch(train, preset.batch, preset.context, gen).to(device)
         loss = _train_step(model, opt, x, _lr(run.step, run.planned, preset.lr, run.warmup), device)
         run.step += 1
         bar.update(1)
+        if stop_after_steps is not None and run.step >= stop_after_steps:
+            bar.close()
+            raise TrainingInterrupted(f"{name}: stopped after step {run.step} (stop_after_steps)")
         now = time.time() - run.t_start
         point = {"step": run.step, "tokens": run.step * per_step, "loss": round(loss, 4),
                  "lr": opt.param_groups[0]["lr"], "seconds": round(now, 2)}
@@ -300,7 +367,8 @@ def _train_loop(run: _Run, name: str, model, opt, preset: Preset, train: np.ndar
         run.curve.append(point)
         if max_minutes and not run.time_planned and (run.step >= min(20, run.planned) or now >= 60):
             _plan_by_time(run, name, max_minutes, now, bar)
-        if time.time() - last_save > save_minutes * 60 and run.step < run.planned:
+        due = save_every_steps is not None and run.step % save_every_steps == 0
+        if (due or time.time() - last_save > save_minutes * 60) and run.step < run.planned:
             run.save(resume, model, opt)
             last_save = time.time()
     bar.close()
@@ -323,8 +391,13 @@ def _training_info(run: _Run, name: str, preset: Preset, counts: dict, tok, trai
 
 def train_one(name: str, preset: Preset, tok, train: np.ndarray, val: np.ndarray, out: Path, *,
               tokens: int, max_minutes: float | None, seed: int, device, eval_every: int, save_minutes: float,
-              progress: bool = True) -> dict:
-    """Train (or resume, or skip) one size; returns its training.json content."""
+              progress: bool = True, batches: EpochBatches | None = None, save_every_steps: int | None = None,
+              stop_after_steps: int | None = None, extra_info: dict | None = None) -> dict:
+    """Train (or resume, or skip) one size into ``out/name``; returns its training.json content.
+
+    ``batches``: train on these whole epochs (``EpochBatches``: its step count replaces
+    ``tokens``; ``tokens_trained`` is then the targets it scores); ``extra_info`` is added to
+    training.json. ``save_every_steps`` / ``stop_after_steps``: see ``_train_loop``."""
     mdir = out / name
     info = _finished(mdir)
     if info is not None:
@@ -336,7 +409,7 @@ def train_one(name: str, preset: Preset, tok, train: np.ndarray, val: np.ndarray
     counts = param_counts(model)
     opt = torch.optim.AdamW(model.parameters(), lr=preset.lr, betas=(0.9, 0.95), weight_decay=0.1)
     per_step = preset.batch * preset.context
-    run = _Run(planned=max(1, tokens // per_step))
+    run = _Run(planned=batches.steps if batches is not None else max(1, tokens // per_step))
     resume = mdir / "resume.pt"
     if resume.exists():
         run = _Run.load(resume, model, opt, device)
@@ -346,7 +419,8 @@ def train_one(name: str, preset: Preset, tok, train: np.ndarray, val: np.ndarray
     run.warmup = max(1, min(200, run.planned // 20))
     run.t_start = time.time() - run.elapsed
     _train_loop(run, name, model, opt, preset, train, val, resume, seed=seed, device=device, eval_every=eval_every,
-                max_minutes=max_minutes, save_minutes=save_minutes, progress=progress)
+                max_minutes=max_minutes, save_minutes=save_minutes, progress=progress, batches=batches,
+                save_every_steps=save_every_steps, stop_after_steps=stop_after_steps)
     total_s = time.time() - run.t_start
     if run.curve and "val_loss" not in run.curve[-1]:
         run.curve[-1]["val_loss"] = round(val_loss(model, val, preset.context, device), 4)
@@ -354,6 +428,10 @@ def train_one(name: str, preset: Preset, tok, train: np.ndarray, val: np.ndarray
     tok.save_pretrained(mdir)
     info = _training_info(run, name, preset, counts, tok, train, seed=seed, device=device, tokens=tokens,
                           max_minutes=max_minutes, total_s=total_s)
+    if batches is not None:
+        info.update(tokens_trained=batches.tokens_processed, epochs=batches.epochs,
+                    tokens_per_second=round(batches.tokens_processed / max(total_s, 1e-9), 1))
+    info.update(extra_info or {})
     (mdir / "training.json").write_text(json.dumps(info, indent=1))
     resume.unlink(missing_ok=True)
     log(f"{name}: done, {run.step} steps in {total_s:.0f} s ({info['steps_per_second']} steps/s), "

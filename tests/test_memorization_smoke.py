@@ -57,7 +57,11 @@ def test_result_keys(smoke_run):
         rec = m["verbatim_recall"]
         assert rec["knn_generate"] is True
         for which in ("datastore", "control"):
-            assert set(rec[which]["base"]) == {"exact_match", "token_accuracy", "mean_correct_prefix_tokens"}
+            assert set(rec[which]["base"]) == {"exact_match", "token_accuracy", "mean_correct_prefix_tokens",
+                                               "per_passage_correct"}
+            right = rec[which]["base"]["per_passage_correct"]
+            assert sum(right) / (len(right) * rec["continuation_tokens"]) == pytest.approx(
+                rec[which]["base"]["token_accuracy"])
             assert [x["lambda"] for x in rec[which]["knn"]] == [0.25, 0.5, 0.75]
             for x in [rec[which]["base"]] + rec[which]["knn"]:
                 assert 0 <= x["exact_match"] <= x["token_accuracy"] <= 1

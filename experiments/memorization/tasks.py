@@ -11,6 +11,8 @@ can also be given in bits per UTF-8 byte, comparable across tokenizers.
     verbatim_recall     greedy continuation of prefixes of datastore passages, with / without retrieval
     rare_token_ppl      perplexity by datastore frequency of the target token (from in_domain_ppl)
     datastore_scaling   perplexity vs datastore size (leading-document subsets of one datastore)
+    control_task        continuations that are computed (sums, sorted lists), never in any datastore
+    ngram_overlap       how many n-grams of an eval text occur in a datastore (leakage report)
 """
 
 from __future__ import annotations
@@ -26,8 +28,14 @@ import torch
 import knnlm
 from experiments.memorization.documents import nbytes
 
-__all__ = ["summarize_eval", "in_domain_ppl", "domain_adaptation", "verbatim_recall", "rare_token_ppl",
-           "datastore_scaling"]
+__all__ = ["bits_per_byte", "summarize_eval", "in_domain_ppl", "domain_adaptation", "verbatim_recall",
+           "rare_token_ppl", "datastore_scaling", "control_documents", "control_task", "ngram_overlap"]
+
+
+def bits_per_byte(nll_nats: float, n_bytes: int) -> float:
+    """Bits per UTF-8 byte of a text whose scored tokens have total negative log-likelihood
+    ``nll_nats`` (natural log): the one conversion every tokenizer-independent number uses."""
+    return nll_nats / n_bytes / math.log(2)
 
 
 def summarize_eval(res: dict, n_bytes: int | None = None) -> dict:
@@ -46,10 +54,12 @@ def summarize_eval(res: dict, n_bytes: int | None = None) -> dict:
         out["eval_bytes"] = n_bytes
 
         def bpb(ppl):
-            return math.log(ppl) * res["tokens"] / n_bytes / math.log(2) if ppl else None
+            return bits_per_byte(math.log(ppl) * res["tokens"], n_bytes) if ppl else None
         out["bpb_base"], out["bpb_knn"] = bpb(base), bpb(knn)
         out["bpb_best"] = bpb(best.get("ppl"))
         out["tokens_per_byte"] = res["tokens"] / n_bytes
+    if "per_document" in res:  # EvalConfig(per_document=True): for resampling by document
+        out["per_document"] = res["per_document"]
     if "datastore" in res:
         out["datastore"] = {"path": res["datastore"]["path"], "rows": res["datastore"]["rows"],
                             "tokens": res["datastore"]["header"].get("tokens"),
@@ -118,7 +128,8 @@ def _match_stats(gen: torch.Tensor, target: torch.Tensor) -> dict:
     eq = gen == target  # (N, C)
     first_miss = torch.where(eq.all(1), torch.full((len(eq),), eq.shape[1]), (~eq).int().argmax(1))
     return {"exact_match": float(eq.all(1).float().mean()), "token_accuracy": float(eq.float().mean()),
-            "mean_correct_prefix_tokens": float(first_miss.float().mean())}
+            "mean_correct_prefix_tokens": float(first_miss.float().mean()),
+            "per_passage_correct": eq.sum(1).tolist()}  # (N,) right tokens per passage: for resampling
 
 
 def _decode(tok, ids: torch.Tensor) -> str:
@@ -231,3 +242,101 @@ def datastore_scaling(model, tok, datastore, eval_docs: Sequence[dict], eval_cfg
                        "ppl_base": s["ppl_base"], "ppl_knn": s["ppl_knn"], "best": s["best"],
                        "gain_pct": s["gain_pct"], "bpb_base": s.get("bpb_base"), "bpb_knn": s.get("bpb_knn")})
     return {"task": "datastore_scaling", "full_tokens": total, "points": points}
+
+
+# ------------------------------------------------------------------------------ control task
+
+def control_documents(n: int, seed: int = 0) -> list[dict]:
+    """``n`` one-line Python statements whose tail is computed, not remembered: half
+    ``assert A + B == C`` (4-digit A, B), half ``assert sorted([...]) == [...]`` (6 numbers
+    below 1000). ``{"name", "prompt", "answer", "text"}`` with ``text = prompt + answer``; the
+    answer (``C`` or the sorted list, plus the newline) is what the task scores. Deterministic in
+    ``seed``; such lines do not occur in the stdlib or the Python documentation (the overlap
+    report checks it). The answer starts with its space, so that byte-level tokenizers do not
+    merge it into the prompt's last token."""
+    rng = np.random.default_rng(seed)
+    docs = []
+    for i in range(n):
+        if i % 2 == 0:
+            a, b = (int(x) for x in rng.integers(1000, 10000, 2))
+            prompt, answer = f"assert {a} + {b} ==", f" {a + b}"
+        else:
+            xs = [int(x) for x in rng.integers(0, 1000, 6)]
+            prompt, answer = f"assert sorted({xs}) ==", f" {sorted(xs)}"
+        docs.append({"name": f"control-{i:04d}", "prompt": prompt, "answer": answer, "text": prompt + answer})
+    return docs
+
+
+def control_task(model, tok, datastore, docs: Sequence[dict], eval_cfg) -> dict:
+    """Negative log-likelihood of the computed answers of ``control_documents``, base LM vs
+    kNN-LM (primary setting), where retrieval should not help: no datastore holds these lines.
+
+    Scored with ``knnlm.evaluate`` (per document) on each full line and on its prompt alone;
+    answer NLL = NLL(line) - NLL(prompt): the prompt's tokens are scored identically in both runs
+    prompt. That holds where the prompt's tokens are a prefix of the line's; documents where the
+    tokenizer merges across the boundary are left out (counted in ``skipped_not_prefix``).
+    Returns the totals, the per-document numbers for resampling, and bits per answer byte."""
+    from dataclasses import replace
+
+    def ids(text):
+        return tok(text, add_special_tokens=False)["input_ids"]
+
+    n_all = len(docs)
+    kept = [d for d in docs if ids(d["text"])[: len(ids(d["prompt"]))] == ids(d["prompt"])]
+    if not kept:
+        raise ValueError("no control document keeps its prompt's tokens as a prefix of the line's")
+    docs = kept
+    cfg = replace(eval_cfg, per_document=True, lambdas=eval_cfg.lambdas[:1], temperatures=eval_cfg.temperatures[:1],
+                  ks=eval_cfg.ks[:1])
+    full = knnlm.evaluate(model, tok, datastore, None, cfg, texts=[d["text"] for d in docs])
+    head = knnlm.evaluate(model, tok, datastore, None, cfg, texts=[d["prompt"] for d in docs])
+    rows = []
+    for d, f, h in zip(docs, full["per_document"], head["per_document"], strict=True):
+        rows.append({"name": d["name"], "tokens": f["tokens"] - h["tokens"], "bytes": len(d["answer"].encode()),
+                     "nll_base": f["nll_base"] - h["nll_base"], "nll_knn": f["nll_knn"] - h["nll_knn"]})
+    nb, nk = sum(r["nll_base"] for r in rows), sum(r["nll_knn"] for r in rows)
+    tokens, n_bytes = sum(r["tokens"] for r in rows), sum(r["bytes"] for r in rows)
+    return {"task": "control", "documents": len(rows), "answer_tokens": tokens, "answer_bytes": n_bytes,
+            "skipped_not_prefix": n_all - len(rows),
+            "setting": full["primary"], "ppl_base": math.exp(nb / tokens), "ppl_knn": math.exp(nk / tokens),
+            "gain_pct": 100 * (1 - math.exp((nk - nb) / tokens)),
+            "bpb_base": bits_per_byte(nb, n_bytes), "bpb_knn": bits_per_byte(nk, n_bytes),
+            "per_document": rows}
+
+
+# ---------------------------------------------------------------------------- n-gram overlap
+
+_HASH = np.random.default_rng(13).integers(1, 2**62, 64, dtype=np.int64) | 1  # odd multipliers
+
+
+def _ngram_hashes(tokens: np.ndarray, n: int) -> np.ndarray:
+    """A 64-bit hash of every n-gram of ``tokens`` (wrapping arithmetic): (len - n + 1,) int64."""
+    t = np.asarray(tokens, dtype=np.int64)
+    if len(t) < n:
+        return np.zeros(0, dtype=np.int64)
+    view = np.lib.stride_tricks.sliding_window_view(t, n)  # (L - n + 1, n)
+    with np.errstate(over="ignore"):
+        return (view * _HASH[:n]).sum(1)
+
+
+def ngram_overlap(datastore, tok, docs: Sequence[dict], n: int = 13) -> dict:
+    """The share of the ``n``-grams (of ``datastore``'s tokenizer's tokens, within documents)
+    of the eval ``docs`` that also occur in the datastore's corpus: a leakage report (a gain on
+    text the datastore contains verbatim is recall, not generalisation). Also the documents with
+    at least one shared n-gram, those with more than half, and each document's share."""
+    stored = np.unique(np.concatenate([_ngram_hashes(datastore.document_tokens(i), n)
+                                       for i in range(len(datastore.documents))] or [np.zeros(0, np.int64)]))
+    enc = tok([d["text"] for d in docs], add_special_tokens=False, verbose=False)["input_ids"]
+    total = shared = any_doc = half_doc = 0
+    per_doc = []
+    for ids in enc:
+        h = _ngram_hashes(np.asarray(ids), n)
+        pos = np.searchsorted(stored, h).clip(max=max(0, len(stored) - 1))  # stored is sorted (np.unique)
+        hit = int((stored[pos] == h).sum()) if len(stored) else 0
+        total, shared = total + len(h), shared + hit
+        any_doc += hit > 0
+        half_doc += len(h) > 0 and hit > len(h) / 2
+        per_doc.append(hit / len(h) if len(h) else 0.0)
+    return {"n": n, "ngrams": total, "shared": shared, "fraction": shared / total if total else None,
+            "documents": len(docs), "documents_with_shared": any_doc, "documents_mostly_shared": half_doc,
+            "datastore_tokens": int(datastore.header.tokens), "per_document_fraction": per_doc}
