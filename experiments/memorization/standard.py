@@ -63,7 +63,7 @@ from knnlm.data import tokenizer_bos  # noqa: E402
 __all__ = ["Settings", "Pipeline", "main", "FAMILY_TASKS", "REFERENCE_TEXT"]
 
 MODULE = "experiments.memorization.standard"
-REFERENCE_TEXT = "/work/runs/stdlib-1m"  # SmolLM2 datastore over the first 1.1M SmolLM2 tokens of the train split
+REFERENCE_TEXT = "runs/stdlib-1m"  # SmolLM2 datastore over the first 1.1M tokens of the train split
 FAMILY_TASKS = ("in_domain_ppl", "rare_token_ppl", "verbatim_recall", "control", "domain_adaptation", "overlap",
                 "meta")
 log = logger("standard")
