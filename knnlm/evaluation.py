@@ -49,7 +49,7 @@ from knnlm.data import (
 from knnlm.datastore import Datastore
 from knnlm.errors import CorpusError, KnnlmError
 from knnlm.gate import lm_features
-from knnlm.retrieval import Step, resolve_k
+from knnlm.retrieval import Step, one_thread, resolve_k
 from knnlm.scoring import knn_target_log_probs, lm_target_log_probs, mix
 
 logger = logging.getLogger(__name__)
@@ -296,14 +296,16 @@ def _neighbours(knn, cfg: EvalConfig, lmb: _LMBatch, kmax: int, gate) -> Step:
     starts = torch.cumsum(lengths, 0) - lengths
     state = torch.full((len(lmb.lengths), kmax), -1, dtype=torch.int64, device=dev)  # pointers per window
     min_ptr = cfg.min_pointers or min(DEFAULT_MIN_POINTERS, kmax)
-    for s in range(int(lengths.max())):
-        wins = (lengths > s).nonzero().squeeze(1)
-        r = (starts[wins] + s).to(dev)
-        st = knn.retriever.step(query[r], kmax, pointers=state[wins.to(dev)], min_pointers=min_ptr,
-                                allow=None if allow is None else allow[r],
-                                exclude=None if exclude is None else exclude[r])
-        dists[r], values[r], ids[r], searched[r], pointed[r] = st
-        state[wins.to(dev)] = knn.retriever.successors(st.ids, st.values, lmb.tgt[r])
+    with one_thread():
+        for s in range(int(lengths.max())):
+            wins = (lengths > s).nonzero().squeeze(1).to(dev)  # (W,) windows that reach position s
+            r = starts.to(dev)[wins] + s  # (W,) their rows
+            st = knn.retriever.step(query[r], kmax, pointers=state[wins], min_pointers=min_ptr,
+                                    allow=None if allow is None else allow[r],
+                                    exclude=None if exclude is None else exclude[r])
+            for out, x in zip((dists, values, ids, searched, pointed), st):
+                out.index_copy_(0, r, x)
+            state.index_copy_(0, wins, knn.retriever.successors(st.ids, st.values, lmb.tgt[r]))
     return Step(dists, values, ids, searched, pointed)
 
 

@@ -41,6 +41,7 @@ import torch
 from transformers import LogitsProcessor, LogitsProcessorList
 
 from knnlm.errors import GenerateError
+from knnlm.retrieval import one_thread
 
 logger = logging.getLogger(__name__)
 
@@ -157,16 +158,17 @@ class KNNLogitsProcessor(LogitsProcessor):
         rows, p = keys.shape[0], keys.shape[1]
         state = torch.full((rows, knn.k), -1, dtype=torch.int64, device=keys.device)
         mask = self.attention_mask
-        for t in range(p - 1):  # position t predicts input_ids[:, t + 1], which is known
-            real = torch.ones(rows, dtype=torch.bool, device=keys.device) if mask is None else \
-                mask[:, t].to(keys.device).bool()
-            if not bool(real.any()):
-                continue
-            st = knn.retriever.step(keys[real, t], pointers=state[real], min_pointers=knn.min_pointers)
-            self.stats["prompt_steps"] += int(real.sum())
-            self.stats["prompt_searched"] += int(st.searched.sum())
-            state[real] = knn.retriever.successors(st.ids, st.values, input_ids[real, t + 1])
-            state[~real] = -1
+        with one_thread():
+            for t in range(p - 1):  # position t predicts input_ids[:, t + 1], which is known
+                real = torch.ones(rows, dtype=torch.bool, device=keys.device) if mask is None else \
+                    mask[:, t].to(keys.device).bool()
+                if not bool(real.any()):
+                    continue
+                st = knn.retriever.step(keys[real, t], pointers=state[real], min_pointers=knn.min_pointers)
+                self.stats["prompt_steps"] += int(real.sum())
+                self.stats["prompt_searched"] += int(st.searched.sum())
+                state[real] = knn.retriever.successors(st.ids, st.values, input_ids[real, t + 1])
+                state[~real] = -1
         self._state = state
 
     def _mix(self, query: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:

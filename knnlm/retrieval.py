@@ -16,8 +16,10 @@ with fewer pointers search (the surviving pointers are then dropped, as a plain 
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
+from collections.abc import Iterator
 from typing import NamedTuple
 
 import numpy as np
@@ -28,9 +30,10 @@ from knnlm.datastore import Datastore
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["Retriever", "DEFAULT_K", "resolve_k", "Step"]
+__all__ = ["Retriever", "DEFAULT_K", "resolve_k", "Step", "one_thread"]
 
 DEFAULT_K = 1024  # as in Khandelwal et al. (2020)
+KEY_CHUNK = 512  # candidate keys per chunk when scoring pointers (~1.2 MB of fp32 at D=576)
 RERANK_ROWS = 1 << 18  # candidate rows gathered per re-ranking chunk (~300 MB of fp16 keys at D=576)
 
 
@@ -40,6 +43,21 @@ def resolve_k(k: int | None, n: int, *, param: str = "k") -> int:
         return min(DEFAULT_K, n)
     check_k(k, n, param=param)
     return int(k)
+
+
+@contextlib.contextmanager
+def one_thread() -> Iterator[None]:
+    """Run a block on one intra-op thread (torch and FAISS share the OpenMP pool), then restore
+    the previous count. For step-by-step loops (pointers): every step is a few small tensor ops
+    and a FAISS search of a handful of queries, too small to gain from threads, while idle
+    OpenMP workers spinning between the steps cost several times the work itself as soon as
+    another process wants the cores (measured 5x slower on a shared 2-core machine)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 class Step(NamedTuple):
@@ -96,23 +114,42 @@ class Retriever:
 
     def candidates(self, queries: torch.Tensor, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Score given candidate rows (Q, K) (-1: none) like search results: exact squared L2 from
-        the stored keys, ascending; returns dists (Q, W) fp32, values (Q, W), ids (Q, W) with
-        W <= K the largest number of candidates of a row (only real candidates are read)."""
+        the stored keys, ascending (ties keep the order of ``rows``); returns dists (Q, W) fp32,
+        values (Q, W), ids (Q, W) with W <= K the largest number of candidates of a row (only
+        real candidates are read)."""
         device = queries.device
-        ids = rows.detach().cpu().long()
+        ids = rows.detach().cpu().long()  # (Q, K)
         valid = ids >= 0
-        width = max(int(valid.sum(1).max()) if ids.numel() else 0, 1)
-        ids = ids.gather(1, torch.argsort((~valid).to(torch.int8), dim=1, stable=True))[:, :width]  # real first
-        valid = ids >= 0
+        counts = valid.sum(1)  # (Q,)
+        width = max(int(counts.max()) if ids.numel() else 0, 1)
         dists = torch.full(ids.shape, math.inf, dtype=torch.float32)
         if bool(valid.any()):
-            keys = torch.from_numpy(np.asarray(self.datastore.keys[ids[valid].numpy()])).float()  # (M, D)
-            q = queries.detach().to("cpu", torch.float32).repeat_interleave(valid.sum(1), dim=0)  # (M, D)
-            dists[valid] = ((keys - q) ** 2).sum(-1)
+            owner = torch.repeat_interleave(torch.arange(ids.shape[0]), counts)  # (M,) query of each candidate
+            dists[valid] = self.key_distances(queries.detach().to("cpu", torch.float32), owner, ids[valid])
+        # missing candidates (+inf) sort last; a stable sort keeps equal distances in ``rows`` order
         dists, order = torch.sort(dists, dim=1, stable=True)
-        ids = ids.gather(1, order)
+        dists, ids = dists[:, :width].contiguous(), ids.gather(1, order[:, :width])
         values = self._values[ids.clamp(min=0)].masked_fill(ids < 0, 0)
         return dists.to(device), values.to(device), ids.to(device)
+
+    def key_distances(self, q: torch.Tensor, owner: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        """Exact squared L2 (M,) fp32 between stored keys ``rows`` (M,) and their queries
+        ``q[owner]`` (q (Q, D) fp32 on CPU, owner (M,)): the keys are read from the memory map in
+        ascending row order, and the arithmetic runs in cache-sized chunks of rows (the same
+        fp32 operations, per row, as ``((key - q) ** 2).sum(-1)``)."""
+        keys = self.datastore.keys
+        order = torch.argsort(rows)  # sorted reads of the memmap
+        srt = rows[order].numpy()
+        own = owner[order]
+        out = torch.empty(rows.shape[0], dtype=torch.float32)
+        for lo in range(0, rows.shape[0], KEY_CHUNK):
+            hi = min(rows.shape[0], lo + KEY_CHUNK)
+            k = torch.from_numpy(np.asarray(keys[srt[lo:hi]])).float()  # (m, D) a fresh copy
+            k.sub_(q.index_select(0, own[lo:hi]))
+            out[lo:hi] = k.mul_(k).sum(-1)
+        res = torch.empty_like(out)
+        res[order] = out
+        return res
 
     def step(self, queries: torch.Tensor, k: int | None = None, *, pointers: torch.Tensor | None = None,
              min_pointers: int = 1, allow: torch.Tensor | None = None,

@@ -34,6 +34,27 @@ def pytest_configure(config):
     torch.set_num_threads(min(2, torch.get_num_threads()))
 
 
+def pytest_sessionstart(session):
+    """Start compiling the fused op (about a minute on a fresh machine) in a background thread,
+    so that the C++ build overlaps with the tests that come before the first one needing it;
+    those wait on ``knnlm.ops``' lock and then see the same result (the op, or the same failure:
+    ``load_extension`` re-raises under KNNLM_REQUIRE_KERNEL, the fallback warns once)."""
+    import threading
+
+    from knnlm import ops
+
+    if ops._disabled():
+        return
+
+    def build():
+        try:
+            ops.load_extension()
+        except Exception:  # noqa: BLE001 - reported by the tests that need the op
+            pass
+
+    threading.Thread(target=build, name="knnlm-ops-prebuild", daemon=True).start()
+
+
 @pytest.fixture(scope="session")
 def tiny_tokenizer():
     """A byte-level BPE tokenizer with a few hundred tokens, trained on stdlib text; adds no
@@ -83,3 +104,18 @@ def smollm2():
 def tiny_store(tmp_path_factory, tiny_tokenizer):
     """The tiny Llama and a flat datastore over CORPUS_FILES (shared, read-only)."""
     return build_tiny_store(tmp_path_factory.mktemp("tiny-store") / "ds", tiny_tokenizer)
+
+
+@pytest.fixture(scope="session")
+def slow_model_dir(tmp_path_factory, tiny_tokenizer):
+    """A wider tiny Llama (and the tiny tokenizer) saved for the CLI, so that a build lasts past
+    its first progress record (the kill-and-resume tests)."""
+    import transformers
+
+    cfg = transformers.LlamaConfig(vocab_size=384, hidden_size=256, intermediate_size=1024, num_hidden_layers=4,
+                                   num_attention_heads=4, num_key_value_heads=2)
+    torch.manual_seed(0)
+    d = tmp_path_factory.mktemp("wide-llama")
+    transformers.LlamaForCausalLM(cfg).save_pretrained(d)
+    tiny_tokenizer.save_pretrained(d)
+    return d

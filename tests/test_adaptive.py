@@ -209,6 +209,120 @@ def test_pointers_save_searches_on_repeated_text(tuned, tiny_tokenizer):
         assert never["ppl_knn"] == pytest.approx(plain["ppl_knn"], rel=1e-6)
 
 
+def _reference_pointer_neighbours(retriever, lmb, k: int, min_ptr: int, allow):
+    """The pointer loop written the slow, obvious way, one row at a time: per window, per
+    position, the previous position's successors (value == actual next token, row + 1 in the
+    same document, the row's own key excluded), exact squared L2 from the keys in numpy, a
+    single-row search when fewer than ``min_ptr`` survive (and the retrieval gate allows it).
+    Returns per row (ids, dists, values) sorted by distance, and searched / pointed flags."""
+    import numpy as np
+
+    from knnlm.data import count_targets
+
+    ds = retriever.datastore
+    keys, vals = np.asarray(ds.keys, dtype=np.float32), np.asarray(ds.values, dtype=np.int64)
+    last = {d["first_row"] + count_targets(d["length"]) - 1 for d in ds.documents}
+    rows, searched, pointed = [], [], []
+    r = 0
+    for length in lmb.lengths:
+        ptrs: list[int] = []
+        for _ in range(length):
+            q = lmb.query[r].float().numpy()
+            own = -1 if lmb.exclude is None else int(lmb.exclude[r])
+            cand = [p for p in ptrs if p != own]
+            if len(cand) >= min_ptr:
+                d = [float(((keys[p] - q) ** 2).sum()) for p in cand]
+                order = sorted(range(len(cand)), key=d.__getitem__)
+                ids, dists = [cand[j] for j in order], [d[j] for j in order]
+                searched.append(False), pointed.append(True)
+            elif allow is None or bool(allow[r]):
+                d_t, _, i_t = retriever.search(lmb.query[r:r + 1], k,
+                                               exclude=None if lmb.exclude is None else lmb.exclude[r:r + 1])
+                keep = i_t[0] >= 0
+                ids, dists = i_t[0][keep].tolist(), d_t[0][keep].tolist()
+                searched.append(True), pointed.append(False)
+            else:
+                ids, dists = [], []
+                searched.append(False), pointed.append(False)
+            rows.append((ids, dists, [int(vals[i]) for i in ids]))
+            tgt = int(lmb.tgt[r])
+            ptrs = [i + 1 for i in ids if vals[i] == tgt and i not in last]
+            r += 1
+    return rows, torch.tensor(searched), torch.tensor(pointed)
+
+
+@pytest.mark.parametrize("min_ptr, fraction", [(1, None), (3, 0.6)])
+def test_pointer_loop_matches_the_row_by_row_reference(tuned, tiny_tokenizer, min_ptr, fraction):
+    """The batched pointer loop (all windows in lock step, one sorted gather of the candidate
+    keys per step, chunked fp32 distances) finds, row for row, the neighbours, distances and
+    kNN log-probs of the obvious per-row loop — on text the datastore holds (its own keys are
+    excluded, pointers still chain through the neighbouring rows) and with the retrieval gate."""
+    from knnlm.evaluation import _neighbours
+    from knnlm.retrieval import Retriever
+    from knnlm.scoring import knn_target_log_probs
+
+    model, ds, gate = tuned
+    k = 32
+    knn = KNNLM(model, ds, tiny_tokenizer, k=k, gate=gate)
+    cache = LMCache()
+    knn.evaluate(corpus_paths(["colorsys.py", "keyword.py"]) + EVAL, max_tokens=700, lm_cache=cache,
+                 lambdas=["adaptive"], progress=False, batch_size=4)
+    cfg = EvalConfig(pointers=True, min_pointers=min_ptr, retrieve_fraction=fraction, lambdas=("adaptive",))
+    assert any(b.exclude is not None and bool((b.exclude >= 0).any()) for b in cache.batches)
+    for lmb in cache.batches:
+        st = _neighbours(knn, cfg, lmb, k, gate)
+        allow = None if fraction is None else gate.select(lmb.lm_feats, fraction)
+        ref, searched, pointed = _reference_pointer_neighbours(Retriever(ds, k), lmb, k, min_ptr, allow)
+        assert torch.equal(st.searched, searched) and torch.equal(st.pointed, pointed)
+        assert bool(st.pointed.any()) and bool(st.searched.any())
+        for r, (ids, dists, vals) in enumerate(ref):
+            n = len(ids)
+            assert st.ids[r, :n].tolist() == ids and bool((st.ids[r, n:] == -1).all())
+            assert st.values[r, :n].tolist() == vals
+            assert torch.allclose(st.dists[r, :n], torch.tensor(dists), rtol=1e-5)
+            assert bool(torch.isinf(st.dists[r, n:]).all())
+        d_ref = torch.full_like(st.dists, math.inf)
+        for r, (ids, dists, _) in enumerate(ref):
+            d_ref[r, :len(ids)] = torch.tensor(dists)
+        assert torch.allclose(knn_target_log_probs(st.dists, st.values, lmb.tgt, 1.0),
+                              knn_target_log_probs(d_ref, st.values, lmb.tgt, 1.0), atol=1e-5, equal_nan=True)
+
+
+def test_candidates_score_only_real_rows_in_distance_order(tuned, tiny_tokenizer):
+    """``Retriever.candidates``: -1 padding anywhere in a row, rows with none, equal distances
+    (a row named twice) keep their order; exact squared L2, bit for bit the reference formula.
+    ``Retriever.successors``: row + 1 of matching neighbours, none past a document's last row."""
+    import numpy as np
+
+    from knnlm.retrieval import Retriever
+
+    _, ds, _ = tuned
+    ret = Retriever(ds, 32)
+    torch.manual_seed(0)
+    q = torch.randn(4, ds.dim)
+    rows = torch.tensor([[5, -1, 9, 2, -1], [-1, -1, -1, -1, -1], [7, 7, 1, -1, 3], [0, 1, 2, 3, 4]])
+    d, v, i = ret.candidates(q, rows)
+    assert d.shape == (4, 5)
+    keys = torch.from_numpy(np.array(ds.keys, dtype=np.float32))
+    for r in range(4):
+        real = [x for x in rows[r].tolist() if x >= 0]
+        dist = [float(((keys[x] - q[r]) ** 2).sum(-1)) for x in real]
+        order = sorted(range(len(real)), key=dist.__getitem__)
+        assert i[r].tolist() == [real[j] for j in order] + [-1] * (5 - len(real))
+        assert d[r, :len(real)].tolist() == [dist[j] for j in order]
+        assert v[r, :len(real)].tolist() == [int(ds.values[real[j]]) for j in order]
+        assert bool(torch.isinf(d[r, len(real):]).all()) and bool((v[r, len(real):] == 0).all())
+    # successors: row + 1 where the value matched, never across a document's end
+    from knnlm.data import count_targets
+
+    last = [doc["first_row"] + count_targets(doc["length"]) - 1 for doc in ds.documents]
+    ids = torch.tensor([[last[0], last[0] - 1, -1, last[1]]])
+    vals = torch.from_numpy(np.asarray(ds.values, dtype=np.int64))[ids.clamp(min=0)]
+    assert ret.successors(ids, vals, vals[0, 1:2]).tolist() == [[-1, last[0], -1, -1]]
+    assert ret.successors(ids, vals, vals[0, 3:4])[0, 3] == -1
+    assert ret.successors(ids, vals, vals[0, 0:1])[0, 0] == -1  # the value matches, the document ends
+
+
 A_LIST = [7, 3, 9, 2, 8, 4, 6]
 OTHER_LIST = [5, 3, 9, 1, 8, 0, 6]
 FILLER = "".join(f"def helper_{i}(value):\n    return value + {i}\n" for i in range(6))

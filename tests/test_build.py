@@ -160,27 +160,22 @@ def test_subset_equals_a_build_over_the_same_documents(tiny_model, tiny_tokenize
     np.testing.assert_array_equal(sub.values[:], direct.values[:])
 
 
-def test_sigkill_midway_then_resume_is_byte_identical(tmp_path, tiny_tokenizer, corpus_dir):
-    """A real `knnlm build-index` process killed with SIGKILL, resumed with --resume."""
-    import os
-    import subprocess
-    import sys
-    from pathlib import Path
+def test_sigkill_midway_then_resume_is_byte_identical(tmp_path, slow_model_dir, corpus_dir):
+    """A real `knnlm build-index` process killed with SIGKILL, resumed with --resume (a wider tiny
+    model, conftest.slow_model_dir, so the build lasts past the first progress commit). The
+    uninterrupted reference is built in this process with the same arguments."""
+    from knnlm.cli import main
 
-    # a wider tiny model, so the build lasts past the first progress commit
-    import transformers
-
-    cfg = transformers.LlamaConfig(vocab_size=384, hidden_size=256, intermediate_size=1024, num_hidden_layers=4,
-                                   num_attention_heads=4, num_key_value_heads=2)
-    torch.manual_seed(0)
-    model_dir = tmp_path / "model"
-    transformers.LlamaForCausalLM(cfg).save_pretrained(model_dir)
-    tiny_tokenizer.save_pretrained(model_dir)
     repo = Path(__file__).resolve().parent.parent  # `python -m experiments.kill_resume_check` runs from here
     files = sorted(str(p) for p in corpus_dir.iterdir())
+    extra = ["--context", "32", "--batch-size", "1"]
+    full = tmp_path / "full"  # the arguments experiments.kill_resume_check gives its builds
+    assert main(["build-index", "--model", str(slow_model_dir), "--data", *files, "--max-tokens", "8000", "--quiet",
+                 "--index", "flat", *extra, "--out", str(full)]) == 0
     env = dict(os.environ, KNNLM_COMMIT_SECONDS="0.1")  # commit often, so a kill lands between commits
-    res = subprocess.run([sys.executable, "-m", "experiments.kill_resume_check", "--model", str(model_dir), "--data",
-                          *files, "--tokens", "30000", "--", "--context", "32", "--batch-size", "1"],
+    res = subprocess.run([sys.executable, "-m", "experiments.kill_resume_check", "--model", str(slow_model_dir),
+                          "--data", *files, "--tokens", "8000", "--reference", str(full),
+                          "--workdir", str(tmp_path / "killed"), "--", *extra],
                          capture_output=True, text=True, timeout=600, env=env, cwd=repo)
     assert res.returncode == 0, res.stdout + res.stderr
     assert "killed with SIGKILL" in res.stdout and "partial datastore refused" in res.stdout
@@ -261,12 +256,11 @@ def test_disk_full_then_resume_is_byte_identical(tiny_model_dir, corpus_dir, tmp
     assert "no space left writing" in err[-1] and "--resume" in err[-1], err[-3:]
     with pytest.raises(DatastoreError):
         _open(out)
-    res = subprocess.run(args + ["--out", str(out), "--resume"], capture_output=True, text=True, timeout=300,
-                         env={**os.environ, "HF_HUB_OFFLINE": "1"})
-    assert res.returncode == 0, res.stderr[-2000:]
+    # the resume and the clean build without the limit: the same command, in this process
+    from knnlm.cli import main
+
+    assert main(args[3:] + ["--out", str(out), "--resume"]) == 0
     clean = tmp_path / "clean"
-    res = subprocess.run(args + ["--out", str(clean)], capture_output=True, text=True, timeout=300,
-                         env={**os.environ, "HF_HUB_OFFLINE": "1"})
-    assert res.returncode == 0, res.stderr[-2000:]
+    assert main(args[3:] + ["--out", str(clean)]) == 0
     for name in ("keys.npy", "values.npy", "tokens.npy", "documents.json", "index.faiss"):
         assert (out / name).read_bytes() == (clean / name).read_bytes(), name

@@ -165,16 +165,16 @@ def test_document_cut_by_max_tokens_still_excludes_its_own_rows(tiny_tokenizer, 
         for start, end, first in windows(len(ids), 64, 63):
             logits = model(input_ids=torch.tensor([ids[start:end]])).logits[0].float()  # (T, V)
             h = cap.pop()[0].float()  # (T, D)
-            for j in range(first, end):
-                p = j - 1 - start
-                lp_lm = torch.log_softmax(logits[p], -1)[ids[j]]
-                d = ((keys - h[p]) ** 2).sum(-1)  # (N,)
-                if j < cut:
-                    d[row0 + j - 1] = math.inf
-                top = torch.topk(-d, k).indices
-                w = torch.softmax(-d[top] / temp, 0)
-                p_knn = w[vals[top] == ids[j]].sum()
-                nll -= math.log(lam * float(p_knn) + (1 - lam) * math.exp(float(lp_lm)))
+            js = torch.arange(first, end)  # (P,) scored targets; position j - 1 - start predicts ids[j]
+            pos, tgt = js - 1 - start, torch.tensor(ids)[js]
+            lp_lm = torch.log_softmax(logits[pos], -1).gather(1, tgt[:, None])[:, 0]  # (P,)
+            d = ((keys[None] - h[pos][:, None]) ** 2).sum(-1)  # (P, N)
+            own = js < cut
+            d[own.nonzero()[:, 0], row0 + js[own] - 1] = math.inf
+            top = torch.topk(-d, k, dim=1).indices  # (P, k)
+            w = torch.softmax(-d.gather(1, top) / temp, 1)
+            p_knn = (w * (vals[top] == tgt[:, None])).sum(1)  # (P,)
+            nll -= torch.log(lam * p_knn.double() + (1 - lam) * lp_lm.double().exp()).sum().item()
     n = len(ids) - 1
     assert res["tokens"] == n
     assert res["ppl_knn"] == pytest.approx(math.exp(nll / n), rel=1e-4)
