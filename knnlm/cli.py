@@ -151,7 +151,7 @@ def _add_window_args(p: argparse.ArgumentParser) -> None:
 
 
 INDEX_HELP = ("flat (exact), ivfsq (IVF over fp16 vectors), ivfpq (IVF + 8-bit PQ, the coarse quantizer "
-              "by size), auto (flat up to 65,536 keys, ivfsq while the fp16 keys fit in 8 GiB, ivfpq beyond), or a "
+              "by size), auto (flat up to 65,536 keys, ivfsq up to 262,144, ivfpq beyond), or a "
               "FAISS factory string such as IVF4096,PQ64 or OPQ64,IVF4096,PQ64 (default: %(default)s)")
 STORAGE_HELP = ("where the index lives: ram (read into memory), disk (IVF inverted lists / flat codes "
                 "memory-mapped from the datastore directory: search memory does not grow with the datastore), "

@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from knnlm.index import AUTO_FLAT_MAX_ROWS, IndexSpecError, build_index, load_index, plan_index
+from knnlm.index import AUTO_FLAT_MAX_ROWS, AUTO_SQ_MAX_ROWS, IndexSpecError, build_index, load_index, plan_index
 
 
 def _keys_file(tmp_path, n, d, seed=0):
@@ -27,8 +27,12 @@ def test_flat_index_equals_brute_force(tmp_path):
 
 def test_auto_picks_by_size():
     assert plan_index("auto", 1000, 64).factory == "Flat"
-    p = plan_index("auto", AUTO_FLAT_MAX_ROWS * 16, 64)
+    assert plan_index("auto", AUTO_FLAT_MAX_ROWS, 64).factory == "Flat"
+    p = plan_index("auto", AUTO_FLAT_MAX_ROWS + 1, 64)
     assert p.factory.startswith("IVF") and p.factory.endswith("SQfp16") and p.nprobe > 0
+    assert plan_index("auto", AUTO_SQ_MAX_ROWS, 576).factory.endswith("SQfp16")
+    assert plan_index("auto", AUTO_SQ_MAX_ROWS + 1, 576).factory.endswith(",PQ64")
+    assert plan_index("auto", 1_100_000, 576).factory == "IVF4096,PQ64"  # the measured recipe
     assert "PQ" in plan_index("auto", 200_000_000, 1024).factory
     assert plan_index("ivfpq", 100_000, 576).factory == "IVF1024,PQ64"  # 4 * sqrt(N) lists, a power of two
     pq = plan_index("ivfpq", 1_100_000, 576)  # the original kNN-LM recipe at ~1M keys
