@@ -38,7 +38,6 @@ setting the mixture uses, so λ(x) means the same in a sweep. A row with no neig
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import math
@@ -52,6 +51,7 @@ import torch
 from knnlm.config import check_fraction
 from knnlm.datastore import GATE, Datastore, attach_gate
 from knnlm.errors import ConfigError, DatastoreError
+from knnlm.retrieval import one_thread  # fitting is a small dense problem: threads cost more than they give
 from knnlm.scoring import knn_log_weights, mix
 
 __all__ = ["FEATURES", "PRE_FEATURES", "Gate", "TuneData", "fit_gate", "load_gate", "save_gate", "lm_features",
@@ -389,18 +389,6 @@ def _eval_nll(net, mean, std, x, lp_lm, lp_knn, names, chosen) -> float:
         return float(_mixture_nll(lp_lm, lp_knn)(_forward(net, (x[:, idx] - mean) / std)))
 
 
-@contextlib.contextmanager
-def _one_thread():
-    """Fitting is a small dense problem: one thread avoids the threading overhead that dominates
-    it (and does not fight other jobs for the cores)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(n)
-
-
 SELECT_ROWS = 20_000  # tuning rows the model-kind / feature choices are fitted on (a seeded sample)
 
 
@@ -414,7 +402,7 @@ def fit_gate(data: TuneData, identity: str, k: int, temperature: float, *, kind:
     tokens) and the features: each feature's drop-one cost is measured, then features are
     dropped in order of that cost while each drop costs at most ``KEEP_EPS`` nats/token. The
     final gate is refitted on all tokens. Everything measured goes into ``gate.report``."""
-    with _one_thread():
+    with one_thread():
         return _fit_gate(data, identity, k, temperature, kind, hidden, seed, l2, iters, select)
 
 
