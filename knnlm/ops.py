@@ -13,8 +13,10 @@ and independent of the torch / CUDA version it is installed next to: the op is c
 the torch actually imported, CPU-only or CUDA, with the host CPU's vector ISA.
 
 Build cache: ``$TORCH_EXTENSIONS_DIR`` when set, else ``$XDG_CACHE_HOME/knnlm/ext`` (default
-``~/.cache/knnlm/ext``), one sub-directory per torch version / build flavour; torch rebuilds when
-the sources or flags change. A cold build takes about a minute on a small CPU.
+``~/.cache/knnlm/ext``), one sub-directory per torch version / build flavour / hash of the
+checkout's csrc path, sources and flags (so two checkouts never wait on each other's build lock:
+a process killed while compiling leaves torch's lock file behind, and every later build in that
+directory would wait on it forever). A cold build takes about a minute on a small CPU.
 
 ``get_op(name, device)`` returns the op for ``device`` or ``None``; ``knnlm.scoring`` then uses
 its torch reference. When the extension cannot be built (no compiler, sources missing, build
@@ -32,6 +34,7 @@ error) one warning says why and the reference is used. Environment:
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import shutil
@@ -106,7 +109,12 @@ def _want_cuda() -> tuple[bool, str]:
     return True, ""
 
 
-def _build_root(flavour: str) -> Path:
+def _build_root(flavour: str, sources: list[Path], cflags: list[str]) -> Path:
+    """A build directory per checkout and source content: two checkouts (or versions) never
+    share one, so they neither rebuild each other's op nor wait on each other's build lock."""
+    h = hashlib.sha256(" ".join([str(csrc_dir().resolve()), *cflags]).encode())
+    for p in sources:
+        h.update(p.read_bytes())
     env = os.environ.get("TORCH_EXTENSIONS_DIR")
     if env:
         root = Path(env)
@@ -114,7 +122,7 @@ def _build_root(flavour: str) -> Path:
         cache = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
         root = Path(cache) / "knnlm" / "ext"
     version = torch.__version__.replace("+", "_").replace(".", "_")
-    path = root / f"torch{version}" / flavour
+    path = root / f"torch{version}" / f"{flavour}_{h.hexdigest()[:12]}"
     path.mkdir(parents=True, exist_ok=True)
     return path
 
@@ -164,7 +172,7 @@ def _build() -> None:
     isa = "avx2" if "-mavx2" in cflags else "generic"
     flavour = f"{'cuda' if cuda else 'cpu'}_{isa}"
     name = f"knnlm_ops_{flavour}"
-    build_dir = _build_root(flavour)
+    build_dir = _build_root(flavour, sources, cflags)
     cached = (build_dir / f"{name}.so").exists()  # ninja still rebuilds if a source changed
     (logger.debug if cached else logger.info)(
         "knnlm: %s the fused op %s in %s", "loading" if cached else "compiling (first use; about a minute)",
