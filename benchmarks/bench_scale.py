@@ -158,14 +158,14 @@ def build(keys, spec: str, out: Path, shards: int, seed: int) -> dict:
     t = time.time()
     rec = merge_shards(out / "trained.faiss", paths, out / "index.faiss", storage="disk", ntotal=n)
     steps["merge"] = round(time.time() - t, 1)
-    for p in paths + [out / "trained.faiss"]:
-        p.unlink()
     fill_s = sum(v for k, v in steps.items() if k.startswith("fill"))
     rec = {"n": n, "dim": d, "factory": plan.factory, "nprobe": plan.nprobe, "train_rows": plan.train_rows,
            "train_s": steps["train"], "fill_s": round(fill_s, 1), "merge_s": steps["merge"],
            "build_s": round(steps["train"] + fill_s + steps["merge"], 1), "bytes": rec["bytes"],
            "bytes_per_key": round(rec["bytes"] / n, 2), "ivfdata_bytes": rec["ivfdata_bytes"]}
-    done.write_text(json.dumps(rec))
+    done.write_text(json.dumps(rec))  # before the inputs go: a run killed after this does not merge again
+    for p in paths + [out / "trained.faiss"]:
+        p.unlink()
     return rec
 
 
