@@ -34,7 +34,6 @@ __all__ = ["Retriever", "DEFAULT_K", "resolve_k", "Step", "one_thread"]
 
 DEFAULT_K = 1024  # as in Khandelwal et al. (2020)
 KEY_CHUNK = 512  # candidate keys per chunk when scoring pointers (~1.2 MB of fp32 at D=576)
-RERANK_ROWS = 1 << 18  # candidate rows gathered per re-ranking chunk (~300 MB of fp16 keys at D=576)
 
 
 def resolve_k(k: int | None, n: int, *, param: str = "k") -> int:
@@ -214,16 +213,8 @@ class Retriever:
         return dists.to(device), values.to(device), ids.to(device)
 
     def _exact_dists(self, q: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
-        """Squared L2 from the stored keys for the candidate ids, vectorised in chunks."""
-        keys = self.datastore.keys
+        """Squared L2 (Q, K) from the stored keys for the candidate ids (Q, K) (-1: a placeholder
+        row 0, masked by the caller): ``key_distances`` with every query owning its K rows."""
         qn, kn = ids.shape
-        out = torch.empty(qn, kn, dtype=torch.float32)
-        rows_per = max(1, RERANK_ROWS // kn)
-        for lo in range(0, qn, rows_per):
-            hi = min(qn, lo + rows_per)
-            flat = ids[lo:hi].clamp(min=0).reshape(-1).numpy()
-            cand = torch.from_numpy(np.asarray(keys[np.sort(flat)]))  # sorted reads of the memmap
-            inv = torch.from_numpy(np.argsort(np.argsort(flat, kind="stable"), kind="stable"))
-            cand = cand[inv].float().view(hi - lo, kn, -1)  # (q, k, D)
-            out[lo:hi] = ((cand - q[lo:hi, None, :]) ** 2).sum(-1)
-        return out
+        owner = torch.arange(qn).repeat_interleave(kn)  # (Q*K,)
+        return self.key_distances(q, owner, ids.clamp(min=0).reshape(-1)).view(qn, kn)
