@@ -48,7 +48,7 @@ from knnlm.data import (
 )
 from knnlm.datastore import Datastore
 from knnlm.errors import CorpusError, KnnlmError
-from knnlm.gate import lm_features
+from knnlm.gate import NL, lm_features
 from knnlm.retrieval import Step, one_thread, resolve_k
 from knnlm.scoring import knn_target_log_probs, lm_target_log_probs, mix
 
@@ -219,7 +219,7 @@ class _LMBatch:
     query: torch.Tensor  # (R, D) key hidden states
     tgt: torch.Tensor  # (R,)
     lp_lm: torch.Tensor  # (R,) log p_lm(target)
-    lm_feats: torch.Tensor | None  # (R, 4) knnlm.gate.lm_features, when asked for
+    lm_feats: torch.Tensor | None  # (R, NL + 1) knnlm.gate.lm_features, when asked for
     exclude: torch.Tensor | None  # (R,) own datastore row (self-exclusion) or None
     lengths: list[int]  # scored targets per window of the batch (their rows are consecutive)
     seconds: float  # time the forward (and LM head) took
@@ -315,19 +315,20 @@ HEAD_CHUNK_BYTES = 64 << 20  # fp32 logits materialised at once when the LM head
 def _head_log_probs(model, cap, h: torch.Tensor, tgt: torch.Tensor, counts: torch.Tensor | None = None):
     """log p_lm(tgt) (R,) from LM-head inputs ``h`` (R, H): the head is applied to chunks of rows
     and only each row's target log-prob survives, so memory does not grow with B x T x V. With
-    ``counts`` also the LM features (R, 4) (``knnlm.gate.lm_features``), else None."""
+    ``counts`` also the LM features (R, NL + 1) (``knnlm.gate.lm_features``), else None."""
     head = model.get_output_embeddings()
     softcap = getattr(model.config, "final_logit_softcapping", None)
     rows = max(1, HEAD_CHUNK_BYTES // (4 * head.weight.shape[0]))
     out = torch.empty(h.shape[0], dtype=torch.float32, device=h.device)
-    feats = None if counts is None else torch.empty(h.shape[0], 4, dtype=torch.float32, device=h.device)
+    feats = None if counts is None else torch.empty(h.shape[0], NL + 1, dtype=torch.float32, device=h.device)
     for lo in range(0, h.shape[0], rows):
         logits = cap.apply_head(h[lo: lo + rows])  # (r, V)
         if softcap:
             logits = torch.tanh(logits / softcap) * softcap
-        out[lo: lo + rows] = lm_target_log_probs(logits, tgt[lo: lo + rows])
+        lse = None
         if feats is not None:
-            feats[lo: lo + rows] = lm_features(logits, counts)
+            feats[lo: lo + rows], lse = lm_features(logits, counts)
+        out[lo: lo + rows] = lm_target_log_probs(logits, tgt[lo: lo + rows], lse)
     return out, feats
 
 
@@ -343,7 +344,10 @@ def _lm_pass(model, cap, ids: torch.Tensor, rows_b: torch.Tensor, rows_t: torch.
         return (cap.pop(), *_head_log_probs(model, cap, final[rows_b, rows_t], tgt, counts))
     logits = model(input_ids=ids, use_cache=False).logits  # (B, T, V)
     scored = logits[rows_b, rows_t]  # (R, V)
-    return cap.pop(), lm_target_log_probs(scored, tgt), None if counts is None else lm_features(scored, counts)
+    if counts is None:
+        return cap.pop(), lm_target_log_probs(scored, tgt), None
+    feats, lse = lm_features(scored, counts)
+    return cap.pop(), lm_target_log_probs(scored, tgt, lse), feats
 
 
 def _head_path_matches(model, cap, doc_ids, probe: int = 64) -> bool:
@@ -487,7 +491,7 @@ def collect_tuning(knn, data: Sequence | None, cfg: EvalConfig, *, texts: Sequen
         for lmb in _lm_batches(model, docs, knn.key_layer, context, stride, bos, cfg, counts, overlap, False, None):
             with torch.inference_mode():
                 dists, values, _ = knn.search(lmb.query)  # (R, k)
-                kf, has = knn_features(dists, values, knn.temperature, lmb.lm_feats[:, 3])
+                kf, has = knn_features(dists, values, knn.temperature, lmb.lm_feats[:, NL])
                 lpk = knn_target_log_probs(dists, values, lmb.tgt, knn.temperature)
             n = lmb.tgt.shape[0]
             for name, x in (("lm", lmb.lm_feats), ("knn", kf), ("has", has), ("lp_lm", lmb.lp_lm),

@@ -8,8 +8,9 @@ text, saved with the datastore (``gate.json``, see ``knnlm.datastore.attach_gate
   maximising the mixture log-likelihood itself, ``mean log(λ(x) p_knn(y) + (1 - λ(x)) p_lm(y))``,
   on the tuning tokens (full-batch L-BFGS, fixed seed: deterministic). The mixture is computed by
   ``knnlm.scoring.mix``: the gate only produces λ.
-* the **retrieval gate** sees only what is known before searching (LM entropy, LM max
-  log-prob, datastore frequency of the LM's argmax) and predicts the log-likelihood gain that
+* the **retrieval gate** sees only what is known before searching (the ``LM_FEATURES``: LM
+  entropy, LM max log-prob, datastore frequency of the LM's argmax, LM mass on tokens the
+  datastore never saw) and predicts the log-likelihood gain that
   searching would bring (a regression on ``log p_mix(y) - log p_lm(y)`` under the λ gate). Tokens
   whose predicted gain is below a threshold skip the search and score the LM alone. The threshold
   for a searched fraction F is the (1 - F) quantile of the predicted gains on the tuning text
@@ -23,6 +24,9 @@ backward elimination, and recorded in the gate's ``report``):
 ``lm_entropy``        entropy of p_lm (nats)
 ``lm_max_logprob``    log of the LM's largest probability
 ``argmax_log_freq``   log(1 + datastore frequency of the LM's argmax token)
+``lm_unseen_log_mass`` log of p_lm's mass on tokens the datastore never saw (floored at 1e-6):
+                      the LM's own estimate that the next token is one retrieval cannot
+                      propose, where any λ > 0 only costs log(1 - λ)
 ``knn_top1_log_dist`` log(1 + squared distance of the nearest neighbour)
 ``knn_mean_log_dist`` log(1 + mean squared distance of the neighbours)
 ``knn_entropy``       entropy of p_knn (over tokens, neighbours' weights summed per value)
@@ -59,11 +63,13 @@ __all__ = ["FEATURES", "PRE_FEATURES", "Gate", "TuneData", "fit_gate", "load_gat
 
 GATE_FORMAT = "knnlm-gate"
 GATE_VERSION = 1
-LM_FEATURES = ("lm_entropy", "lm_max_logprob", "argmax_log_freq")
+LM_FEATURES = ("lm_entropy", "lm_max_logprob", "argmax_log_freq", "lm_unseen_log_mass")
+NL = len(LM_FEATURES)  # lm_features' columns: these, then the LM's argmax id
 KNN_FEATURES = ("knn_top1_log_dist", "knn_mean_log_dist", "knn_entropy", "knn_log_distinct", "knn_max_prob",
                 "knn_lm_argmax_prob")
 FEATURES = LM_FEATURES + KNN_FEATURES
 PRE_FEATURES = LM_FEATURES  # known before searching
+UNSEEN_FLOOR = 1e-6  # lm_unseen_log_mass of a distribution with (almost) no mass on unseen tokens
 QUANTILES = 1001
 KEEP_EPS = 1e-3  # nats/token: a feature stays when dropping it costs more than this on held-out tuning docs
 
@@ -71,15 +77,28 @@ KEEP_EPS = 1e-3  # nats/token: a feature stays when dropping it costs more than 
 # ---------------------------------------------------------------------------------- features
 
 
-def lm_features(logits: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
-    """(R, V) logits, (V,) datastore token counts -> (R, 4) fp32: entropy, max log-prob,
-    log(1 + frequency of the argmax), and the argmax id (as float, for ``knn_features``)."""
-    lp = torch.log_softmax(logits.float(), dim=-1)  # (R, V)
-    p = lp.exp()
-    ent = -(p * lp.masked_fill(p == 0, 0.0)).sum(-1)  # (R,)
-    top, arg = lp.max(dim=-1)  # (R,), (R,)
+def lm_features(logits: torch.Tensor, counts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(R, V) logits, (V,) datastore token counts -> (features (R, NL + 1) fp32: the
+    ``LM_FEATURES`` then the argmax id (as float, for ``knn_features``); log-sum-exp (R,) fp32,
+    for ``knnlm.scoring.lm_target_log_probs(..., lse=)``).
+
+    One exponential pass over the logits into one (R, V) buffer: with e = exp(x - max),
+    S = sum(e), log-sum-exp = max + log S, entropy = lse - sum(e x) / S, unseen mass =
+    sum(e [count = 0]) / S. Rows with -inf logits take the masked path (0 * -inf)."""
+    x = logits.float()
+    m, arg = x.max(dim=-1)  # (R,), (R,)
+    e = torch.sub(x, m[:, None]).exp_()  # (R, V) p * S
+    s = e.sum(-1)  # (R,)
+    lse = m + s.log()
+    if bool(x.amin() == -math.inf):  # p = 0 there: its term of the entropy is 0, not NaN
+        ex = torch.bmm(e[:, None, :], torch.where(e > 0, x, torch.zeros((), dtype=x.dtype))[:, :, None]).view(-1)
+    else:
+        ex = torch.bmm(e[:, None, :], x[:, :, None]).view(-1)  # (R,) sum(e x)
+    ent = lse - ex / s
+    unseen = (counts.to(x.device) == 0).to(x.dtype)  # (V,)
+    mass = torch.log((e @ unseen) / s).clamp(min=math.log(UNSEEN_FLOOR))
     freq = torch.log1p(counts.to(arg.device)[arg].float())
-    return torch.stack([ent, top, freq, arg.float()], dim=-1)
+    return torch.stack([ent, m - lse, freq, mass, arg.float()], dim=-1), lse
 
 
 def knn_features(dists: torch.Tensor, values: torch.Tensor, temperature: float,
@@ -201,10 +220,10 @@ class Gate:
         return (x[:, idx].double() - mean.to(x.device)) / std.to(x.device)
 
     def lam(self, lm_feats: torch.Tensor, dists: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
-        """λ(x) (R,) fp32 in [0, 1] from ``lm_features`` (R, 4) and the neighbours (R, K ascending;
-        the first ``self.k`` are used). Rows without a neighbour get 0."""
-        kf, has = knn_features(dists[:, :self.k], values[:, :self.k], self.temperature, lm_feats[:, 3])
-        x = torch.cat([lm_feats[:, :3], kf], dim=-1)  # (R, len(FEATURES))
+        """λ(x) (R,) fp32 in [0, 1] from ``lm_features`` (R, NL + 1) and the neighbours (R, K
+        ascending; the first ``self.k`` are used). Rows without a neighbour get 0."""
+        kf, has = knn_features(dists[:, :self.k], values[:, :self.k], self.temperature, lm_feats[:, NL])
+        x = torch.cat([lm_feats[:, :NL], kf], dim=-1)  # (R, len(FEATURES))
         s = _forward({k: (v.to(x.device) if k != "kind" else v) for k, v in self.net.items()},
                      self._z(x, FEATURES, self.features, self.mean, self.std))
         return torch.where(has, torch.sigmoid(s), torch.zeros_like(s)).float()
@@ -214,7 +233,7 @@ class Gate:
         if self.pre_net is None:
             raise DatastoreError(f"gate {self.path} has no retrieval gate; re-run `knnlm tune`")
         net = {k: (v.to(lm_feats.device) if k != "kind" else v) for k, v in self.pre_net.items()}
-        return _forward(net, self._z(lm_feats[:, :3], LM_FEATURES, self.pre_features, self.pre_mean,
+        return _forward(net, self._z(lm_feats[:, :NL], LM_FEATURES, self.pre_features, self.pre_mean,
                                      self.pre_std)).float()
 
     def threshold(self, fraction: float) -> float:
@@ -354,7 +373,7 @@ def save_gate(gate: Gate, ds: Datastore, out: str | Path | None = None) -> Path:
 
 @dataclass
 class TuneData:
-    """Per tuning token: LM features (N, 4) (``lm_features``), kNN features (N, 6) at the gate's
+    """Per tuning token: LM features (N, NL + 1) (``lm_features``), kNN features (N, 6) at the gate's
     k / T, has-neighbour (N,), log p_lm(y) and log p_knn(y) at that T / k (N,), document (N,)."""
     lm: torch.Tensor
     knn: torch.Tensor
@@ -366,7 +385,7 @@ class TuneData:
 
     @property
     def x(self) -> torch.Tensor:
-        return torch.cat([self.lm[:, :3], self.knn], dim=-1).double()  # (N, len(FEATURES))
+        return torch.cat([self.lm[:, :NL], self.knn], dim=-1).double()  # (N, len(FEATURES))
 
 
 def _standardise(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -466,11 +485,11 @@ def _fit_retrieval(gate: Gate, data: TuneData, hidden: int, seed: int, l2: float
     """The retrieval gate: predicted gain of searching from the LM features (all tuning tokens,
     those without neighbours included: their gain is 0)."""
     with torch.no_grad():
-        x = torch.cat([data.lm[:, :3], data.knn], dim=-1)
+        x = torch.cat([data.lm[:, :NL], data.knn], dim=-1)
         kf = _forward(gate.net, Gate._z(x, FEATURES, gate.features, gate.mean, gate.std))
         lam = torch.where(data.has, torch.sigmoid(kf), torch.zeros_like(kf))
         gain = (mix(data.lp_lm, data.lp_knn, lam.float()) - data.lp_lm).double()  # (N,)
-    xs = data.lm[:, :3].double()
+    xs = data.lm[:, :NL].double()
     mean, std = _standardise(xs)  # the regression is fitted on every tuning token
     gen = torch.Generator().manual_seed(seed)
     target = gain
@@ -478,7 +497,7 @@ def _fit_retrieval(gate: Gate, data: TuneData, hidden: int, seed: int, l2: float
     def mse(pred):
         return ((pred - target) ** 2).mean()
 
-    net = _train(_new_net("mlp", 3, hidden, gen), mse, (xs - mean) / std, l2=l2, iters=iters)
+    net = _train(_new_net("mlp", NL, hidden, gen), mse, (xs - mean) / std, l2=l2, iters=iters)
     with torch.no_grad():
         score = _forward(net, (xs - mean) / std)
     gate.pre_net, gate.pre_mean, gate.pre_std = net, mean, std

@@ -137,10 +137,10 @@ class KNNLM(EvaluationMixin, GenerationMixin):
         return self.retriever.search(hidden, k, exclude=exclude)
 
     def lm_features(self, logits: torch.Tensor) -> torch.Tensor:
-        """The gate's LM features (B, 4) of logits (B, V) (``knnlm.gate.lm_features``)."""
+        """The gate's LM features (B, NL + 1) of logits (B, V) (``knnlm.gate.lm_features``)."""
         if getattr(self, "_counts", None) is None:
             self._counts = torch.from_numpy(self.datastore.token_counts())
-        return lm_features(logits, self._counts)
+        return lm_features(logits, self._counts)[0]
 
     def mix(self, logits: torch.Tensor, dists: torch.Tensor, values: torch.Tensor,
             lam: float | torch.Tensor | None = None) -> torch.Tensor:

@@ -143,13 +143,14 @@ def reference_interpolate(logits: torch.Tensor, dists: torch.Tensor, values: tor
     return mix(lp_lm, lp_knn, lam)
 
 
-def lm_target_log_probs(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """log p_lm(target): logits (..., V), target (...) -> (...) fp32.
+def lm_target_log_probs(logits: torch.Tensor, target: torch.Tensor, lse: torch.Tensor | None = None) -> torch.Tensor:
+    """log p_lm(target): logits (..., V), target (...) -> (...) fp32. ``lse`` (...): the rows'
+    log-sum-exp when already computed (``knnlm.gate.lm_features`` returns it).
 
     NaN for a row with a NaN / +inf logit or only -inf logits, as ``torch.log_softmax`` gives.
     """
     logits = logits.float()
-    lse = torch.logsumexp(logits, dim=-1)
+    lse = torch.logsumexp(logits, dim=-1) if lse is None else lse
     out = logits.gather(-1, target.long()[..., None]).squeeze(-1) - lse
     # lse is NaN for a NaN logit and -inf for an all -inf row (out is NaN then), but +inf for a
     # +inf logit, where the subtraction alone would give -inf at a finite target

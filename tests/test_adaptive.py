@@ -15,9 +15,9 @@ from knnlm import KNNLM, BuildConfig, build_datastore
 from knnlm.config import ConfigError, EvalConfig
 from knnlm.datastore import DatastoreError, open_datastore
 from knnlm.evaluation import LMCache, collect_tuning
-from knnlm.gate import Gate, fit_gate, load_gate
+from knnlm.gate import LM_FEATURES, NL, UNSEEN_FLOOR, Gate, fit_gate, lm_features, load_gate
 from knnlm.generate import KNNLogitsProcessor
-from knnlm.scoring import interpolate, mix, reference_interpolate, reference_interpolate_target
+from knnlm.scoring import interpolate, lm_target_log_probs, mix, reference_interpolate, reference_interpolate_target
 from knnlm.testing import build_tiny_store, corpus_paths, make_tiny_model
 
 STDLIB = Path(sysconfig.get_paths()["stdlib"])
@@ -84,6 +84,32 @@ def test_tensor_lambda_is_the_scalar_formula_per_row():
 
 
 # ------------------------------------------------------------------------------ the gate
+
+
+def test_lm_features_match_their_definitions_from_log_softmax():
+    """The one-pass features against their textbook definitions, -inf logits included."""
+    torch.manual_seed(0)
+    logits = torch.randn(6, 40) * 3
+    logits[1, :5] = -math.inf  # masked vocabulary: p = 0 contributes 0 to the entropy
+    logits[2] = logits[2].clamp(max=0) - 30  # far from 0: the max shift matters
+    counts = torch.randint(0, 4, (40,))
+    counts[logits[3].argmax()] = 0  # the LM's favourite is a token the datastore never saw
+    feats, lse = lm_features(logits, counts)
+    assert feats.shape == (6, NL + 1) and len(LM_FEATURES) == NL
+    lp = torch.log_softmax(logits, -1)
+    p = lp.exp()
+    ent = -(p * lp.masked_fill(p == 0, 0)).sum(-1)
+    unseen = torch.log((p * (counts == 0)).sum(-1)).clamp(min=math.log(UNSEEN_FLOOR))
+    arg = lp.argmax(-1)
+    ref = torch.stack([ent, lp.max(-1).values, torch.log1p(counts[arg].float()), unseen, arg.float()], -1)
+    torch.testing.assert_close(feats, ref, atol=2e-5, rtol=1e-5)
+    torch.testing.assert_close(lse, torch.logsumexp(logits, -1))
+    tgt = torch.randint(5, 40, (6,))
+    assert torch.equal(lm_target_log_probs(logits, tgt, lse), logits.gather(1, tgt[:, None])[:, 0] - lse)
+    torch.testing.assert_close(lm_target_log_probs(logits, tgt, lse), lm_target_log_probs(logits, tgt))
+    none_unseen, _ = lm_features(logits, counts + 1)  # every token seen: the floor
+    assert torch.all(none_unseen[:, LM_FEATURES.index("lm_unseen_log_mass")] == math.log(UNSEEN_FLOOR))
+
 
 
 def test_gate_limits_reproduce_base_lm_and_pure_knn(tuned, tiny_tokenizer):
