@@ -50,6 +50,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--min-pointers", default="16,64,256", help="--min-pointers values (empty: none)")
     p.add_argument("--retune", action="store_true", help="fit a new gate even if the datastore has one")
     p.add_argument("--kind", default="auto", choices=["auto", "linear", "mlp"])
+    p.add_argument("--max-unseen-loss", default="none",
+                   help="comma list of knnlm tune's bounds on never-seen tuning targets ('none': no bound): one "
+                        "tuning pass, one gate per bound; the first is saved into the datastore, the others "
+                        "next to --out, and each is scored with a full search and every --retrieve-fractions F")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--out", default=None, help="JSON (default: results/adaptive_<datastore name>.json)")
     return p.parse_args(argv)
@@ -84,16 +88,33 @@ def main(argv=None) -> int:
     inside = {d["name"] for d in ds.documents}
     tune_files = [f for f in stdlib_files("tune") if f not in inside]
     skipped = len(stdlib_files("tune")) - len(tune_files)
+    bounds = [None if b.strip().lower() == "none" else float(b) for b in args.max_unseen_loss.split(",") if b.strip()]
+    out = args.out or f"results/adaptive_{Path(args.datastore).name}.json"
     t0 = time.time()
+    extra_gates = []  # (bound, gate) beyond the first
     if ds.header.gate and not args.retune:
         gate = load_gate(ds)
         log(f"reusing the gate in {gate.path} (--retune to refit)")
     else:
+        from knnlm.config import EvalConfig
+        from knnlm.evaluation import collect_tuning
+        from knnlm.gate import fit_gate, save_gate
+
         log(f"tuning on {len(tune_files)} stdlib-tune files ({skipped} skipped: in the datastore), "
-            f"{args.tune_tokens or 'all'} tokens")
-        gate = knn.tune(tune_files, max_tokens=args.tune_tokens or None, kind=args.kind)
+            f"{args.tune_tokens or 'all'} tokens; bounds on never-seen targets: {bounds}")
+        data = collect_tuning(knn, tune_files, EvalConfig(max_tokens=args.tune_tokens or None,
+                                                          batch_size=args.batch_size, progress=True))
+        gates = [fit_gate(data, ds.identity(), knn.k, knn.temperature, kind=args.kind, max_unseen_loss=b)
+                 for b in bounds]
+        gate = gates[0]
+        save_gate(gate, ds)  # as `knnlm tune --max-unseen-loss <first>` does
+        for b, g in zip(bounds[1:], gates[1:]):
+            save_gate(g, ds, Path(out).with_suffix(f".gate_unseen{b:g}.json"))
+            extra_gates.append((b, g))
     tune_seconds = time.time() - t0
     print(format_report(gate))
+    for b, g in extra_gates:
+        print(f"\n--- gate with never-seen bound {b:g} (written to {g.path}) ---\n{format_report(g)}")
     knn = knn.replace(gate=gate)
 
     test = stdlib_files("test")
@@ -111,6 +132,13 @@ def main(argv=None) -> int:
     variant("full search", [args.lam, "adaptive"])
     for f in floats(args.retrieve_fractions):
         variant(f"retrieve fraction {f:g}", ["adaptive", args.lam], retrieve_fraction=f)
+    default_knn = knn
+    for b, g in extra_gates:
+        knn = default_knn.replace(gate=g)
+        variant(f"full search, gate bound {b:g}", ["adaptive"])
+        for f in floats(args.retrieve_fractions):
+            variant(f"retrieve fraction {f:g}, gate bound {b:g}", ["adaptive"], retrieve_fraction=f)
+    knn = default_knn
     for m in [int(x) for x in args.min_pointers.split(",") if x.strip()]:
         variant(f"pointers (min {m})", [args.lam, "adaptive"], pointers=True, min_pointers=m)
 
@@ -127,9 +155,9 @@ def main(argv=None) -> int:
         print(f"| {r['variant']} | {lam} | "
               f"{r['ppl']:.3f} | {100 * (r['ppl'] / r['ppl_base'] - 1):+.1f}% | {ns_s} | "
               f"{100 * r['searched_fraction']:.1f}% | {r['tokens_per_second']:.0f} |")
-    out = args.out or f"results/adaptive_{Path(args.datastore).name}.json"
     write_json(out, {"command": command_line(MODULE, argv), "datastore": str(ds.path), "keys": len(ds),
-                     "tune_seconds": round(tune_seconds, 1), "gate": gate.to_json(), "rows": rows, "runs": raw})
+                     "tune_seconds": round(tune_seconds, 1), "gate": gate.to_json(),
+                     "extra_gates": {f"{b:g}": g.to_json() for b, g in extra_gates}, "rows": rows, "runs": raw})
     log(f"results written to {out}")
     return 0
 

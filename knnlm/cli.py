@@ -23,7 +23,7 @@ FLAGS = {
     "overwrite": "--overwrite", "out": "--out", "data": "--data", "globs": "--glob", "exclude": "--exclude",
     "text_field": "--text-field", "model": "--model", "device": "--device", "dtype": "--dtype",
     "inputs": "the inputs", "retrieve_fraction": "--retrieve-fraction", "pointers": "--pointers",
-    "min_pointers": "--min-pointers", "gate": "--gate",
+    "min_pointers": "--min-pointers", "gate": "--gate", "max_unseen_loss": "--max-unseen-loss",
 }
 _PARAM = re.compile(r"`([a-z_]+)`")
 
@@ -277,10 +277,13 @@ def _add_eval_parser(sub) -> None:
 
 
 def _add_tune_parser(sub) -> None:
+    from knnlm.config import DEFAULT_MAX_UNSEEN_LOSS
+
     t = sub.add_parser("tune", help="fit the adaptive gate (per-token lambda, retrieval gate) of a datastore",
                        description="Fit a small gate on tuning text (not in the datastore, not the eval text): "
-                                   "per-token features (LM entropy and max-prob, argmax frequency, kNN distances, "
-                                   "entropy, agreement) -> lambda(x), by maximising the kNN-LM likelihood itself; "
+                                   "per-token features (LM entropy and max-prob, argmax frequency, LM mass on tokens "
+                                   "the datastore never saw, kNN distances, entropy, agreement) -> lambda(x), by "
+                                   "maximising the kNN-LM likelihood itself; "
                                    "and a retrieval gate that predicts from the LM features alone whether searching "
                                    "pays. Saved with the datastore (gate.json + a header entry) unless --out.",
                        epilog=TUNE_EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -298,6 +301,10 @@ def _add_tune_parser(sub) -> None:
     g.add_argument("--nprobe", type=int, default=None, help="IVF lists to probe (default: the datastore's)")
     g.add_argument("--seed", type=int, default=0, help="initialisation / sampling seed (default: %(default)s)")
     g.add_argument("--batch-size", type=int, default=8, help="windows per forward pass (default: %(default)s)")
+    g.add_argument("--max-unseen-loss", type=float, default=DEFAULT_MAX_UNSEEN_LOSS, metavar="FRACTION",
+                   help="bound the tuning tokens the datastore never saw (where retrieval can only cost "
+                        "-log(1 - lambda)) to this much perplexity above the LM's, e.g. 0.04 (default: no bound, "
+                        "the best perplexity overall)")
     t.add_argument("--quiet", action="store_true", help="no progress bars")
     t.set_defaults(func=cmd_tune)
 
@@ -485,13 +492,14 @@ def cmd_eval(args) -> int:
 
 
 def cmd_tune(args) -> int:
-    from knnlm.config import EvalConfig, check_k
+    from knnlm.config import EvalConfig, check_k, check_max_unseen_loss
     from knnlm.data import iter_documents, resolve_sources, sha256_text
     from knnlm.datastore import open_datastore
     from knnlm.gate import check_outside_datastore, format_report
 
     EvalConfig(temperatures=[args.temperature], ks=[args.k], nprobe=args.nprobe, batch_size=args.batch_size,
                max_tokens=args.max_tokens)  # the checks, before anything is loaded
+    check_max_unseen_loss(args.max_unseen_loss)
     ds = open_datastore(args.datastore)
     check_k(args.k, len(ds))
     sources = resolve_sources(args.data, tuple(args.glob or ("*",)), tuple(args.exclude), text_field=args.text_field)
@@ -504,7 +512,7 @@ def cmd_tune(args) -> int:
     model, tokenizer = load_model(args.model, device=args.device, dtype=args.dtype)
     knn = KNNLM(model, ds, tokenizer, temperature=args.temperature, k=args.k, nprobe=args.nprobe)
     gate = knn.tune(sources, out=args.out, max_tokens=args.max_tokens, seed=args.seed, kind=args.kind,
-                    batch_size=args.batch_size, progress=not args.quiet)
+                    batch_size=args.batch_size, progress=not args.quiet, max_unseen_loss=args.max_unseen_loss)
     print(format_report(gate))
     print(f"gate written to {gate.path}" + ("" if args.out else f" (recorded in {ds.path}/header.json)"))
     return 0

@@ -118,6 +118,18 @@ def check_fraction(fraction: float | None, param: str = "retrieve_fraction") -> 
         raise ConfigError(f"`{param}` must be in (0, 1], got {fraction}", param=param)
 
 
+DEFAULT_MAX_UNSEEN_LOSS = None  # knnlm tune: no bound on never-seen targets (README "Adaptive kNN-LM": the trade-off)
+
+
+def check_max_unseen_loss(value: float | None, param: str = "max_unseen_loss") -> None:
+    """``max_unseen_loss`` (a perplexity fraction, e.g. 0.05) must be finite and >= 0 (None: no bound)."""
+    if value is None:
+        return
+    v = float(value)
+    if not (math.isfinite(v) and v >= 0.0):
+        raise ConfigError(f"`{param}` must be a fraction >= 0 (e.g. 0.05 for 5 %), got {value}", param=param)
+
+
 DEFAULT_MIN_POINTERS = 64  # search when fewer pointers survive (capped at k); see README "Pointers"
 
 

@@ -474,14 +474,15 @@ def run(model, tokenizer, knn: EvaluationMixin | None, data: Sequence | None, cf
 def collect_tuning(knn, data: Sequence | None, cfg: EvalConfig, *, texts: Sequence[str] | None = None):
     """The per-token statistics ``knnlm.gate.fit_gate`` needs, from one pass over the tuning
     text at ``knn``'s k and temperature: LM features, kNN features, log p_lm(y), log p_knn(y)
-    (``knnlm.gate.TuneData``). Refuses tuning documents that are in the datastore (same text)."""
+    and whether the datastore holds each target (``knnlm.gate.TuneData``). Refuses tuning
+    documents that are in the datastore (same text)."""
     from knnlm.gate import TuneData, check_outside_datastore, knn_features
 
     model, tokenizer = knn.model, knn.tokenizer
     ds, context, stride, bos, docs, overlap = _prepare(model, tokenizer, knn, data, cfg, texts)
     check_outside_datastore(ds, docs)
     counts = torch.from_numpy(ds.token_counts())
-    parts = {n: [] for n in ("lm", "knn", "has", "lp_lm", "lp_knn", "doc")}
+    parts = {n: [] for n in ("lm", "knn", "has", "lp_lm", "lp_knn", "doc", "seen")}
     from tqdm.auto import tqdm
 
     total = sum(count_targets(d["length"]) for d in docs)
@@ -495,7 +496,7 @@ def collect_tuning(knn, data: Sequence | None, cfg: EvalConfig, *, texts: Sequen
                 lpk = knn_target_log_probs(dists, values, lmb.tgt, knn.temperature)
             n = lmb.tgt.shape[0]
             for name, x in (("lm", lmb.lm_feats), ("knn", kf), ("has", has), ("lp_lm", lmb.lp_lm),
-                            ("lp_knn", lpk), ("doc", doc_of_row[row: row + n])):
+                            ("lp_knn", lpk), ("doc", doc_of_row[row: row + n]), ("seen", counts[lmb.tgt.cpu()] > 0)):
                 parts[name].append(x.cpu())
             row += n
             bar.update(n)

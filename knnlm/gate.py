@@ -52,7 +52,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from knnlm.config import check_fraction
+from knnlm.config import check_fraction, check_max_unseen_loss
 from knnlm.datastore import GATE, Datastore, attach_gate
 from knnlm.errors import ConfigError, DatastoreError
 from knnlm.retrieval import one_thread  # fitting is a small dense problem: threads cost more than they give
@@ -71,6 +71,7 @@ FEATURES = LM_FEATURES + KNN_FEATURES
 PRE_FEATURES = LM_FEATURES  # known before searching
 UNSEEN_FLOOR = 1e-6  # lm_unseen_log_mass of a distribution with (almost) no mass on unseen tokens
 QUANTILES = 1001
+UNSEEN_PENALTY = 1e3  # weight of the squared excess over max_unseen_loss (nats^2) in the λ gate's objective
 KEEP_EPS = 1e-3  # nats/token: a feature stays when dropping it costs more than this on held-out tuning docs
 
 
@@ -180,13 +181,23 @@ def _net_from_json(d: dict) -> dict:
     return {k: (v if k == "kind" else torch.tensor(v, dtype=torch.float64)) for k, v in d.items()}
 
 
-def _mixture_nll(lp_lm: torch.Tensor, lp_knn: torch.Tensor):
-    """loss(s): mean -log(sigmoid(s) p_knn + sigmoid(-s) p_lm), the objective of the λ gate."""
+def _mixture_nll(lp_lm: torch.Tensor, lp_knn: torch.Tensor, unseen: torch.Tensor | None = None,
+                 bound: float | None = None):
+    """loss(s): mean -log(sigmoid(s) p_knn + sigmoid(-s) p_lm), the objective of the λ gate.
+
+    With ``bound`` (nats) and ``unseen`` (R,) bool (targets the datastore never saw, where the
+    mixture can only lose -log(1 - λ)): plus ``UNSEEN_PENALTY`` x the squared excess of their
+    mean -log(1 - λ) over ``bound``."""
     knn = lp_knn.clamp(min=-1e4)  # -inf (no neighbour votes for y) would give NaN gradients
+    constrained = bound is not None and unseen is not None and bool(unseen.any())
 
     def loss(s: torch.Tensor) -> torch.Tensor:
-        return -torch.logaddexp(torch.nn.functional.logsigmoid(-s) + lp_lm,
-                                torch.nn.functional.logsigmoid(s) + knn).mean()
+        nll = -torch.logaddexp(torch.nn.functional.logsigmoid(-s) + lp_lm,
+                               torch.nn.functional.logsigmoid(s) + knn).mean()
+        if constrained:
+            harm = -torch.nn.functional.logsigmoid(-s[unseen]).mean()
+            nll = nll + UNSEEN_PENALTY * torch.relu(harm - bound) ** 2
+        return nll
     return loss
 
 
@@ -317,6 +328,11 @@ def format_report(gate: Gate) -> str:
     dropped = [f for f in FEATURES if f not in r["features"]]
     if dropped:
         lines.append(f"  dropped (each cost <= {KEEP_EPS:g} nats/token): {', '.join(dropped)}")
+    un = r.get("unseen")
+    if un:
+        bound = "no bound" if un["max_loss"] is None else f"bound +{100 * un['max_loss']:g} %"
+        lines.append(f"never-seen targets ({un['tokens']:,} tuning tokens): perplexity x{un['ppl_ratio_tuning']:.3f} "
+                     f"the LM's under the gate, in-sample ({bound})")
     rg = r.get("retrieval_gate")
     if rg:
         kept = rg["fraction_kept_by_top_predicted"]
@@ -374,7 +390,8 @@ def save_gate(gate: Gate, ds: Datastore, out: str | Path | None = None) -> Path:
 @dataclass
 class TuneData:
     """Per tuning token: LM features (N, NL + 1) (``lm_features``), kNN features (N, 6) at the gate's
-    k / T, has-neighbour (N,), log p_lm(y) and log p_knn(y) at that T / k (N,), document (N,)."""
+    k / T, has-neighbour (N,), log p_lm(y) and log p_knn(y) at that T / k (N,), document (N,),
+    and whether the datastore holds the target token at all (N,)."""
     lm: torch.Tensor
     knn: torch.Tensor
     has: torch.Tensor
@@ -382,6 +399,7 @@ class TuneData:
     lp_knn: torch.Tensor
     doc: torch.Tensor
     documents: list[dict]  # {"name", "sha256", "tokens"}
+    seen: torch.Tensor | None = None  # (N,) bool: the target occurs in the datastore (None: unknown)
 
     @property
     def x(self) -> torch.Tensor:
@@ -392,13 +410,13 @@ def _standardise(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return x.mean(0), x.std(0).clamp(min=1e-6)
 
 
-def _fit_lambda(x, lp_lm, lp_knn, names, chosen, kind, hidden, seed, l2, iters):
+def _fit_lambda(x, lp_lm, lp_knn, names, chosen, kind, hidden, seed, l2, iters, unseen=None, bound=None):
     idx = [names.index(f) for f in chosen]
     xs = x[:, idx]
     mean, std = _standardise(xs)
     gen = torch.Generator().manual_seed(seed)
-    net = _train(_new_net(kind, len(idx), hidden, gen), _mixture_nll(lp_lm, lp_knn), (xs - mean) / std,
-                 l2=l2, iters=iters)
+    net = _train(_new_net(kind, len(idx), hidden, gen), _mixture_nll(lp_lm, lp_knn, unseen, bound),
+                 (xs - mean) / std, l2=l2, iters=iters)
     return net, mean, std
 
 
@@ -412,7 +430,8 @@ SELECT_ROWS = 20_000  # tuning rows the model-kind / feature choices are fitted 
 
 
 def fit_gate(data: TuneData, identity: str, k: int, temperature: float, *, kind: str = "auto", hidden: int = 16,
-             seed: int = 0, l2: float = 1e-4, iters: int = 100, select: bool = True) -> Gate:
+             seed: int = 0, l2: float = 1e-4, iters: int = 100, select: bool = True,
+             max_unseen_loss: float | None = None) -> Gate:
     """Fit the λ gate and the retrieval gate on ``data`` (deterministic for a ``seed``).
 
     Held-out documents (every fifth tuning document, or the last one when there are fewer than
@@ -420,14 +439,24 @@ def fit_gate(data: TuneData, identity: str, k: int, temperature: float, *, kind:
     linear vs MLP, fitted on a seeded sample of at most ``SELECT_ROWS`` of the other documents'
     tokens) and the features: each feature's drop-one cost is measured, then features are
     dropped in order of that cost while each drop costs at most ``KEEP_EPS`` nats/token. The
-    final gate is refitted on all tokens. Everything measured goes into ``gate.report``."""
+    final gate is refitted on all tokens. Everything measured goes into ``gate.report``.
+
+    ``max_unseen_loss`` (a fraction, e.g. 0.05): bound the tuning tokens whose target the
+    datastore never saw (``data.seen`` False) to that much perplexity above the LM's on average,
+    i.e. mean -log(1 - λ) <= log(1 + max_unseen_loss) (a squared-hinge penalty in every fit)."""
+    if max_unseen_loss is not None:
+        check_max_unseen_loss(max_unseen_loss)
+        if data.seen is None:
+            raise ValueError("fit_gate: max_unseen_loss needs TuneData.seen (collect_tuning fills it)")
     with one_thread():
-        return _fit_gate(data, identity, k, temperature, kind, hidden, seed, l2, iters, select)
+        return _fit_gate(data, identity, k, temperature, kind, hidden, seed, l2, iters, select, max_unseen_loss)
 
 
-def _fit_gate(data, identity, k, temperature, kind, hidden, seed, l2, iters, select) -> Gate:
+def _fit_gate(data, identity, k, temperature, kind, hidden, seed, l2, iters, select, max_unseen_loss) -> Gate:
     rows = data.has  # tokens without a single neighbour carry no information about λ
     x, lp_lm, lp_knn, doc = data.x[rows], data.lp_lm[rows].double(), data.lp_knn[rows].double(), data.doc[rows]
+    unseen = None if max_unseen_loss is None else ~data.seen[rows]
+    bound = None if max_unseen_loss is None else math.log1p(max_unseen_loss)
     names = list(FEATURES)
     n_docs = len(data.documents)
     held_docs = [i for i in range(n_docs) if i % 5 == 4] or ([n_docs - 1] if n_docs >= 2 else [])
@@ -443,9 +472,10 @@ def _fit_gate(data, identity, k, temperature, kind, hidden, seed, l2, iters, sel
     xf, xv = x[fit_idx], x[val_rows]
     args = (lp_lm[fit_idx], lp_knn[fit_idx])
     vargs = (lp_lm[val_rows], lp_knn[val_rows])
+    fit_unseen = None if unseen is None else unseen[fit_idx]
 
     def val(chosen, kind_):
-        net, m, s = _fit_lambda(xf, *args, names, chosen, kind_, hidden, seed, l2, iters)
+        net, m, s = _fit_lambda(xf, *args, names, chosen, kind_, hidden, seed, l2, iters, fit_unseen, bound)
         return _eval_nll(net, m, s, xv, *vargs, names, chosen)
 
     report: dict = {"tokens": int(data.lp_lm.shape[0]), "tokens_with_neighbours": int(rows.sum()),
@@ -474,7 +504,13 @@ def _fit_gate(data, identity, k, temperature, kind, hidden, seed, l2, iters, sel
             chosen.remove(f)
             current = v
     report.update(kind=kind, features=chosen, validation_nll=current)
-    net, mean, std = _fit_lambda(x, lp_lm, lp_knn, names, chosen, kind, hidden, seed, l2, iters)
+    net, mean, std = _fit_lambda(x, lp_lm, lp_knn, names, chosen, kind, hidden, seed, l2, iters, unseen, bound)
+    if data.seen is not None:
+        with torch.no_grad():  # in-sample: the perplexity ratio of never-seen targets vs the LM alone
+            s = _forward(net, (x[:, [names.index(f) for f in chosen]] - mean) / std)
+            harm = -torch.nn.functional.logsigmoid(-s[~data.seen[rows]]).sum() / max(int((~data.seen).sum()), 1)
+        report["unseen"] = {"tokens": int((~data.seen).sum()), "max_loss": max_unseen_loss,
+                            "ppl_ratio_tuning": round(math.exp(float(harm)), 4)}
     gate = Gate(identity=identity, k=k, temperature=temperature, features=chosen, mean=mean, std=std, net=net,
                 tuned_on=data.documents, report=report)
     _fit_retrieval(gate, data, hidden, seed, l2, iters)

@@ -25,9 +25,11 @@ import torch
 
 from knnlm.config import (
     ADAPTIVE,
+    DEFAULT_MAX_UNSEEN_LOSS,
     DEFAULT_MIN_POINTERS,
     EvalConfig,
     check_fraction,
+    check_max_unseen_loss,
     check_mixture,
     check_pointers,
     parse_lambda,
@@ -170,13 +172,17 @@ class KNNLM(EvaluationMixin, GenerationMixin):
 
     def tune(self, data: Sequence | None = None, *, texts: Sequence[str] | None = None, out=None,
              max_tokens: int | None = None, seed: int = 0, kind: str = "auto", batch_size: int = 8,
-             progress: bool = True, save: bool = True) -> Gate:
+             progress: bool = True, save: bool = True,
+             max_unseen_loss: float | None = DEFAULT_MAX_UNSEEN_LOSS) -> Gate:
         """Fit the adaptive gate (``knnlm.gate``) on tuning text at this object's k and temperature,
         save it with the datastore (or to the file ``out``) and use it from now on. The tuning
-        documents must not be in the datastore (refused)."""
+        documents must not be in the datastore (refused). ``max_unseen_loss``: see ``fit_gate``
+        (None: no bound)."""
+        check_max_unseen_loss(max_unseen_loss)
         cfg = EvalConfig(max_tokens=max_tokens, batch_size=batch_size, progress=progress)
         data_ = collect_tuning(self, data, cfg, texts=texts)
-        gate = fit_gate(data_, self.datastore.identity(), self.k, self.temperature, kind=kind, seed=seed)
+        gate = fit_gate(data_, self.datastore.identity(), self.k, self.temperature, kind=kind, seed=seed,
+                        max_unseen_loss=max_unseen_loss)
         if save:
             save_gate(gate, self.datastore, out)
         self.gate = gate

@@ -1,6 +1,7 @@
 """Adaptive kNN-LM: per-token λ from a tuned gate, the retrieval gate, pointers (knnlm.gate,
 knnlm.retrieval.Retriever.step, evaluation / generation with them)."""
 
+import dataclasses
 import json
 import math
 import re
@@ -489,3 +490,44 @@ def test_cli_bad_adaptive_settings_fail_before_the_model(capsys, tiny_store, tmp
                             *what, *extra)
         assert code == 2
         _one_line(err, cmd, needle)
+
+
+def test_cli_tune_refuses_a_bad_unseen_bound_before_the_model(capsys, tiny_store, tmp_path):
+    code, _, err = _cli(capsys, "tune", "--model", tmp_path / "no-model", "--datastore", tiny_store[1].path,
+                        "--data", *TUNE, "--max-unseen-loss", "nan")
+    assert code == 2
+    _one_line(err, "tune", "--max-unseen-loss must be a fraction >= 0")
+
+
+def _synthetic_tuning(n: int = 3000, seed: int = 0):
+    """Tokens where retrieval helps (the datastore has the target and the neighbours vote for it),
+    and 10 % whose target the datastore never saw (p_knn(y) = 0), which only the LM's unseen mass
+    hints at (noisily)."""
+    from knnlm import gate as G
+
+    g = torch.Generator().manual_seed(seed)
+    seen = torch.rand(n, generator=g) > 0.1
+    lm = torch.randn(n, G.NL + 1, generator=g)
+    lm[:, G.LM_FEATURES.index("lm_unseen_log_mass")] = (~seen).float() * 1.0 + torch.randn(n, generator=g)
+    knn = torch.randn(n, len(G.KNN_FEATURES), generator=g)
+    lp_lm = -2.0 - torch.rand(n, generator=g)
+    lp_knn = torch.where(seen, -0.3 - 0.2 * torch.rand(n, generator=g), torch.full((n,), -math.inf))
+    doc = torch.arange(n) % 10
+    return G.TuneData(lm=lm, knn=knn, has=torch.ones(n, dtype=torch.bool), lp_lm=lp_lm, lp_knn=lp_knn, doc=doc,
+                      documents=[{"name": f"d{i}", "sha256": str(i), "tokens": n // 10} for i in range(10)], seen=seen)
+
+
+def test_unseen_bound_limits_what_retrieval_costs_never_seen_targets():
+    data = _synthetic_tuning()
+    free = fit_gate(data, "x", 16, 1.0, kind="linear", select=False, max_unseen_loss=None)
+    bound = fit_gate(data, "x", 16, 1.0, kind="linear", select=False, max_unseen_loss=0.05)
+    r_free, r_bound = free.report["unseen"]["ppl_ratio_tuning"], bound.report["unseen"]["ppl_ratio_tuning"]
+    assert r_free > 1.2  # retrieval helps most tokens, so an unbounded gate leans on it everywhere
+    assert r_bound <= 1.05 + 0.01 < r_free  # the penalty holds the bound (to its squared-hinge slack)
+    assert bound.report["unseen"]["max_loss"] == 0.05 and free.report["unseen"]["max_loss"] is None
+    x = data.x
+    lam_b = torch.sigmoid(torch.as_tensor(bound.net["w"]) @ ((x - bound.mean) / bound.std).T + bound.net["b"])
+    assert float(lam_b[data.seen].mean()) > float(lam_b[~data.seen].mean())  # still trusts retrieval where it can help
+    with pytest.raises(ValueError, match="TuneData.seen"):
+        fit_gate(dataclasses.replace(data, seen=None), "x", 16, 1.0, kind="linear", select=False,
+                 max_unseen_loss=0.05)
