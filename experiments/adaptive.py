@@ -59,6 +59,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
+def _label(bound: float | None) -> str:
+    """A never-seen bound as the labels and file names show it."""
+    return "none" if bound is None else f"{bound:g}"
+
+
 def summary(name: str, res: dict, setting) -> dict:
     """One row of the table: the grid entry with λ ``setting``, its never-seen bucket, speed."""
     gi = next(i for i, r in enumerate(res["grid"]) if r["lambda"] == setting)
@@ -78,17 +83,20 @@ def summary(name: str, res: dict, setting) -> dict:
 def main(argv=None) -> int:
     args = parse_args(argv)
     import knnlm
+    from knnlm.config import check_max_unseen_loss
     from knnlm.corpora import stdlib_files
     from knnlm.evaluation import LMCache
     from knnlm.gate import format_report, load_gate
 
     ds = knnlm.open_datastore(args.datastore)
+    bounds = [None if b.strip().lower() == "none" else float(b) for b in args.max_unseen_loss.split(",") if b.strip()]
+    for b in bounds:  # before the model and the tuning pass
+        check_max_unseen_loss(b)
     model, tok = knnlm.load_model(args.model)
     knn = knnlm.KNNLM(model, ds, tok, lam=args.lam, nprobe=args.nprobe)
     inside = {d["name"] for d in ds.documents}
     tune_files = [f for f in stdlib_files("tune") if f not in inside]
     skipped = len(stdlib_files("tune")) - len(tune_files)
-    bounds = [None if b.strip().lower() == "none" else float(b) for b in args.max_unseen_loss.split(",") if b.strip()]
     out = args.out or f"results/adaptive_{Path(args.datastore).name}.json"
     t0 = time.time()
     extra_gates = []  # (bound, gate) beyond the first
@@ -109,12 +117,12 @@ def main(argv=None) -> int:
         gate = gates[0]
         save_gate(gate, ds)  # as `knnlm tune --max-unseen-loss <first>` does
         for b, g in zip(bounds[1:], gates[1:]):
-            save_gate(g, ds, Path(out).with_suffix(f".gate_unseen{b:g}.json"))
+            save_gate(g, ds, Path(out).with_suffix(f".gate_unseen{_label(b)}.json"))
             extra_gates.append((b, g))
     tune_seconds = time.time() - t0
     print(format_report(gate))
     for b, g in extra_gates:
-        print(f"\n--- gate with never-seen bound {b:g} (written to {g.path}) ---\n{format_report(g)}")
+        print(f"\n--- gate with never-seen bound {_label(b)} (written to {g.path}) ---\n{format_report(g)}")
     knn = knn.replace(gate=gate)
 
     test = stdlib_files("test")
@@ -122,9 +130,10 @@ def main(argv=None) -> int:
     common = dict(max_tokens=args.eval_tokens or None, batch_size=args.batch_size, progress=True)
     rows, raw = [], {}
 
-    def variant(name: str, lambdas, **kw):
+    def variant(name: str, lambdas, gate=None, **kw):
         log(f"scoring {name}")
-        res = knn.evaluate(test, lambdas=lambdas, lm_cache=cache, **common, **kw)
+        res = (knn if gate is None else knn.replace(gate=gate)).evaluate(test, lambdas=lambdas, lm_cache=cache,
+                                                                          **common, **kw)
         raw[name] = res
         rows.extend(summary(name, res, lam) for lam in lambdas)
         return res
@@ -132,13 +141,10 @@ def main(argv=None) -> int:
     variant("full search", [args.lam, "adaptive"])
     for f in floats(args.retrieve_fractions):
         variant(f"retrieve fraction {f:g}", ["adaptive", args.lam], retrieve_fraction=f)
-    default_knn = knn
     for b, g in extra_gates:
-        knn = default_knn.replace(gate=g)
-        variant(f"full search, gate bound {b:g}", ["adaptive"])
+        variant(f"full search, gate bound {_label(b)}", ["adaptive"], gate=g)
         for f in floats(args.retrieve_fractions):
-            variant(f"retrieve fraction {f:g}, gate bound {b:g}", ["adaptive"], retrieve_fraction=f)
-    knn = default_knn
+            variant(f"retrieve fraction {f:g}, gate bound {_label(b)}", ["adaptive"], gate=g, retrieve_fraction=f)
     for m in [int(x) for x in args.min_pointers.split(",") if x.strip()]:
         variant(f"pointers (min {m})", [args.lam, "adaptive"], pointers=True, min_pointers=m)
 
@@ -157,7 +163,7 @@ def main(argv=None) -> int:
               f"{100 * r['searched_fraction']:.1f}% | {r['tokens_per_second']:.0f} |")
     write_json(out, {"command": command_line(MODULE, argv), "datastore": str(ds.path), "keys": len(ds),
                      "tune_seconds": round(tune_seconds, 1), "gate": gate.to_json(),
-                     "extra_gates": {f"{b:g}": g.to_json() for b, g in extra_gates}, "rows": rows, "runs": raw})
+                     "extra_gates": {_label(b): g.to_json() for b, g in extra_gates}, "rows": rows, "runs": raw})
     log(f"results written to {out}")
     return 0
 
