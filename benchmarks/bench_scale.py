@@ -18,15 +18,15 @@ Without ``--datastore``, Gaussian "real" keys of ``--dim`` stand in.
 Search runs in a fresh child process per N (so that the build's memory does not count): it
 loads the index from disk, runs every query at k = ``--k`` and the plan's default nprobe in batches
 of ``--batch`` (eval searches 8 windows x ~512 tokens at a time), and reports its ``RssAnon`` (anonymous
-memory: pages of the memory-mapped lists, which the OS can drop, do not count) and ``VmHWM`` (peak
+memory: pages of the memory-mapped lists and coarse quantizer, which the OS can drop, do not count) and ``VmHWM`` (peak
 resident, mapped pages included) from /proc/self/status, ms per query, and recall@k against an exact
 flat scan over all N keys for the first ``--exact-queries`` queries. Queries: key hidden states of
 held-out stdlib tokens under the datastore's model (``--queries model``), or perturbed keys
 (``--queries keys``; the default without a datastore).
 
 Then a projection to 100M and 1B keys: the recipe ``plan_index`` picks, disk (codes + ids +
-centroids), search RAM (the smallest run's anonymous memory minus its index structures, plus the
-structures at that size) and ms per query from a least-squares fit of the measured runs (ms =
+centroids), search RAM (the smallest run's anonymous memory minus its precomputed PQ tables, plus
+those at that size: the coarse quantizer and the lists are mapped, see ``knnlm.index.load_index``) and ms per query from a least-squares fit of the measured runs (ms =
 a + b * codes scanned + c * lists probed). Prints a table and writes JSON (``--json``).
 """
 
@@ -197,15 +197,16 @@ def search_child(args) -> int:
 
 
 def _structures(factory: str, n: int, dim: int) -> int:
-    """Bytes of an on-disk IVF-PQ index's in-RAM part: centroids, HNSW links, precomputed tables."""
+    """Bytes of an on-disk IVF-PQ index's anonymous memory once loaded: FAISS's precomputed IVF-PQ
+    residual tables (nlist x M x 256 fp32, built when they fit ``precomputed_table_max_bytes``).
+    The coarse quantizer (centroids, HNSW links) is mapped from the index file by ``load_index``
+    and the lists from the ivfdata file: page cache, not anonymous memory."""
     import faiss
 
     index = faiss.index_factory(dim, factory)  # kept alive: ivf below is a view into it
     ivf = faiss.downcast_index(faiss.extract_index_ivf(index))
-    b = ivf.nlist * dim * 4
-    if "HNSW" in factory:
-        b += ivf.nlist * 32 * 2 * 4 + ivf.nlist * 8
-    if isinstance(ivf, faiss.IndexIVFPQ):  # FAISS precomputes the residual tables when they are small enough
+    b = 0
+    if isinstance(ivf, faiss.IndexIVFPQ):
         table = ivf.nlist * ivf.pq.M * 256 * 4
         if table <= getattr(faiss.cvar, "precomputed_table_max_bytes", 2 << 30):
             b += table

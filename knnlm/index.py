@@ -577,6 +577,24 @@ def index_record(plan: IndexPlan, merged: dict, seconds: float) -> dict:
 # ------------------------------------------------------------------------------------ loading
 
 
+def _map_quantizer(index, path: Path):
+    """``index`` (inverted lists on disk) with its coarse quantizer memory-mapped from ``path``
+    instead of held in RAM: the quantizer grows with the number of lists, not of keys, but at the
+    large-N recipes it is what remains (``IVF262144_HNSW32``: 604 MB of centroids + 70 MB of graph
+    at D = 576). A second read of the index file with ``IO_FLAG_MMAP_IFC`` (the quantizer's
+    vectors and HNSW links are views of the mapped file, page cache) and without its lists takes
+    over the lists of ``index`` (read with ``IO_FLAG_SKIP_PRECOMPUTE_TABLE``: only the mapped
+    copy computes FAISS's IVF-PQ residual tables); ``index``'s own quantizer is freed with it."""
+    import faiss
+
+    ivf = _ivf(index)
+    mapped = faiss.read_index(str(path), faiss.IO_FLAG_MMAP_IFC | faiss.IO_FLAG_READ_ONLY | faiss.IO_FLAG_SKIP_IVF_DATA)
+    lists = ivf.invlists
+    ivf.own_invlists = False  # handed over: freeing ``index`` below must not free them
+    faiss.extract_index_ivf(mapped).replace_invlists(lists, True)
+    return mapped
+
+
 def set_nprobe(index, nprobe: int | None) -> None:
     import faiss
 
@@ -613,9 +631,15 @@ def load_index(path: str | os.PathLike, *, n: int, dim: int, nprobe: int | None 
             flags = faiss.IO_FLAG_ONDISK_SAME_DIR | faiss.IO_FLAG_READ_ONLY  # mapped read-only
         else:
             flags = faiss.IO_FLAG_MMAP_IFC | faiss.IO_FLAG_READ_ONLY
+    # on-disk lists on CPU: the coarse quantizer is mapped too (a GPU clone copies it anyway)
+    map_quantizer = flags & faiss.IO_FLAG_ONDISK_SAME_DIR and hasattr(faiss, "IO_FLAG_MMAP_IFC") \
+        and not (use_gpu in (None, True) and _num_gpus() > 0)
     try:
         with _faiss_quiet():
-            index = faiss.read_index(str(path), flags)
+            if map_quantizer:
+                index = _map_quantizer(faiss.read_index(str(path), flags | faiss.IO_FLAG_SKIP_PRECOMPUTE_TABLE), path)
+            else:
+                index = faiss.read_index(str(path), flags)
     except RuntimeError as e:
         raise DatastoreError(f"{path} is not a readable FAISS index ({str(e).strip().splitlines()[-1]}); "
                              "rebuild it with `knnlm build-index --resume` or `knnlm reindex`") from None

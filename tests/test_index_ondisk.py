@@ -93,6 +93,34 @@ def test_disk_and_ram_search_identically_and_match_exact_search(tmp_path):
             np.testing.assert_array_equal(found["disk"][1], exact)
 
 
+def test_disk_index_maps_its_coarse_quantizer_and_searches_the_same(tmp_path):
+    """On CPU, an on-disk IVF index's coarse quantizer (centroids, HNSW graph) is a view of the
+    mapped index file, not a copy in RAM; results are those of FAISS's own read of the file."""
+    import faiss
+
+    path, keys = _keys(tmp_path)
+    n, d = keys.shape
+    q = keys[:40] + 0.05
+    for factory in ("IVF64_HNSW32,PQ8", "IVF64,PQ8"):
+        out = tmp_path / factory.replace(",", "_")
+        out.mkdir()
+        rec = build_index(path, n, d, plan_index(factory, n, d, storage="disk"), out / "index.faiss", progress=False)
+        index = load_index(out / "index.faiss", n=n, dim=d, nprobe=8, storage="disk",
+                           ivfdata_bytes=rec["ivfdata_bytes"], use_gpu=False)
+        ivf = faiss.extract_index_ivf(index)
+        assert isinstance(faiss.downcast_InvertedLists(ivf.invlists), faiss.OnDiskInvertedLists)
+        quantizer = faiss.downcast_index(ivf.quantizer)
+        flat = faiss.downcast_index(quantizer.storage) if "HNSW" in factory else quantizer
+        assert not flat.codes.is_owned, factory  # a view of the mapped file
+        plain = faiss.read_index(str(out / "index.faiss"), faiss.IO_FLAG_ONDISK_SAME_DIR | faiss.IO_FLAG_READ_ONLY)
+        assert faiss.downcast_index(faiss.extract_index_ivf(plain).quantizer).ntotal == 64
+        faiss.extract_index_ivf(plain).nprobe = 8
+        for a, b in zip(index.search(q, 10), plain.search(q, 10)):
+            np.testing.assert_array_equal(a, b)
+        del plain
+        index.search(q, 10)  # the mapped index does not depend on the other read
+
+
 _LOAD_AND_SEARCH = """
 import json, sys
 import numpy as np
