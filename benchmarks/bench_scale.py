@@ -25,9 +25,10 @@ held-out stdlib tokens under the datastore's model (``--queries model``), or per
 (``--queries keys``; the default without a datastore).
 
 Then a projection to 100M and 1B keys: the recipe ``plan_index`` picks, disk (codes + ids +
-centroids), search RAM (the smallest run's anonymous memory minus its precomputed PQ tables, plus
-those at that size: the coarse quantizer and the lists are mapped, see ``knnlm.index.load_index``) and ms per query from a least-squares fit of the measured runs (ms =
-a + b * codes scanned + c * lists probed). Prints a table and writes JSON (``--json``).
+centroids), search RAM (the largest run's anonymous memory, its precomputed PQ tables swapped for
+those at that size: the coarse quantizer and the lists are mapped, see ``knnlm.index.load_index``)
+and ms per query = per-code cost x codes scanned + per-list cost x lists probed (per code from the
+smallest run, per list from the largest: see ``project``). Prints a table and writes JSON (``--json``).
 """
 
 from __future__ import annotations
@@ -217,31 +218,38 @@ def project(rows: list[dict], spec: str, dim: int, sizes=(100_000_000, 1_000_000
     from knnlm.index import plan_index
 
     ok = [r for r in rows if "ms_per_query" in r]
-    feats = np.array([[1.0, r["nprobe"] * r["n"] / _nlist_of(r["factory"]), r["nprobe"]] for r in ok])
-    ms = np.array([r["ms_per_query"] for r in ok])
-    coef = np.linalg.lstsq(feats, ms, rcond=None)[0] if len(ok) >= 3 else None
-    base = min(ok, key=lambda r: r["n"]) if ok else None
+    small = min(ok, key=lambda r: r["n"]) if ok else None
+    large = max(ok, key=lambda r: r["n"]) if ok else None
+    # ms/query ~ per_code * codes scanned + per_list * lists probed. The recipe keeps ~8,192 codes
+    # scanned at every measured N, so the two are not separable by a fit: per_code comes from the
+    # smallest run (few lists, FAISS's precomputed tables: its time is mostly scanning; an upper
+    # bound), per_list from the largest (no tables at 65,536+ lists: each probed list computes its
+    # own distance table) after removing its codes at that rate.
+    per_code = per_list = None
+    if small is not None:
+        per_code = small["ms_per_query"] / _scanned(small)
+        per_list = max(0.0, (large["ms_per_query"] - per_code * _scanned(large)) / large["nprobe"])
     out = []
     for n in sizes:
         plan = plan_index(spec, n, dim, storage="disk")
         nlist = _nlist_of(plan.factory)
         scanned = plan.nprobe * n / nlist
-        if coef is not None:
-            est = float(np.dot(np.clip(coef, 0, None), [1.0, scanned, plan.nprobe]))
-        elif base is not None:  # one or two runs: scale by codes scanned
-            est = base["ms_per_query"] * scanned / (base["nprobe"] * base["n"] / _nlist_of(base["factory"]))
-        else:
-            est = None
+        est = None if per_code is None else per_code * scanned + per_list * plan.nprobe
         ram = None
-        if base is not None:
-            ram = base["rss_anon_mib_searching"] + (_structures(plan.factory, n, dim)
-                                                   - _structures(base["factory"], base["n"], dim)) / 2**20
+        if large is not None:  # the largest run's anonymous memory, its precomputed tables swapped for n's
+            ram = large["rss_anon_mib_searching"] + (_structures(plan.factory, n, dim)
+                                                    - _structures(large["factory"], large["n"], dim)) / 2**20
         out.append({"n": n, "factory": plan.factory, "nprobe": plan.nprobe, "train_rows": plan.train_rows,
                     "disk_gib": round(plan.bytes_estimate / 2**30, 1),
                     "bytes_per_key": round(plan.bytes_estimate / n, 1),
                     "search_ram_anon_mib_est": None if ram is None else round(ram),
                     "ms_per_query_est": None if est is None else round(est, 2), "codes_scanned": round(scanned)})
     return out
+
+
+def _scanned(r: dict) -> float:
+    """Codes a query of run ``r`` scans on average: nprobe x keys per list."""
+    return r["nprobe"] * r["n"] / _nlist_of(r["factory"])
 
 
 def _nlist_of(factory: str) -> int:
