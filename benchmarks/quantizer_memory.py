@@ -4,9 +4,10 @@
     python benchmarks/quantizer_memory.py INDEX.faiss --n 16000000 --nprobe 135 \\
         --queries runs/scale-bench/queries.npy
 
-Prints one JSON line per mode: RssAnon / RssFile / VmHWM (MiB) before loading, loaded and after
-searching every query at k = 1024, ms per query, and a checksum of the first 64 queries' ids (the
-same in both modes: the mapping changes where the quantizer lives, not what it returns).
+Prints one JSON line per mode: RssAnon / RssFile / VmRSS / VmHWM (MiB, ``bench_scale.proc_status``)
+before loading, loaded and after searching every query at k = 1024, ms per query, and a checksum
+of the first 64 queries' ids (the same in both modes: the mapping changes where the quantizer
+lives, not what it returns).
 """
 
 from __future__ import annotations
@@ -19,15 +20,12 @@ import time
 from pathlib import Path
 
 
-def _status() -> dict:
-    with open("/proc/self/status") as f:
-        return {line.split(":")[0]: int(line.split()[1]) // 1024 for line in f
-                if line.startswith(("RssAnon", "RssFile", "VmHWM"))}
-
-
 def _child(args) -> None:
     import faiss
     import numpy as np
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from bench_scale import proc_status as _status
 
     q = np.load(args.queries)
     before = _status()

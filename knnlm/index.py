@@ -591,7 +591,7 @@ def _map_quantizer(index, path: Path):
     mapped = faiss.read_index(str(path), faiss.IO_FLAG_MMAP_IFC | faiss.IO_FLAG_READ_ONLY | faiss.IO_FLAG_SKIP_IVF_DATA)
     lists = ivf.invlists
     ivf.own_invlists = False  # handed over: freeing ``index`` below must not free them
-    faiss.extract_index_ivf(mapped).replace_invlists(lists, True)
+    _ivf(mapped).replace_invlists(lists, True)
     return mapped
 
 
@@ -614,8 +614,9 @@ def load_index(path: str | os.PathLike, *, n: int, dim: int, nprobe: int | None 
     ``nprobe``, clone it to the GPUs if FAISS has some.
 
     ``storage`` disk: the inverted lists (``<name>.ivfdata``, next to the index, of
-    ``ivfdata_bytes`` bytes) or the flat codes are memory-mapped, not read: search RAM does not
-    grow with the datastore (pages of a mapped file are the OS's page cache, not the process's
+    ``ivfdata_bytes`` bytes) or the flat codes are memory-mapped, not read, and on CPU so is the
+    coarse quantizer of an on-disk IVF index (``_map_quantizer``): search RAM does not grow with
+    the datastore (pages of a mapped file are the OS's page cache, not the process's
     anonymous memory)."""
     import faiss
 
@@ -632,8 +633,7 @@ def load_index(path: str | os.PathLike, *, n: int, dim: int, nprobe: int | None 
         else:
             flags = faiss.IO_FLAG_MMAP_IFC | faiss.IO_FLAG_READ_ONLY
     # on-disk lists on CPU: the coarse quantizer is mapped too (a GPU clone copies it anyway)
-    map_quantizer = flags & faiss.IO_FLAG_ONDISK_SAME_DIR and hasattr(faiss, "IO_FLAG_MMAP_IFC") \
-        and not (use_gpu in (None, True) and _num_gpus() > 0)
+    map_quantizer = flags & faiss.IO_FLAG_ONDISK_SAME_DIR and not (use_gpu in (None, True) and _num_gpus() > 0)
     try:
         with _faiss_quiet():
             if map_quantizer:
