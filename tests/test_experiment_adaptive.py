@@ -1,0 +1,52 @@
+"""``python -m experiments.adaptive`` end to end on the tiny model and datastore: tune on the
+stdlib tuning split, score every variant from one LM pass, write the JSON the README's table
+comes from."""
+
+import json
+import math
+import shutil
+
+from experiments import adaptive
+from knnlm import KNNLM, load_model
+from knnlm.corpora import stdlib_files
+from knnlm.datastore import open_datastore
+from knnlm.gate import load_gate
+
+
+def test_experiment_tunes_then_scores_every_variant_from_one_lm_pass(tiny_model_dir, tiny_store, tmp_path, capsys):
+    ds_path = tmp_path / "ds"
+    shutil.copytree(tiny_store[1].path, ds_path)
+    out = tmp_path / "adaptive.json"
+    code = adaptive.main(["--datastore", str(ds_path), "--model", str(tiny_model_dir), "--tune-tokens", "1500",
+                          "--eval-tokens", "600", "--retrieve-fractions", "0.5", "--min-pointers", "16",
+                          "--max-unseen-loss", "none,0.05", "--out", str(out)])
+    assert code == 0
+    res = json.loads(out.read_text())
+    variants = [(r["variant"], r["lambda"]) for r in res["rows"]]
+    assert variants == [("full search", 0.25), ("full search", "adaptive"),
+                        ("retrieve fraction 0.5", "adaptive"), ("retrieve fraction 0.5", 0.25),
+                        ("full search, gate bound 0.05", "adaptive"),
+                        ("retrieve fraction 0.5, gate bound 0.05", "adaptive"),
+                        ("pointers (min 16)", 0.25), ("pointers (min 16)", "adaptive")]
+    # one LM pass serves every variant: the same tokens and base perplexity everywhere
+    assert len({r["ppl_base"] for r in res["rows"]}) == 1
+    assert len({run["tokens"] for run in res["runs"].values()}) == 1
+    assert all(math.isfinite(r["ppl"]) and r["ppl"] > 1 for r in res["rows"])
+    by = {(r["variant"], r["lambda"]): r for r in res["rows"]}
+    assert by[("full search", 0.25)]["searched_fraction"] == 1.0
+    assert 0 < by[("retrieve fraction 0.5", "adaptive")]["searched_fraction"] < 1
+    assert 0 < by[("pointers (min 16)", 0.25)]["pointer_fraction"] <= 1
+    # the fixed-λ row is what a plain KNNLM.evaluate of the same tokens gives (the shared cache changes nothing)
+    model, tok = load_model(str(tiny_model_dir))
+    direct = KNNLM(model, open_datastore(ds_path), tok).evaluate(stdlib_files("test"), lambdas=[0.25],
+                                                                 max_tokens=600, progress=False)
+    assert math.isclose(direct["ppl_knn"], by[("full search", 0.25)]["ppl"], rel_tol=1e-6)
+    assert math.isclose(direct["ppl_base"], by[("full search", 0.25)]["ppl_base"], rel_tol=1e-6)
+    assert direct["tokens"] == res["runs"]["full search"]["tokens"]
+    # the first gate is saved into the datastore, the bounded one next to --out; both load for it
+    ds = open_datastore(ds_path)
+    saved = load_gate(ds)
+    assert saved.to_json() == res["gate"] and saved.report["unseen"]["max_loss"] is None
+    bounded = load_gate(ds, out.with_suffix(".gate_unseen0.05.json"))
+    assert bounded.report["unseen"]["max_loss"] == 0.05 and bounded.to_json() == res["extra_gates"]["0.05"]
+    assert "| full search | adaptive |" in capsys.readouterr().out
