@@ -124,6 +124,10 @@ def test_parameter_multiple_of_a_known_curve():
                          "knn": knn.sum() / den.sum(), "units": {"base": base, "knn": knn, "den": den}})
     res = multiples(runs, n_boot=200)
     assert res["resampled"] == "units and seeds"
+    # model-free readout: 1e5's kNN-LM (= a 2e5 model) is first matched by the 4e5 model without a
+    # datastore; the largest size's kNN-LM beats every measured size; the curve is best at its largest
+    assert [r["matched_by"] for r in res["rows"]] == ["400000", "1.6e+06", None]
+    assert (res["fit"]["best_size"], res["fit"]["largest_size"]) == ("1.6e+06", "1.6e+06")
     assert res["fit"]["b"] == pytest.approx(-0.5, abs=0.02)
     for row in res["rows"]:
         assert row["multiple"] == pytest.approx(2.0, rel=0.05)

@@ -16,6 +16,13 @@ sizes with several seeds, draws one seed per size; it refits the curve and recom
 multiple. The point estimate uses every unit and the mean over seeds at each size; the interval
 is the replicates' percentile interval (``level``, default 90 %). Without units (e.g. per-bucket
 numbers) only the seeds are resampled (``"resampled": "seeds"``).
+
+The fit is only as good as the family's curve: where the no-datastore metric stops improving with
+size (a data-limited family), multiples read off the line are extrapolations. Each row therefore
+also carries the model-free readout ``matched_by``: the smallest measured size whose no-datastore
+metric (mean over seeds) is at least as good as this size's kNN-LM, or None when no measured size
+is (the kNN-LM beats the whole family without a datastore); and the fit records ``best_size``,
+the size with the best no-datastore metric.
 """
 
 from __future__ import annotations
@@ -115,6 +122,11 @@ def multiples(runs: Sequence[dict], *, lower_is_better: bool = True, n_boot: int
             boots.append(_compute(sizes, pick, idx, lower_is_better)[0])
     lo_q, hi_q = 100 * (1 - level) / 2, 100 * (1 + level) / 2
     lo_m, hi_m = min(base_curve), max(base_curve)
+
+    def as_good(base: float, knn: float) -> bool:
+        return base <= knn if lower_is_better else base >= knn
+
+    best = (min if lower_is_better else max)(range(len(sizes)), key=lambda i: base_curve[i])
     out_rows = []
     for i, (s, row) in enumerate(zip(sizes, rows, strict=True)):
         reps = [b[i]["multiple"] for b in boots]
@@ -130,8 +142,12 @@ def multiples(runs: Sequence[dict], *, lower_is_better: bool = True, n_boot: int
             "difference_ci": ([float(np.percentile(gain, lo_q)), float(np.percentile(gain, hi_q))]
                               if gain else None),
             "extrapolated": not (min(lo_m, hi_m) <= row["knn"] <= max(lo_m, hi_m)),
+            "matched_by": next((t["size"] for t, mb in zip(sizes, base_curve, strict=True)
+                                if as_good(mb, row["knn"])), None),
         })
-    return {"fit": {"a": a, "b": b, "r2": r2, "formula": "metric_base = a + b ln params"},
+    return {"fit": {"a": a, "b": b, "r2": r2, "formula": "metric_base = a + b ln params",
+                    "best_size": sizes[best]["size"], "best_params": sizes[best]["params"],
+                    "best_base": base_curve[best], "largest_size": sizes[-1]["size"]},
             "lower_is_better": lower_is_better, "level": level, "replicates": len(boots),
             "resampled": ("units and seeds" if multi_seed else "units") if with_units else
                          ("seeds" if multi_seed else "nothing"),

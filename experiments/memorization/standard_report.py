@@ -165,12 +165,29 @@ def _f(x, fmt: str = ".3f") -> str:
     return "–" if x is None else format(x, fmt)
 
 
+def _x(m: float) -> str:
+    """A multiple with three significant figures at most, powers of ten past 10,000 (``3.2e9``)."""
+    if not math.isfinite(m):
+        return "∞"
+    if m >= 1e4:
+        mant, exp = f"{m:.1e}".split("e")
+        return f"{mant}e{int(exp)}"
+    return f"{m:,.0f}" if m >= 100 else f"{m:.2f}"
+
+
 def _mult(row: dict) -> str:
     m, ci = row.get("multiple"), row.get("multiple_ci")
     if m is None:
         return "–"
-    s = f"{m:.2f}×" + (f" [{ci[0]:.2f}, {ci[1]:.2f}]" if ci else "")
+    s = f"{_x(m)}×" + (f" [{_x(ci[0])}, {_x(ci[1])}]" if ci else "")
     return s + (" (extrapolated)" if row.get("extrapolated") else "")
+
+
+def _matched(row: dict, largest: str) -> str:
+    """The model-free readout: the smallest no-datastore size as good as this kNN-LM."""
+    if "matched_by" not in row:
+        return "–"
+    return f"none up to {largest}" if row["matched_by"] is None else row["matched_by"]
 
 
 def _gain(row: dict) -> str:
@@ -223,6 +240,22 @@ def render_markdown(summary: dict) -> str:
         cells = [_mult(by[k][s["size"]]) if s["size"] in by.get(k, {}) else "–"
                  for k in ("in_domain", "in_domain_low_overlap", "more_data", "new_domain", "control", first)]
         lines.append(f"| {s['size']} | {s['params']:,} | " + " | ".join(cells) + " |")
+    ind = pm.get("in_domain") or {}
+    if ind.get("rows") and "best_size" in ind.get("fit", {}):
+        fit, largest = ind["fit"], ind["fit"]["largest_size"]
+        lines += ["", "Measured, no fit: the smallest family size whose no-datastore metric is as good as each "
+                  "size's kNN-LM (\"none up to\": the kNN-LM beats every size without a datastore):", "",
+                  "| size | in-domain | more data | new domain | control |", "|---|---|---|---|---|"]
+        for s in sizes:
+            cells = [_matched(by[k][s["size"]], pm[k]["fit"].get("largest_size", largest))
+                     if s["size"] in by.get(k, {}) else "–"
+                     for k in ("in_domain", "more_data", "new_domain", "control")]
+            lines.append(f"| {s['size']} | " + " | ".join(cells) + " |")
+        if fit["best_size"] != largest:
+            lines.append(f"\nThe in-domain no-datastore curve is not monotonic: it is best at {fit['best_size']} "
+                         f"(ln ppl {fit['best_base']:.3f}) and worse at the larger sizes, so the fitted line (R² "
+                         f"{_f(fit['r2'])}) describes the family only roughly, and multiples read off it past "
+                         f"{fit['best_size']} are extrapolations of a curve those models do not follow.")
     low = pm.get("in_domain_low_overlap")
     if low:
         lines.append(f"\nLow-overlap documents: {len(low['documents'])} of the held-out stdlib documents have at most "
