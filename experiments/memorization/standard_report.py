@@ -327,6 +327,13 @@ def _plots(summary: dict, out: Path) -> list[str]:
                 if r.get(task) and r[task].get(key) is not None:
                     ax.plot([r["params"]], [r[task][key]], marker=REF_MARKERS[i % 4], ms=10, ls="", color=color,
                             mfc=color if key == "bpb_base" else "none")
+    fit = ((summary.get("multiples") or {}).get("in_domain") or {}).get("fit")
+    ind = [r["in_domain_ppl"] for r in fam if r.get("in_domain_ppl") and r["in_domain_ppl"].get("eval_bytes")]
+    if fit and ind:  # the fitted no-datastore line (ln ppl per token), in bits per byte: x tokens / bytes / ln 2
+        per = ind[0]["tokens"] / ind[0]["eval_bytes"] / math.log(2)
+        xs = [min(r["params"] for r in fam), max(r["params"] for r in fam)]
+        ax.plot(xs, [(fit["a"] + fit["b"] * math.log(x)) * per for x in xs], ls=":", color="C0", lw=1,
+                label=f"stdlib, fitted no-datastore line (R² {_f(fit['r2'], '.2f')})")
     _params_axis(ax)
     ax.set_ylabel("held-out bits per UTF-8 byte")
     ax.set_title("family (dots) and references (SmolLM2 ★, Gemma ◆): filled = no datastore", fontsize=8)
@@ -346,7 +353,15 @@ def _plots(summary: dict, out: Path) -> list[str]:
         y = [r["multiple"] for r in rows]
         err = [[max(0.0, r["multiple"] - r["multiple_ci"][0]) if r["multiple_ci"] else 0 for r in rows],
                [max(0.0, r["multiple_ci"][1] - r["multiple"]) if r["multiple_ci"] else 0 for r in rows]]
-        ax.errorbar(x, y, yerr=err, marker="o", capsize=3, color=f"C{j}", label=key.replace("_", " "))
+        ax.errorbar(x, y, yerr=err, marker="o", capsize=3, color=f"C{j}", label=key.replace("_", " "), mfc="none")
+        inside = [(xi, yi) for xi, yi, r in zip(x, y, rows, strict=True) if not r["extrapolated"]]
+        if inside:  # filled: the kNN-LM metric lies within the measured no-datastore curve
+            ax.plot(*zip(*inside, strict=True), marker="o", ls="", color=f"C{j}")
+    fam_params = sorted(r["params"] for r in summary["models"] if r["kind"] == "family" and r["params"])
+    if fam_params:
+        ax.plot(fam_params, [fam_params[-1] / p for p in fam_params], ls=":", color="grey", lw=1,
+                label="largest family size / size")
+    ax.set_title("filled: within the measured no-datastore curve; hollow: extrapolated", fontsize=8)
     ax.axhline(1, color="grey", lw=0.8)
     ax.set_yscale("log")
     _params_axis(ax)
