@@ -288,6 +288,7 @@ def render_markdown(summary: dict) -> str:
         for s in sizes:
             lines.append(f"| {s['size']} | " + " | ".join(_mult(rows[b][s['size']]) if s["size"] in rows[b] else "–"
                                                           for b in rare) + " |")
+    lines += _recall_table(summary) + _rare_table(summary)
     lines += ["", "13-gram overlap of each eval set with each datastore (share of the eval set's 13-grams, "
               "per model's tokenizer):", "", "| model | datastore | stdlib test | python-doc eval | control |",
               "|---|---|---:|---:|---:|"]
@@ -299,6 +300,52 @@ def render_markdown(summary: dict) -> str:
             cells = [_f((sets.get(k) or {}).get("fraction"), ".4f") for k in ("stdlib_test", "domain_eval", "control")]
             lines.append(f"| {r['name']} | {dsname} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
+
+
+def _pct(x) -> str:
+    return "–" if x is None else f"{100 * x:.1f}"
+
+
+def _recall_table(summary: dict) -> list[str]:
+    """Verbatim recall per model: exact match and token accuracy without retrieval and at each λ,
+    on datastore passages and on held-out control passages."""
+    lams = summary["recall_lambdas"]
+    rows = [r for r in summary["models"] if (r.get("verbatim_recall") or {}).get("datastore")]
+    if not rows:
+        return []
+    head = " / ".join(["none"] + [f"λ {x:g}" for x in lams])
+    out = ["", "Verbatim recall (greedy continuation of datastore passages; control: held-out passages), %, "
+           f"{head}:", "", "| model | exact match | token accuracy | control: exact match | control: token accuracy |",
+           "|---|---|---|---|---|"]
+    for r in rows:
+        cells = []
+        for w in ("datastore", "control"):
+            rec = r["verbatim_recall"].get(w)
+            for key in ("exact_match", "token_accuracy"):
+                if not rec:
+                    cells.append("–")
+                    continue
+                by = {x["lambda"]: x[key] for x in rec["knn"]}
+                cells.append(" / ".join([_pct(rec["base"][key])] + [_pct(by.get(x)) for x in lams]))
+        out.append(f"| {r['name']} | " + " | ".join(cells) + " |")
+    return out
+
+
+def _rare_table(summary: dict) -> list[str]:
+    """Perplexity reduction by the datastore per target-frequency bucket, every model."""
+    rows = [r for r in summary["models"] if r.get("rare_token_ppl")]
+    if not rows:
+        return []
+    buckets = [b["frequency"] for b in rows[0]["rare_token_ppl"]]
+    out = ["", "Perplexity reduction by the datastore per bucket of target frequency in the datastore corpus "
+           "(primary setting; tokens in the bucket):", "", "| model | " + " | ".join(buckets) + " |",
+           "|---|" + "---:|" * len(buckets)]
+    for r in rows:
+        by = {b["frequency"]: b for b in r["rare_token_ppl"]}
+        cells = [f"{by[k]['gain_pct']:+.1f} % ({by[k]['tokens']:,})" if k in by and by[k].get("gain_pct") is not None
+                 else "–" for k in buckets]
+        out.append(f"| {r['name']} | " + " | ".join(cells) + " |")
+    return out
 
 
 # ------------------------------------------------------------------------------ plots
