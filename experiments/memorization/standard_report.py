@@ -288,7 +288,7 @@ def render_markdown(summary: dict) -> str:
         for s in sizes:
             lines.append(f"| {s['size']} | " + " | ".join(_mult(rows[b][s['size']]) if s["size"] in rows[b] else "–"
                                                           for b in rare) + " |")
-    lines += _recall_table(summary) + _rare_table(summary)
+    lines += _recall_table(summary) + _rare_table(summary) + _readme_table(summary)
     lines += ["", "13-gram overlap of each eval set with each datastore (share of the eval set's 13-grams, "
               "per model's tokenizer):", "", "| model | datastore | stdlib test | python-doc eval | control |",
               "|---|---|---:|---:|---:|"]
@@ -300,6 +300,54 @@ def render_markdown(summary: dict) -> str:
             cells = [_f((sets.get(k) or {}).get("fraction"), ".4f") for k in ("stdlib_test", "domain_eval", "control")]
             lines.append(f"| {r['name']} | {dsname} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
+
+
+def _mean(xs: list) -> float | None:
+    xs = [x for x in xs if x is not None]
+    return sum(xs) / len(xs) if xs else None
+
+
+def _readme_table(summary: dict) -> list[str]:
+    """The compact table of the README: one row per family size (mean over seeds) and reference."""
+    pm = summary.get("multiples") or {}
+    by = {k: {r["size"]: r for r in (v or {}).get("rows", [])} for k, v in pm.items() if k != "rare_tokens"}
+    lam = summary["recall_lambdas"][-1]
+    largest = ((pm.get("in_domain") or {}).get("fit") or {}).get("largest_size", "–")
+
+    def recall(rs):
+        xs = [next((x["exact_match"] for x in r["verbatim_recall"]["datastore"]["knn"] if x["lambda"] == lam), None)
+              for r in rs if (r.get("verbatim_recall") or {}).get("datastore")]
+        return _pct(_mean(xs))
+
+    def gain_ref(r, key):
+        g = (r.get(key) or {}).get("gain_pct")
+        return "–" if g is None else f"{g:+.1f} %"
+
+    out = ["", f"README table (family: mean over seeds; gains with their 90 % bootstrap interval; recall: exact match "
+           f"of 32-token continuations at λ {lam:g}, %):", "",
+           "| model | params | stdlib bits/byte: none → kNN-LM | in-domain gain | datastore worth (fitted curve) "
+           "| matched without a datastore by | + rest of the train split | python-doc (new domain) | control | "
+           "verbatim recall |", "|---|---:|---|---|---|---|---|---|---|---|"]
+    groups: dict = {}
+    for r in summary["models"]:
+        if r["params"]:
+            groups.setdefault(r["size"] or r["name"], []).append(r)
+    for name, rs in groups.items():
+        r0 = rs[0]
+        bb = _mean([(r.get("in_domain_ppl") or {}).get("bpb_base") for r in rs])
+        bk = _mean([(r.get("in_domain_ppl") or {}).get("bpb_knn") for r in rs])
+        bpb = f"{_f(bb)} → {_f(bk)}"
+        if r0["kind"] == "family":
+            def cell(k, fn):
+                return fn(by[k][name]) if name in by.get(k, {}) else "–"
+            cells = [cell("in_domain", _gain), cell("in_domain", _mult),
+                     cell("in_domain", lambda x: _matched(x, largest)), cell("more_data", _gain),
+                     cell("new_domain", _gain), cell("control", _gain)]
+        else:
+            cells = [gain_ref(r0, "in_domain_ppl"), "–", "–", gain_ref(r0, "more_data"),
+                     gain_ref(r0, "domain_adaptation"), gain_ref(r0, "control")]
+        out.append(f"| {name} | {r0['params']:,} | {bpb} | " + " | ".join(cells) + f" | {recall(rs)} |")
+    return out
 
 
 def _pct(x) -> str:
