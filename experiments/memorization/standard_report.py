@@ -338,11 +338,10 @@ def _readme_table(summary: dict) -> list[str]:
         bk = _mean([(r.get("in_domain_ppl") or {}).get("bpb_knn") for r in rs])
         bpb = f"{_f(bb)} → {_f(bk)}"
         if r0["kind"] == "family":
-            def cell(k, fn):
-                return fn(by[k][name]) if name in by.get(k, {}) else "–"
-            cells = [cell("in_domain", _gain), cell("in_domain", _mult),
-                     cell("in_domain", lambda x: _matched(x, largest)), cell("more_data", _gain),
-                     cell("new_domain", _gain), cell("control", _gain)]
+            cells = [fn(by[k][name]) if name in by.get(k, {}) else "–"
+                     for k, fn in (("in_domain", _gain), ("in_domain", _mult),
+                                   ("in_domain", lambda x: _matched(x, largest)), ("more_data", _gain),
+                                   ("new_domain", _gain), ("control", _gain))]
         else:
             cells = [gain_ref(r0, "in_domain_ppl"), "–", "–", gain_ref(r0, "more_data"),
                      gain_ref(r0, "domain_adaptation"), gain_ref(r0, "control")]
