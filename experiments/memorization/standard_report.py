@@ -166,7 +166,8 @@ def _f(x, fmt: str = ".3f") -> str:
 
 
 def _x(m: float) -> str:
-    """A multiple with three significant figures at most, powers of ten past 10,000 (``3.2e9``)."""
+    """A multiple for the tables: two decimals below 100, whole numbers below 10,000, then a power of
+    ten with two significant figures (``3.2e9``)."""
     if not math.isfinite(m):
         return "∞"
     if m >= 1e4:
@@ -188,6 +189,17 @@ def _matched(row: dict, largest: str) -> str:
     if "matched_by" not in row:
         return "–"
     return f"none up to {largest}" if row["matched_by"] is None else row["matched_by"]
+
+
+def _by_size(pm: dict) -> dict:
+    """Every multiples table but the rare-token buckets, as {table: {size: row}}."""
+    return {k: {r["size"]: r for r in (v or {}).get("rows", [])} for k, v in pm.items() if k != "rare_tokens"}
+
+
+def _gain_pct(r: dict, task: str) -> str:
+    """A model's perplexity reduction (%) in ``task``, as its JSON gives it (references: no interval)."""
+    g = (r.get(task) or {}).get("gain_pct")
+    return "–" if g is None else f"{g:+.1f} %"
 
 
 def _gain(row: dict) -> str:
@@ -234,7 +246,7 @@ def render_markdown(summary: dict) -> str:
               "| size | params | in-domain | in-domain, low-overlap documents | more data | new domain | control | "
               f"recall λ {summary['recall_lambdas'][0]:g} (token acc.) |", "|---|---:|---|---|---|---|---|---|"]
     first = f"recall_lambda_{summary['recall_lambdas'][0]:g}"
-    by = {k: {r["size"]: r for r in (v or {}).get("rows", [])} for k, v in pm.items() if k != "rare_tokens"}
+    by = _by_size(pm)
     sizes = [r for r in (pm.get("in_domain") or {}).get("rows", [])]
     for s in sizes:
         cells = [_mult(by[k][s["size"]]) if s["size"] in by.get(k, {}) else "–"
@@ -273,8 +285,7 @@ def render_markdown(summary: dict) -> str:
         lines.append(f"| {s['size']} | {s['params']:,} | " + " | ".join(cells) + " |")
     for r in summary["models"]:
         if r["kind"] == "reference" and r["params"]:
-            cells = [_f((r.get(k) or {}).get("gain_pct"), "+.1f") + " %" if (r.get(k) or {}).get("gain_pct")
-                     is not None else "–" for k in ("in_domain_ppl", "more_data", "domain_adaptation", "control")]
+            cells = [_gain_pct(r, k) for k in ("in_domain_ppl", "more_data", "domain_adaptation", "control")]
             lines.append(f"| {r['name']} | {r['params']:,} | " + " | ".join(cells) + " |")
     for src, model, params, *ppl in PUBLISHED:
         gain = 100 * (1 - ppl[1] / ppl[0]) if ppl[0] else -ppl[2]
@@ -310,7 +321,7 @@ def _mean(xs: list) -> float | None:
 def _readme_table(summary: dict) -> list[str]:
     """The compact table of the README: one row per family size (mean over seeds) and reference."""
     pm = summary.get("multiples") or {}
-    by = {k: {r["size"]: r for r in (v or {}).get("rows", [])} for k, v in pm.items() if k != "rare_tokens"}
+    by = _by_size(pm)
     lam = summary["recall_lambdas"][-1]
     largest = ((pm.get("in_domain") or {}).get("fit") or {}).get("largest_size", "–")
 
@@ -318,10 +329,6 @@ def _readme_table(summary: dict) -> list[str]:
         xs = [next((x["exact_match"] for x in r["verbatim_recall"]["datastore"]["knn"] if x["lambda"] == lam), None)
               for r in rs if (r.get("verbatim_recall") or {}).get("datastore")]
         return _pct(_mean(xs))
-
-    def gain_ref(r, key):
-        g = (r.get(key) or {}).get("gain_pct")
-        return "–" if g is None else f"{g:+.1f} %"
 
     out = ["", f"README table (family: mean over seeds; gains with their 90 % bootstrap interval; recall: exact match "
            f"of 32-token continuations at λ {lam:g}, %):", "",
@@ -343,8 +350,8 @@ def _readme_table(summary: dict) -> list[str]:
                                    ("in_domain", lambda x: _matched(x, largest)), ("more_data", _gain),
                                    ("new_domain", _gain), ("control", _gain))]
         else:
-            cells = [gain_ref(r0, "in_domain_ppl"), "–", "–", gain_ref(r0, "more_data"),
-                     gain_ref(r0, "domain_adaptation"), gain_ref(r0, "control")]
+            cells = [_gain_pct(r0, "in_domain_ppl"), "–", "–", _gain_pct(r0, "more_data"),
+                     _gain_pct(r0, "domain_adaptation"), _gain_pct(r0, "control")]
         out.append(f"| {name} | {r0['params']:,} | {bpb} | " + " | ".join(cells) + f" | {recall(rs)} |")
     return out
 
