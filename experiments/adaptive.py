@@ -5,9 +5,10 @@ tokens vs RetoMaton-style pointers, all on the same tokens, from one forward pas
     python -m experiments.adaptive --datastore runs/base-150k --tune-tokens 3000 --eval-tokens 3000   # a smoke run
 
 1. Tune the gate on the stdlib tuning split (``knnlm tune``: documents in neither the datastore
-   nor the test split; files that an older datastore holds are skipped), unless the datastore
-   already has a gate (``--retune`` refits). The gate is saved into the datastore (gate.json + a
-   header entry), as ``knnlm tune`` does.
+   nor the test split; files that an older datastore holds are skipped): one tuning pass, one
+   gate per ``--max-unseen-loss`` bound. The first is saved into the datastore (gate.json + a
+   header entry), as ``knnlm tune`` does, the others next to ``--out``. A rerun (e.g. after an
+   interruption) reuses them when all are there, each fitted with its bound (``--retune`` refits).
 2. Score the test split once with the LM (an ``LMCache`` keeps the query hidden states, log p_lm
    and LM features of every batch in RAM), then every variant from that cache:
    fixed λ (``--lambda``) and adaptive with a full search; adaptive (and the fixed λ) searching a
@@ -48,7 +49,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--nprobe", type=int, default=None, help="IVF probes (default: the datastore's)")
     p.add_argument("--retrieve-fractions", default="0.5", help="comma list of F for --retrieve-fraction")
     p.add_argument("--min-pointers", default="16,64,256", help="--min-pointers values (empty: none)")
-    p.add_argument("--retune", action="store_true", help="fit a new gate even if the datastore has one")
+    p.add_argument("--retune", action="store_true",
+                   help="fit new gates even if an earlier run saved one for every bound")
     p.add_argument("--kind", default="auto", choices=["auto", "linear", "mlp"])
     p.add_argument("--max-unseen-loss", default="none",
                    help="comma list of knnlm tune's bounds on never-seen tuning targets ('none': no bound): one "
@@ -80,13 +82,35 @@ def summary(name: str, res: dict, setting) -> dict:
     }
 
 
+def _bound_of(gate) -> float | None:
+    return (gate.report.get("unseen") or {}).get("max_loss")
+
+
+def _saved_gates(ds, bounds: list, out: str) -> list | None:
+    """The gates an earlier run of this command saved (the first in the datastore, the others next
+    to ``out``), one per bound, when every one is there and was fitted with its bound; else None
+    (tune again), so that a rerun after an interruption skips the tuning pass but never scores a
+    gate fitted with another bound."""
+    from knnlm.gate import load_gate
+
+    if not ds.header.gate:
+        return None
+    paths = [None] + [Path(out).with_suffix(f".gate_unseen{_label(b)}.json") for b in bounds[1:]]
+    if not all(p is None or p.is_file() for p in paths):
+        return None
+    gates = [load_gate(ds, p) for p in paths]
+    if any(_bound_of(g) != b for g, b in zip(gates, bounds)):
+        return None
+    return gates
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     import knnlm
     from knnlm.config import check_max_unseen_loss
     from knnlm.corpora import stdlib_files
     from knnlm.evaluation import LMCache
-    from knnlm.gate import format_report, load_gate
+    from knnlm.gate import format_report
 
     ds = knnlm.open_datastore(args.datastore)
     bounds = [None if b.strip().lower() == "none" else float(b) for b in args.max_unseen_loss.split(",") if b.strip()]
@@ -100,9 +124,10 @@ def main(argv=None) -> int:
     out = args.out or f"results/adaptive_{Path(args.datastore).name}.json"
     t0 = time.time()
     extra_gates = []  # (bound, gate) beyond the first
-    if ds.header.gate and not args.retune:
-        gate = load_gate(ds)
-        log(f"reusing the gate in {gate.path} (--retune to refit)")
+    saved = None if args.retune else _saved_gates(ds, bounds, out)
+    if saved is not None:
+        gate, extra_gates = saved[0], list(zip(bounds[1:], saved[1:]))
+        log(f"reusing the gates of an earlier run: {', '.join(str(g.path) for g in saved)} (--retune to refit)")
     else:
         from knnlm.config import EvalConfig
         from knnlm.evaluation import collect_tuning

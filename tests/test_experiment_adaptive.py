@@ -50,3 +50,29 @@ def test_experiment_tunes_then_scores_every_variant_from_one_lm_pass(tiny_model_
     bounded = load_gate(ds, out.with_suffix(".gate_unseen0.05.json"))
     assert bounded.report["unseen"]["max_loss"] == 0.05 and bounded.to_json() == res["extra_gates"]["0.05"]
     assert "| full search | adaptive |" in capsys.readouterr().out
+
+
+def test_a_rerun_reuses_the_saved_gates_only_when_every_bound_has_one(tiny_model_dir, tiny_store, tmp_path, capsys):
+    ds_path = tmp_path / "ds"
+    shutil.copytree(tiny_store[1].path, ds_path)
+    out = tmp_path / "adaptive.json"
+
+    def run(bounds):
+        assert adaptive.main(["--datastore", str(ds_path), "--model", str(tiny_model_dir), "--tune-tokens", "800",
+                              "--eval-tokens", "200", "--retrieve-fractions", "0.5", "--min-pointers", "",
+                              "--max-unseen-loss", bounds, "--out", str(out)]) == 0
+        return json.loads(out.read_text()), capsys.readouterr().err
+
+    first, log = run("none,0.05")
+    assert "tuning on" in log and "reusing" not in log
+    again, log = run("none,0.05")  # as after an interruption: both gates come back, no tuning pass
+    assert "reusing the gates" in log and "tuning on" not in log
+    assert again["gate"] == first["gate"] and again["extra_gates"] == first["extra_gates"]
+    assert again["rows"] == [{**r, "tokens_per_second": a["tokens_per_second"], "knn_seconds": a["knn_seconds"],
+                              "lm_tokens_per_second": a["lm_tokens_per_second"]}
+                             for r, a in zip(first["rows"], again["rows"])]
+    _, log = run("none,0.1")  # a bound without a saved gate: tune again rather than drop or mislabel it
+    assert "tuning on" in log and "reusing" not in log
+    refit = load_gate(open_datastore(ds_path), out.with_suffix(".gate_unseen0.1.json"))
+    assert refit.report["unseen"]["max_loss"] == 0.1
+
