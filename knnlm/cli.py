@@ -98,6 +98,17 @@ examples:
   knnlm merge runs/part1 runs/part2 --out runs/all-pq --index ivfpq --index-storage disk
 """
 
+SUBSET_EXAMPLES = """\
+examples:
+  # a build cut by --max-tokens, extended to the whole corpus without re-running the model on its part:
+  knnlm build-index --data $(python -m knnlm.corpora stdlib-train) --max-tokens 1100000 --out runs/stdlib-1m
+  knnlm subset runs/stdlib-1m --out runs/part1          # its whole documents; prints where the rest starts
+  knnlm build-index --data $(python -m knnlm.corpora stdlib-train | tail -n +237) --out runs/part2
+  knnlm merge runs/part1 runs/part2 --out runs/stdlib-full
+  # the leading 150k tokens (whole documents), for a datastore-size study
+  knnlm subset runs/stdlib-1m --max-tokens 150000 --out runs/stdlib-150k --index flat
+"""
+
 REINDEX_EXAMPLES = """\
 examples:
   # replace a datastore's index by the original kNN-LM recipe, inverted lists memory-mapped from disk
@@ -347,6 +358,23 @@ def _add_merge_parser(sub) -> None:
     m.set_defaults(func=cmd_merge)
 
 
+def _add_subset_parser(sub) -> None:
+    m = sub.add_parser("subset", help="a datastore of the leading whole documents of another, with a new index",
+                       description="Copy the keys, values and documents of the first whole documents of a datastore "
+                                   "into a new one and index it; no model runs. Without --max-tokens: every "
+                                   "document but the last one, when the build's --max-tokens cut it (the way to "
+                                   "shard such a build for `knnlm merge`). The input is not modified.",
+                       epilog=SUBSET_EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+    m.add_argument("datastore", metavar="DIR")
+    m.add_argument("--out", required=True, metavar="DIR", help="new datastore directory (must be new or empty)")
+    m.add_argument("--max-tokens", type=int, default=None,
+                   help="keep the whole documents within this many corpus tokens (default: all but a cut last one)")
+    _add_index_args(m)
+    m.add_argument("--seed", type=int, default=0, help="seed of the index-training sample (default: %(default)s)")
+    m.add_argument("--quiet", action="store_true", help="no progress bars")
+    m.set_defaults(func=cmd_subset)
+
+
 def _add_reindex_parser(sub) -> None:
     r = sub.add_parser("reindex", help="rebuild only the FAISS index of a datastore (another recipe or storage)",
                        description="Train and fill a new index over a complete datastore's stored keys and switch "
@@ -386,6 +414,7 @@ def _build_parser() -> argparse.ArgumentParser:
     _add_tune_parser(sub)
     _add_demo_parser(sub)
     _add_merge_parser(sub)
+    _add_subset_parser(sub)
     _add_reindex_parser(sub)
     _add_info_parser(sub)
     return parser
@@ -670,6 +699,20 @@ def cmd_merge(args) -> int:
     ds = merge_datastores(args.inputs, args.out, index=args.index, index_storage=args.index_storage, seed=args.seed,
                           progress=not args.quiet)
     print(_summary(ds.path, ds.header))
+    return 0
+
+
+def cmd_subset(args) -> int:
+    from knnlm.datastore import open_datastore, subset_datastore
+
+    src = open_datastore(args.datastore, require_index=False)
+    ds = subset_datastore(src, args.out, args.max_tokens, index=args.index, index_storage=args.index_storage,
+                          seed=args.seed, progress=not args.quiet)
+    print(_summary(ds.path, ds.header))
+    n = len(ds.documents)
+    if n < len(src.documents):
+        print(f"left out: documents {n + 1}-{len(src.documents)} of {args.datastore} (from "
+              f"{src.documents[n]['name']}); a next shard starts there")
     return 0
 
 

@@ -65,8 +65,8 @@ logger = logging.getLogger(__name__)
 __all__ = [
     "FORMAT", "FORMAT_VERSION", "DatastoreError", "Header", "KeySpec", "WindowSpec", "CorpusSpec",
     "ModelIdentity", "Datastore", "DatastoreWriter", "open_datastore", "open_or_create", "read_header",
-    "model_identity", "write_json_atomic", "subset_datastore", "disk_errors", "merge_datastores", "KEY_DTYPES",
-    "reindex_datastore", "attach_gate", "GATE",
+    "model_identity", "write_json_atomic", "subset_datastore", "cut_document", "disk_errors", "merge_datastores",
+    "KEY_DTYPES", "reindex_datastore", "attach_gate", "GATE",
 ]
 
 FORMAT = "knnlm-datastore"
@@ -833,14 +833,34 @@ def _new_writer(out: str | os.PathLike, header: Header) -> DatastoreWriter:
     return DatastoreWriter.start(out, header)
 
 
-def subset_datastore(src: Datastore, out: str | os.PathLike, max_tokens: int, *, index: str = "auto",
-                     index_storage: str = "auto", seed: int = 0, progress: bool = True) -> Datastore:
+def cut_document(ds: Datastore) -> int | None:
+    """Index of the document that the build's ``max_tokens`` may have cut short (the last one, when
+    the build stopped at its budget), else None. A document ending exactly at the budget counts as
+    cut: what follows it in the corpus is the place a next shard starts either way."""
+    budget = ds.header.build.get("max_tokens")
+    if budget is None or ds.header.tokens is None or ds.header.tokens < budget or not ds.documents:
+        return None
+    return len(ds.documents) - 1
+
+
+def subset_datastore(src: Datastore, out: str | os.PathLike, max_tokens: int | None = None, *,
+                     index: str = "auto", index_storage: str = "auto", seed: int = 0,
+                     progress: bool = True) -> Datastore:
     """A smaller datastore made of the first documents of ``src`` (whole documents, at most
-    ``max_tokens`` corpus tokens), with its own index: for datastore-size studies without
-    re-running the model. Its keys are byte-identical to a build over those documents alone.
+    ``max_tokens`` corpus tokens), with its own index: for datastore-size studies, or to shard
+    (``merge_datastores``) a build that ``max_tokens`` cut, without re-running the model.
+    ``max_tokens`` None: every document but the one the build's ``max_tokens`` cut (``cut_document``).
+    Its keys are byte-identical to a build over those documents alone.
     """
     from knnlm.index import plan_index
 
+    config.check_at_least("max_tokens", max_tokens, 1)
+    if max_tokens is None:
+        cut = cut_document(src)
+        if cut is None:
+            raise DatastoreError(f"no document of {src.path} was cut by a `max_tokens` budget: it can be merged as it "
+                                 "is; give `max_tokens` for a smaller datastore", param="max_tokens")
+        max_tokens = src.documents[cut]["offset"]
     docs = [d for d in src.documents if d["offset"] + d["length"] <= max_tokens]
     if not docs or sum(count_targets(d["length"]) for d in docs) == 0:
         raise DatastoreError(f"no whole document of {src.path} fits in `max_tokens` = {max_tokens}; raise it",
@@ -883,7 +903,7 @@ def _check_mergeable(stores: Sequence[Datastore]) -> None:
             if k in seen:
                 raise DatastoreError(f"document {d['name']} is in both {seen[k]} and {ds.path}; a merge would "
                                      "count it twice (a max_tokens cut can split a file): make one input "
-                                     "without it (e.g. `subset_datastore` to whole documents)")
+                                     "without it (`knnlm subset` / `subset_datastore`: its whole documents)")
             seen[k] = ds.path
 
 

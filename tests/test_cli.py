@@ -4,6 +4,7 @@ import re
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 from knnlm import DatastoreError, open_datastore
@@ -225,6 +226,42 @@ def test_demo_on_a_tiny_model(capsys, tiny_model_dir, tmp_path):
     assert "reusing the gate" in stdout2
     assert re.search(r"perplexity\s+base LM ([0-9.]+)\s+kNN-LM ([0-9.]+)", stdout2).groups() == m.groups()
     assert (out / "keys.npy").read_bytes() == keys_before
+
+
+def test_subset_cli_shards_a_capped_build_into_the_same_datastore_as_one_build(capsys, tiny_model_dir, corpus_dir,
+                                                                                  tmp_path):
+    """build-index --max-tokens cuts the last file; `knnlm subset` keeps the whole ones and says where
+    the rest starts; a build of the rest merged with it has the keys of one build over everything."""
+    files = sorted(corpus_dir.iterdir())
+    common = ["--model", tiny_model_dir, "--context", 64, "--quiet", "--index", "flat"]
+    assert _run(capsys, "build-index", "--data", *files, "--out", tmp_path / "full", *common)[0] == 0
+    full = open_datastore(tmp_path / "full")
+    budget = full.documents[2]["offset"] + full.documents[2]["length"] // 2  # the third file, cut in half
+    assert _run(capsys, "build-index", "--data", *files, "--max-tokens", budget, "--out", tmp_path / "cap",
+                *common)[0] == 0
+    code, stdout, err = _run(capsys, "subset", tmp_path / "cap", "--out", tmp_path / "part1", "--quiet",
+                             "--index", "flat")
+    assert code == 0, err
+    assert f"left out: documents 3-3 of {tmp_path / 'cap'} (from {files[2]})" in stdout
+    assert len(open_datastore(tmp_path / "part1").documents) == 2
+    assert _run(capsys, "build-index", "--data", *files[2:], "--out", tmp_path / "part2", *common)[0] == 0
+    code, _, err = _run(capsys, "merge", tmp_path / "part1", tmp_path / "part2", "--out", tmp_path / "merged",
+                        "--quiet", "--index", "flat")
+    assert code == 0, err
+    merged = open_datastore(tmp_path / "merged")
+    np.testing.assert_array_equal(merged.keys[:], full.keys[:])
+    np.testing.assert_array_equal(merged.values[:], full.values[:])
+    assert [d["name"] for d in merged.documents] == [d["name"] for d in full.documents]
+    # the cut build itself cannot be merged with the rest: its cut file would be counted twice
+    code, _, err = _run(capsys, "merge", tmp_path / "cap", tmp_path / "part2", "--out", tmp_path / "bad", "--quiet")
+    assert code == 2
+    _assert_one_line_error(err, "merge", "knnlm subset")
+    for args, names in ((["--max-tokens", 0], ("--max-tokens", "at least 1")),
+                        ([], ("no document", "--max-tokens"))):  # an uncut datastore: nothing to leave out
+        code, _, err = _run(capsys, "subset", tmp_path / "full", *args, "--out", tmp_path / "bad2", "--quiet")
+        assert code == 2
+        _assert_one_line_error(err, "subset", *names)
+        _assert_no_valid_datastore(tmp_path / "bad2")
 
 
 def test_merge_cli(capsys, tiny_model_dir, other_model_dir, corpus_dir, tmp_path):
