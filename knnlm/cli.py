@@ -176,6 +176,13 @@ def _add_index_args(g) -> None:
     g.add_argument("--index-storage", default="auto", choices=INDEX_STORAGES, help=STORAGE_HELP)
 
 
+def _add_reindexing_args(p) -> None:
+    """The options of the commands that index stored keys anew (merge, subset, reindex)."""
+    _add_index_args(p)
+    p.add_argument("--seed", type=int, default=0, help="seed of the index-training sample (default: %(default)s)")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
 def _add_adaptive_args(g) -> None:
     g.add_argument("--retrieve-fraction", type=float, default=None, metavar="F",
                    help="search only for a fraction F in (0, 1] of the tokens, those the gate's retrieval part "
@@ -352,9 +359,7 @@ def _add_merge_parser(sub) -> None:
                        epilog=MERGE_EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
     m.add_argument("inputs", nargs="+", metavar="DIR", help="datastores to merge, in order (at least two)")
     m.add_argument("--out", required=True, metavar="DIR", help="new datastore directory (must be new or empty)")
-    _add_index_args(m)
-    m.add_argument("--seed", type=int, default=0, help="seed of the index-training sample (default: %(default)s)")
-    m.add_argument("--quiet", action="store_true", help="no progress bars")
+    _add_reindexing_args(m)
     m.set_defaults(func=cmd_merge)
 
 
@@ -369,9 +374,7 @@ def _add_subset_parser(sub) -> None:
     m.add_argument("--out", required=True, metavar="DIR", help="new datastore directory (must be new or empty)")
     m.add_argument("--max-tokens", type=int, default=None,
                    help="keep the whole documents within this many corpus tokens (default: all but a cut last one)")
-    _add_index_args(m)
-    m.add_argument("--seed", type=int, default=0, help="seed of the index-training sample (default: %(default)s)")
-    m.add_argument("--quiet", action="store_true", help="no progress bars")
+    _add_reindexing_args(m)
     m.set_defaults(func=cmd_subset)
 
 
@@ -383,9 +386,7 @@ def _add_reindex_parser(sub) -> None:
                                    "--key-dtype none cannot be re-indexed.",
                        epilog=REINDEX_EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
     r.add_argument("datastore", metavar="DIR")
-    _add_index_args(r)
-    r.add_argument("--seed", type=int, default=0, help="seed of the index-training sample (default: %(default)s)")
-    r.add_argument("--quiet", action="store_true", help="no progress bars")
+    _add_reindexing_args(r)
     r.set_defaults(func=cmd_reindex)
 
 
