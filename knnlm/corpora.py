@@ -8,7 +8,7 @@ nothing fitted on tune ever sees test, and no tune document is in a stdlib datas
 ordered by that hash, so any prefix of the train list (e.g. with ``--max-tokens``) is a uniform
 sample of files rather than the alphabetically first packages.
 
-Split history: until 2026-11-26 the tune files were part of train (705 files); results measured
+Split history: until 2026-11-26 the tune files were part of train (706 files); results measured
 on datastores built before then (the 3.29M-token and 150k-token stdlib datastores) used that train.
 
 ``python -m knnlm.corpora stdlib-train`` prints the absolute paths, one per line, for shells::
