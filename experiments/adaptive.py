@@ -82,6 +82,11 @@ def summary(name: str, res: dict, setting) -> dict:
     }
 
 
+def _gate_path(out: str, bound: float | None) -> Path:
+    """Where a gate beyond the first (the one saved into the datastore) is written, next to ``out``."""
+    return Path(out).with_suffix(f".gate_unseen{_label(bound)}.json")
+
+
 def _bound_of(gate) -> float | None:
     return (gate.report.get("unseen") or {}).get("max_loss")
 
@@ -95,7 +100,7 @@ def _saved_gates(ds, bounds: list, out: str) -> list | None:
 
     if not ds.header.gate:
         return None
-    paths = [None] + [Path(out).with_suffix(f".gate_unseen{_label(b)}.json") for b in bounds[1:]]
+    paths = [None] + [_gate_path(out, b) for b in bounds[1:]]
     if not all(p is None or p.is_file() for p in paths):
         return None
     gates = [load_gate(ds, p) for p in paths]
@@ -142,7 +147,7 @@ def main(argv=None) -> int:
         gate = gates[0]
         save_gate(gate, ds)  # as `knnlm tune --max-unseen-loss <first>` does
         for b, g in zip(bounds[1:], gates[1:]):
-            save_gate(g, ds, Path(out).with_suffix(f".gate_unseen{_label(b)}.json"))
+            save_gate(g, ds, _gate_path(out, b))
             extra_gates.append((b, g))
     tune_seconds = time.time() - t0
     print(format_report(gate))
