@@ -5,10 +5,12 @@
 #   env.log        GPU / driver / nvcc / torch versions
 #   build.log      JIT build of the extension with the CUDA kernels (KNNLM_REQUIRE_KERNEL=1)
 #   test_ops.log   python -m pytest tests/test_ops.py (CPU and CUDA cases)
+#   test_cuda.log  python -m pytest tests/test_cuda.py (build / eval / mixture / generation with the
+#                  model on the GPU against the CPU; needs transformers, tokenizers and faiss)
 #   bench_ops.log  python benchmarks/bench_ops.py --quick --device cuda
 #   sanitize.log   compute-sanitizer racecheck/memcheck of both grouping paths (best effort)
 # --noconftest keeps tests/test_ops.py independent of the model fixtures in tests/conftest.py.
-# GPU_CHECK_STEPS (default "build tests bench sanitize") picks steps; the build always runs.
+# GPU_CHECK_STEPS (default "build tests e2e bench sanitize") picks steps; the build always runs.
 #
 # $CXX without a shared libstdc++ (the device image's /opt/gcc/bin/g++ links it statically) gives
 # the op a private libstdc++ whose iostreams segfault as soon as an error message formats a
@@ -19,7 +21,7 @@ mkdir -p "$out"
 export PYTHONUNBUFFERED=1 KNNLM_REQUIRE_KERNEL=1 MAX_JOBS="${MAX_JOBS:-16}"
 export TORCH_EXTENSIONS_DIR="${TORCH_EXTENSIONS_DIR:-/tmp/knnlm_gpu_ext}"
 py="${PYTHON:-python3}"
-steps="${GPU_CHECK_STEPS:-build tests bench sanitize}"
+steps="${GPU_CHECK_STEPS:-build tests e2e bench sanitize}"
 status=0
 if [[ -n "${CXX:-}" && "$("$CXX" -print-file-name=libstdc++.so)" != /* && -x /usr/bin/g++ ]]; then
   echo "note: CXX=$CXX has no shared libstdc++; using CXX=/usr/bin/g++"
@@ -61,9 +63,17 @@ timeout 200 "$py" -m pytest tests/test_ops.py -q -rfEs -p no:cacheprovider --noc
 
 fi
 
+if [[ " $steps " == *" e2e "* ]]; then
+echo "== end to end" | tee "$out/test_cuda.log"
+timeout 300 "$py" -m pytest tests/test_cuda.py -q -rfEs -p no:cacheprovider 2>&1 | tee -a "$out/test_cuda.log" || status=1
+fi
+
 if [[ " $steps " == *" bench "* ]]; then
 echo "== bench" | tee "$out/bench_ops.log"
-timeout 120 "$py" benchmarks/bench_ops.py --quick --device cuda 2>&1 | tee -a "$out/bench_ops.log" || status=1
+for dtype in float32 bfloat16; do
+  timeout 120 "$py" benchmarks/bench_ops.py --quick --device cuda --dtype "$dtype" 2>&1 | tee -a "$out/bench_ops.log" \
+    || status=1
+done
 
 fi
 
