@@ -83,8 +83,8 @@ import torch
 from knnlm import ops, scoring
 op = ops.get_op("knn_interpolate", torch.device("cuda"))
 g = torch.Generator().manual_seed(0)
-for K, n_tok in ((300, 3), (2048, 3)):  # shared-memory and global-scratch grouping
-    x = torch.randn(2, 4000, generator=g).cuda()
+for K, n_tok, V in ((300, 3, 4000), (2048, 3, 4000), (300, 3, 40000)):  # shared / global grouping; split rows
+    x = torch.randn(2, V, generator=g).cuda()
     d = (torch.rand(2, K, generator=g) * 10).cuda()
     v = torch.randint(0, n_tok, (2, K), generator=g).cuda()
     out = op(x, d, v, 0.25, 2.0)

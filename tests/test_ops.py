@@ -398,15 +398,16 @@ def test_cuda_heavy_duplicates(dtype, K, n_tokens):
         assert torch.equal(full, op(logits, dists, values, lam, 2.0)), "not deterministic"
 
 
+@pytest.mark.parametrize("V", [100, 40_000])  # one block per row; rows split over several blocks
 @pytest.mark.cuda
 @NEEDS_GPU
-def test_cuda_out_of_range_ids_give_nan_rows(monkeypatch):
+def test_cuda_out_of_range_ids_give_nan_rows(monkeypatch, V):
     """No host sync on CUDA: bad token ids make the row NaN; KNNLM_CUDA_CHECKS=1 raises."""
     monkeypatch.delenv("KNNLM_CUDA_CHECKS", raising=False)
     op, op_t = _op("knn_interpolate", "cuda"), _op("knn_interpolate_target", "cuda")
-    logits, dists, values, target = _inputs(3, 100, 4, device="cuda")
+    logits, dists, values, target = _inputs(3, V, 4, device="cuda", n_tokens=100)
     bad = values.clone()
-    bad[1, 2] = 100
+    bad[1, 2] = V
     for lam in LAMS:
         full = op(logits, dists, bad, lam, 1.0)
         ref = scoring.reference_interpolate(logits, dists, values, lam, 1.0)
@@ -414,7 +415,7 @@ def test_cuda_out_of_range_ids_give_nan_rows(monkeypatch):
         torch.testing.assert_close(full[[0, 2]], ref[[0, 2]], rtol=RTOL, atol=ATOL)
     bad[1, 2] = -1
     bad_t = target.clone()
-    bad_t[2] = 100
+    bad_t[2] = V
     out = op_t(logits, dists, bad, bad_t, 0.5, 1.0)
     ref_t = scoring.reference_interpolate_target(logits, dists, values, target, 0.5, 1.0)
     assert torch.isnan(out[1:]).all()
@@ -446,14 +447,15 @@ def test_cuda_runs_on_the_current_stream():
     torch.testing.assert_close(out_t, ref_t, rtol=RTOL, atol=ATOL)
 
 
-@pytest.mark.parametrize("K", [64, 2048])
+@pytest.mark.parametrize("K,V", [(64, 5000), (2048, 5000), (64, 60_000), (2048, 60_000)])
 @pytest.mark.cuda
 @NEEDS_GPU
-def test_cuda_graph_capture(K, monkeypatch):
-    """Sync-free: both ops capture into a CUDA graph (a host sync would raise while capturing)."""
+def test_cuda_graph_capture(K, V, monkeypatch):
+    """Sync-free: both ops capture into a CUDA graph (a host sync would raise while capturing);
+    at V 60,000 the 4 rows are split over several blocks (three launches)."""
     monkeypatch.delenv("KNNLM_CUDA_CHECKS", raising=False)
     op, op_t = _op("knn_interpolate", "cuda"), _op("knn_interpolate_target", "cuda")
-    static = _inputs(4, 5000, K, torch.bfloat16, "cuda", seed=0, n_tokens=50)
+    static = _inputs(4, V, K, torch.bfloat16, "cuda", seed=0, n_tokens=50)
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side):  # warm-up outside the capture
@@ -464,7 +466,7 @@ def test_cuda_graph_capture(K, monkeypatch):
     with torch.cuda.graph(graph):
         out = op(*static[:3], 0.25, 2.0)
         out_t = op_t(*static, 0.25, 2.0)
-    fresh = _inputs(4, 5000, K, torch.bfloat16, "cuda", seed=1, n_tokens=50)
+    fresh = _inputs(4, V, K, torch.bfloat16, "cuda", seed=1, n_tokens=50)
     for s_, f in zip(static, fresh):
         s_.copy_(f)
     graph.replay()
@@ -473,6 +475,24 @@ def test_cuda_graph_capture(K, monkeypatch):
                                rtol=RTOL, atol=ATOL)
     torch.testing.assert_close(out_t, scoring.reference_interpolate_target(*fresh, 0.25, 2.0),
                                rtol=RTOL, atol=ATOL)
+
+
+@pytest.mark.parametrize("lam", LAMS)
+@pytest.mark.parametrize("K", [64, 2048])
+@pytest.mark.cuda
+@NEEDS_GPU
+def test_cuda_split_rows_equal_whole_rows(lam, K):
+    """Few long rows are split over several blocks per row; the same rows inside a batch large
+    enough to fill the GPU run one block per row. Same values, up to fp32 summation order."""
+    op = _op("knn_interpolate", "cuda")
+    few = _inputs(3, 100_003, K, torch.bfloat16, "cuda", seed=4, n_tokens=200)[:3]
+    few[0][1, 70_000] = INF  # a NaN row found by a later chunk
+    many = [torch.cat([t, t[:1].expand(4 * 1024, *t.shape[1:])]) for t in few]  # > 4 x SMs rows
+    split, whole = op(*few, lam, 2.0), op(*many, lam, 2.0)[:3]
+    torch.testing.assert_close(split, whole, rtol=RTOL, atol=ATOL, equal_nan=True)
+    torch.testing.assert_close(split, scoring.reference_interpolate(*few, lam, 2.0), rtol=RTOL, atol=ATOL,
+                               equal_nan=True)
+    assert torch.isnan(split[1]).all() == (lam < 1) and not torch.isnan(split[[0, 2]]).any()
 
 
 @pytest.mark.cuda

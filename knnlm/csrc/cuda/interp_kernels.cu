@@ -1,6 +1,6 @@
-// CUDA kernels of the fused kNN-LM interpolation: one block per row, warp-shuffle + shared-memory
-// block reductions, coalesced row reads/writes, raw CUDA runtime only (no torch includes; the
-// stream comes from the binding). The per-element math is knnlm/csrc/interp.h, shared with the CPU.
+// CUDA kernels of the fused kNN-LM interpolation: one block per row (several for few long rows),
+// warp-shuffle + shared-memory block reductions, coalesced row reads/writes, raw CUDA runtime only
+// (no torch includes; the stream comes from the binding). The per-element math is knnlm/csrc/interp.h, shared with the CPU.
 //
 // knn_interpolate, per row (block):
 //   0. validate the row's token ids in-kernel (no host sync): ids outside [0, V) -> NaN row;
@@ -14,6 +14,13 @@
 //      a [B, pow2(K)] global scratch from the binding;
 //   4. coalesced write of log p_lm + log(1 - lam) over the whole row;
 //   5. each group's last element writes the mixed value at its token.
+//
+// Few long rows (B blocks would leave most SMs idle: B < 4 x SMs, V >= 2 x kMinSplitChunk) split
+// each row over S blocks (row_splits) in three launches on the stream: row_partial_kernel
+// writes the online max / sum-exp state of each of the S chunks to scratch; base_row_kernel
+// merges the row's S states and writes step 4 over its chunk; interpolate_kernel then runs with
+// the merged states instead of steps 1 and 4 (steps 0, 2, 3, 5, and a NaN row overwrites the
+// base row). Stream order makes the last launch see the base row.
 #include <cuda_runtime.h>
 #include <stdint.h>
 
@@ -32,6 +39,26 @@ static_assert(kWarps <= 32, "block reductions assume at most 32 warps");
 constexpr int64_t kGroupBytes = sizeof(uint64_t) + 2 * sizeof(LseState);
 constexpr int64_t kSharedGroupCap = 1024;  // pow2(K) up to this: in dynamic shared memory (24 KiB)
 constexpr uint64_t kPadKey = ~uint64_t{0};  // sorts after every real key (tokens are < 2^31)
+constexpr int64_t kMinSplitChunk = 8192;  // fewest logits per block when a row is split (16 per thread)
+constexpr int64_t kMaxSplits = 1024;
+constexpr int64_t kBlocksPerSm = 4;  // 512-thread blocks: 4 fill an SM's 2048 threads
+
+// Blocks per row of the full op: 1 when B rows already fill the GPU or rows are short, else
+// enough to put about kBlocksPerSm blocks on every SM of the current device.
+int64_t row_splits(int64_t B, int64_t V) {
+  int dev = 0, sms = 0;
+  if (cudaGetDevice(&dev) != cudaSuccess ||
+      cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev) != cudaSuccess) {
+    (void)cudaGetLastError();  // not a launch error: fall back to one block per row
+    return 1;
+  }
+  const int64_t want = (kBlocksPerSm * sms + B - 1) / B;
+  int64_t s = want < V / kMinSplitChunk ? want : V / kMinSplitChunk;
+  s = s < kMaxSplits ? s : kMaxSplits;
+  return s < 2 ? 1 : s;
+}
+
+int64_t align16(int64_t n) { return (n + 15) / 16 * 16; }
 
 int64_t group_pad(int64_t K) {
   int64_t n = 1;
@@ -112,15 +139,32 @@ __device__ float block_sum(float v, float* smem) {
   return v;
 }
 
+// Online (max, sum exp(x - max)) state of x[begin, end), block-reduced.
+template <class L>
+__device__ LseState range_lse(const typename L::T* __restrict__ x, int64_t begin, int64_t end, LseState* smem) {
+  LseState st = lse_empty();
+  for (int64_t j = begin + threadIdx.x; j < end; j += kThreads) lse_push(st, L::at(x, j));
+  return block_lse(st, smem);
+}
+
+__device__ __forceinline__ void set_stats(LseState st, float* row_max, float* log_sum) {
+  *row_max = st.m;
+  *log_sum = lse_log_sum(st);  // -inf for an all -inf row (NaN output), NaN after a NaN / +inf
+}
+
 // (row max, log sum exp(x - max)) of one row.
 template <class L>
 __device__ void row_stats(const typename L::T* __restrict__ x, int64_t V, LseState* smem,
                           float* row_max, float* log_sum) {
+  set_stats(range_lse<L>(x, 0, V, smem), row_max, log_sum);
+}
+
+// The same from a split row's S chunk states.
+__device__ void merged_stats(const LseState* __restrict__ part, int64_t S, LseState* smem, float* row_max,
+                             float* log_sum) {
   LseState st = lse_empty();
-  for (int64_t j = threadIdx.x; j < V; j += kThreads) lse_push(st, L::at(x, j));
-  st = block_lse(st, smem);
-  *row_max = st.m;
-  *log_sum = lse_log_sum(st);  // -inf for an all -inf row (NaN output), NaN after a NaN / +inf
+  for (int64_t i = threadIdx.x; i < S; i += kThreads) st = lse_merge(st, part[i]);
+  set_stats(block_lse(st, smem), row_max, log_sum);
 }
 
 // Kind of the row's neighbour scores -d/T (block-uniform) and, for kKnnOk, the log-sum-exp of
@@ -208,7 +252,7 @@ __global__ void __launch_bounds__(kThreads)
 interpolate_kernel(const typename L::T* __restrict__ logits, const float* __restrict__ dists,
                    const Idx* __restrict__ values, float* __restrict__ out,
                    unsigned char* __restrict__ group_scratch, int64_t V, int K, int Kp, float T,
-                   MixParams p) {
+                   MixParams p, const LseState* __restrict__ partial, int64_t S) {
   extern __shared__ uint64_t group_smem[];
   __shared__ LseState red_lse[kWarps];
   __shared__ float red[kWarps];
@@ -224,8 +268,14 @@ interpolate_kernel(const typename L::T* __restrict__ logits, const float* __rest
     return;
   }
 
+  // partial != null: a split row, whose base row base_row_kernel has written
   float row_max = 0.0f, log_sum = 0.0f;
-  if (p.mode != kKnnOnly) row_stats<L>(x, V, red_lse, &row_max, &log_sum);
+  if (p.mode != kKnnOnly) {
+    if (partial != nullptr)
+      merged_stats(partial + b * S, S, red_lse, &row_max, &log_sum);
+    else
+      row_stats<L>(x, V, red_lse, &row_max, &log_sum);
+  }
 
   float lse = 0.0f;
   const KnnRow kind = p.mode != kLmOnly && K > 0 ? knn_row(d, K, T, red, &lse) : kKnnNone;
@@ -258,11 +308,13 @@ interpolate_kernel(const typename L::T* __restrict__ logits, const float* __rest
     key = k;
   }
 
-  if (p.mode == kKnnOnly) {
-    fill_row(o, V, neg_inf());
-  } else {
-    for (int64_t j = threadIdx.x; j < V; j += kThreads)
-      o[j] = mix_no_knn(lm_log_prob(L::at(x, j), row_max, log_sum), p);
+  if (partial == nullptr) {
+    if (p.mode == kKnnOnly) {
+      fill_row(o, V, neg_inf());
+    } else {
+      for (int64_t j = threadIdx.x; j < V; j += kThreads)
+        o[j] = mix_no_knn(lm_log_prob(L::at(x, j), row_max, log_sum), p);
+    }
   }
   if (kind != kKnnOk) return;
   __syncthreads();  // base row written before the neighbour tokens are overwritten
@@ -273,6 +325,39 @@ interpolate_kernel(const typename L::T* __restrict__ logits, const float* __rest
     const float lp_lm = p.mode == kKnnOnly ? neg_inf() : lm_log_prob(L::at(x, tok), row_max, log_sum);
     o[tok] = mix_value(lp_lm, group_log_mass(group[i]), p);
   }
+}
+
+// Split rows, launch 1 of 3: block (s, b) writes the state of chunk s of row b to partial[b * S + s].
+template <class L>
+__global__ void __launch_bounds__(kThreads)
+row_partial_kernel(const typename L::T* __restrict__ logits, LseState* __restrict__ partial, int64_t V,
+                   int64_t chunk, int64_t S) {
+  __shared__ LseState red_lse[kWarps];
+  const int64_t b = blockIdx.y, s = blockIdx.x;
+  const int64_t begin = s * chunk, end = begin + chunk < V ? begin + chunk : V;
+  const LseState st = range_lse<L>(logits + b * V, begin, end, red_lse);
+  if (threadIdx.x == 0) partial[b * S + s] = st;
+}
+
+// Split rows, launch 2 of 3: block (s, b) writes log p_lm + log(1 - lam) (-inf for lam = 1) over
+// chunk s of row b, from the row's merged chunk states.
+template <class L>
+__global__ void __launch_bounds__(kThreads)
+base_row_kernel(const typename L::T* __restrict__ logits, const LseState* __restrict__ partial,
+                float* __restrict__ out, int64_t V, int64_t chunk, int64_t S, MixParams p) {
+  __shared__ LseState red_lse[kWarps];
+  const int64_t b = blockIdx.y, s = blockIdx.x;
+  const int64_t begin = s * chunk, end = begin + chunk < V ? begin + chunk : V;
+  const typename L::T* __restrict__ x = logits + b * V;
+  float* o = out + b * V;
+  if (p.mode == kKnnOnly) {
+    for (int64_t j = begin + threadIdx.x; j < end; j += kThreads) o[j] = neg_inf();
+    return;
+  }
+  float row_max = 0.0f, log_sum = 0.0f;
+  merged_stats(partial + b * S, S, red_lse, &row_max, &log_sum);
+  for (int64_t j = begin + threadIdx.x; j < end; j += kThreads)
+    o[j] = mix_no_knn(lm_log_prob(L::at(x, j), row_max, log_sum), p);
 }
 
 template <class L, typename Idx, typename Tdx>
@@ -327,15 +412,33 @@ interpolate_target_kernel(const typename L::T* __restrict__ logits, const float*
   }
 }
 
+// Bytes of the grouping scratch (before the split-row states in the same buffer).
+int64_t group_scratch_bytes(int64_t B, int64_t K, double lam) {
+  const int64_t Kp = group_pad(K);
+  if (lam == 0.0 || K == 0 || Kp <= kSharedGroupCap) return 0;
+  return B * Kp * kGroupBytes;
+}
+
 template <class L, typename Idx>
 void launch_full(const void* logits, const float* dists, const void* values, float* out,
-                 void* scratch, int64_t B, int64_t V, int64_t K, float T, MixParams p,
+                 void* scratch, int64_t B, int64_t V, int64_t K, float T, MixParams p, double lam,
                  cudaStream_t stream) {
   const int64_t Kp = group_pad(K);
   const size_t smem = p.mode != kLmOnly && Kp <= kSharedGroupCap ? static_cast<size_t>(Kp * kGroupBytes) : 0;
+  const typename L::T* x = static_cast<const typename L::T*>(logits);
+  const int64_t S = row_splits(B, V);
+  LseState* partial = nullptr;
+  if (S > 1) {
+    partial = reinterpret_cast<LseState*>(static_cast<unsigned char*>(scratch) +
+                                          align16(group_scratch_bytes(B, K, lam)));
+    const int64_t chunk = (V + S - 1) / S;
+    const dim3 grid(static_cast<unsigned int>(S), static_cast<unsigned int>(B));
+    if (p.mode != kKnnOnly) row_partial_kernel<L><<<grid, kThreads, 0, stream>>>(x, partial, V, chunk, S);
+    base_row_kernel<L><<<grid, kThreads, 0, stream>>>(x, partial, out, V, chunk, S, p);
+  }
   interpolate_kernel<L, Idx><<<static_cast<unsigned int>(B), kThreads, smem, stream>>>(
-      static_cast<const typename L::T*>(logits), dists, static_cast<const Idx*>(values), out,
-      static_cast<unsigned char*>(scratch), V, static_cast<int>(K), static_cast<int>(Kp), T, p);
+      x, dists, static_cast<const Idx*>(values), out, static_cast<unsigned char*>(scratch), V,
+      static_cast<int>(K), static_cast<int>(Kp), T, p, partial, S);
 }
 
 template <class L, typename Idx, typename Tdx>
@@ -360,10 +463,11 @@ cudaError_t dispatch_dtype(LogitsDtype dtype, const F& f) {
 
 }  // namespace
 
-int64_t knn_interpolate_scratch_bytes(int64_t B, int64_t K, double lam) {
-  const int64_t Kp = group_pad(K);
-  if (lam == 0.0 || K == 0 || Kp <= kSharedGroupCap) return 0;
-  return B * Kp * kGroupBytes;
+int64_t knn_interpolate_scratch_bytes(int64_t B, int64_t V, int64_t K, double lam) {
+  const int64_t group = group_scratch_bytes(B, K, lam);
+  const int64_t S = row_splits(B, V);
+  if (S == 1) return group;
+  return align16(group) + B * S * static_cast<int64_t>(sizeof(LseState));
 }
 
 cudaError_t launch_knn_interpolate(const void* logits, LogitsDtype dtype, const float* dists,
@@ -377,9 +481,9 @@ cudaError_t launch_knn_interpolate(const void* logits, LogitsDtype dtype, const 
   return dispatch_dtype(dtype, [&](auto ld) {
     using L = decltype(ld);
     if (values_i64)
-      launch_full<L, int64_t>(logits, dists, values, out, scratch, B, V, K, T, p, stream);
+      launch_full<L, int64_t>(logits, dists, values, out, scratch, B, V, K, T, p, lam, stream);
     else
-      launch_full<L, int32_t>(logits, dists, values, out, scratch, B, V, K, T, p, stream);
+      launch_full<L, int32_t>(logits, dists, values, out, scratch, B, V, K, T, p, lam, stream);
   });
 }
 

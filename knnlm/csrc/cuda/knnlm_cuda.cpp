@@ -54,7 +54,7 @@ at::Tensor knn_interpolate_cuda(const at::Tensor& logits_in, const at::Tensor& d
   if (sync_checks()) check_index_range(values, V, "values");  // debug only: host syncs
   at::Tensor out = at::empty({B, V}, logits.options().dtype(at::kFloat));
   if (out.numel() == 0) return out;
-  const int64_t scratch_bytes = cuda::knn_interpolate_scratch_bytes(B, K, lam);
+  const int64_t scratch_bytes = cuda::knn_interpolate_scratch_bytes(B, V, K, lam);
   at::Tensor scratch;
   if (scratch_bytes > 0) scratch = at::empty({scratch_bytes}, logits.options().dtype(at::kByte));
   check_launch(cuda::launch_knn_interpolate(
