@@ -87,3 +87,37 @@ def test_greedy_generation_on_the_gpu_equals_the_cpu(stores, tiny_tokenizer):
         outs.append(out.cpu())
     assert outs[1].shape[1] == prompt.shape[1] + 24
     torch.testing.assert_close(outs[1], outs[0], rtol=0, atol=0)
+
+
+def test_bf16_model_on_the_gpu_and_the_cli(stores, tiny_tokenizer, tiny_model_dir, tmp_path, capsys):
+    """`--device auto` means CUDA in bf16: the model in bf16 on the GPU scores the fp32-built
+    datastore within bf16 rounding of the fp32 CPU run, through the library and the CLI."""
+    import json
+
+    from knnlm.cli import main
+
+    (m_cpu, ds), _ = stores
+    cfg = EvalConfig(lambdas=[0.25], ks=[16], context=32, stride=16, batch_size=4, progress=False)
+    ref = evaluate(m_cpu, tiny_tokenizer, ds, texts=_texts(), cfg=cfg)
+    m_bf16 = make_tiny_model("llama").to("cuda", torch.bfloat16)
+    got = evaluate(m_bf16, tiny_tokenizer, ds, texts=_texts(), cfg=cfg)
+    assert got["tokens"] == ref["tokens"]
+    assert got["ppl_base"] == pytest.approx(ref["ppl_base"], rel=0.02)
+    assert got["ppl_knn"] == pytest.approx(ref["ppl_knn"], rel=0.02)
+    knn = KNNLM(m_bf16, ds, tokenizer=tiny_tokenizer, lam=0.5, k=16)
+    prompt = tiny_tokenizer(_texts()[0][:200], return_tensors="pt")["input_ids"].cuda()
+    assert knn.generate(prompt, max_new_tokens=8, do_sample=False, pad_token_id=0).shape[1] == prompt.shape[1] + 8
+
+    text = tmp_path / "heldout.py"
+    text.write_text("\n".join(_texts()))
+    res = {}
+    for device, dtype in (("cpu", "float32"), ("auto", "auto")):
+        out = tmp_path / f"{device}.json"
+        code = main(["eval", "--model", str(tiny_model_dir), "--datastore", str(ds.path), "--data", str(text),
+                     "--device", device, "--dtype", dtype, "--lambda", "0.25", "--k", "16", "--quiet",
+                     "--output", str(out)])
+        assert code == 0, capsys.readouterr().err
+        res[device] = json.loads(out.read_text())
+    assert res["auto"]["tokens"] == res["cpu"]["tokens"] > 300
+    assert res["auto"]["ppl_knn"] == pytest.approx(res["cpu"]["ppl_knn"], rel=0.02)
+    assert res["auto"]["ppl_knn"] != res["cpu"]["ppl_knn"]  # it did run elsewhere (bf16 on the GPU)
