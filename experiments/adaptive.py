@@ -6,7 +6,8 @@ tokens vs RetoMaton-style pointers, all on the same tokens, from one forward pas
 
 1. Tune the gate on the stdlib tuning split (``knnlm tune``: documents in neither the datastore
    nor the test split; files that an older datastore holds are skipped): one tuning pass, one
-   gate per ``--max-unseen-loss`` bound. The first is saved into the datastore (gate.json + a
+   gate per ``--max-unseen-loss`` entry (a bound, ``none``, or ``keep``: a gate fitted for the
+   keep-unseen mixture, ``knnlm tune --keep-unseen``). The first is saved into the datastore (gate.json + a
    header entry), as ``knnlm tune`` does, the others next to ``--out``. A rerun (e.g. after an
    interruption) reuses them when all are there, each fitted with its bound (``--retune`` refits).
 2. Score the test split once with the LM (an ``LMCache`` keeps the query hidden states, log p_lm
@@ -53,17 +54,26 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="fit new gates even if an earlier run saved one for every bound")
     p.add_argument("--kind", default="auto", choices=["auto", "linear", "mlp"])
     p.add_argument("--max-unseen-loss", default="none",
-                   help="comma list of knnlm tune's bounds on never-seen tuning targets ('none': no bound): one "
-                        "tuning pass, one gate per bound; the first is saved into the datastore, the others "
-                        "next to --out, and each is scored with a full search and every --retrieve-fractions F")
+                   help="comma list of knnlm tune's bounds on never-seen tuning targets ('none': no bound; 'keep': "
+                        "no bound, fitted for the keep-unseen mixture, scored with the fixed λ too): one tuning "
+                        "pass, one gate per entry; the first is saved into the datastore, the others next to "
+                        "--out, and each is scored with a full search and every --retrieve-fractions F")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--out", default=None, help="JSON (default: results/adaptive_<datastore name>.json)")
     return p.parse_args(argv)
 
 
-def _label(bound: float | None) -> str:
-    """A never-seen bound as the labels and file names show it."""
-    return "none" if bound is None else f"{bound:g}"
+KEEP = "keep"  # a --max-unseen-loss entry: the keep-unseen gate
+
+
+def _label(bound: float | str | None) -> str:
+    """A never-seen bound (or ``keep``) as the labels and file names show it."""
+    return "none" if bound is None else bound if bound == KEEP else f"{bound:g}"
+
+
+def _parse_bound(text: str) -> float | str | None:
+    t = text.strip().lower()
+    return None if t == "none" else KEEP if t == KEEP else float(t)
 
 
 def summary(name: str, res: dict, setting) -> dict:
@@ -87,8 +97,8 @@ def _gate_path(out: str, bound: float | None) -> Path:
     return Path(out).with_suffix(f".gate_unseen{_label(bound)}.json")
 
 
-def _bound_of(gate) -> float | None:
-    return (gate.report.get("unseen") or {}).get("max_loss")
+def _bound_of(gate) -> float | str | None:
+    return KEEP if gate.keep_unseen else (gate.report.get("unseen") or {}).get("max_loss")
 
 
 def _saved_gates(ds, bounds: list, out: str) -> list | None:
@@ -118,9 +128,10 @@ def main(argv=None) -> int:
     from knnlm.gate import format_report
 
     ds = knnlm.open_datastore(args.datastore)
-    bounds = [None if b.strip().lower() == "none" else float(b) for b in args.max_unseen_loss.split(",") if b.strip()]
+    bounds = [_parse_bound(b) for b in args.max_unseen_loss.split(",") if b.strip()]
     for b in bounds:  # before the model and the tuning pass
-        check_max_unseen_loss(b)
+        if b != KEEP:
+            check_max_unseen_loss(b)
     model, tok = knnlm.load_model(args.model)
     knn = knnlm.KNNLM(model, ds, tok, lam=args.lam, nprobe=args.nprobe)
     inside = {d["name"] for d in ds.documents}
@@ -142,8 +153,8 @@ def main(argv=None) -> int:
             f"{args.tune_tokens or 'all'} tokens; bounds on never-seen targets: {bounds}")
         data = collect_tuning(knn, tune_files, EvalConfig(max_tokens=args.tune_tokens or None,
                                                           batch_size=args.batch_size, progress=True))
-        gates = [fit_gate(data, ds.identity(), knn.k, knn.temperature, kind=args.kind, max_unseen_loss=b)
-                 for b in bounds]
+        gates = [fit_gate(data, ds.identity(), knn.k, knn.temperature, kind=args.kind,
+                          max_unseen_loss=None if b == KEEP else b, keep_unseen=b == KEEP) for b in bounds]
         gate = gates[0]
         save_gate(gate, ds)  # as `knnlm tune --max-unseen-loss <first>` does
         for b, g in zip(bounds[1:], gates[1:]):
@@ -172,9 +183,11 @@ def main(argv=None) -> int:
     for f in floats(args.retrieve_fractions):
         variant(f"retrieve fraction {f:g}", ["adaptive", args.lam], retrieve_fraction=f)
     for b, g in extra_gates:
-        variant(f"full search, gate bound {_label(b)}", ["adaptive"], gate=g)
+        name, lambdas = ("keep unseen", ["adaptive", args.lam]) if b == KEEP else (f"gate bound {_label(b)}",
+                                                                                   ["adaptive"])
+        variant(f"full search, {name}", lambdas, gate=g)
         for f in floats(args.retrieve_fractions):
-            variant(f"retrieve fraction {f:g}, gate bound {_label(b)}", ["adaptive"], gate=g, retrieve_fraction=f)
+            variant(f"retrieve fraction {f:g}, {name}", ["adaptive"], gate=g, retrieve_fraction=f)
     for m in [int(x) for x in args.min_pointers.split(",") if x.strip()]:
         variant(f"pointers (min {m})", [args.lam, "adaptive"], pointers=True, min_pointers=m)
 

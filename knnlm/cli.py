@@ -24,6 +24,7 @@ FLAGS = {
     "text_field": "--text-field", "model": "--model", "device": "--device", "dtype": "--dtype",
     "inputs": "the inputs", "retrieve_fraction": "--retrieve-fraction", "pointers": "--pointers",
     "min_pointers": "--min-pointers", "gate": "--gate", "max_unseen_loss": "--max-unseen-loss",
+    "keep_unseen": "--keep-unseen",
 }
 _PARAM = re.compile(r"`([a-z_]+)`")
 
@@ -196,6 +197,9 @@ def _add_adaptive_args(g) -> None:
                    help="with --pointers: search when fewer than N pointers survive (default: 64, capped at k)")
     g.add_argument("--gate", default=None, metavar="FILE",
                    help="a gate file from `knnlm tune --out` (default: the datastore's own gate)")
+    g.add_argument("--keep-unseen", action="store_true", default=None,
+                   help="tokens the datastore never saw keep the LM's probability, retrieval redistributes only "
+                        "the rest (default: as the gate was tuned when one is used, else off)")
 
 
 def _add_generate_parser(sub) -> None:
@@ -323,6 +327,9 @@ def _add_tune_parser(sub) -> None:
                    help="bound the tuning tokens the datastore never saw (where retrieval can only cost "
                         "-log(1 - lambda)) to this much perplexity above the LM's, e.g. 0.04 (default: no bound, "
                         "the best perplexity overall)")
+    g.add_argument("--keep-unseen", action="store_true",
+                   help="fit for the mixture in which tokens the datastore never saw keep the LM's probability "
+                        "(they then lose nothing, whatever lambda); eval and generate follow the gate")
     t.add_argument("--quiet", action="store_true", help="no progress bars")
     t.set_defaults(func=cmd_tune)
 
@@ -479,9 +486,13 @@ def _gate_before_model(ds, args, needed: bool):
     """Load (and check) the gate before the model when the settings need one."""
     if not needed and args.gate is None:
         return None
+    from knnlm.config import resolve_keep_unseen
     from knnlm.gate import load_gate
 
-    return load_gate(ds, args.gate)
+    gate = load_gate(ds, args.gate)
+    if needed:
+        resolve_keep_unseen(args.keep_unseen, gate)
+    return gate
 
 
 def cmd_eval(args) -> int:
@@ -494,7 +505,8 @@ def cmd_eval(args) -> int:
                      rerank=args.rerank, context=args.context, stride=args.stride, batch_size=args.batch_size,
                      exclude_self=args.exclude_self, globs=tuple(args.glob or ("*",)), exclude=tuple(args.exclude),
                      text_field=args.text_field, max_tokens=args.max_tokens, retrieve_fraction=args.retrieve_fraction,
-                     pointers=args.pointers, min_pointers=args.min_pointers, progress=not args.quiet)
+                     pointers=args.pointers, min_pointers=args.min_pointers, keep_unseen=args.keep_unseen,
+                     progress=not args.quiet)
     ds = open_datastore(args.datastore)
     if cfg.rerank:
         ds.require_keys("rerank", "drop `rerank` (the index's own distances are used)")
@@ -512,7 +524,7 @@ def cmd_eval(args) -> int:
     kmax = max(resolve_k(k, len(ds), param="ks") for k in cfg.ks)
     knn = KNNLM(model, ds, tokenizer, lam=cfg.lambdas[0], temperature=cfg.temperatures[0], k=kmax, nprobe=cfg.nprobe,
                 rerank=cfg.rerank, gate=gate, retrieve_fraction=cfg.retrieve_fraction, pointers=cfg.pointers,
-                min_pointers=cfg.min_pointers)
+                min_pointers=cfg.min_pointers, keep_unseen=cfg.keep_unseen)
     res = run(model, tokenizer, knn, sources, cfg)
     print(format_results(res))
     if args.output:
@@ -522,14 +534,14 @@ def cmd_eval(args) -> int:
 
 
 def cmd_tune(args) -> int:
-    from knnlm.config import EvalConfig, check_k, check_max_unseen_loss
+    from knnlm.config import EvalConfig, check_k, check_unseen_options
     from knnlm.data import iter_documents, resolve_sources, sha256_text
     from knnlm.datastore import open_datastore
     from knnlm.gate import check_outside_datastore, format_report
 
     EvalConfig(temperatures=[args.temperature], ks=[args.k], nprobe=args.nprobe, batch_size=args.batch_size,
                max_tokens=args.max_tokens)  # the checks, before anything is loaded
-    check_max_unseen_loss(args.max_unseen_loss)
+    check_unseen_options(args.max_unseen_loss, args.keep_unseen)
     ds = open_datastore(args.datastore)
     check_k(args.k, len(ds))
     sources = resolve_sources(args.data, tuple(args.glob or ("*",)), tuple(args.exclude), text_field=args.text_field)
@@ -542,7 +554,8 @@ def cmd_tune(args) -> int:
     model, tokenizer = load_model(args.model, device=args.device, dtype=args.dtype)
     knn = KNNLM(model, ds, tokenizer, temperature=args.temperature, k=args.k, nprobe=args.nprobe)
     gate = knn.tune(sources, out=args.out, max_tokens=args.max_tokens, seed=args.seed, kind=args.kind,
-                    batch_size=args.batch_size, progress=not args.quiet, max_unseen_loss=args.max_unseen_loss)
+                    batch_size=args.batch_size, progress=not args.quiet, max_unseen_loss=args.max_unseen_loss,
+                    keep_unseen=args.keep_unseen)
     print(format_report(gate))
     print(f"gate written to {gate.path}" + ("" if args.out else f" (recorded in {ds.path}/header.json)"))
     return 0
@@ -606,7 +619,7 @@ def cmd_generate(args) -> int:
     model, tokenizer = load_model(args.model, device=args.device, dtype=args.dtype)
     knn = KNNLM(model, ds, tokenizer, lam=args.lam, temperature=args.knn_temperature, k=args.k, nprobe=args.nprobe,
                 gate=gate, retrieve_fraction=args.retrieve_fraction, pointers=args.pointers,
-                min_pointers=args.min_pointers)
+                min_pointers=args.min_pointers, keep_unseen=args.keep_unseen)
     enc = tokenizer(prompt, return_tensors="pt").to(model.device)
     n_prompt = enc["input_ids"].shape[1]
     if n_prompt == 0:

@@ -121,6 +121,27 @@ def check_fraction(fraction: float | None, param: str = "retrieve_fraction") -> 
 DEFAULT_MAX_UNSEEN_LOSS = None  # knnlm tune: no bound on never-seen targets (README "Adaptive kNN-LM": the trade-off)
 
 
+def resolve_keep_unseen(keep_unseen: bool | None, gate=None) -> bool:
+    """Whether a run mixes with the keep-unseen formula: ``keep_unseen`` when given, else the
+    gate's (when the run uses one), else False. A given value that contradicts the gate's raises
+    (a gate is fitted for one mixture)."""
+    if gate is None:
+        return bool(keep_unseen)
+    if keep_unseen is not None and bool(keep_unseen) != gate.keep_unseen:
+        how = "with" if gate.keep_unseen else "without"
+        raise ConfigError(f"the gate {gate.path or ''} was tuned {how} `keep_unseen`; set `keep_unseen` to "
+                          f"{gate.keep_unseen} or tune a gate for the other mixture", param="keep_unseen")
+    return gate.keep_unseen
+
+
+def check_unseen_options(max_unseen_loss: float | None, keep_unseen: bool) -> None:
+    """A gate bounds never-seen targets' loss or keeps their LM probability, not both."""
+    check_max_unseen_loss(max_unseen_loss)
+    if keep_unseen and max_unseen_loss is not None:
+        raise ConfigError("`max_unseen_loss` bounds what never-seen targets lose, and with `keep_unseen` they "
+                          "lose nothing: use one or the other", param="max_unseen_loss")
+
+
 def check_max_unseen_loss(value: float | None, param: str = "max_unseen_loss") -> None:
     """``max_unseen_loss`` (a perplexity fraction, e.g. 0.05) must be finite and >= 0 (None: no bound)."""
     if value is None:
@@ -215,6 +236,7 @@ class EvalConfig:
     retrieve_fraction: float | None = None  # search only this fraction of tokens (the gate's pre-retrieval part)
     pointers: bool = False  # RetoMaton-style pointers: follow the last step's matching neighbours
     min_pointers: int | None = None  # search when fewer pointers survive; None = DEFAULT_MIN_POINTERS
+    keep_unseen: bool | None = None  # the keep-unseen mixture (knnlm.scoring); None: the gate's when one is used
     progress: bool = True
 
     def __post_init__(self):

@@ -33,7 +33,7 @@ import numpy as np
 import torch
 
 from knnlm.capture import capture_keys
-from knnlm.config import ADAPTIVE, DEFAULT_MIN_POINTERS, EvalConfig, check_context
+from knnlm.config import ADAPTIVE, DEFAULT_MIN_POINTERS, EvalConfig, check_context, resolve_keep_unseen
 from knnlm.data import (
     Document,
     Source,
@@ -48,7 +48,7 @@ from knnlm.data import (
 )
 from knnlm.datastore import Datastore
 from knnlm.errors import CorpusError, KnnlmError
-from knnlm.gate import NL, lm_features
+from knnlm.gate import NL, UNSEEN_COL, lm_features
 from knnlm.retrieval import Step, one_thread, resolve_k
 from knnlm.scoring import knn_target_log_probs, lm_target_log_probs, mix
 
@@ -88,7 +88,7 @@ class EvaluationMixin:
         ``lm_cache`` (an ``LMCache``): one forward pass serves several calls on the same text."""
         base = dict(lambdas=[self.lam], temperatures=[self.temperature], ks=[self.k], nprobe=self.nprobe,
                     rerank=self.rerank, retrieve_fraction=self.retrieve_fraction, pointers=self.pointers,
-                    min_pointers=self.min_pointers if self.pointers else None)
+                    min_pointers=self.min_pointers if self.pointers else None, keep_unseen=self.keep_unseen)
         base.update(settings)
         cfg = EvalConfig(**base)
         same = (cfg.nprobe, cfg.rerank) == (self.nprobe, self.rerank)
@@ -240,9 +240,10 @@ class LMCache:
 
 
 def _score_knn(knn: EvaluationMixin, tally: _Tally, grid, cfg: EvalConfig, lmb: _LMBatch, counts: torch.Tensor,
-               gate, kmax: int) -> None:
+               gate, kmax: int, keep_unseen: bool = False) -> None:
     """Neighbours at the largest k (searched, followed as pointers, or skipped by the retrieval
-    gate), then every (k, T, lambda) of the grid from them; skipped rows score log p_lm exactly."""
+    gate), then every (k, T, lambda) of the grid from them; skipped rows score log p_lm exactly.
+    ``keep_unseen``: the keep-unseen mixture (``knnlm.scoring``)."""
     tgt, lp_lm = lmb.tgt, lmb.lp_lm
     step = _neighbours(knn, cfg, lmb, kmax, gate)
     dists, values = step.dists, step.values
@@ -262,15 +263,18 @@ def _score_knn(knn: EvaluationMixin, tally: _Tally, grid, cfg: EvalConfig, lmb: 
         lam_ad = gate.lam(lmb.lm_feats[sel], dists[sel], values[sel])  # (H,)
         tally.add_lambdas(lam_ad, bucket if all_rows else bucket[has.cpu()])
     lp_knn = {}
+    keep = {}  # the keep-unseen mixture's extra inputs for the selected rows
+    if keep_unseen:
+        keep = {"log_unseen": lmb.lm_feats[sel, UNSEEN_COL], "unseen": (counts[tgt[sel].cpu()] == 0).to(tgt.device)}
     for gi, (lam, t, k) in enumerate(grid):
         if (k, t) not in lp_knn:
             lp_knn[(k, t)] = knn_target_log_probs(dists[sel, :k], values[sel, :k], tgt[sel], t)  # (H,)
         w = lam_ad if lam == ADAPTIVE else lam
         if all_rows:
-            lp = mix(lp_lm, lp_knn[(k, t)], w)
+            lp = mix(lp_lm, lp_knn[(k, t)], w, **keep)
         else:
             lp = lp_lm.float().clone()
-            lp[has] = mix(lp_lm[has], lp_knn[(k, t)], w)
+            lp[has] = mix(lp_lm[has], lp_knn[(k, t)], w, **keep)
         tally.add_setting(gi, bucket, lp, lmb.doc if cfg.per_document else None)
 
 
@@ -443,7 +447,8 @@ def run(model, tokenizer, knn: EvaluationMixin | None, data: Sequence | None, cf
                        overlap.documents, len(docs), overlap.tokens, how)
     exclude_self = bool(overlap.documents) and cfg.exclude_self
     tally = _Tally(len(grid), documents=len(docs) if cfg.per_document else 0)
-    need_feats = counts is not None and (gate is not None or lm_cache is not None)
+    keep_unseen = knn is not None and resolve_keep_unseen(cfg.keep_unseen, gate)
+    need_feats = counts is not None and (gate is not None or lm_cache is not None or keep_unseen)
 
     from tqdm.auto import tqdm
 
@@ -457,12 +462,13 @@ def run(model, tokenizer, knn: EvaluationMixin | None, data: Sequence | None, cf
             if knn is not None:
                 t1 = time.time()
                 with torch.inference_mode():
-                    _score_knn(knn, tally, grid, cfg, lmb, counts, gate, kmax)
+                    _score_knn(knn, tally, grid, cfg, lmb, counts, gate, kmax, keep_unseen)
                 tally.t_knn += time.time() - t1
             bar.update(int(lmb.tgt.shape[0]))
     res = _base_result(tally, docs, context, stride, bos, cfg, time.time() - t_start)
     if knn is not None:
         res.update(_knn_result(tally, grid, knn, overlap, cfg, gate, kmax))
+        res["keep_unseen"] = keep_unseen
     if cfg.per_document:
         res["per_document"] = [
             {"name": d["name"], "tokens": count_targets(d["length"]), "nll_base": float(tally.doc_nll_base[i]),

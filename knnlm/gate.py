@@ -35,6 +35,10 @@ backward elimination, and recorded in the gate's ``report``):
 ``knn_lm_argmax_prob`` p_knn of the LM's argmax token (do retrieval and the LM agree?)
 ==================== =========================================================================
 
+A gate fitted with ``keep_unseen`` maximises the keep-unseen mixture's likelihood instead
+(``knnlm.scoring``: tokens the datastore never saw keep p_lm); it records that, and the runs that
+use it follow it (``knnlm.config.resolve_keep_unseen``).
+
 The kNN features use the gate's own ``k`` and ``temperature`` (those it was tuned with) whatever
 setting the mixture uses, so λ(x) means the same in a sweep. A row with no neighbour at all
 (everything excluded or missing) gets λ = 0.
@@ -46,17 +50,17 @@ import hashlib
 import json
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from knnlm.config import check_fraction, check_max_unseen_loss
+from knnlm.config import check_fraction, check_unseen_options
 from knnlm.datastore import GATE, Datastore, attach_gate
 from knnlm.errors import ConfigError, DatastoreError
 from knnlm.retrieval import one_thread  # fitting is a small dense problem: threads cost more than they give
-from knnlm.scoring import knn_log_weights, mix
+from knnlm.scoring import keep_unseen_knn, knn_log_weights, mix
 
 __all__ = ["FEATURES", "PRE_FEATURES", "Gate", "TuneData", "fit_gate", "load_gate", "save_gate", "lm_features",
            "knn_features", "check_fraction", "GATE_FORMAT", "check_outside_datastore", "format_report"]
@@ -65,6 +69,7 @@ GATE_FORMAT = "knnlm-gate"
 GATE_VERSION = 1
 LM_FEATURES = ("lm_entropy", "lm_max_logprob", "argmax_log_freq", "lm_unseen_log_mass")
 NL = len(LM_FEATURES)  # lm_features' columns: these, then the LM's argmax id
+UNSEEN_COL = LM_FEATURES.index("lm_unseen_log_mass")  # log P_U (clamped at UNSEEN_FLOOR): the keep-unseen mixture's
 KNN_FEATURES = ("knn_top1_log_dist", "knn_mean_log_dist", "knn_entropy", "knn_log_distinct", "knn_max_prob",
                 "knn_lm_argmax_prob")
 FEATURES = LM_FEATURES + KNN_FEATURES
@@ -223,6 +228,7 @@ class Gate:
     tuned_on: list[dict] = field(default_factory=list)  # {"name", "sha256", "tokens"}
     report: dict = field(default_factory=dict)
     path: str | None = None
+    keep_unseen: bool = False  # fitted for the keep-unseen mixture (knnlm.scoring): runs with it follow it
 
     # ---- using it ------------------------------------------------------------------------------
     @staticmethod
@@ -281,7 +287,7 @@ class Gate:
                 "pre": None if self.pre_net is None else {
                     "features": list(self.pre_features), "mean": self.pre_mean.tolist(), "std": self.pre_std.tolist(),
                     "net": _net_json(self.pre_net), "quantiles": self.pre_quantiles},
-                "tuned_on": self.tuned_on, "report": self.report}
+                "tuned_on": self.tuned_on, "report": self.report, "keep_unseen": self.keep_unseen}
 
     @classmethod
     def from_json(cls, d: dict, where: str) -> Gate:
@@ -297,7 +303,8 @@ class Gate:
                        pre_std=torch.tensor(pre["std"], dtype=torch.float64) if pre else None,
                        pre_net=_net_from_json(pre["net"]) if pre else None,
                        pre_quantiles=list(pre["quantiles"]) if pre else None,
-                       tuned_on=list(d.get("tuned_on") or []), report=dict(d.get("report") or {}), path=where)
+                       tuned_on=list(d.get("tuned_on") or []), report=dict(d.get("report") or {}), path=where,
+                       keep_unseen=bool(d.get("keep_unseen", False)))
         except (KeyError, TypeError, ValueError) as e:
             raise DatastoreError(f"{where} lacks or mangles field {e}; re-run `knnlm tune`") from None
 
@@ -431,7 +438,7 @@ SELECT_ROWS = 20_000  # tuning rows the model-kind / feature choices are fitted 
 
 def fit_gate(data: TuneData, identity: str, k: int, temperature: float, *, kind: str = "auto", hidden: int = 16,
              seed: int = 0, l2: float = 1e-4, iters: int = 100, select: bool = True,
-             max_unseen_loss: float | None = None) -> Gate:
+             max_unseen_loss: float | None = None, keep_unseen: bool = False) -> Gate:
     """Fit the λ gate and the retrieval gate on ``data`` (deterministic for a ``seed``).
 
     Held-out documents (every fifth tuning document, or the last one when there are fewer than
@@ -443,13 +450,22 @@ def fit_gate(data: TuneData, identity: str, k: int, temperature: float, *, kind:
 
     ``max_unseen_loss`` (a fraction, e.g. 0.05): bound the tuning tokens whose target the
     datastore never saw (``data.seen`` False) to that much perplexity above the LM's on average,
-    i.e. mean -log(1 - λ) <= log(1 + max_unseen_loss) (a squared-hinge penalty in every fit)."""
-    if max_unseen_loss is not None:
-        check_max_unseen_loss(max_unseen_loss)
-        if data.seen is None:
-            raise ValueError("fit_gate: max_unseen_loss needs TuneData.seen (collect_tuning fills it)")
+    i.e. mean -log(1 - λ) <= log(1 + max_unseen_loss) (a squared-hinge penalty in every fit).
+
+    ``keep_unseen``: fit for the keep-unseen mixture (``knnlm.scoring``), where never-seen targets
+    score log p_lm whatever λ; the gate records it and runs that use it follow it."""
+    check_unseen_options(max_unseen_loss, keep_unseen)
+    if (max_unseen_loss is not None or keep_unseen) and data.seen is None:
+        raise ValueError("fit_gate: max_unseen_loss / keep_unseen need TuneData.seen (collect_tuning fills it)")
+    if keep_unseen:  # the same fit, with the keep-unseen mixture's kNN side
+        data = replace(data, lp_knn=keep_unseen_knn(data.lp_lm, data.lp_knn, data.lm[:, UNSEEN_COL], ~data.seen))
     with one_thread():
-        return _fit_gate(data, identity, k, temperature, kind, hidden, seed, l2, iters, select, max_unseen_loss)
+        gate = _fit_gate(data, identity, k, temperature, kind, hidden, seed, l2, iters, select, max_unseen_loss)
+    if keep_unseen:
+        gate.keep_unseen = True
+        gate.report["unseen"]["ppl_ratio_tuning"] = 1.0  # exactly the LM's, by construction
+        gate.report["keep_unseen"] = True
+    return gate
 
 
 def _fit_gate(data, identity, k, temperature, kind, hidden, seed, l2, iters, select, max_unseen_loss) -> Gate:

@@ -29,10 +29,11 @@ from knnlm.config import (
     DEFAULT_MIN_POINTERS,
     EvalConfig,
     check_fraction,
-    check_max_unseen_loss,
     check_mixture,
     check_pointers,
+    check_unseen_options,
     parse_lambda,
+    resolve_keep_unseen,
 )
 from knnlm.datastore import Datastore, model_identity
 from knnlm.evaluation import EvaluationMixin, collect_tuning, run
@@ -55,13 +56,14 @@ class KNNLM(EvaluationMixin, GenerationMixin):
     def __init__(self, model, datastore: Datastore, tokenizer, *, lam: float | str = 0.25, temperature: float = 1.0,
                  k: int | None = None, nprobe: int | None = None, rerank: bool = False, use_kernel: bool = True,
                  gate: Gate | str | None = None, retrieve_fraction: float | None = None, pointers: bool = False,
-                 min_pointers: int | None = None):
+                 min_pointers: int | None = None, keep_unseen: bool | None = None):
         """``lam``: a number in [0, 1] or ``"adaptive"`` (λ(x) per token from the datastore's tuned
         gate, ``knnlm tune``); ``gate``: a ``Gate`` or a gate file instead of the datastore's;
         ``retrieve_fraction``: search only that fraction of tokens (the gate's retrieval part,
         the others score the LM alone); ``pointers``: follow the previous step's matching
         neighbours instead of searching while at least ``min_pointers`` survive (evaluate and
-        generate)."""
+        generate); ``keep_unseen``: the keep-unseen mixture (``knnlm.scoring``: tokens the
+        datastore never saw keep the LM's probability), None = the gate's when one is used."""
         lam = parse_lambda(lam)
         check_fraction(retrieve_fraction)
         check_pointers(pointers, min_pointers)
@@ -69,10 +71,10 @@ class KNNLM(EvaluationMixin, GenerationMixin):
         if gate is not None and not isinstance(gate, Gate):
             gate = load_gate(datastore, gate)
         self._setup(model, datastore, tokenizer, lam, temperature, k, nprobe, rerank, use_kernel, gate,
-                    retrieve_fraction, pointers, min_pointers)
+                    retrieve_fraction, pointers, min_pointers, keep_unseen)
 
     def _setup(self, model, datastore, tokenizer, lam, temperature, k, nprobe, rerank, use_kernel, gate=None,
-               retrieve_fraction=None, pointers=False, min_pointers=None) -> None:
+               retrieve_fraction=None, pointers=False, min_pointers=None, keep_unseen=None) -> None:
         lam = parse_lambda(lam)
         check_mixture(0.0 if lam == ADAPTIVE else lam, temperature)
         self.model, self.datastore, self.tokenizer = model, datastore, tokenizer
@@ -86,8 +88,19 @@ class KNNLM(EvaluationMixin, GenerationMixin):
         self.pointers = bool(pointers)
         self.min_pointers = min_pointers or min(DEFAULT_MIN_POINTERS, self.retriever.k)
         self.gate = gate
-        if lam == ADAPTIVE or (self.retrieve_fraction is not None and self.retrieve_fraction < 1):
-            self.require_gate()  # fail now, not at the first token
+        self.keep_unseen = None if keep_unseen is None else bool(keep_unseen)
+        if self.uses_gate:
+            resolve_keep_unseen(self.keep_unseen, self.require_gate())  # fail now, not at the first token
+
+    @property
+    def uses_gate(self) -> bool:
+        """An adaptive λ or a retrieval fraction below 1: the tuned gate is needed."""
+        return self.lam == ADAPTIVE or (self.retrieve_fraction is not None and self.retrieve_fraction < 1)
+
+    @property
+    def keeps_unseen(self) -> bool:
+        """Whether this object mixes with the keep-unseen formula (``resolve_keep_unseen``)."""
+        return resolve_keep_unseen(self.keep_unseen, self.require_gate() if self.uses_gate else None)
 
     def require_gate(self) -> Gate:
         """The gate (loaded from the datastore on first use); a one-line error when there is none."""
@@ -98,11 +111,11 @@ class KNNLM(EvaluationMixin, GenerationMixin):
     def replace(self, **changes) -> KNNLM:
         """The same model and datastore with some settings changed (``lam``, ``temperature``,
         ``k``, ``nprobe``, ``rerank``, ``use_kernel``, ``gate``, ``retrieve_fraction``,
-        ``pointers``, ``min_pointers``); the model is not checked again."""
+        ``pointers``, ``min_pointers``, ``keep_unseen``); the model is not checked again."""
         settings = dict(lam=self.lam, temperature=self.temperature, k=self.k, nprobe=self.nprobe,
                         rerank=self.rerank, use_kernel=self.use_kernel, gate=self.gate,
                         retrieve_fraction=self.retrieve_fraction, pointers=self.pointers,
-                        min_pointers=self.min_pointers)
+                        min_pointers=self.min_pointers, keep_unseen=self.keep_unseen)
         unknown = set(changes) - set(settings)
         if unknown:
             raise TypeError(f"KNNLM.replace() got unknown settings: {', '.join(sorted(unknown))}")
@@ -138,11 +151,14 @@ class KNNLM(EvaluationMixin, GenerationMixin):
         ``exclude`` (Q,): one datastore row per query that must not be returned (-1: none)."""
         return self.retriever.search(hidden, k, exclude=exclude)
 
-    def lm_features(self, logits: torch.Tensor) -> torch.Tensor:
-        """The gate's LM features (B, NL + 1) of logits (B, V) (``knnlm.gate.lm_features``)."""
+    def _token_counts(self) -> torch.Tensor:
         if getattr(self, "_counts", None) is None:
             self._counts = torch.from_numpy(self.datastore.token_counts())
-        return lm_features(logits, self._counts)[0]
+        return self._counts
+
+    def lm_features(self, logits: torch.Tensor) -> torch.Tensor:
+        """The gate's LM features (B, NL + 1) of logits (B, V) (``knnlm.gate.lm_features``)."""
+        return lm_features(logits, self._token_counts())[0]
 
     def mix(self, logits: torch.Tensor, dists: torch.Tensor, values: torch.Tensor,
             lam: float | torch.Tensor | None = None) -> torch.Tensor:
@@ -153,8 +169,9 @@ class KNNLM(EvaluationMixin, GenerationMixin):
         lam = self.lam if lam is None else lam
         if isinstance(lam, str):  # ADAPTIVE
             lam = self.require_gate().lam(self.lm_features(logits), dists.to(dev), values.to(dev))
+        unseen = (self._token_counts() == 0).to(dev) if self.keeps_unseen else None  # (V,)
         return interpolate(logits.contiguous(), dists.to(dev), values.to(dev), lam, self.temperature,
-                           use_kernel=self.use_kernel)
+                           use_kernel=self.use_kernel, unseen=unseen)
 
     def log_probs(self, logits: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
         """kNN-LM log-distribution: logits (B, V), query hidden states (B, D) -> (B, V) fp32.
@@ -173,16 +190,16 @@ class KNNLM(EvaluationMixin, GenerationMixin):
     def tune(self, data: Sequence | None = None, *, texts: Sequence[str] | None = None, out=None,
              max_tokens: int | None = None, seed: int = 0, kind: str = "auto", batch_size: int = 8,
              progress: bool = True, save: bool = True,
-             max_unseen_loss: float | None = DEFAULT_MAX_UNSEEN_LOSS) -> Gate:
+             max_unseen_loss: float | None = DEFAULT_MAX_UNSEEN_LOSS, keep_unseen: bool = False) -> Gate:
         """Fit the adaptive gate (``knnlm.gate``) on tuning text at this object's k and temperature,
         save it with the datastore (or to the file ``out``) and use it from now on. The tuning
-        documents must not be in the datastore (refused). ``max_unseen_loss``: see ``fit_gate``
-        (None: no bound)."""
-        check_max_unseen_loss(max_unseen_loss)
+        documents must not be in the datastore (refused). ``max_unseen_loss``, ``keep_unseen``:
+        see ``fit_gate`` (None: no bound)."""
+        check_unseen_options(max_unseen_loss, keep_unseen)
         cfg = EvalConfig(max_tokens=max_tokens, batch_size=batch_size, progress=progress)
         data_ = collect_tuning(self, data, cfg, texts=texts)
         gate = fit_gate(data_, self.datastore.identity(), self.k, self.temperature, kind=kind, seed=seed,
-                        max_unseen_loss=max_unseen_loss)
+                        max_unseen_loss=max_unseen_loss, keep_unseen=keep_unseen)
         if save:
             save_gate(gate, self.datastore, out)
         self.gate = gate

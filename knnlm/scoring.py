@@ -40,6 +40,18 @@ Non-finite inputs (the same for the full and the target-only functions, the refe
 
 ``interpolate`` / ``interpolate_target`` dispatch to the fused op from ``knnlm.ops`` when it is
 available for the tensors' device and fall back to the torch reference otherwise.
+
+**Keeping the unseen vocabulary** (``keep_unseen``; ``unseen`` = the tokens the datastore never
+saw, U, with LM mass P_U per row): retrieval can only propose tokens of the datastore, so this
+variant leaves the LM's probability of every token of U untouched and mixes only the rest:
+
+    p(w) = p_lm(w)                                    w in U
+    p(w) = lam (1 - P_U) p_knn(w) + (1 - lam) p_lm(w)  otherwise   (sums to 1 for every lam)
+
+It is the formula above with log p_knn replaced by ``keep_unseen_knn`` (log p_lm on U, log p_knn +
+log(1 - P_U) elsewhere): ``mix(..., log_unseen=, unseen=)``, which returns log p_lm on U exactly. The
+fused op does not implement it (the reference is used). A target the datastore never saw scores
+exactly log p_lm, whatever lam.
 """
 
 from __future__ import annotations
@@ -60,6 +72,8 @@ __all__ = [
     "lm_target_log_probs",
     "knn_target_log_probs",
     "mix",
+    "keep_unseen_knn",
+    "unseen_log_mass",
     "interpolate",
     "interpolate_target",
 ]
@@ -129,10 +143,32 @@ def reference_knn_log_probs(dists: torch.Tensor, values: torch.Tensor, vocab_siz
     return torch.log(mass) + m
 
 
+def unseen_log_mass(lp_lm: torch.Tensor, unseen: torch.Tensor) -> torch.Tensor:
+    """log P_U, the LM's mass on the tokens ``unseen`` (V,) bool: (B, V) log p_lm -> (B,) fp32."""
+    return torch.logsumexp(lp_lm.float().masked_fill(~unseen.to(lp_lm.device), -math.inf), dim=-1)
+
+
+def keep_unseen_knn(lp_lm: torch.Tensor, lp_knn: torch.Tensor, log_unseen: torch.Tensor,
+                    unseen: torch.Tensor) -> torch.Tensor:
+    """The kNN side of the keep-unseen mixture (module docstring): ``mix(lp_lm, keep_unseen_knn(...),
+    lam)`` is log p (to rounding where ``unseen``: ``mix(..., unseen=)`` returns log p_lm there
+    exactly). lp_lm / lp_knn (N,) at the targets or (N, V); ``log_unseen`` (N,) log P_U per row;
+    ``unseen`` bool, broadcastable to lp_lm: (N,) whether each target is unseen, or (V,)."""
+    lm, knn = lp_lm.float(), lp_knn.float()
+    log_seen = torch.log1p(-log_unseen.float().exp().clamp(max=1.0))  # (N,) log(1 - P_U)
+    log_seen = log_seen.reshape(log_seen.shape + (1,) * (knn.dim() - 1))
+    return torch.where(unseen.to(lm.device), lm, knn + log_seen)
+
+
 def reference_interpolate(logits: torch.Tensor, dists: torch.Tensor, values: torch.Tensor,
-                          lam: Lam, temperature: float) -> torch.Tensor:
-    """The spec. logits (B, V), dists (B, K), values (B, K), lam float or (B,) -> log p (B, V) fp32."""
+                          lam: Lam, temperature: float, *, unseen: torch.Tensor | None = None) -> torch.Tensor:
+    """The spec. logits (B, V), dists (B, K), values (B, K), lam float or (B,) -> log p (B, V) fp32.
+    ``unseen`` (V,) bool: the keep-unseen mixture (module docstring)."""
     check_mixture_args(lam, temperature)
+    if unseen is not None:
+        lp_lm = torch.log_softmax(logits.float(), dim=-1)  # (B, V)
+        lp_knn = reference_knn_log_probs(dists, values, logits.shape[-1], temperature)  # (B, V)
+        return mix(lp_lm, lp_knn, lam, log_unseen=unseen_log_mass(lp_lm, unseen), unseen=unseen)
     if _is_scalar(lam) and lam == 1.0:  # the LM side has weight zero and is not evaluated (module docstring)
         return reference_knn_log_probs(dists, values, logits.shape[-1], temperature)
     # torch.log_softmax: a row with a NaN / +inf logit, or only -inf logits, is NaN everywhere
@@ -170,10 +206,17 @@ def knn_target_log_probs(dists: torch.Tensor, values: torch.Tensor, target: torc
     return torch.where(torch.isnan(w).any(dim=-1), torch.full_like(out, math.nan), out)
 
 
-def mix(lp_lm: torch.Tensor, lp_knn: torch.Tensor, lam: Lam) -> torch.Tensor:
+def mix(lp_lm: torch.Tensor, lp_knn: torch.Tensor, lam: Lam, *, log_unseen: torch.Tensor | None = None,
+        unseen: torch.Tensor | None = None) -> torch.Tensor:
     """log(lam * p_knn + (1 - lam) * p_lm) from the two log-probabilities (any shape (N, ...));
     ``lam`` a float or one weight per row (N,). Rows with weight 0 / 1 return the LM / kNN side
-    exactly (the other side is not read: a NaN there does not leak)."""
+    exactly (the other side is not read: a NaN there does not leak).
+
+    With ``unseen`` (bool, broadcastable to lp_lm) and ``log_unseen`` (N,) log P_U: the keep-unseen
+    mixture (module docstring), exactly log p_lm where ``unseen``."""
+    if unseen is not None:
+        lm = lp_lm.float()
+        return torch.where(unseen.to(lm.device), lm, mix(lm, keep_unseen_knn(lm, lp_knn, log_unseen, unseen), lam))
     if not _is_scalar(lam):
         w = _rows(lam, lp_lm)  # (N, 1, ...)
         lm, knn = lp_lm.float(), lp_knn.float()
@@ -217,13 +260,14 @@ def _fused(name: str, logits: torch.Tensor):
 
 
 def interpolate(logits: torch.Tensor, dists: torch.Tensor, values: torch.Tensor, lam: Lam,
-                temperature: float, *, use_kernel: bool = True) -> torch.Tensor:
+                temperature: float, *, use_kernel: bool = True, unseen: torch.Tensor | None = None) -> torch.Tensor:
     """Full kNN-LM log-distribution (B, V); the fused op when available (scalar ``lam``), else
-    the reference (a per-row ``lam`` (B,) always takes the reference)."""
+    the reference (a per-row ``lam`` (B,) or the keep-unseen mixture, ``unseen`` (V,), always
+    takes the reference)."""
     check_mixture_args(lam, temperature)
-    op = _fused("knn_interpolate", logits) if use_kernel and _is_scalar(lam) else None
+    op = _fused("knn_interpolate", logits) if use_kernel and _is_scalar(lam) and unseen is None else None
     if op is None:
-        return reference_interpolate(logits, dists, values, lam, temperature)
+        return reference_interpolate(logits, dists, values, lam, temperature, unseen=unseen)
     return op(logits, dists.float(), values, float(lam), float(temperature))
 
 

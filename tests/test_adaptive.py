@@ -531,3 +531,119 @@ def test_unseen_bound_limits_what_retrieval_costs_never_seen_targets():
     with pytest.raises(ValueError, match="TuneData.seen"):
         fit_gate(dataclasses.replace(data, seen=None), "x", 16, 1.0, kind="linear", select=False,
                  max_unseen_loss=0.05)
+
+
+# ---- the keep-unseen mixture (knnlm.scoring) ---------------------------------------------------
+
+
+def _unseen_case(seed: int = 0, B: int = 5, V: int = 60, K: int = 12):
+    """Logits, neighbours whose values are all 'seen' tokens, and the unseen mask (V,)."""
+    g = torch.Generator().manual_seed(seed)
+    logits = torch.randn(B, V, generator=g) * 2
+    unseen = torch.zeros(V, dtype=torch.bool)
+    unseen[40:] = True
+    unseen[7] = True
+    seen_ids = (~unseen).nonzero().squeeze(1)
+    values = seen_ids[torch.randint(0, seen_ids.numel(), (B, K), generator=g)]
+    dists = torch.rand(B, K, generator=g) * 5
+    dists[1, :4] = math.inf  # missing neighbours
+    return logits, dists, values, unseen
+
+
+@pytest.mark.parametrize("lam", [0.0, 0.3, 1.0])
+def test_keep_unseen_mixture_is_a_distribution_that_keeps_the_lm_on_unseen_tokens(lam):
+    from knnlm.scoring import reference_knn_log_probs
+
+    logits, dists, values, unseen = _unseen_case()
+    out = reference_interpolate(logits, dists, values, lam, 1.5, unseen=unseen)  # (B, V)
+    lp_lm = torch.log_softmax(logits, -1)
+    torch.testing.assert_close(out.logsumexp(-1), torch.zeros(out.shape[0]), rtol=0, atol=1e-5)
+    assert torch.equal(out[:, unseen], lp_lm[:, unseen])  # exactly the LM there, for every lambda
+    # on the seen tokens: lam (1 - P_U) p_knn + (1 - lam) p_lm, written out in float64
+    p_u = lp_lm.double().exp()[:, unseen].sum(-1, keepdim=True)
+    p_knn = reference_knn_log_probs(dists, values, logits.shape[-1], 1.5).double().exp()
+    ref = (lam * (1 - p_u) * p_knn + (1 - lam) * lp_lm.double().exp()).log()
+    torch.testing.assert_close(out.double()[:, ~unseen], ref[:, ~unseen], rtol=1e-5, atol=1e-5)
+    # nothing unseen: the standard mixture
+    none = torch.zeros_like(unseen)
+    torch.testing.assert_close(reference_interpolate(logits, dists, values, lam, 1.5, unseen=none),
+                               reference_interpolate(logits, dists, values, lam, 1.5), rtol=1e-6, atol=1e-6)
+    # the fused op does not implement it: interpolate takes the reference
+    assert torch.equal(interpolate(logits, dists, values, lam, 1.5, unseen=unseen), out)
+
+
+@pytest.fixture(scope="module")
+def small_store(tmp_path_factory, tiny_tokenizer):
+    """The tiny Llama and a datastore over keyword.py alone: most of the vocabulary never seen."""
+    return build_tiny_store(tmp_path_factory.mktemp("small") / "ds", tiny_tokenizer, files=["keyword.py"])
+
+
+def test_keep_unseen_eval_scores_never_seen_targets_with_the_lm(small_store, tiny_tokenizer):
+    model, ds = small_store
+    knn = KNNLM(model, ds, tiny_tokenizer, k=32)
+    cache = LMCache()
+    std = knn.evaluate(EVAL, lambdas=[0.25, 0.6], max_tokens=1500, progress=False, lm_cache=cache)
+    keep = knn.evaluate(EVAL, lambdas=[0.25, 0.6], max_tokens=1500, progress=False, lm_cache=cache, keep_unseen=True)
+    assert keep["keep_unseen"] is True and std["keep_unseen"] is False
+    (b_std,), (b_keep,) = ([b for b in r["buckets"] if b["frequency"] == "0"] for r in (std, keep))
+    assert b_keep["tokens"] > 50
+    for i in range(2):  # never-seen targets: exactly the LM's perplexity, where the standard mixture loses
+        assert b_keep["ppl_grid"][i] == pytest.approx(b_keep["ppl_base"], rel=1e-6)
+        assert b_std["ppl_grid"][i] > b_std["ppl_base"] * 1.05
+    # the full distributions (generation): a distribution, exactly the LM on the never-seen tokens
+    logits, hidden = _real_rows(model, ds, tiny_tokenizer)
+    full = knn.replace(keep_unseen=True).log_probs(logits, hidden)
+    unseen = torch.from_numpy(ds.token_counts()) == 0
+    torch.testing.assert_close(full.logsumexp(-1), torch.zeros(full.shape[0]), rtol=0, atol=1e-5)
+    assert torch.equal(full[:, unseen], torch.log_softmax(logits.float(), -1)[:, unseen])
+
+
+def test_keep_unseen_gate_is_recorded_followed_and_not_mixed_up(small_store, tuned, tiny_tokenizer, tmp_path):
+    model, ds = small_store
+    data = collect_tuning(KNNLM(model, ds, tiny_tokenizer, k=32), TUNE, EvalConfig(max_tokens=2000, progress=False))
+    kept = fit_gate(data, ds.identity(), 32, 1.0, kind="linear", select=False, keep_unseen=True)
+    assert kept.keep_unseen and kept.report["unseen"]["ppl_ratio_tuning"] == 1.0
+    from knnlm.gate import save_gate
+
+    path = tmp_path / "keep.json"
+    save_gate(kept, ds, path)
+    assert load_gate(ds, path).keep_unseen is True
+    knn = KNNLM(model, ds, tiny_tokenizer, k=32, lam="adaptive", gate=str(path))
+    assert knn.keeps_unseen  # follows the gate
+    res = knn.evaluate(EVAL, max_tokens=800, progress=False)
+    assert res["keep_unseen"] is True
+    (never,) = [b for b in res["buckets"] if b["frequency"] == "0"]
+    assert never["tokens"] > 0 and never["ppl_grid"][0] == pytest.approx(never["ppl_base"], rel=1e-6)
+    with pytest.raises(ConfigError, match="keep_unseen"):  # a gate is fitted for one mixture
+        KNNLM(model, ds, tiny_tokenizer, k=32, lam="adaptive", gate=str(path), keep_unseen=False)
+    t_model, t_ds, t_gate = tuned
+    assert t_gate.keep_unseen is False
+    with pytest.raises(ConfigError, match="keep_unseen"):
+        KNNLM(t_model, t_ds, tiny_tokenizer, k=32, lam="adaptive", keep_unseen=True)
+    with pytest.raises(ConfigError, match="max_unseen_loss.*keep_unseen"):
+        fit_gate(data, ds.identity(), 32, 1.0, kind="linear", select=False, keep_unseen=True, max_unseen_loss=0.05)
+    # generation follows the gate too (the full keep-unseen distribution at every step)
+    prompt = tiny_tokenizer(Path(EVAL[0]).read_text()[:300], return_tensors="pt")["input_ids"]
+    out = knn.generate(prompt, max_new_tokens=6, do_sample=False, pad_token_id=0)
+    assert out.shape[1] == prompt.shape[1] + 6
+
+
+def test_cli_keep_unseen(capsys, tiny_model_dir, small_store, tmp_path):
+    _, shared = small_store
+    ds = tmp_path / "ds"
+    shutil.copytree(shared.path, ds)
+    code, _, err = _cli(capsys, "tune", "--model", tiny_model_dir, "--datastore", ds, "--data", TUNE[0],
+                        "--max-tokens", 1500, "--k", 32, "--keep-unseen", "--max-unseen-loss", 0.05, "--quiet")
+    assert code == 2
+    _one_line(err, "tune", "--max-unseen-loss", "--keep-unseen")
+    code, _, err = _cli(capsys, "tune", "--model", tiny_model_dir, "--datastore", ds, "--data", TUNE[0],
+                        "--max-tokens", 1500, "--k", 32, "--keep-unseen", "--quiet")
+    assert code == 0, err
+    out = tmp_path / "res.json"
+    code, _, err = _cli(capsys, "eval", "--model", tiny_model_dir, "--datastore", ds, "--data", EVAL[0],
+                        "--max-tokens", 600, "--lambda", "adaptive,0.25", "--quiet", "--output", out)
+    assert code == 0, err
+    res = json.loads(out.read_text())
+    assert res["keep_unseen"] is True
+    (never,) = [b for b in res["buckets"] if b["frequency"] == "0"]
+    assert never["ppl_grid"] == pytest.approx([never["ppl_base"]] * 2, rel=1e-6)

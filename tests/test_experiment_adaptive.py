@@ -19,7 +19,7 @@ def test_experiment_tunes_then_scores_every_variant_from_one_lm_pass(tiny_model_
     out = tmp_path / "adaptive.json"
     code = adaptive.main(["--datastore", str(ds_path), "--model", str(tiny_model_dir), "--tune-tokens", "1500",
                           "--eval-tokens", "600", "--retrieve-fractions", "0.5", "--min-pointers", "16",
-                          "--max-unseen-loss", "none,0.05", "--out", str(out)])
+                          "--max-unseen-loss", "none,0.05,keep", "--out", str(out)])
     assert code == 0
     res = json.loads(out.read_text())
     variants = [(r["variant"], r["lambda"]) for r in res["rows"]]
@@ -27,6 +27,8 @@ def test_experiment_tunes_then_scores_every_variant_from_one_lm_pass(tiny_model_
                         ("retrieve fraction 0.5", "adaptive"), ("retrieve fraction 0.5", 0.25),
                         ("full search, gate bound 0.05", "adaptive"),
                         ("retrieve fraction 0.5, gate bound 0.05", "adaptive"),
+                        ("full search, keep unseen", "adaptive"), ("full search, keep unseen", 0.25),
+                        ("retrieve fraction 0.5, keep unseen", "adaptive"),
                         ("pointers (min 16)", 0.25), ("pointers (min 16)", "adaptive")]
     # one LM pass serves every variant: the same tokens and base perplexity everywhere
     assert len({r["ppl_base"] for r in res["rows"]}) == 1
@@ -49,6 +51,13 @@ def test_experiment_tunes_then_scores_every_variant_from_one_lm_pass(tiny_model_
     assert saved.to_json() == res["gate"] and saved.report["unseen"]["max_loss"] is None
     bounded = load_gate(ds, out.with_suffix(".gate_unseen0.05.json"))
     assert bounded.report["unseen"]["max_loss"] == 0.05 and bounded.to_json() == res["extra_gates"]["0.05"]
+    kept = load_gate(ds, out.with_suffix(".gate_unseenkeep.json"))  # fitted for the keep-unseen mixture
+    assert kept.keep_unseen and not saved.keep_unseen and kept.to_json() == res["extra_gates"]["keep"]
+    for name in ("full search, keep unseen", "retrieve fraction 0.5, keep unseen"):
+        assert res["runs"][name]["keep_unseen"] is True
+    for lam in ("adaptive", 0.25):  # never-seen targets keep the LM's perplexity
+        never = by[("full search, keep unseen", lam)]["never_seen"]
+        assert never is None or math.isclose(never["ppl"], never["ppl_base"], rel_tol=1e-6)
     assert "| full search | adaptive |" in capsys.readouterr().out
 
 
