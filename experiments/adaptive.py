@@ -163,7 +163,8 @@ def main(argv=None) -> int:
     tune_seconds = time.time() - t0
     print(format_report(gate))
     for b, g in extra_gates:
-        print(f"\n--- gate with never-seen bound {_label(b)} (written to {g.path}) ---\n{format_report(g)}")
+        what = "fitted for the keep-unseen mixture" if b == KEEP else f"with never-seen bound {_label(b)}"
+        print(f"\n--- gate {what} (written to {g.path}) ---\n{format_report(g)}")
     knn = knn.replace(gate=gate)
 
     test = stdlib_files("test")
