@@ -337,7 +337,8 @@ def format_report(gate: Gate) -> str:
         lines.append(f"  dropped (each cost <= {KEEP_EPS:g} nats/token): {', '.join(dropped)}")
     un = r.get("unseen")
     if un:
-        bound = "no bound" if un["max_loss"] is None else f"bound +{100 * un['max_loss']:g} %"
+        bound = "keep-unseen mixture" if r.get("keep_unseen") else \
+            "no bound" if un["max_loss"] is None else f"bound +{100 * un['max_loss']:g} %"
         lines.append(f"never-seen targets ({un['tokens']:,} tuning tokens): perplexity x{un['ppl_ratio_tuning']:.3f} "
                      f"the LM's under the gate, in-sample ({bound})")
     rg = r.get("retrieval_gate")
