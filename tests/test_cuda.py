@@ -121,3 +121,24 @@ def test_bf16_model_on_the_gpu_and_the_cli(stores, tiny_tokenizer, tiny_model_di
     assert res["auto"]["tokens"] == res["cpu"]["tokens"] > 300
     assert res["auto"]["ppl_knn"] == pytest.approx(res["cpu"]["ppl_knn"], rel=0.02)
     assert res["auto"]["ppl_knn"] != res["cpu"]["ppl_knn"]  # it did run elsewhere (bf16 on the GPU)
+
+
+def test_keep_unseen_on_the_gpu_equals_the_cpu(stores, tiny_tokenizer):
+    """The keep-unseen mixture (torch reference, no fused op) on the GPU: eval and full rows."""
+    (m_cpu, ds), (m_gpu, _) = stores
+    cfg = EvalConfig(lambdas=[0.25, 0.6], ks=[16], context=32, stride=16, batch_size=4, progress=False,
+                     keep_unseen=True)
+    ref = evaluate(m_cpu, tiny_tokenizer, ds, texts=_texts(), cfg=cfg)
+    got = evaluate(m_gpu, tiny_tokenizer, ds, texts=_texts(), cfg=cfg)
+    assert got["keep_unseen"] is ref["keep_unseen"] is True
+    for g, r in zip(got["grid"], ref["grid"]):
+        assert g["ppl"] == pytest.approx(r["ppl"], rel=1e-4), (g, r)
+    ids = torch.tensor([tiny_tokenizer(_texts()[1])["input_ids"][:48]])
+    outs = []
+    for model in (m_cpu, m_gpu):
+        knn = KNNLM(model, ds, tokenizer=tiny_tokenizer, lam=0.4, temperature=2.0, k=16, keep_unseen=True)
+        with torch.no_grad(), capture_keys(model, knn.key_layer) as cap:
+            logits = model(input_ids=ids.to(model.device), use_cache=False).logits[0]  # (T, V)
+            outs.append(knn.log_probs(logits, cap.pop()[0]).cpu())
+    torch.testing.assert_close(outs[1], outs[0], rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(outs[1].logsumexp(-1), torch.zeros(outs[1].shape[0]), rtol=0, atol=1e-4)
