@@ -1,6 +1,7 @@
 // CUDA kernels of the fused kNN-LM interpolation: one block per row (several for few long rows),
 // warp-shuffle + shared-memory block reductions, coalesced row reads/writes, raw CUDA runtime only
-// (no torch includes; the stream comes from the binding). The per-element math is knnlm/csrc/interp.h, shared with the CPU.
+// (no torch includes; the stream comes from the binding). The per-element math is
+// knnlm/csrc/interp.h, shared with the CPU.
 //
 // knn_interpolate, per row (block):
 //   0. validate the row's token ids in-kernel (no host sync): ids outside [0, V) -> NaN row;
@@ -205,6 +206,24 @@ __device__ void fill_row(float* o, int64_t V, float value) {
   for (int64_t j = threadIdx.x; j < V; j += kThreads) o[j] = value;
 }
 
+// Step 4 over o[begin, end): log p_lm + log(1 - lam), or -inf everywhere for lam = 1 (kKnnOnly).
+template <class L>
+__device__ void write_base(const typename L::T* __restrict__ x, float* o, int64_t begin, int64_t end,
+                           float row_max, float log_sum, MixParams p) {
+  if (p.mode == kKnnOnly) {
+    for (int64_t j = begin + threadIdx.x; j < end; j += kThreads) o[j] = neg_inf();
+    return;
+  }
+  for (int64_t j = begin + threadIdx.x; j < end; j += kThreads)
+    o[j] = mix_no_knn(lm_log_prob(L::at(x, j), row_max, log_sum), p);
+}
+
+// [begin, end) of chunk s of a row of V logits split into chunks of ``chunk``.
+__device__ __forceinline__ void chunk_range(int64_t s, int64_t chunk, int64_t V, int64_t* begin, int64_t* end) {
+  *begin = s * chunk;
+  *end = *begin + chunk < V ? *begin + chunk : V;
+}
+
 // Block-wide ascending bitonic sort of key[0, n), n a power of two. Each compare-exchange pair
 // (i, i + j) with bit j of i clear is handled by one thread; the keys are unique.
 __device__ void block_bitonic_sort(uint64_t* key, int n) {
@@ -308,14 +327,7 @@ interpolate_kernel(const typename L::T* __restrict__ logits, const float* __rest
     key = k;
   }
 
-  if (partial == nullptr) {
-    if (p.mode == kKnnOnly) {
-      fill_row(o, V, neg_inf());
-    } else {
-      for (int64_t j = threadIdx.x; j < V; j += kThreads)
-        o[j] = mix_no_knn(lm_log_prob(L::at(x, j), row_max, log_sum), p);
-    }
-  }
+  if (partial == nullptr) write_base<L>(x, o, 0, V, row_max, log_sum, p);
   if (kind != kKnnOk) return;
   __syncthreads();  // base row written before the neighbour tokens are overwritten
 
@@ -334,7 +346,8 @@ row_partial_kernel(const typename L::T* __restrict__ logits, LseState* __restric
                    int64_t chunk, int64_t S) {
   __shared__ LseState red_lse[kWarps];
   const int64_t b = blockIdx.y, s = blockIdx.x;
-  const int64_t begin = s * chunk, end = begin + chunk < V ? begin + chunk : V;
+  int64_t begin, end;
+  chunk_range(s, chunk, V, &begin, &end);
   const LseState st = range_lse<L>(logits + b * V, begin, end, red_lse);
   if (threadIdx.x == 0) partial[b * S + s] = st;
 }
@@ -347,17 +360,11 @@ base_row_kernel(const typename L::T* __restrict__ logits, const LseState* __rest
                 float* __restrict__ out, int64_t V, int64_t chunk, int64_t S, MixParams p) {
   __shared__ LseState red_lse[kWarps];
   const int64_t b = blockIdx.y, s = blockIdx.x;
-  const int64_t begin = s * chunk, end = begin + chunk < V ? begin + chunk : V;
-  const typename L::T* __restrict__ x = logits + b * V;
-  float* o = out + b * V;
-  if (p.mode == kKnnOnly) {
-    for (int64_t j = begin + threadIdx.x; j < end; j += kThreads) o[j] = neg_inf();
-    return;
-  }
+  int64_t begin, end;
+  chunk_range(s, chunk, V, &begin, &end);
   float row_max = 0.0f, log_sum = 0.0f;
-  merged_stats(partial + b * S, S, red_lse, &row_max, &log_sum);
-  for (int64_t j = begin + threadIdx.x; j < end; j += kThreads)
-    o[j] = mix_no_knn(lm_log_prob(L::at(x, j), row_max, log_sum), p);
+  if (p.mode != kKnnOnly) merged_stats(partial + b * S, S, red_lse, &row_max, &log_sum);
+  write_base<L>(logits + b * V, out + b * V, begin, end, row_max, log_sum, p);
 }
 
 template <class L, typename Idx, typename Tdx>
