@@ -156,6 +156,13 @@ class KNNLM(EvaluationMixin, GenerationMixin):
             self._counts = torch.from_numpy(self.datastore.token_counts())
         return self._counts
 
+    def _unseen_mask(self, device: torch.device) -> torch.Tensor:
+        """(V,) bool: the tokens the datastore never saw, on ``device`` (kept: generation asks every step)."""
+        mask = getattr(self, "_unseen", None)
+        if mask is None or mask.device != device:
+            self._unseen = mask = (self._token_counts() == 0).to(device)
+        return mask
+
     def lm_features(self, logits: torch.Tensor) -> torch.Tensor:
         """The gate's LM features (B, NL + 1) of logits (B, V) (``knnlm.gate.lm_features``)."""
         return lm_features(logits, self._token_counts())[0]
@@ -169,7 +176,7 @@ class KNNLM(EvaluationMixin, GenerationMixin):
         lam = self.lam if lam is None else lam
         if isinstance(lam, str):  # ADAPTIVE
             lam = self.require_gate().lam(self.lm_features(logits), dists.to(dev), values.to(dev))
-        unseen = (self._token_counts() == 0).to(dev) if self.keeps_unseen else None  # (V,)
+        unseen = self._unseen_mask(dev) if self.keeps_unseen else None  # (V,)
         return interpolate(logits.contiguous(), dists.to(dev), values.to(dev), lam, self.temperature,
                            use_kernel=self.use_kernel, unseen=unseen)
 
