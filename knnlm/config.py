@@ -233,6 +233,7 @@ class EvalConfig:
     text_field: str = "text"
     max_tokens: int | None = None
     per_document: bool = False  # also report each document's negative log-likelihood (the harness's rolling scores)
+    per_token: bool = False  # also return every target's log-probability, base LM and each setting (Python only)
     retrieve_fraction: float | None = None  # search only this fraction of tokens (the gate's pre-retrieval part)
     pointers: bool = False  # RetoMaton-style pointers: follow the last step's matching neighbours
     min_pointers: int | None = None  # search when fewer pointers survive; None = DEFAULT_MIN_POINTERS

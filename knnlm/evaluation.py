@@ -14,7 +14,8 @@ last document), each query whose own key is in the datastore has it excluded fro
 (``exclude_self``, on by default): otherwise retrieval would find the answer at distance zero and
 the perplexity would be meaningless. The result says how many documents and tokens overlapped.
 With ``per_document`` the result also holds each document's summed negative log-likelihood (base
-LM and the primary setting): what the lm-evaluation-harness model (``knnlm.harness``) reports.
+LM and the primary setting): what the lm-evaluation-harness model (``knnlm.harness``) reports; with
+``per_token`` (Python only) every target's log-probability, base LM and each setting, as tensors.
 
 ``run(model, tokenizer, knn, ...)`` is the loop; ``EvaluationMixin`` gives ``KNNLM`` its
 ``evaluate`` method (as ``transformers``' ``GenerationMixin`` gives models ``generate``), and the
@@ -174,6 +175,9 @@ class _Tally:
     documents: int = 0  # > 0: also sum per document (``per_document``)
     doc_nll_base: torch.Tensor = None  # (D,)
     doc_nll: torch.Tensor = None  # (D,) the primary setting
+    per_token: bool = False  # also keep every target's log-probability (``per_token``)
+    tok_base: list = field(default_factory=list)  # (R,) per batch
+    tok_grid: list = field(default_factory=list)  # per setting: (R,) per batch
 
     def __post_init__(self):
         nb = len(BUCKET_EDGES)
@@ -184,6 +188,7 @@ class _Tally:
         self.doc_nll_base = torch.zeros(self.documents, dtype=torch.float64)
         self.doc_nll = torch.zeros(self.documents, dtype=torch.float64)
         self.lam_bucket = torch.zeros(nb, dtype=torch.float64)
+        self.tok_grid = [[] for _ in range(self.grid_size)]
 
     def add_lambdas(self, lam: torch.Tensor, bucket: torch.Tensor) -> None:
         x = lam.double().cpu()
@@ -194,6 +199,8 @@ class _Tally:
         """``doc`` (R,): the eval document of each target, when summing per document."""
         self.n += lp_lm.shape[0]
         self.nll_base -= lp_lm.double().sum().item()
+        if self.per_token:
+            self.tok_base.append(lp_lm.double().cpu())
         if doc is not None:
             self.doc_nll_base.index_add_(0, doc, -lp_lm.double().cpu())
 
@@ -205,6 +212,8 @@ class _Tally:
     def add_setting(self, gi: int, bucket: torch.Tensor, lp: torch.Tensor, doc: torch.Tensor | None = None) -> None:
         x = lp.double().cpu()
         self.nll[gi] -= x.sum()
+        if self.per_token:
+            self.tok_grid[gi].append(x)
         self.nll_bucket[gi] -= torch.bincount(bucket, weights=x, minlength=len(BUCKET_EDGES))
         if gi == 0 and doc is not None:
             self.doc_nll.index_add_(0, doc, -x)
@@ -446,7 +455,7 @@ def run(model, tokenizer, knn: EvaluationMixin | None, data: Sequence | None, cf
         logger.warning("%d of %d eval documents (%d tokens) are in the datastore; %s",
                        overlap.documents, len(docs), overlap.tokens, how)
     exclude_self = bool(overlap.documents) and cfg.exclude_self
-    tally = _Tally(len(grid), documents=len(docs) if cfg.per_document else 0)
+    tally = _Tally(len(grid), documents=len(docs) if cfg.per_document else 0, per_token=cfg.per_token)
     keep_unseen = knn is not None and resolve_keep_unseen(cfg.keep_unseen, gate)
     need_feats = counts is not None and (gate is not None or lm_cache is not None or keep_unseen)
 
@@ -469,6 +478,9 @@ def run(model, tokenizer, knn: EvaluationMixin | None, data: Sequence | None, cf
     if knn is not None:
         res.update(_knn_result(tally, grid, knn, overlap, cfg, gate, kmax))
         res["keep_unseen"] = keep_unseen
+    if cfg.per_token:  # float64 tensors (T,) in document order; -inf: a target of probability zero
+        res["per_token"] = {"base": torch.cat(tally.tok_base),
+                            "grid": [torch.cat(t) for t in tally.tok_grid] if knn is not None else []}
     if cfg.per_document:
         res["per_document"] = [
             {"name": d["name"], "tokens": count_targets(d["length"]), "nll_base": float(tally.doc_nll_base[i]),

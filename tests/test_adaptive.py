@@ -117,11 +117,15 @@ def test_gate_limits_reproduce_base_lm_and_pure_knn(tuned, tiny_tokenizer):
     model, ds, gate = tuned
     plain = KNNLM(model, ds, tiny_tokenizer, k=32)
     cache = LMCache()
-    ref = plain.evaluate(EVAL, lambdas=[0.0, 1.0], max_tokens=600, progress=False, lm_cache=cache)
-    for logit, ppl in ((-math.inf, ref["ppl_base"]), (math.inf, ref["grid"][1]["ppl"])):
+    ref = plain.evaluate(EVAL, lambdas=[0.0, 1.0], max_tokens=600, progress=False, lm_cache=cache, per_token=True)
+    base, pure = ref["per_token"]["grid"]  # token by token: λ = 0 and λ = 1 (-inf where no neighbour has the target)
+    assert torch.equal(base, ref["per_token"]["base"])
+    for logit, want in ((-math.inf, base), (math.inf, pure)):
         knn = KNNLM(model, ds, tiny_tokenizer, k=32, lam="adaptive", gate=_forced(gate, logit))
-        res = knn.evaluate(EVAL, max_tokens=600, progress=False, lm_cache=cache)
-        assert res["ppl_knn"] == pytest.approx(ppl, rel=1e-6)
+        res = knn.evaluate(EVAL, max_tokens=600, progress=False, lm_cache=cache, per_token=True)
+        got = res["per_token"]["grid"][0]
+        assert got.shape == want.shape and torch.equal(torch.isinf(got), torch.isinf(want))  # infinities included
+        torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
         assert res["adaptive"]["quantiles"]["0.5"] == (0.0 if logit < 0 else 1.0)
     # log_probs: the full distributions, too
     torch.manual_seed(0)
