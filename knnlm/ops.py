@@ -14,9 +14,10 @@ the torch actually imported, CPU-only or CUDA, with the host CPU's vector ISA.
 
 Build cache: ``$TORCH_EXTENSIONS_DIR`` when set, else ``$XDG_CACHE_HOME/knnlm/ext`` (default
 ``~/.cache/knnlm/ext``), one sub-directory per torch version / build flavour / hash of the
-checkout's csrc path, sources and flags (so two checkouts never wait on each other's build lock:
-a process killed while compiling leaves torch's lock file behind, and every later build in that
-directory would wait on it forever). A cold build takes about a minute on a small CPU.
+checkout's csrc path, sources and flags (two checkouts never share a build). Builds in one
+directory are serialised by an ``flock`` that the kernel releases when its holder dies, so a torch
+``lock`` file left by a process that died while compiling is removed instead of waited on forever
+(``_build_lock``). A cold build takes about a minute on a small CPU.
 
 ``get_op(name, device)`` returns the op for ``device`` or ``None``; ``knnlm.scoring`` then uses
 its torch reference. When the extension cannot be built (no compiler, sources missing, build
@@ -34,6 +35,7 @@ error) one warning says why and the reference is used. Environment:
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import os
@@ -177,18 +179,36 @@ def _build() -> None:
     (logger.debug if cached else logger.info)(
         "knnlm: %s the fused op %s in %s", "loading" if cached else "compiling (first use; about a minute)",
         name, build_dir)
-    load(
-        name=name,
-        sources=[str(p) for p in sources],
-        extra_cflags=cflags,
-        extra_cuda_cflags=["-O3"] if cuda else None,  # no fast-math: keep fp32 exp/log accuracy
-        extra_ldflags=["-fopenmp"],
-        extra_include_paths=[str(src)],
-        build_directory=str(build_dir),
-        with_cuda=cuda,
-        is_python_module=False,
-        verbose=logger.isEnabledFor(logging.DEBUG),
-    )
+    with _build_lock(build_dir):
+        load(
+            name=name,
+            sources=[str(p) for p in sources],
+            extra_cflags=cflags,
+            extra_cuda_cflags=["-O3"] if cuda else None,  # no fast-math: keep fp32 exp/log accuracy
+            extra_ldflags=["-fopenmp"],
+            extra_include_paths=[str(src)],
+            build_directory=str(build_dir),
+            with_cuda=cuda,
+            is_python_module=False,
+            verbose=logger.isEnabledFor(logging.DEBUG),
+        )
+
+
+@contextlib.contextmanager
+def _build_lock(build_dir: Path):
+    """Hold an ``flock`` on the build directory while torch builds / loads in it. The kernel drops
+    it when its process dies, so the holder knows that a torch ``lock`` file found there is stale:
+    a process that exited or was killed while compiling (e.g. a short pytest run whose background
+    prebuild thread was still compiling) leaves it, and torch's own build would wait on it forever."""
+    import fcntl
+
+    with open(build_dir / ".knnlm-build.flock", "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        stale = build_dir / "lock"
+        if stale.exists():
+            logger.warning("knnlm: removing %s, left by a build that did not finish", stale)
+            stale.unlink(missing_ok=True)
+        yield
 
 
 def _raise_required() -> None:

@@ -52,7 +52,18 @@ def pytest_sessionstart(session):
         except Exception:  # noqa: BLE001 - reported by the tests that need the op
             pass
 
-    threading.Thread(target=build, name="knnlm-ops-prebuild", daemon=True).start()
+    thread = threading.Thread(target=build, name="knnlm-ops-prebuild", daemon=True)
+    thread.start()
+    session.config._knnlm_prebuild = thread
+
+
+def pytest_sessionfinish(session):
+    """A short run (a few selected tests) can end while the prebuild still compiles: wait for it,
+    rather than end the process in the middle of a build (``knnlm.ops`` would clean up after
+    that, but a finished build is reused by the next run)."""
+    thread = getattr(session.config, "_knnlm_prebuild", None)
+    if thread is not None:
+        thread.join()
 
 
 @pytest.fixture(scope="session")

@@ -505,3 +505,16 @@ def test_cuda_second_device():
         logits, dists, values, target = _inputs(4, 3000, 600, torch.float16, "cuda:1", n_tokens=30)
         full, tgt = _check(logits, dists, values, target, 0.25, 2.0, "cuda")
     assert full.device == tgt.device == torch.device("cuda:1")
+
+
+def test_a_stale_torch_build_lock_is_removed_not_waited_on(tmp_path):
+    """A process killed while compiling leaves torch's ``lock`` file in the build directory; the
+    next build holds knnlm's flock (released by the kernel on death), so that file is stale and
+    is removed instead of waited on forever."""
+    (tmp_path / "lock").touch()
+    with ops._build_lock(tmp_path):
+        assert not (tmp_path / "lock").exists()
+    import fcntl
+
+    with open(tmp_path / ".knnlm-build.flock") as f:  # released on exit: another holder gets it at once
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
