@@ -262,7 +262,7 @@ def _check_python(argv: list[str]) -> None:
         mod, rest = argv[1], argv[2:]
         if mod == "knnlm":
             return _parse_knnlm(rest)
-        if mod == "pytest":
+        if mod in ("pytest", "ruff"):  # the dev extra's tools (docs/development.md)
             return
         if mod == "knnlm.corpora":
             from knnlm.corpora import SPLITS
