@@ -9,7 +9,7 @@
   ``knnlm.testing`` instead of SmolLM2; then the whole page runs a second time in the same
   directory (a reader reruns a snippet). A comment ``<!-- test: tiny-store PATH -->`` on the line
   above a block builds a tiny datastore at PATH first (for a block that opens a datastore the page
-  built with the CLI); ``<!-- test: gate PATH -->`` also tunes its adaptive gate on ``tune_text/``.
+  built with the CLI).
 - ``bash`` blocks: every ``knnlm ...`` command (also under ``torchrun -m knnlm``, ``python -m knnlm``,
   ``nohup``, ``/usr/bin/time -v`` and ``benchmarks/peak_rss.py --``) is parsed by
   ``knnlm.cli._build_parser()``, so a flag or subcommand that does not exist fails; ``$(...)`` counts
@@ -411,19 +411,10 @@ def _prepare(marker: str | None, tokenizer) -> None:
         return
     from knnlm.testing import build_tiny_store
 
-    for part in marker.split(";"):
-        what, *args = part.split()
-        if what in ("tiny-store", "gate"):
-            path = Path(args[0])
-            if not (path / "header.json").exists():
-                build_tiny_store(path, tokenizer)
-            if what == "gate" and not (path / "gate.json").exists():
-                import knnlm
-
-                model, tok = knnlm.load_model()
-                knnlm.KNNLM(model, knnlm.open_datastore(path), tok).tune(["tune_text/"], progress=False)
-        else:
-            raise AssertionError(f"unknown test marker {what!r}")
+    what, *args = marker.split()
+    assert what == "tiny-store" and len(args) == 1, f"unknown test marker {marker!r}"
+    if not (Path(args[0]) / "header.json").exists():
+        build_tiny_store(args[0], tokenizer)
 
 
 @pytest.mark.parametrize("page", PYTHON_PAGES, ids=rel)
