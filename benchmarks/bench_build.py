@@ -34,7 +34,7 @@ def main(argv=None) -> int:
     from knnlm.build import build_datastore
     from knnlm.config import BuildConfig
     from knnlm.corpora import stdlib_files
-    from knnlm.data import iter_batches, pad_windows
+    from knnlm.data import batch_inputs, iter_batches
     from knnlm.loading import load_model
 
     model, tok = load_model(args.model)
@@ -50,9 +50,9 @@ def main(argv=None) -> int:
             t0, rows = time.time(), 0
             with torch.inference_mode():
                 for _, batch in iter_batches(docs, cfg.context, cfg.stride, cfg.batch_size):
-                    ids = pad_windows(batch, ds.document_tokens)  # the builder's batches, exactly
+                    ids, _, _ = batch_inputs(batch, ds.document_tokens, ds.header.window.bos)  # the builder's
                     model(input_ids=torch.from_numpy(ids), use_cache=False)
-                    rows += sum(e - f for _, _, e, f in batch)
+                    rows += sum(w.end - w.first for w in batch)
             return rows / (time.time() - t0)
 
         plain_forward(build_datastore(model, tok, train, os.path.join(tmp, "warm"), config(4000)))  # warm-up

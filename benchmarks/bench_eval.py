@@ -58,14 +58,14 @@ def main(argv=None) -> int:
     evaluate(model, tok, None, data, EvalConfig(**dict(common, max_tokens=2000)))  # warm-up
     runs = {"plain_before": plain()}
     for npb in nprobes:
-        runs[f"knn_nprobe{npb}"] = evaluate(model, tok, ds, data, EvalConfig(nprobe=npb, **common, **knn_only))
+        runs[f"knn_nprobe{npb}"] = evaluate(model, tok, ds, data, EvalConfig(**common), nprobe=npb, **knn_only)
     if args.rerank:
-        runs[f"knn_rerank{nprobes[0]}"] = evaluate(model, tok, ds, data, EvalConfig(
-            nprobe=nprobes[0], rerank=True, **common, **knn_only))
+        runs[f"knn_rerank{nprobes[0]}"] = evaluate(model, tok, ds, data, EvalConfig(**common), nprobe=nprobes[0],
+                                                   rerank=True, **knn_only)
     if args.sweep:
         runs["knn_sweep48"] = evaluate(model, tok, ds, data, EvalConfig(**dict(
-            common, nprobe=nprobes[0], lambdas=[args.lam, 0.1, 0.5, 0.75], temperatures=[args.temperature, 0.5, 2, 5],
-            ks=[args.k, 16, 128])))
+            common, lambdas=[args.lam, 0.1, 0.5, 0.75], temperatures=[args.temperature, 0.5, 2, 5],
+            ks=[args.k, 16, 128])), nprobe=nprobes[0])
     runs["plain_after"] = plain()
     base_tps = (runs["plain_before"]["timing"]["tokens_per_second"]
                 + runs["plain_after"]["timing"]["tokens_per_second"]) / 2

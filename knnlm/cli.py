@@ -6,32 +6,43 @@ import argparse
 import json
 import logging
 import os
-import re
 import sys
 import time
 
 EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130
 
-# Python parameter (as library errors name it, in backquotes) -> the flag that sets it here.
-FLAGS = {
-    "lam": "--lambda", "lambdas": "--lambda", "temperature": "--knn-temperature", "temperatures": "--temperature",
-    "k": "--k", "ks": "--k", "nprobe": "--nprobe", "rerank": "--rerank", "context": "--context",
-    "stride": "--stride", "batch_size": "--batch-size", "key_dtype": "--key-dtype", "layer": "--layer",
-    "index": "--index", "index_storage": "--index-storage", "max_tokens": "--max-tokens", "seed": "--seed",
-    "resume": "--resume",
-    "overwrite": "--overwrite", "out": "--out", "data": "--data", "globs": "--glob", "exclude": "--exclude",
-    "text_field": "--text-field", "model": "--model", "device": "--device", "dtype": "--dtype",
-    "inputs": "the inputs", "retrieve_fraction": "--retrieve-fraction", "pointers": "--pointers",
-    "min_pointers": "--min-pointers", "gate": "--gate", "max_unseen_loss": "--max-unseen-loss",
-    "keep_unseen": "--keep-unseen",
-}
-_PARAM = re.compile(r"`([a-z_]+)`")
+class _Deprecated(argparse.Action):
+    """An old spelling of a flag: sets the same value and warns once, naming the new flag."""
+
+    def __init__(self, option_strings, dest, new: str = "", **kwargs):
+        self.new = new
+        super().__init__(option_strings, dest, **kwargs)
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        print(f"{parser.prog}: warning: {option_string} is deprecated here, use {self.new}", file=sys.stderr)
+        setattr(namespace, self.dest, values)
 
 
-def cli_message(message: str) -> str:
-    """A library error message in the CLI's words: every `parameter` becomes its flag."""
-    return _PARAM.sub(lambda m: FLAGS.get(m.group(1), m.group(0)), " ".join(message.split()))
+def flag_names(parser: argparse.ArgumentParser) -> dict[str, str]:
+    """A subcommand's Python parameter -> flag map, read from its own parser: each option's
+    ``dest`` (named like the library parameter it sets) -> its first spelling; positionals by
+    their metavar, and ``inputs`` / ``data`` style lists as the flag."""
+    out = {}
+    for a in parser._actions:
+        if a.dest in (argparse.SUPPRESS, "help") or isinstance(a, _Deprecated):
+            continue
+        out.setdefault(a.dest, a.option_strings[0] if a.option_strings else (a.metavar or a.dest).lower())
+    return out
+
+
+def cli_message(message: str, parser: argparse.ArgumentParser | None = None) -> str:
+    """A library error message in the CLI's words: every `parameter` becomes its flag of ``parser``
+    (the subcommand that ran)."""
+    from knnlm.errors import rename_params
+
+    return rename_params(message, flag_names(parser) if parser is not None else {})
+
 
 BUILD_EXAMPLES = """\
 examples:
@@ -216,7 +227,7 @@ def _add_generate_parser(sub) -> None:
     g.add_argument("--lambda", dest="lam", default="0.25", metavar="L",
                    help="weight of the kNN distribution in [0, 1], or 'adaptive' (per token, from the gate of "
                         "`knnlm tune`); 0 = the base model (default: %(default)s)")
-    g.add_argument("--knn-temperature", type=float, default=1.0, metavar="T",
+    g.add_argument("--knn-temperature", dest="temperature", type=float, default=1.0, metavar="T",
                    help="softmax temperature over negative squared distances, > 0 (default: %(default)s)")
     g.add_argument("--k", type=int, default=None,
                    help="neighbours per step (default: 1024, capped at the datastore size)")
@@ -226,7 +237,7 @@ def _add_generate_parser(sub) -> None:
     g.add_argument("--max-new-tokens", type=int, default=64, metavar="N",
                    help="tokens to generate (default: %(default)s)")
     g.add_argument("--do-sample", action="store_true", help="sample instead of greedy / beam search")
-    g.add_argument("--temperature", type=float, default=None,
+    g.add_argument("--temperature", dest="sampling_temperature", type=float, default=None,
                    help="sampling temperature applied to the kNN-LM distribution (with --do-sample)")
     g.add_argument("--top-k", type=int, default=None, help="sample from the K most likely tokens (with --do-sample)")
     g.add_argument("--top-p", type=float, default=None, help="nucleus sampling mass in (0, 1] (with --do-sample)")
@@ -280,9 +291,11 @@ def _add_eval_parser(sub) -> None:
                    help="interpolation weight of the kNN distribution, in [0, 1], or 'adaptive' (per token, "
                         "from the gate of `knnlm tune`); a comma list sweeps, e.g. adaptive,0.25 "
                         "(default: %(default)s)")
-    g.add_argument("--temperature", default="1", metavar="T[,T...]",
+    g.add_argument("--knn-temperature", dest="temperatures", default="1", metavar="T[,T...]",
                    help="softmax temperature over negative squared distances, > 0 (default: %(default)s)")
-    g.add_argument("--k", default=None, metavar="K[,K...]",
+    g.add_argument("--temperature", dest="temperatures", action=_Deprecated, new="--knn-temperature",
+                   help=argparse.SUPPRESS)
+    g.add_argument("--k", dest="ks", default=None, metavar="K[,K...]",
                    help="neighbours per token (default: 1024, capped at the datastore size)")
     g.add_argument("--nprobe", type=int, default=None, help="IVF lists to probe (default: the datastore's)")
     g.add_argument("--rerank", action="store_true", help="re-rank candidates with exact distances from the stored keys")
@@ -319,7 +332,10 @@ def _add_tune_parser(sub) -> None:
                    help="gate model: logistic regression, a 16-unit tanh MLP, or auto (the better on held-out "
                         "tuning documents) (default: %(default)s)")
     g.add_argument("--k", type=int, default=None, help="neighbours per token (default: 1024, capped at the size)")
-    g.add_argument("--temperature", type=float, default=1.0, help="kNN softmax temperature (default: %(default)s)")
+    g.add_argument("--knn-temperature", dest="temperature", type=float, default=1.0,
+                   help="softmax temperature over negative squared distances, > 0 (default: %(default)s)")
+    g.add_argument("--temperature", dest="temperature", type=float, action=_Deprecated, new="--knn-temperature",
+                   help=argparse.SUPPRESS)
     g.add_argument("--nprobe", type=int, default=None, help="IVF lists to probe (default: the datastore's)")
     g.add_argument("--seed", type=int, default=0, help="initialisation / sampling seed (default: %(default)s)")
     g.add_argument("--batch-size", type=int, default=8, help="windows per forward pass (default: %(default)s)")
@@ -440,6 +456,9 @@ def cmd_build_index(args) -> int:
                       index_storage=args.index_storage, max_tokens=args.max_tokens, seed=args.seed,
                       resume=args.resume, overwrite=args.overwrite, progress=not args.quiet and world.main)
     sources = check_build_inputs(args.data, cfg)  # fail fast: before torch, transformers and the model
+    from knnlm.datastore import check_out
+
+    check_out(args.out, resume=cfg.resume, overwrite=cfg.overwrite)
 
     from knnlm.build import build_datastore
     from knnlm.distributed import agree, init_world, shutdown
@@ -482,6 +501,13 @@ def _lambdas(text: str) -> list:
     return [x.strip() for x in text.split(",") if x.strip()]
 
 
+def _documents(sources, text_field: str) -> list[dict]:
+    """Name and text hash of every document of ``sources`` (read without a tokenizer)."""
+    from knnlm.data import iter_documents, sha256_text
+
+    return [{"name": d.name, "sha256": sha256_text(d.text)} for d in iter_documents(sources, text_field)]
+
+
 def _gate_before_model(ds, args, needed: bool):
     """Load (and check) the gate before the model when the settings need one."""
     if not needed and args.gate is None:
@@ -495,37 +521,47 @@ def _gate_before_model(ds, args, needed: bool):
     return gate
 
 
+def _settings(args, **fields):
+    """The ``KNNSettings`` of a subcommand's retrieval flags (validated here, before any model)."""
+    from knnlm.config import KNNSettings
+
+    for name in ("nprobe", "rerank", "retrieve_fraction", "pointers", "min_pointers", "keep_unseen"):
+        if hasattr(args, name):
+            fields.setdefault(name, getattr(args, name))
+    return KNNSettings(**fields)
+
+
 def cmd_eval(args) -> int:
     from knnlm.config import EvalConfig
     from knnlm.data import resolve_sources
     from knnlm.datastore import open_datastore, write_json_atomic
 
-    cfg = EvalConfig(lambdas=_lambdas(args.lambdas), temperatures=_numbers(args.temperature, "temperature"),
-                     ks=[None] if args.k is None else _numbers(args.k, "k", int), nprobe=args.nprobe,
-                     rerank=args.rerank, context=args.context, stride=args.stride, batch_size=args.batch_size,
-                     exclude_self=args.exclude_self, globs=tuple(args.glob or ("*",)), exclude=tuple(args.exclude),
-                     text_field=args.text_field, max_tokens=args.max_tokens, retrieve_fraction=args.retrieve_fraction,
-                     pointers=args.pointers, min_pointers=args.min_pointers, keep_unseen=args.keep_unseen,
-                     progress=not args.quiet)
+    cfg = EvalConfig(lambdas=_lambdas(args.lambdas), temperatures=_numbers(args.temperatures, "temperature"),
+                     ks=[None] if args.ks is None else _numbers(args.ks, "k", int), context=args.context,
+                     stride=args.stride, batch_size=args.batch_size, exclude_self=args.exclude_self,
+                     globs=tuple(args.glob or ("*",)), exclude=tuple(args.exclude), text_field=args.text_field,
+                     max_tokens=args.max_tokens, progress=not args.quiet)
+    # the sweep's λ / T / k are checked once, by EvalConfig; the settings say how retrieval runs
+    settings = _settings(args, temperature=cfg.temperatures[0])
     ds = open_datastore(args.datastore)
-    if cfg.rerank:
+    if settings.rerank:
         ds.require_keys("rerank", "drop `rerank` (the index's own distances are used)")
-    if cfg.pointers:
+    if settings.pointers:
         ds.require_keys("pointers", "drop `pointers`")
-    gate = _gate_before_model(ds, args, cfg.adaptive)
+    gate = _gate_before_model(ds, args, "adaptive" in cfg.lambdas or settings.gated)
     sources = resolve_sources(args.data, cfg.globs, cfg.exclude, text_field=cfg.text_field)  # before the model
+    if gate is not None:  # eval text the gate was tuned on: refused now, not after the model loads
+        gate.check_disjoint(_documents(sources, cfg.text_field))
 
-    from knnlm.evaluation import format_results, run
+    from knnlm.evaluation import format_results
     from knnlm.loading import load_model
     from knnlm.model import KNNLM
     from knnlm.retrieval import resolve_k
 
-    model, tokenizer = load_model(args.model, device=args.device, dtype=args.dtype)
     kmax = max(resolve_k(k, len(ds), param="ks") for k in cfg.ks)
-    knn = KNNLM(model, ds, tokenizer, lam=cfg.lambdas[0], temperature=cfg.temperatures[0], k=kmax, nprobe=cfg.nprobe,
-                rerank=cfg.rerank, gate=gate, retrieve_fraction=cfg.retrieve_fraction, pointers=cfg.pointers,
-                min_pointers=cfg.min_pointers, keep_unseen=cfg.keep_unseen)
-    res = run(model, tokenizer, knn, sources, cfg)
+    model, tokenizer = load_model(args.model, device=args.device, dtype=args.dtype)
+    knn = KNNLM(model, ds, tokenizer, settings, gate=gate, k=kmax)
+    res = knn.evaluate(sources, **{f: getattr(cfg, f) for f in cfg.__dataclass_fields__})
     print(format_results(res))
     if args.output:
         write_json_atomic(args.output, res)
@@ -535,24 +571,23 @@ def cmd_eval(args) -> int:
 
 def cmd_tune(args) -> int:
     from knnlm.config import EvalConfig, check_k, check_unseen_options
-    from knnlm.data import iter_documents, resolve_sources, sha256_text
+    from knnlm.data import resolve_sources
     from knnlm.datastore import open_datastore
     from knnlm.gate import check_outside_datastore, format_report
 
-    EvalConfig(temperatures=[args.temperature], ks=[args.k], nprobe=args.nprobe, batch_size=args.batch_size,
-               max_tokens=args.max_tokens)  # the checks, before anything is loaded
+    EvalConfig(batch_size=args.batch_size, max_tokens=args.max_tokens)  # the checks, before anything is loaded
+    settings = _settings(args, temperature=args.temperature, k=args.k, keep_unseen=None)
     check_unseen_options(args.max_unseen_loss, args.keep_unseen)
     ds = open_datastore(args.datastore)
     check_k(args.k, len(ds))
     sources = resolve_sources(args.data, tuple(args.glob or ("*",)), tuple(args.exclude), text_field=args.text_field)
-    check_outside_datastore(ds, [{"name": d.name, "sha256": sha256_text(d.text)}
-                                 for d in iter_documents(sources, args.text_field)])  # before the model
+    check_outside_datastore(ds, _documents(sources, args.text_field))  # before the model
 
     from knnlm.loading import load_model
     from knnlm.model import KNNLM
 
     model, tokenizer = load_model(args.model, device=args.device, dtype=args.dtype)
-    knn = KNNLM(model, ds, tokenizer, temperature=args.temperature, k=args.k, nprobe=args.nprobe)
+    knn = KNNLM(model, ds, tokenizer, settings)
     gate = knn.tune(sources, out=args.out, max_tokens=args.max_tokens, seed=args.seed, kind=args.kind,
                     batch_size=args.batch_size, progress=not args.quiet, max_unseen_loss=args.max_unseen_loss,
                     keep_unseen=args.keep_unseen)
@@ -562,28 +597,22 @@ def cmd_tune(args) -> int:
 
 
 def _check_generate_args(args) -> None:
-    from knnlm.config import ADAPTIVE, check_fraction, check_mixture, check_pointers, parse_lambda
     from knnlm.errors import ConfigError
 
-    args.lam = parse_lambda(args.lam)
-    check_mixture(0.0 if args.lam == ADAPTIVE else args.lam, args.knn_temperature)
-    check_fraction(args.retrieve_fraction)
-    check_pointers(args.pointers, args.min_pointers)
-    if args.min_pointers is not None and not args.pointers:
-        raise ConfigError("--min-pointers only applies with --pointers")
+    args.settings = _settings(args, lam=args.lam, temperature=args.temperature, k=args.k)
     if args.pointers and args.num_beams > 1:
         raise ConfigError("--pointers follow one sequence per row; beam search reorders rows: drop --num-beams")
     for flag, value, low in (("--max-new-tokens", args.max_new_tokens, 1), ("--num-beams", args.num_beams, 1),
                              ("--show-neighbours", args.show_neighbours, 0), ("--show-tokens", args.show_tokens, 0)):
         if value < low:
             raise ConfigError(f"{flag} must be at least {low}, got {value}")
-    sampling = [f for f, v in (("--temperature", args.temperature), ("--top-k", args.top_k),
+    sampling = [f for f, v in (("--temperature", args.sampling_temperature), ("--top-k", args.top_k),
                                ("--top-p", args.top_p)) if v is not None]
     if sampling and not args.do_sample:
         raise ConfigError(f"{' and '.join(sampling)} only appl{'y' if len(sampling) > 1 else 'ies'} when "
                           "sampling: add --do-sample")
-    if args.temperature is not None and not args.temperature > 0:
-        raise ConfigError(f"--temperature must be positive, got {args.temperature}")
+    if args.sampling_temperature is not None and not args.sampling_temperature > 0:
+        raise ConfigError(f"--temperature must be positive, got {args.sampling_temperature}")
     if args.top_k is not None and args.top_k < 1:
         raise ConfigError(f"--top-k must be at least 1, got {args.top_k}")
     if args.top_p is not None and not 0.0 < args.top_p <= 1.0:
@@ -613,13 +642,9 @@ def cmd_generate(args) -> int:
     else:
         prompt = args.prompt
     ds = open_datastore(args.datastore)
-    from knnlm.config import ADAPTIVE
-
-    gate = _gate_before_model(ds, args, args.lam == ADAPTIVE or (args.retrieve_fraction or 1) < 1)
+    gate = _gate_before_model(ds, args, args.settings.needs_gate)
     model, tokenizer = load_model(args.model, device=args.device, dtype=args.dtype)
-    knn = KNNLM(model, ds, tokenizer, lam=args.lam, temperature=args.knn_temperature, k=args.k, nprobe=args.nprobe,
-                gate=gate, retrieve_fraction=args.retrieve_fraction, pointers=args.pointers,
-                min_pointers=args.min_pointers, keep_unseen=args.keep_unseen)
+    knn = KNNLM(model, ds, tokenizer, args.settings, gate=gate)
     enc = tokenizer(prompt, return_tensors="pt").to(model.device)
     n_prompt = enc["input_ids"].shape[1]
     if n_prompt == 0:
@@ -627,9 +652,9 @@ def cmd_generate(args) -> int:
     kw = dict(max_new_tokens=args.max_new_tokens, do_sample=args.do_sample, num_beams=args.num_beams,
               attention_mask=enc["attention_mask"],
               pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id)
-    for name in ("temperature", "top_k", "top_p"):
-        if getattr(args, name) is not None:
-            kw[name] = getattr(args, name)
+    for name, arg in (("temperature", "sampling_temperature"), ("top_k", "top_k"), ("top_p", "top_p")):
+        if getattr(args, arg) is not None:
+            kw[name] = getattr(args, arg)
     show = args.show_neighbours > 0 and args.show_tokens > 0
     if show and args.num_beams > 1:
         kw.update(return_dict_in_generate=True, output_scores=True)  # beam_indices: which row made each token
@@ -646,7 +671,7 @@ def cmd_generate(args) -> int:
     seq = out if isinstance(out, torch.Tensor) else out.sequences
     new = seq[0, n_prompt:].tolist()
     print(tokenizer.decode(new, skip_special_tokens=True))
-    if args.retrieve_fraction is not None or args.pointers or args.lam == "adaptive":
+    if args.retrieve_fraction is not None or args.pointers or args.settings.lam == "adaptive":
         st = proc.stats
         line = (f"\n[retrieval: searched {st['searched']} of {st['steps']} steps"
                 + (f", pointers {st['pointed']}; prompt tracking searched {st['prompt_searched']} of "
@@ -669,10 +694,10 @@ def cmd_generate(args) -> int:
 
 def cmd_demo(args) -> int:
     from knnlm.build import build_datastore
-    from knnlm.config import ADAPTIVE, BuildConfig, EvalConfig
+    from knnlm.config import ADAPTIVE, BuildConfig
     from knnlm.corpora import stdlib_files
     from knnlm.errors import KnnlmError
-    from knnlm.evaluation import format_results, run
+    from knnlm.evaluation import format_results
     from knnlm.gate import format_report, load_gate
     from knnlm.loading import load_model
     from knnlm.model import KNNLM
@@ -701,8 +726,8 @@ def cmd_demo(args) -> int:
         print(format_report(gate))
     print()
     lambdas = [ADAPTIVE, 0.25, 0.1, 0.5]
-    res = run(model, tokenizer, knn.replace(lam=ADAPTIVE, gate=gate), stdlib_files("test"),
-              EvalConfig(lambdas=lambdas, max_tokens=args.eval_tokens, progress=not args.quiet))
+    res = knn.replace(lam=ADAPTIVE, gate=gate).evaluate(stdlib_files("test"), lambdas=lambdas,
+                                                        max_tokens=args.eval_tokens, progress=not args.quiet)
     print(format_results(res))
     return 0
 
@@ -806,7 +831,9 @@ def main(argv: list[str] | None = None) -> int:
         return args.func(args)
     except KnnlmError as e:
         sys.stdout.flush()
-        print(f"knnlm {args.command}: error: {cli_message(str(e))}", file=sys.stderr, flush=True)
+        sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+        print(f"knnlm {args.command}: error: {cli_message(str(e), sub.choices[args.command])}", file=sys.stderr,
+              flush=True)
         return EXIT_USAGE
     except KeyboardInterrupt:
         hint = " (continue with --resume)" if args.command == "build-index" else ""

@@ -3,7 +3,7 @@
 Each check is written once here and called where the setting enters the library (a config
 dataclass, ``KNNLM``, ``windows``). Errors name the Python parameter in backquotes
 (`` `stride` must be ...``) and carry it in ``param``; the CLI maps parameter names to its flags
-(``knnlm.cli.FLAGS``).
+(``knnlm.errors.rename_params``, with each front end's own map).
 """
 
 from __future__ import annotations
@@ -14,7 +14,8 @@ from dataclasses import asdict, dataclass
 
 from knnlm.errors import ConfigError, KeyLayerError
 
-__all__ = ["BuildConfig", "EvalConfig", "ConfigError", "RESUME_KEYS", "KEY_DTYPES", "INDEX_STORAGES",
+__all__ = ["KNNSettings", "SETTINGS_FIELDS", "BuildConfig", "EvalConfig", "ConfigError", "RESUME_KEYS", "KEY_DTYPES",
+           "INDEX_STORAGES",
            "check_window", "check_context", "check_mixture", "check_k", "check_index_storage", "check_nprobe",
            "ADAPTIVE", "parse_lambda", "check_fraction", "check_pointers", "DEFAULT_MIN_POINTERS", "check_at_least",
            "check_layer_spec", "is_int"]
@@ -215,15 +216,61 @@ RESUME_KEYS = ("context", "stride", "batch_size", "key_dtype", "globs", "exclude
                "max_tokens", "layer")
 
 
+@dataclass(frozen=True)
+class KNNSettings:
+    """How a ``KNNLM`` retrieves and mixes: validated once, here, when made (``dataclasses.replace``
+    makes a changed copy, validated again). Errors name these fields."""
+    lam: float | str = 0.25  # a number in [0, 1], or "adaptive": λ(x) per token from the datastore's tuned gate
+    temperature: float = 1.0  # of the kNN softmax over -distance
+    k: int | None = None  # neighbours per query; None = 1024 capped at the datastore size
+    nprobe: int | None = None  # IVF lists probed; None = the datastore's default
+    rerank: bool = False  # exact distances from the stored keys for the returned candidates
+    retrieve_fraction: float | None = None  # search only this fraction of tokens (the gate's retrieval part)
+    pointers: bool = False  # RetoMaton-style pointers: follow the last step's matching neighbours
+    min_pointers: int | None = None  # search when fewer pointers survive; None = DEFAULT_MIN_POINTERS capped at k
+    keep_unseen: bool | None = None  # the keep-unseen mixture (knnlm.scoring); None: the gate's when one is used
+    use_kernel: bool = True  # the fused csrc op for full rows when it is available
+
+    def __post_init__(self):
+        object.__setattr__(self, "lam", parse_lambda(self.lam))
+        object.__setattr__(self, "temperature", float(self.temperature))
+        check_mixture(0.0 if self.lam == ADAPTIVE else self.lam, self.temperature)
+        check_k(self.k)
+        check_nprobe(self.nprobe)
+        check_fraction(self.retrieve_fraction)
+        check_pointers(self.pointers, self.min_pointers, self.k)
+        if self.min_pointers is not None and not self.pointers:
+            raise ConfigError("`min_pointers` only applies with `pointers`", param="min_pointers")
+        if self.retrieve_fraction is not None:
+            object.__setattr__(self, "retrieve_fraction", float(self.retrieve_fraction))
+
+    @property
+    def gated(self) -> bool:
+        """A retrieval fraction below 1: the gate's retrieval part decides which tokens search."""
+        return self.retrieve_fraction is not None and self.retrieve_fraction < 1
+
+    @property
+    def needs_gate(self) -> bool:
+        """An adaptive λ or a retrieval fraction below 1: the tuned gate is needed."""
+        return self.lam == ADAPTIVE or self.gated
+
+    def pointer_floor(self, k: int) -> int:
+        """``min_pointers``, or its default for ``k`` neighbours."""
+        return self.min_pointers or min(DEFAULT_MIN_POINTERS, k)
+
+
+SETTINGS_FIELDS = tuple(KNNSettings.__dataclass_fields__)
+
+
 @dataclass
 class EvalConfig:
-    """Perplexity settings. Every combination of lambdas x temperatures x ks is scored from one
-    retrieval at the largest k (a sweep); the first combination is the primary result."""
+    """What an eval reads and how it reports (``KNNLM.evaluate``), and the sweep axes: every
+    combination of lambdas x temperatures x ks is scored from one retrieval at the largest k; the
+    first combination is the primary result. How retrieval runs is the ``KNNLM``'s
+    ``KNNSettings``."""
     lambdas: tuple[float | str, ...] = (0.25,)  # numbers in [0, 1] and/or "adaptive" (the tuned gate)
     temperatures: tuple[float, ...] = (1.0,)
     ks: tuple[int | None, ...] = (None,)  # None = 1024 capped at the datastore size
-    nprobe: int | None = None  # None = the datastore's default
-    rerank: bool = False  # exact distances from the stored keys for the returned candidates
     context: int | None = None  # None = the datastore's window protocol
     stride: int | None = None
     batch_size: int = 8
@@ -234,10 +281,6 @@ class EvalConfig:
     max_tokens: int | None = None
     per_document: bool = False  # also report each document's negative log-likelihood (the harness's rolling scores)
     per_token: bool = False  # also return every target's log-probability, base LM and each setting (Python only)
-    retrieve_fraction: float | None = None  # search only this fraction of tokens (the gate's pre-retrieval part)
-    pointers: bool = False  # RetoMaton-style pointers: follow the last step's matching neighbours
-    min_pointers: int | None = None  # search when fewer pointers survive; None = DEFAULT_MIN_POINTERS
-    keep_unseen: bool | None = None  # the keep-unseen mixture (knnlm.scoring); None: the gate's when one is used
     progress: bool = True
 
     def __post_init__(self):
@@ -247,15 +290,10 @@ class EvalConfig:
         for param, values in (("lambdas", self.lambdas), ("temperatures", self.temperatures), ("ks", self.ks)):
             if not values:
                 raise ConfigError(f"`{param}` needs at least one value", param=param)
-        check_fraction(self.retrieve_fraction)
-        check_pointers(self.pointers, self.min_pointers)
-        if self.min_pointers is not None and not self.pointers:
-            raise ConfigError("`min_pointers` only applies with `pointers`", param="min_pointers")
         for t in self.temperatures:
             check_mixture(0.0, t, temperature_param="temperatures")
         for k in self.ks:
             check_k(k, param="ks")
-        check_nprobe(self.nprobe)
         check_at_least("batch_size", self.batch_size, 1)
         check_at_least("max_tokens", self.max_tokens, 2)
         if self.context is not None:
@@ -268,11 +306,6 @@ class EvalConfig:
         stride = self.stride or (default_stride if self.context is None else context - 1)
         check_window(context, stride)
         return context, stride
-
-    @property
-    def adaptive(self) -> bool:
-        """Whether a tuned gate is needed (an adaptive λ, or a retrieval fraction below 1)."""
-        return ADAPTIVE in self.lambdas or (self.retrieve_fraction is not None and self.retrieve_fraction < 1)
 
     @property
     def grid(self) -> list[tuple[float | str, float, int | None]]:

@@ -518,13 +518,9 @@ class DatastoreWriter:
                 path.rmdir()
             raise
         try:
-            old = read_header(path)
-            if old is None:
-                if _listing(path) and not overwrite:
-                    raise DatastoreError(f"`out` {path} exists, is not empty and holds no datastore; "
-                                         "choose an empty or new directory", param="out")
-            elif not overwrite:
-                cls._check_resumable(path, old, header, resume, resume_keys)
+            old = check_out(path, resume=resume, overwrite=overwrite)
+            if old is not None and not overwrite:
+                cls._check_resumable(path, old, header, resume_keys)
                 return cls(path, old, fresh=False, lock_fd=lock_fd)
             _clear(path)
             header.write(path)
@@ -551,16 +547,12 @@ class DatastoreWriter:
             _unlock(self.path, fd, remove=False)
 
     @staticmethod
-    def _check_resumable(path: Path, old: Header, new: Header, resume: bool, resume_keys: Sequence[str]) -> None:
+    def _check_resumable(path: Path, old: Header, new: Header, resume_keys: Sequence[str]) -> None:
         diff = old.model.mismatch(new.model)
         if diff:
             raise DatastoreError(f"`out` {path} holds a datastore of another model ({old.model.name_or_path!r}, "
                                  f"{diff[0]} differs); choose another `out`, or pass `overwrite` to replace it",
                                  param="out")
-        if not resume:
-            raise DatastoreError(f"`out` {path} already holds a datastore (status {old.status!r}, "
-                                 f"{old.count}/{old.total} rows); pass `resume` to continue it, `overwrite` to "
-                                 "replace it, or choose another `out`", param="out")
         changed = [k for k in resume_keys if new.build.get(k) != old.build.get(k)]
         if changed:
             k = changed[0]
@@ -773,6 +765,31 @@ def _let_go(path: Path, fd: int | None, *, drop_dir: bool) -> None:
         _unlock(path, fd, remove=empty)
     if empty and not any(path.iterdir()):
         path.rmdir()
+
+
+def check_out(path: str | os.PathLike, *, resume: bool, overwrite: bool) -> Header | None:
+    """What a build into ``path`` can be refused for before any model is loaded (and again by the
+    writer, under the directory's lock): a non-empty directory that holds no datastore, a
+    datastore there without ``resume`` or ``overwrite`` (a complete one: choose another ``out``
+    or replace it; an unfinished one: continue it). Returns the header found there, if any."""
+    path = Path(path)
+    if not path.exists():
+        return None
+    if not path.is_dir():
+        raise DatastoreError(f"`out` {path} is a file, not a directory", param="out")
+    old = read_header(path)
+    if old is None:
+        if _listing(path) and not overwrite:
+            raise DatastoreError(f"`out` {path} exists, is not empty and holds no datastore; "
+                                 "choose an empty or new directory", param="out")
+    elif not (resume or overwrite):
+        if old.complete:
+            raise DatastoreError(f"`out` {path} already holds a complete datastore ({old.count:,} rows); choose "
+                                 "another `out`, or pass `overwrite` to replace it", param="out")
+        raise DatastoreError(f"`out` {path} already holds an unfinished datastore (status {old.status!r}, "
+                             f"{old.count}/{old.total} rows); pass `resume` to continue it, `overwrite` to "
+                             "replace it, or choose another `out`", param="out")
+    return old
 
 
 def _listing(path: Path) -> list[str]:

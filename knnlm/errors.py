@@ -1,13 +1,16 @@
 """Every error knnlm reports to users, in one place (the ground floor: imports nothing of knnlm).
 
 Library errors speak the Python API: a bad setting names its parameter (``k must be at least 1,
-got 0``) and carries it in ``param``; the command line maps parameter names to its flags once
-(``knnlm.cli.FLAGS``) and prints every ``KnnlmError`` as one line.
+got 0``) and carries it in ``param``; front ends (the command line, the harness's model_args)
+rename them with ``rename_params``, from a map derived from their own argument parsers, and
+print every ``KnnlmError`` as one line.
 """
 
 from __future__ import annotations
 
-__all__ = [
+import re
+
+__all__ = ["rename_params", "PARAM_ALIASES",
     "KnnlmError", "ConfigError", "CorpusError", "DatastoreError", "IndexSpecError", "KeyLayerError",
     "ModelLoadError", "GenerateError", "DistributedError",
 ]
@@ -55,3 +58,21 @@ class GenerateError(KnnlmError):
 
 class DistributedError(KnnlmError):
     """The ranks of a torchrun job disagree (arguments, state), or one of them failed."""
+
+
+_PARAM = re.compile(r"`([a-z_]+)`")
+# a library parameter and its sweep / single-value twin: a front end may spell only one of each pair
+PARAM_ALIASES = {"lam": "lambdas", "lambdas": "lam", "temperature": "temperatures", "temperatures": "temperature",
+                 "k": "ks", "ks": "k"}
+
+
+def rename_params(message: str, names: dict[str, str]) -> str:
+    """An error message in a front end's words: every `parameter` (in backquotes) that ``names``
+    knows (directly or by its ``PARAM_ALIASES`` twin) becomes ``names[parameter]``; whitespace
+    runs become one space (one line)."""
+    def sub(m: re.Match) -> str:
+        p = m.group(1)
+        new = names.get(p) or names.get(PARAM_ALIASES.get(p, ""))
+        return new if new else m.group(0)
+
+    return _PARAM.sub(sub, " ".join(message.split()))

@@ -17,9 +17,10 @@ With ``per_document`` the result also holds each document's summed negative log-
 LM and the primary setting): what the lm-evaluation-harness model (``knnlm.harness``) reports; with
 ``per_token`` (Python only) every target's log-probability, base LM and each setting, as tensors.
 
-``run(model, tokenizer, knn, ...)`` is the loop; ``EvaluationMixin`` gives ``KNNLM`` its
-``evaluate`` method (as ``transformers``' ``GenerationMixin`` gives models ``generate``), and the
-functional ``knnlm.evaluate`` calls ``run`` through a ``KNNLM``.
+``run(model, tokenizer, knn, ...)`` is the loop; ``KNNLM.evaluate`` and the functional
+``knnlm.evaluate`` call it. The kNN side of each batch is ``KNNLM.lookup`` (which rows search,
+follow pointers or get no neighbours) and ``KNNLM.mix_targets`` (the sweep's target
+log-probabilities): the decisions every way of using a ``KNNLM`` shares.
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ import numpy as np
 import torch
 
 from knnlm.capture import capture_keys
-from knnlm.config import ADAPTIVE, DEFAULT_MIN_POINTERS, EvalConfig, check_context, resolve_keep_unseen
+from knnlm.config import ADAPTIVE, EvalConfig, check_context
 from knnlm.data import (
     Document,
     Source,
@@ -49,13 +50,13 @@ from knnlm.data import (
 )
 from knnlm.datastore import Datastore
 from knnlm.errors import CorpusError, KnnlmError
-from knnlm.gate import NL, UNSEEN_COL, lm_features
+from knnlm.gate import NL, lm_features
 from knnlm.retrieval import Step, one_thread, resolve_k
-from knnlm.scoring import knn_target_log_probs, lm_target_log_probs, mix
+from knnlm.scoring import knn_target_log_probs, lm_target_log_probs
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["EvaluationMixin", "run", "eval_window", "BUCKET_EDGES", "format_results", "LMCache", "collect_tuning"]
+__all__ = ["run", "eval_window", "BUCKET_EDGES", "format_results", "LMCache", "collect_tuning"]
 
 # Datastore-corpus frequency buckets of the target token: [0], [1, 10), [10, 100), ...
 BUCKET_EDGES = (0, 1, 10, 100, 1_000, 10_000)
@@ -75,26 +76,6 @@ def _ppl(nll: float, n: int) -> float | None:
         return None
     v = nll / n
     return math.exp(v) if v < 700 else None  # None: infinite (a target with zero probability)
-
-
-class EvaluationMixin:
-    """``evaluate`` for ``KNNLM`` (which provides ``model``, ``tokenizer``, ``datastore``,
-    ``search`` and the settings ``lam``, ``temperature``, ``k``, ``nprobe``, ``rerank``)."""
-
-    def evaluate(self, data: Sequence | None = None, *, texts: Sequence[str] | None = None,
-                 lm_cache: LMCache | None = None, **settings) -> dict:
-        """Perplexity with and without retrieval on ``data`` (paths or ``Source``s) or ``texts``,
-        at this object's settings; keyword ``settings`` override ``EvalConfig`` fields (e.g.
-        ``lambdas=[0.1, 0.25, "adaptive"]`` for a sweep, scored from one retrieval).
-        ``lm_cache`` (an ``LMCache``): one forward pass serves several calls on the same text."""
-        base = dict(lambdas=[self.lam], temperatures=[self.temperature], ks=[self.k], nprobe=self.nprobe,
-                    rerank=self.rerank, retrieve_fraction=self.retrieve_fraction, pointers=self.pointers,
-                    min_pointers=self.min_pointers if self.pointers else None, keep_unseen=self.keep_unseen)
-        base.update(settings)
-        cfg = EvalConfig(**base)
-        same = (cfg.nprobe, cfg.rerank) == (self.nprobe, self.rerank)
-        knn = self if same else self.replace(nprobe=cfg.nprobe, rerank=cfg.rerank)
-        return run(self.model, self.tokenizer, knn, data, cfg, texts=texts, lm_cache=lm_cache)
 
 
 # ---------------------------------------------------------------------------- the eval text
@@ -248,78 +229,41 @@ class LMCache:
         self.batches: list[_LMBatch] = []
 
 
-def _score_knn(knn: EvaluationMixin, tally: _Tally, grid, cfg: EvalConfig, lmb: _LMBatch, counts: torch.Tensor,
-               gate, kmax: int, keep_unseen: bool = False) -> None:
-    """Neighbours at the largest k (searched, followed as pointers, or skipped by the retrieval
-    gate), then every (k, T, lambda) of the grid from them; skipped rows score log p_lm exactly.
-    ``keep_unseen``: the keep-unseen mixture (``knnlm.scoring``)."""
-    tgt, lp_lm = lmb.tgt, lmb.lp_lm
-    step = _neighbours(knn, cfg, lmb, kmax, gate)
-    dists, values = step.dists, step.values
-    if step.searched is None:  # plain search of every row: the fast path of a fixed-λ eval
-        has, all_rows = None, True
-        tally.n_searched += tgt.shape[0]
-    else:
-        has = step.searched | step.pointed  # (R,)
-        all_rows = bool(has.all())
-        tally.n_searched += int(step.searched.sum())
-        tally.n_pointed += int(step.pointed.sum())
-    bucket = torch.bucketize(counts[tgt.cpu()], torch.tensor(BUCKET_EDGES[1:]), right=True)  # (R,)
-    tally.add_buckets(bucket, lp_lm)
-    sel = slice(None) if all_rows else has
-    lam_ad = None
-    if any(lam == ADAPTIVE for lam, _, _ in grid):
-        lam_ad = gate.lam(lmb.lm_feats[sel], dists[sel], values[sel])  # (H,)
-        tally.add_lambdas(lam_ad, bucket if all_rows else bucket[has.cpu()])
-    lp_knn = {}
-    keep = {}  # the keep-unseen mixture's extra inputs for the selected rows
-    if keep_unseen:
-        keep = {"log_unseen": lmb.lm_feats[sel, UNSEEN_COL], "unseen": (counts[tgt[sel].cpu()] == 0).to(tgt.device)}
-    for gi, (lam, t, k) in enumerate(grid):
-        if (k, t) not in lp_knn:
-            lp_knn[(k, t)] = knn_target_log_probs(dists[sel, :k], values[sel, :k], tgt[sel], t)  # (H,)
-        w = lam_ad if lam == ADAPTIVE else lam
-        if all_rows:
-            lp = mix(lp_lm, lp_knn[(k, t)], w, **keep)
-        else:
-            lp = lp_lm.float().clone()
-            lp[has] = mix(lp_lm[has], lp_knn[(k, t)], w, **keep)
-        tally.add_setting(gi, bucket, lp, lmb.doc if cfg.per_document else None)
+def _score_knn(knn, tally: _Tally, grid, cfg: EvalConfig, lmb: _LMBatch, counts: torch.Tensor, kmax: int) -> None:
+    """Neighbours at the largest k (``KNNLM.lookup``: searched, followed as pointers, or none),
+    then every (k, T, lambda) of the grid from them (``KNNLM.mix_targets``)."""
+    step = _neighbours(knn, lmb, kmax, [lam for lam, _, _ in grid])
+    tally.n_searched += int(step.searched.sum())
+    tally.n_pointed += int(step.pointed.sum())
+    bucket = torch.bucketize(counts[lmb.tgt.cpu()], torch.tensor(BUCKET_EDGES[1:]), right=True)  # (R,)
+    tally.add_buckets(bucket, lmb.lp_lm)
+    lps, lam_ad = knn.mix_targets(lmb.lp_lm, step, lmb.tgt, grid, lmb.lm_feats)  # (G, R), (H,)
+    if lam_ad is not None:
+        tally.add_lambdas(lam_ad, bucket[step.has.cpu()])
+    for gi in range(len(grid)):
+        tally.add_setting(gi, bucket, lps[gi], lmb.doc if cfg.per_document else None)
 
 
-def _neighbours(knn, cfg: EvalConfig, lmb: _LMBatch, kmax: int, gate) -> Step:
-    """The neighbours of every row of a batch; ``searched`` None when every row simply searched."""
-    query, exclude = lmb.query, lmb.exclude
-    allow = None
-    if cfg.retrieve_fraction is not None and cfg.retrieve_fraction < 1:
-        allow = gate.select(lmb.lm_feats, cfg.retrieve_fraction)  # (R,) bool
-    if not cfg.pointers:
-        if allow is None:
-            d, v, i = knn.search(query, k=kmax, exclude=exclude)
-            return Step(d, v, i, None, None)
-        return knn.retriever.step(query, kmax, allow=allow, exclude=exclude)
-    # pointers: sequential over the positions of each window, vectorised across the windows
-    r_all, dev = query.shape[0], query.device
-    dists = torch.full((r_all, kmax), math.inf, device=dev)
-    values = torch.zeros(r_all, kmax, dtype=torch.int64, device=dev)
-    ids = torch.full((r_all, kmax), -1, dtype=torch.int64, device=dev)
-    searched = torch.zeros(r_all, dtype=torch.bool, device=dev)
-    pointed = torch.zeros_like(searched)
+def _neighbours(knn, lmb: _LMBatch, kmax: int, lambdas) -> Step:
+    """The neighbours (``Step``) of every row of a batch. With pointers the windows are followed
+    position by position (sequential within a window, vectorised across the windows)."""
+    query, exclude, feats, dev = lmb.query, lmb.exclude, lmb.lm_feats, lmb.query.device
+    lookup = knn.lookup(len(lmb.lengths) if knn.pointers else 0, k=kmax, lambdas=lambdas, device=dev)
+    if not knn.pointers:
+        return lookup.neighbours(query, feats, exclude=exclude)
+    out = Step.empty(query.shape[0], kmax, dev)
     lengths = torch.tensor(lmb.lengths)
     starts = torch.cumsum(lengths, 0) - lengths
-    state = torch.full((len(lmb.lengths), kmax), -1, dtype=torch.int64, device=dev)  # pointers per window
-    min_ptr = cfg.min_pointers or min(DEFAULT_MIN_POINTERS, kmax)
     with one_thread():
         for s in range(int(lengths.max())):
             wins = (lengths > s).nonzero().squeeze(1).to(dev)  # (W,) windows that reach position s
             r = starts.to(dev)[wins] + s  # (W,) their rows
-            st = knn.retriever.step(query[r], kmax, pointers=state[wins], min_pointers=min_ptr,
-                                    allow=None if allow is None else allow[r],
-                                    exclude=None if exclude is None else exclude[r])
-            for out, x in zip((dists, values, ids, searched, pointed), st):
-                out.index_copy_(0, r, x)
-            state.index_copy_(0, wins, knn.retriever.successors(st.ids, st.values, lmb.tgt[r]))
-    return Step(dists, values, ids, searched, pointed)
+            st = lookup.neighbours(query[r], None if feats is None else feats[r],
+                                   exclude=None if exclude is None else exclude[r], rows=wins)
+            for o, x in zip(out, st):
+                o.index_copy_(0, r, x)
+            lookup.advance(st, lmb.tgt[r], rows=wins)
+    return out
 
 
 HEAD_CHUNK_BYTES = 64 << 20  # fp32 logits materialised at once when the LM head is applied in chunks
@@ -431,13 +375,13 @@ def _prepare(model, tokenizer, knn, data, cfg: EvalConfig, texts):
     return ds, context, stride, bos, docs, overlap
 
 
-def run(model, tokenizer, knn: EvaluationMixin | None, data: Sequence | None, cfg: EvalConfig, *,
+def run(model, tokenizer, knn, data: Sequence | None, cfg: EvalConfig, *,
         texts: Sequence[str] | None = None, lm_cache: LMCache | None = None) -> dict:
     """Score ``data`` or ``texts`` with the base LM and, when ``knn`` is given, every setting of
     ``cfg``'s grid with ``knn``'s model, datastore and retriever. Returns a JSON-ready dict.
     ``lm_cache``: reuse (or fill) the LM side of the same text (``LMCache``)."""
     t_start = time.time()
-    gate = knn.require_gate() if knn is not None and cfg.adaptive else None
+    gate = knn.require_gate() if knn is not None and (ADAPTIVE in cfg.lambdas or knn.settings.gated) else None
     ds, context, stride, bos, docs, overlap = _prepare(model, tokenizer, knn, data, cfg, texts)
     if gate is not None:
         gate.check_disjoint(docs)
@@ -456,7 +400,7 @@ def run(model, tokenizer, knn: EvaluationMixin | None, data: Sequence | None, cf
                        overlap.documents, len(docs), overlap.tokens, how)
     exclude_self = bool(overlap.documents) and cfg.exclude_self
     tally = _Tally(len(grid), documents=len(docs) if cfg.per_document else 0, per_token=cfg.per_token)
-    keep_unseen = knn is not None and resolve_keep_unseen(cfg.keep_unseen, gate)
+    keep_unseen = knn is not None and knn.keeps_unseen_for(cfg.lambdas)
     need_feats = counts is not None and (gate is not None or lm_cache is not None or keep_unseen)
 
     from tqdm.auto import tqdm
@@ -471,11 +415,12 @@ def run(model, tokenizer, knn: EvaluationMixin | None, data: Sequence | None, cf
             if knn is not None:
                 t1 = time.time()
                 with torch.inference_mode():
-                    _score_knn(knn, tally, grid, cfg, lmb, counts, gate, kmax, keep_unseen)
+                    _score_knn(knn, tally, grid, cfg, lmb, counts, kmax)
                 tally.t_knn += time.time() - t1
             bar.update(int(lmb.tgt.shape[0]))
     res = _base_result(tally, docs, context, stride, bos, cfg, time.time() - t_start)
     if knn is not None:
+        res["settings"].update(_jsonable(asdict(knn.settings)))
         res.update(_knn_result(tally, grid, knn, overlap, cfg, gate, kmax))
         res["keep_unseen"] = keep_unseen
     if cfg.per_token:  # float64 tensors (T,) in document order; -inf: a target of probability zero
@@ -558,7 +503,7 @@ def _lambda_summary(tally: _Tally, gate) -> dict:
     }
 
 
-def _knn_result(tally: _Tally, grid, knn: EvaluationMixin, overlap: _Overlap, cfg: EvalConfig, gate,
+def _knn_result(tally: _Tally, grid, knn, overlap: _Overlap, cfg: EvalConfig, gate,
                 kmax: int) -> dict:
     n = tally.n
     results = [{"lambda": lam, "temperature": t, "k": k, "ppl": _ppl(float(tally.nll[gi]), n)}
@@ -579,8 +524,8 @@ def _knn_result(tally: _Tally, grid, knn: EvaluationMixin, overlap: _Overlap, cf
         "grid": results,
         "retrieval": {"k": kmax, "nprobe": knn.nprobe, "rerank": knn.rerank,
                       "index": (ds.header.index or {}).get("factory"),
-                      "retrieve_fraction": cfg.retrieve_fraction, "pointers": cfg.pointers,
-                      "min_pointers": (cfg.min_pointers or min(DEFAULT_MIN_POINTERS, kmax)) if cfg.pointers else None,
+                      "retrieve_fraction": knn.retrieve_fraction, "pointers": knn.pointers,
+                      "min_pointers": knn.settings.pointer_floor(kmax) if knn.pointers else None,
                       "searched_fraction": tally.n_searched / max(n, 1),
                       "pointer_fraction": tally.n_pointed / max(n, 1),
                       "searches_saved": 1.0 - tally.n_searched / max(n, 1)},

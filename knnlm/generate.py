@@ -54,17 +54,6 @@ _UNSUPPORTED = {
     "custom_generate": "custom_generate",
 }
 
-class GenerationMixin:
-    """``generate`` for ``KNNLM`` (which provides ``model``, ``datastore``, ``key_layer``, ``search``,
-    ``mix`` and ``lam``), as ``transformers``' ``GenerationMixin`` gives models theirs."""
-
-    def generate(self, inputs: torch.Tensor | None = None, **kwargs):
-        """``model.generate`` with the kNN-LM mixture at every step: same keyword arguments (greedy,
-        sampling, beam search, ``max_new_tokens``, ``attention_mask``, ...), same return types.
-        ``processor=KNNLogitsProcessor(knn, record=N)`` keeps the neighbours of the first N steps."""
-        return generate(self, inputs, **kwargs)
-
-
 class KNNLogitsProcessor(LogitsProcessor):
     """Replace the next-token scores by kNN-LM log-probabilities.
 
@@ -81,7 +70,7 @@ class KNNLogitsProcessor(LogitsProcessor):
     the prompt when the KV cache is used).
     """
 
-    def __init__(self, knnlm: GenerationMixin, *, record: int = 0):
+    def __init__(self, knnlm, *, record: int = 0):
         self.knnlm = knnlm
         self.record = int(record)
         self.records: list[tuple[torch.Tensor, torch.Tensor]] = []
@@ -91,8 +80,8 @@ class KNNLogitsProcessor(LogitsProcessor):
         self._vocab = knnlm.datastore.header.model.vocab_size
         self.attention_mask: torch.Tensor | None = None  # the prompt's, for pointer tracking (set by generate)
         self.stats = {"steps": 0, "searched": 0, "pointed": 0, "prompt_steps": 0, "prompt_searched": 0}
-        self._pending = None  # (ids, values) of the last step, for the pointers of the next one
-        self._state: torch.Tensor | None = None  # (rows, k) pointer rows
+        self._pending = None  # the last step (``Step``), for the pointers of the next one
+        self._lookup = None  # knnlm.retrieval.Lookup: the per-row retrieval decision (made on the first step)
 
     # ---- the key hook -------------------------------------------------------------------------
     def __enter__(self) -> KNNLogitsProcessor:
@@ -102,7 +91,7 @@ class KNNLogitsProcessor(LogitsProcessor):
             raise GenerateError("this KNNLogitsProcessor is already in use; create one per generate() call")
         self.records, self.key_lengths = [], []
         self.stats = dict.fromkeys(self.stats, 0)
-        self._pending, self._state = None, None
+        self._pending, self._lookup = None, None
         self._ctx = capture_keys(self.knnlm.model, self.knnlm.key_layer)
         self._cap = self._ctx.__enter__()
         return self
@@ -141,22 +130,23 @@ class KNNLogitsProcessor(LogitsProcessor):
                                 f"vocabulary of {self._vocab}; use the model the datastore was built with")
         self.key_lengths.append(int(keys.shape[1]))
         query = keys[:, -1, :]  # (rows, D): the position whose next token is being chosen
-        if self.knnlm.pointers:
-            self._advance_pointers(keys, input_ids)
+        if self._lookup is None:
+            self._start(keys, input_ids)
+        elif self._pending is not None:
+            self._lookup.advance(self._pending, input_ids[:, -1])
         out = self._mix(query, scores)
         banned = torch.isneginf(scores)  # bans set by processors that ran before this one
         return out.masked_fill(banned, -math.inf) if bool(banned.any()) else out
 
-    def _advance_pointers(self, keys: torch.Tensor, input_ids: torch.Tensor) -> None:
-        """Pointers for this step: from the last step's neighbours and the token chosen after it,
-        or, on the first step, by tracking the prompt (keys (rows, P, D), P > 1)."""
+    def _start(self, keys: torch.Tensor, input_ids: torch.Tensor) -> None:
+        """The first step: the lookup for these rows and, with pointers, the prompt tracked position
+        by position, teacher-forced (keys (rows, P, D)), so the pointers know where the prompt is."""
         knn = self.knnlm
-        if self._pending is not None:
-            ids, values = self._pending
-            self._state = knn.retriever.successors(ids, values, input_ids[:, -1])
-            return
         rows, p = keys.shape[0], keys.shape[1]
-        state = torch.full((rows, knn.k), -1, dtype=torch.int64, device=keys.device)
+        # a fixed λ = 0 has no kNN side: no search, unless the neighbours are recorded
+        self._lookup = lookup = knn.lookup(rows, always=self.record > 0, device=keys.device)
+        if not knn.pointers:
+            return
         mask = self.attention_mask
         with one_thread():
             for t in range(p - 1):  # position t predicts input_ids[:, t + 1], which is known
@@ -164,52 +154,27 @@ class KNNLogitsProcessor(LogitsProcessor):
                     mask[:, t].to(keys.device).bool()
                 if not bool(real.any()):
                     continue
-                st = knn.retriever.step(keys[real, t], pointers=state[real], min_pointers=knn.min_pointers)
-                self.stats["prompt_steps"] += int(real.sum())
+                idx = real.nonzero().squeeze(1)
+                st = lookup.neighbours(keys[idx, t], rows=idx, gated=False)  # no logits here: no retrieval gate
+                self.stats["prompt_steps"] += int(idx.numel())
                 self.stats["prompt_searched"] += int(st.searched.sum())
-                state[real] = knn.retriever.successors(st.ids, st.values, input_ids[real, t + 1])
-                state[~real] = -1
-        self._state = state
+                lookup.advance(st, input_ids[idx, t + 1], rows=idx)
+                lookup.reset(~real)
 
     def _mix(self, query: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
         knn = self.knnlm
-        keep = len(self.records) < self.record
-        rows = scores.shape[0]
-        self.stats["steps"] += rows
-        if knn.lam == 0.0 and not keep:  # no kNN mass: skip the search
-            return torch.log_softmax(scores.float(), dim=-1)
-        allow = None
-        if knn.retrieve_fraction is not None and knn.retrieve_fraction < 1:
-            allow = knn.require_gate().select(knn.lm_features(scores), knn.retrieve_fraction)  # (rows,)
-        if allow is None and not knn.pointers:
-            dists, values, ids = knn.search(query)  # (rows, k) each
-            has = None
-            self.stats["searched"] += rows
-        else:
-            st = knn.retriever.step(query, pointers=self._state if knn.pointers else None,
-                                    min_pointers=knn.min_pointers, allow=allow)
-            dists, values, ids = st.dists, st.values, st.ids
-            has = st.searched | st.pointed
-            self.stats["searched"] += int(st.searched.sum())
-            self.stats["pointed"] += int(st.pointed.sum())
-        if knn.pointers:
-            self._pending = (ids, values)
-        if keep:
-            self.records.append((dists.detach().cpu(), ids.detach().cpu()))
-        if has is None or bool(has.all()):
-            out = knn.mix(scores, dists, values)
-        else:  # rows without neighbours (skipped by the retrieval gate) get the LM exactly
-            out = torch.log_softmax(scores.float(), dim=-1)
-            if bool(has.any()):
-                out[has] = knn.mix(scores[has], dists[has], values[has])
-        if knn.lam == 1.0:  # a row whose neighbours are all missing has no kNN mass: fall back to the LM
-            empty = torch.isneginf(out).all(dim=-1)
-            if bool(empty.any()):
-                out[empty] = torch.log_softmax(scores[empty].float(), dim=-1)
-        return out
+        self.stats["steps"] += scores.shape[0]
+        feats = knn.lm_features(scores) if knn.needs_lm_features() else None
+        st = self._lookup.neighbours(query, feats)
+        self.stats["searched"] += int(st.searched.sum())
+        self.stats["pointed"] += int(st.pointed.sum())
+        self._pending = st
+        if len(self.records) < self.record:
+            self.records.append((st.dists.detach().cpu(), st.ids.detach().cpu()))
+        return knn.mix_rows(scores, st, feats)
 
 
-def generate(knnlm: GenerationMixin, inputs: torch.Tensor | None = None, *, logits_processor=None,
+def generate(knnlm, inputs: torch.Tensor | None = None, *, logits_processor=None,
              processor: KNNLogitsProcessor | None = None, **kwargs):
     """``model.generate`` with the kNN-LM mixture: same keyword arguments, same return types.
 

@@ -43,7 +43,6 @@ from __future__ import annotations
 
 import logging
 import math
-import re
 import sys
 from collections.abc import Sequence
 
@@ -52,10 +51,10 @@ import torch
 from lm_eval.api.model import TemplateLM
 
 from knnlm.capture import capture_keys
-from knnlm.config import EvalConfig, check_at_least, check_context, check_k, check_mixture, check_nprobe
+from knnlm.config import EvalConfig, KNNSettings, check_at_least, check_context, check_k
 from knnlm.data import Window, batch_inputs, windows
 from knnlm.datastore import open_datastore
-from knnlm.errors import ConfigError, KnnlmError
+from knnlm.errors import ConfigError, KnnlmError, rename_params
 from knnlm.evaluation import eval_window
 from knnlm.loading import DEFAULT_MODEL, load_model, resolve_device
 from knnlm.model import KNNLM
@@ -66,7 +65,7 @@ logger = logging.getLogger(__name__)
 __all__ = ["KNNLMHarness", "MODEL_ARGS", "NAME", "register", "main"]
 
 NAME = "knnlm"
-DEFAULT_LAMBDA = EvalConfig().lambdas[0]  # the package's default mixture weight
+DEFAULT_LAMBDA = KNNSettings().lam  # the package's default mixture weight
 # the library's parameter names -> the --model_args key that sets them (errors speak model_args)
 MODEL_ARGS = {
     "model": "pretrained", "pretrained": "pretrained", "datastore": "datastore", "lam": "lambda",
@@ -75,12 +74,11 @@ MODEL_ARGS = {
     "dtype": "dtype", "context": "context", "stride": "stride", "max_gen_toks": "max_gen_toks",
 }
 _ACCEPTED = sorted(set(MODEL_ARGS.values()))
-_PARAM = re.compile(r"`([a-z_]+)`")
 
 
 def _harness_message(message: str) -> str:
     """A library error message in model_args words: every `parameter` becomes its model_args key."""
-    return _PARAM.sub(lambda m: f"`{MODEL_ARGS.get(m.group(1), m.group(1))}`", " ".join(message.split()))
+    return rename_params(message, {k: f"`{v}`" for k, v in MODEL_ARGS.items()})
 
 
 def _number(name: str, value, kind: type, *, none_ok: bool = True):
@@ -100,71 +98,73 @@ def _number(name: str, value, kind: type, *, none_ok: bool = True):
         raise ConfigError(f"`{name}` must be {what}, got {value!r}", param=name) from None
 
 
-def _parse_lambda(value) -> float | str:
-    """A number in [0, 1], or a string λ mode (``adaptive``) handed to ``KNNLM`` unchanged."""
-    if isinstance(value, str):
-        try:
-            return float(value)
-        except ValueError:
-            if value.strip().lower() == "adaptive":
-                return "adaptive"
-            raise ConfigError(f"`lambda` must be a number in [0, 1] or adaptive, got {value!r}",
-                              param="lambda") from None
-    return _number("lambda", value, float, none_ok=False)
-
-
 class KNNLMHarness(TemplateLM):
     """An lm-eval ``LM`` (through ``TemplateLM``, the tokenizing base lm-eval's ``hf`` model uses)
     scoring with a ``KNNLM`` -- or with the plain LM when no ``datastore`` is given."""
 
-    def __init__(self, pretrained: str = DEFAULT_MODEL, datastore: str | None = None, k=None, temperature=1.0,
-                 nprobe=None, batch_size=8, device: str | None = "auto", dtype: str = "auto", context=None,
-                 stride=None, max_gen_toks=256, **kwargs):
+    def __init__(self, pretrained: str | KNNLM = DEFAULT_MODEL, datastore: str | None = None, k=None,
+                 temperature=1.0, nprobe=None, batch_size=8, device: str | None = "auto", dtype: str = "auto",
+                 context=None, stride=None, max_gen_toks=256, **kwargs):
+        """``pretrained``: what ``knnlm --model`` takes, or an already built ``KNNLM`` (its model,
+        tokenizer, datastore and settings are used as they are; ``datastore`` / ``lambda`` / ``k``
+        / ``temperature`` / ``nprobe`` / ``device`` / ``dtype`` must then be left unset)."""
         super().__init__()
         try:
-            self._setup(pretrained, datastore, k, temperature, nprobe, batch_size, device, dtype, context, stride,
-                        max_gen_toks, **kwargs)
+            if isinstance(pretrained, KNNLM):
+                self._adopt(pretrained, datastore, k, nprobe, batch_size, context, stride, max_gen_toks, kwargs,
+                            temperature)
+            else:
+                self._setup(pretrained, datastore, k, temperature, nprobe, batch_size, device, dtype, context, stride,
+                            max_gen_toks, **kwargs)
         except KnnlmError as e:
             raise type(e)(_harness_message(str(e)), param=MODEL_ARGS.get(e.param, e.param)) from None
 
-    def _setup(self, pretrained, datastore, k, temperature, nprobe, batch_size, device, dtype, context, stride,
-               max_gen_toks, **kwargs) -> None:
-        lam = _parse_lambda(kwargs.pop("lambda", DEFAULT_LAMBDA))
-        if kwargs:
-            raise ConfigError(f"`{sorted(kwargs)[0]}` is not a knnlm model_args key; use "
-                              f"{', '.join(_ACCEPTED)}", param=sorted(kwargs)[0])
-        # every check that needs no model first
-        temperature = _number("temperature", temperature, float, none_ok=False)
-        check_mixture(lam if not isinstance(lam, str) else 0.0, temperature, lam_param="lambda")
-        k, nprobe = _number("k", k, int), _number("nprobe", nprobe, int)
-        check_k(k)
-        check_nprobe(nprobe)
+    def _common(self, batch_size, max_gen_toks, context, stride) -> None:
         self.batch_size = _number("batch_size", batch_size, int, none_ok=False)
         check_at_least("batch_size", self.batch_size, 1)
         self._max_gen_toks = _number("max_gen_toks", max_gen_toks, int, none_ok=False)
         check_at_least("max_gen_toks", self._max_gen_toks, 1)
         self.cfg = EvalConfig(context=_number("context", context, int), stride=_number("stride", stride, int),
                               batch_size=self.batch_size)
+
+    def _adopt(self, knn: KNNLM, datastore, k, nprobe, batch_size, context, stride, max_gen_toks, kwargs,
+               temperature) -> None:
+        """A built ``KNNLM`` as the model (as lm-eval's ``hf`` model accepts a model object)."""
+        given = [n for n, v in (("datastore", datastore), ("k", k), ("nprobe", nprobe), *kwargs.items())
+                 if v is not None]
+        given += ["temperature"] if temperature != 1.0 else []
+        if given:  # the KNNLM's own model (on its device, in its dtype) and settings are used
+            raise ConfigError(f"`{given[0]}` cannot be set with a built KNNLM as `pretrained`: set it on the KNNLM",
+                              param=given[0])
+        self._common(batch_size, max_gen_toks, context, stride)
+        self.knn, self.model, self.tokenizer = knn, knn.model, knn.tokenizer
+        self._device = next(self.model.parameters()).device
+        self.context, self.stride, self.bos = eval_window(self.cfg, knn.datastore, self.tokenizer)
+        check_context(self.context, self.bos, getattr(self.model.config, "max_position_embeddings", None))
+
+    def _setup(self, pretrained, datastore, k, temperature, nprobe, batch_size, device, dtype, context, stride,
+               max_gen_toks, **kwargs) -> None:
+        lam = kwargs.pop("lambda", DEFAULT_LAMBDA)
+        if kwargs:
+            raise ConfigError(f"`{sorted(kwargs)[0]}` is not a knnlm model_args key; use "
+                              f"{', '.join(_ACCEPTED)}", param=sorted(kwargs)[0])
+        # every check that needs no model first: the settings are validated once, by KNNSettings
+        settings = KNNSettings(lam=lam, temperature=_number("temperature", temperature, float, none_ok=False),
+                               k=_number("k", k, int), nprobe=_number("nprobe", nprobe, int))
+        self._common(batch_size, max_gen_toks, context, stride)
         resolve_device(device)
         ds = open_datastore(datastore) if datastore not in (None, "") else None
         if ds is not None:
-            check_k(k, len(ds))
+            check_k(settings.k, len(ds))
         self.model, self.tokenizer = load_model(str(pretrained), device=device, dtype=dtype)
         self._device = next(self.model.parameters()).device
         self.knn = None
         if ds is not None:
-            try:
-                self.knn = KNNLM(self.model, ds, self.tokenizer, lam=lam, temperature=temperature, k=k,
-                                 nprobe=nprobe)
-            except (TypeError, ValueError) as e:
-                if not isinstance(lam, str) or isinstance(e, KnnlmError):
-                    raise
-                raise ConfigError(f"`lambda` {lam!r} is not supported by this knnlm's KNNLM ({e})",
-                                  param="lambda") from None
+            self.knn = KNNLM(self.model, ds, self.tokenizer, settings)
         self.context, self.stride, self.bos = eval_window(self.cfg, ds, self.tokenizer)
         check_context(self.context, self.bos, getattr(self.model.config, "max_position_embeddings", None))
         logger.info("knnlm harness model: %s, %s, windows %d/%d%s", pretrained,
-                    f"datastore {datastore} (lambda {lam}, k {self.knn.k}, temperature {temperature})"
+                    f"datastore {datastore} (lambda {settings.lam}, k {self.knn.k}, temperature {settings.temperature})"
                     if self.knn is not None else "no datastore (plain LM)", self.context, self.stride,
                     ", <bos> per window" if self.bos is not None else "")
 

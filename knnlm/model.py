@@ -2,21 +2,29 @@
 
     from knnlm import KNNLM, load_model, open_datastore
     model, tok = load_model("smollm2")
-    knn = KNNLM(model, open_datastore("runs/stdlib"), tok, lam=0.25)
+    knn = KNNLM(model, open_datastore("runs/stdlib"), tok, lam=0.25)  # or KNNLM(..., settings=KNNSettings(...))
     res = knn.evaluate(texts=["def main():\\n    ..."])           # perplexity with / without retrieval
     out = knn.generate(**tok("import os\\n", return_tensors="pt"), max_new_tokens=32)
     logp = knn.log_probs(logits, hidden)                           # (B, V) from (B, V) and (B, D)
 
 The object checks once that the datastore was built by this model and tokenizer (the model
-identity is hashed here and nowhere else per call), owns the one ``Retriever``, and turns
-(logits, query hidden states) into kNN-LM log-probabilities with ``knnlm.scoring``, the one place
-the formula lives. Its ``evaluate`` and ``generate`` come from the mixins of
-``knnlm.evaluation`` and ``knnlm.generate`` (the ways to use it, below it); the functional
-``knnlm.evaluate(model, tokenizer, datastore, ...)`` here goes through a ``KNNLM``.
+identity is hashed here and nowhere else per call), owns the one ``Retriever`` and the settings
+(``knnlm.config.KNNSettings``, validated once), and makes the kNN-LM's decisions in one place each:
+
+* ``lookup`` -> ``knnlm.retrieval.Lookup``: which rows search, follow pointers, or get no
+  neighbours (the retrieval gate);
+* ``mix_rows`` (whole distributions: ``log_probs``, generation, the harness) and ``mix_targets``
+  (target log-probabilities over a sweep grid: evaluation) turn a ``Step`` into log-probabilities
+  with ``knnlm.scoring``, the one place the formula lives. A row with no neighbour is the LM
+  exactly; λ is the settings' number or, with ``"adaptive"``, the gate's λ(x) per row.
+
+``evaluate`` / ``generate`` / ``tune`` are methods over the plain functions of
+``knnlm.evaluation`` and ``knnlm.generate`` (the ways to use a ``KNNLM``, below it).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections.abc import Sequence
 
@@ -26,81 +34,93 @@ import torch
 from knnlm.config import (
     ADAPTIVE,
     DEFAULT_MAX_UNSEEN_LOSS,
-    DEFAULT_MIN_POINTERS,
+    SETTINGS_FIELDS,
     EvalConfig,
-    check_fraction,
-    check_mixture,
-    check_pointers,
+    KNNSettings,
     check_unseen_options,
-    parse_lambda,
     resolve_keep_unseen,
 )
 from knnlm.datastore import Datastore, model_identity
-from knnlm.evaluation import EvaluationMixin, collect_tuning, run
-from knnlm.gate import Gate, fit_gate, lm_features, load_gate, save_gate
-from knnlm.generate import GenerationMixin
-from knnlm.retrieval import Retriever, resolve_k
-from knnlm.scoring import interpolate
+from knnlm.errors import ConfigError
+from knnlm.evaluation import collect_tuning, run
+from knnlm.gate import UNSEEN_COL, Gate, fit_gate, lm_features, load_gate, save_gate
+from knnlm.retrieval import Lookup, Retriever, Step
+from knnlm.scoring import interpolate, knn_target_log_probs, mix
 
 logger = logging.getLogger(__name__)
 
 __all__ = ["KNNLM", "evaluate", "tune"]
 
+EVAL_FIELDS = tuple(f.name for f in dataclasses.fields(EvalConfig))
 
-class KNNLM(EvaluationMixin, GenerationMixin):
-    """A model + datastore with fixed kNN-LM settings (lambda, temperature, k, nprobe, rerank).
 
-    ``evaluate`` (perplexity, sweeps) comes from ``knnlm.evaluation.EvaluationMixin`` and
-    ``generate`` (``model.generate`` with the mixture) from ``knnlm.generate.GenerationMixin``."""
+class KNNLM:
+    """A model + datastore with fixed kNN-LM settings (``KNNSettings``: lambda, temperature, k,
+    nprobe, rerank, retrieval fraction, pointers, keep-unseen)."""
 
-    def __init__(self, model, datastore: Datastore, tokenizer, *, lam: float | str = 0.25, temperature: float = 1.0,
-                 k: int | None = None, nprobe: int | None = None, rerank: bool = False, use_kernel: bool = True,
-                 gate: Gate | str | None = None, retrieve_fraction: float | None = None, pointers: bool = False,
-                 min_pointers: int | None = None, keep_unseen: bool | None = None):
-        """``lam``: a number in [0, 1] or ``"adaptive"`` (λ(x) per token from the datastore's tuned
-        gate, ``knnlm tune``); ``gate``: a ``Gate`` or a gate file instead of the datastore's;
-        ``retrieve_fraction``: search only that fraction of tokens (the gate's retrieval part,
-        the others score the LM alone); ``pointers``: follow the previous step's matching
-        neighbours instead of searching while at least ``min_pointers`` survive (evaluate and
-        generate); ``keep_unseen``: the keep-unseen mixture (``knnlm.scoring``: tokens the
-        datastore never saw keep the LM's probability), None = the gate's when one is used."""
-        lam = parse_lambda(lam)
-        check_fraction(retrieve_fraction)
-        check_pointers(pointers, min_pointers)
+    def __init__(self, model, datastore: Datastore, tokenizer, settings: KNNSettings | None = None, *,
+                 gate: Gate | str | None = None, **overrides):
+        """``settings`` (default ``KNNSettings()``) with keyword ``overrides`` of its fields (e.g.
+        ``lam=0.5``; see ``knnlm.config.KNNSettings``); ``gate``: a ``Gate`` or a gate file
+        instead of the datastore's (loaded on first use when the settings need one)."""
         datastore.check_compatible(model_identity(model, tokenizer, datastore.header.key.layer))
-        if gate is not None and not isinstance(gate, Gate):
-            gate = load_gate(datastore, gate)
-        self._setup(model, datastore, tokenizer, lam, temperature, k, nprobe, rerank, use_kernel, gate,
-                    retrieve_fraction, pointers, min_pointers, keep_unseen)
-
-    def _setup(self, model, datastore, tokenizer, lam, temperature, k, nprobe, rerank, use_kernel, gate=None,
-               retrieve_fraction=None, pointers=False, min_pointers=None, keep_unseen=None) -> None:
-        lam = parse_lambda(lam)
-        check_mixture(0.0 if lam == ADAPTIVE else lam, temperature)
         self.model, self.datastore, self.tokenizer = model, datastore, tokenizer
-        self.lam, self.temperature, self.use_kernel = lam, float(temperature), use_kernel
-        self.key_layer = datastore.header.key.layer
-        self.retriever = Retriever(datastore, k, nprobe=nprobe, rerank=rerank)
-        check_pointers(pointers, min_pointers, self.retriever.k)
-        if pointers:  # a pointer's distance is recomputed from its stored key
-            datastore.require_keys("pointers", "drop `pointers`")
-        self.retrieve_fraction = None if retrieve_fraction is None else float(retrieve_fraction)
-        self.pointers = bool(pointers)
-        self.min_pointers = min_pointers or min(DEFAULT_MIN_POINTERS, self.retriever.k)
-        self.gate = gate
-        self.keep_unseen = None if keep_unseen is None else bool(keep_unseen)
-        if self.uses_gate:
-            resolve_keep_unseen(self.keep_unseen, self.require_gate())  # fail now, not at the first token
+        self._init(_settings(settings, overrides), gate)
+
+    def _init(self, settings: KNNSettings, gate) -> None:
+        """Everything that depends on the settings (``__init__`` and ``replace``)."""
+        ds = self.datastore
+        self.settings = settings
+        self.key_layer = ds.header.key.layer
+        self.retriever = Retriever(ds, settings.k, nprobe=settings.nprobe, rerank=settings.rerank)
+        if settings.pointers:  # a pointer's distance is recomputed from its stored key
+            ds.require_keys("pointers", "drop `pointers`")
+            if settings.min_pointers is not None and settings.min_pointers > self.retriever.k:
+                raise ConfigError(f"`min_pointers` must be at least 1 and at most `k` = {self.retriever.k}, got "
+                                  f"{settings.min_pointers}", param="min_pointers")
+        self.gate = gate if gate is None or isinstance(gate, Gate) else load_gate(ds, gate)
+        if settings.needs_gate:
+            resolve_keep_unseen(settings.keep_unseen, self.require_gate())  # fail now, not at the first token
+
+    def replace(self, *, gate: Gate | str | None = None, **changes) -> KNNLM:
+        """The same model and datastore with some settings changed (``KNNSettings`` fields, and
+        ``gate``); the model is not checked again."""
+        new = object.__new__(KNNLM)
+        new.model, new.datastore, new.tokenizer = self.model, self.datastore, self.tokenizer
+        new._counts = getattr(self, "_counts", None)
+        new._init(_settings(self.settings, changes), self.gate if gate is None else gate)
+        return new
+
+    # ---- settings, read-only ------------------------------------------------------------------
+    lam = property(lambda self: self.settings.lam)
+    temperature = property(lambda self: self.settings.temperature)
+    retrieve_fraction = property(lambda self: self.settings.retrieve_fraction)
+    pointers = property(lambda self: self.settings.pointers)
+    keep_unseen = property(lambda self: self.settings.keep_unseen)
+    use_kernel = property(lambda self: self.settings.use_kernel)
+    k = property(lambda self: self.retriever.k, doc="neighbours per query (the settings' k resolved)")
+    nprobe = property(lambda self: self.retriever.nprobe)
+    rerank = property(lambda self: self.retriever.rerank)
+
+    @property
+    def min_pointers(self) -> int:
+        return self.settings.pointer_floor(self.k)
 
     @property
     def uses_gate(self) -> bool:
-        """An adaptive λ or a retrieval fraction below 1: the tuned gate is needed."""
-        return self.lam == ADAPTIVE or (self.retrieve_fraction is not None and self.retrieve_fraction < 1)
+        return self.settings.needs_gate
 
     @property
     def keeps_unseen(self) -> bool:
         """Whether this object mixes with the keep-unseen formula (``resolve_keep_unseen``)."""
-        return resolve_keep_unseen(self.keep_unseen, self.require_gate() if self.uses_gate else None)
+        return self.keeps_unseen_for()
+
+    def keeps_unseen_for(self, lambdas: Sequence | None = None) -> bool:
+        """Whether scoring ``lambdas`` (default this object's λ) uses the keep-unseen mixture: the
+        setting, else the gate's when the run uses one (an adaptive λ or a retrieval fraction)."""
+        lams = [self.lam] if lambdas is None else list(lambdas)
+        uses_gate = self.settings.gated or ADAPTIVE in lams
+        return resolve_keep_unseen(self.keep_unseen, self.require_gate() if uses_gate else None)
 
     def require_gate(self) -> Gate:
         """The gate (loaded from the datastore on first use); a one-line error when there is none."""
@@ -108,48 +128,31 @@ class KNNLM(EvaluationMixin, GenerationMixin):
             self.gate = load_gate(self.datastore)
         return self.gate
 
-    def replace(self, **changes) -> KNNLM:
-        """The same model and datastore with some settings changed (``lam``, ``temperature``,
-        ``k``, ``nprobe``, ``rerank``, ``use_kernel``, ``gate``, ``retrieve_fraction``,
-        ``pointers``, ``min_pointers``, ``keep_unseen``); the model is not checked again."""
-        settings = dict(lam=self.lam, temperature=self.temperature, k=self.k, nprobe=self.nprobe,
-                        rerank=self.rerank, use_kernel=self.use_kernel, gate=self.gate,
-                        retrieve_fraction=self.retrieve_fraction, pointers=self.pointers,
-                        min_pointers=self.min_pointers, keep_unseen=self.keep_unseen)
-        unknown = set(changes) - set(settings)
-        if unknown:
-            raise TypeError(f"KNNLM.replace() got unknown settings: {', '.join(sorted(unknown))}")
-        settings.update(changes)
-        if settings["gate"] is not None and not isinstance(settings["gate"], Gate):
-            settings["gate"] = load_gate(self.datastore, settings["gate"])
-        new = object.__new__(KNNLM)
-        new._setup(self.model, self.datastore, self.tokenizer, **settings)
-        return new
-
-    @property
-    def k(self) -> int:
-        return self.retriever.k
-
-    @property
-    def nprobe(self) -> int | None:
-        return self.retriever.nprobe
-
-    @property
-    def rerank(self) -> bool:
-        return self.retriever.rerank
-
     @property
     def bos(self) -> int | None:
         """The token in front of every mid-document window (the datastore's protocol), or None."""
         return self.datastore.header.window.bos
 
-    # ---- the three steps of a kNN-LM prediction -----------------------------------------------
+    # ---- retrieval: the one decision ------------------------------------------------------------
     def search(self, hidden: torch.Tensor, *, k: int | None = None,
                exclude: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Query hidden states (Q, D) -> squared distances (Q, k) fp32, values (Q, k) int64, rows
         (Q, k) int64 on the queries' device; missing neighbours have distance +inf and row -1.
         ``exclude`` (Q,): one datastore row per query that must not be returned (-1: none)."""
         return self.retriever.search(hidden, k, exclude=exclude)
+
+    def lookup(self, rows: int = 0, *, k: int | None = None, lambdas: Sequence | None = None,
+               always: bool = False, device=None) -> Lookup:
+        """The per-token retrieval decision (``knnlm.retrieval.Lookup``) for ``rows`` sequences
+        followed step by step (pointers), at ``k`` neighbours (default this object's). No row
+        searches when every λ to be scored (``lambdas``, default this object's) is a fixed 0,
+        unless ``always`` (the neighbours are wanted anyway, e.g. recorded)."""
+        lams = [self.lam] if lambdas is None else list(lambdas)
+        k = self.k if k is None else k
+        s = self.settings
+        return Lookup(self.retriever, k, rows=rows, pointers=s.pointers, min_pointers=s.pointer_floor(k),
+                      fraction=s.retrieve_fraction, gate=self.require_gate() if s.gated else None,
+                      skip=not always and all(x == 0.0 for x in lams), device=device)
 
     def _token_counts(self) -> torch.Tensor:
         if getattr(self, "_counts", None) is None:
@@ -167,32 +170,97 @@ class KNNLM(EvaluationMixin, GenerationMixin):
         """The gate's LM features (B, NL + 1) of logits (B, V) (``knnlm.gate.lm_features``)."""
         return lm_features(logits, self._token_counts())[0]
 
-    def mix(self, logits: torch.Tensor, dists: torch.Tensor, values: torch.Tensor,
-            lam: float | torch.Tensor | None = None) -> torch.Tensor:
-        """kNN-LM log-distribution (B, V) fp32 from logits (B, V) and neighbours (B, k); ``lam``
-        overrides this object's λ (a float or one per row (B,)); with ``lam="adaptive"`` the gate
-        computes λ(x) from the logits and neighbours."""
-        dev = logits.device
-        lam = self.lam if lam is None else lam
-        if isinstance(lam, str):  # ADAPTIVE
-            lam = self.require_gate().lam(self.lm_features(logits), dists.to(dev), values.to(dev))
-        unseen = self._unseen_mask(dev) if self.keeps_unseen else None  # (V,)
-        return interpolate(logits.contiguous(), dists.to(dev), values.to(dev), lam, self.temperature,
-                           use_kernel=self.use_kernel, unseen=unseen)
+    def needs_lm_features(self, lambdas: Sequence | None = None) -> bool:
+        """Whether scoring needs the gate's LM features (a gate, or the keep-unseen mixture)."""
+        lams = [self.lam] if lambdas is None else list(lambdas)
+        return self.settings.gated or ADAPTIVE in lams or self.keeps_unseen_for(lams)
+
+    # ---- scoring: the one mixture ---------------------------------------------------------------
+    def mix_rows(self, logits: torch.Tensor, step: Step, lm_feats: torch.Tensor | None = None) -> torch.Tensor:
+        """kNN-LM log-distributions (B, V) fp32 from logits (B, V) and their neighbours ``step``
+        (``Lookup.neighbours``); ``lm_feats`` (B, F): the gate's LM features when already known.
+        A row without a neighbour is ``log_softmax(logits)`` exactly."""
+        has = step.has  # (B,)
+        every = bool(has.all())
+        if not every and not bool(has.any()):
+            return torch.log_softmax(logits.float(), dim=-1)
+        sel = slice(None) if every else has
+        lg, d, v = logits[sel], step.dists[sel].to(logits.device), step.values[sel].to(logits.device)
+        lam = self.lam
+        if lam == ADAPTIVE:
+            feats = self.lm_features(lg) if lm_feats is None else lm_feats[sel]
+            lam = self.require_gate().lam(feats, d, v)  # (H,)
+        unseen = self._unseen_mask(logits.device) if self.keeps_unseen else None  # (V,)
+        mixed = interpolate(lg.contiguous(), d, v, lam, self.temperature, use_kernel=self.use_kernel, unseen=unseen)
+        if every:
+            return mixed
+        out = torch.log_softmax(logits.float(), dim=-1)
+        out[has] = mixed
+        return out
+
+    def mix_targets(self, lp_lm: torch.Tensor, step: Step, target: torch.Tensor, grid,
+                    lm_feats: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Target log-probabilities for every (lambda, temperature, k) of ``grid`` from log p_lm of
+        the targets (R,) and their neighbours ``step`` (at k >= every k of the grid): (G, R) fp32,
+        and the adaptive λ of the rows with neighbours (H,) when the grid has ``"adaptive"``.
+        ``lm_feats`` (R, F): the gate's LM features (needed for an adaptive λ and keep-unseen).
+        A row without a neighbour scores log p_lm exactly, for every setting."""
+        has = step.has  # (R,)
+        every = bool(has.all())
+        out = lp_lm.float()[None].repeat(len(grid), 1)  # (G, R)
+        if not every and not bool(has.any()):
+            return out, (torch.zeros(0, dtype=torch.float64) if any(x == ADAPTIVE for x, _, _ in grid) else None)
+        sel = slice(None) if every else has
+        dists, values, tgt, lm = step.dists[sel], step.values[sel], target[sel], lp_lm[sel]
+        lam_ad = None
+        lams = [x for x, _, _ in grid]
+        if ADAPTIVE in lams:
+            lam_ad = self.require_gate().lam(lm_feats[sel], dists, values)  # (H,)
+        keep = {}
+        if self.keeps_unseen_for(lams):  # the keep-unseen mixture's extra inputs
+            keep = {"log_unseen": lm_feats[sel, UNSEEN_COL],
+                    "unseen": self._unseen_mask(tgt.device)[tgt]}
+        lp_knn = {}
+        for gi, (lam, t, k) in enumerate(grid):
+            if (k, t) not in lp_knn:
+                lp_knn[(k, t)] = knn_target_log_probs(dists[:, :k], values[:, :k], tgt, t)  # (H,)
+            out[gi, sel] = mix(lm, lp_knn[(k, t)], lam_ad if lam == ADAPTIVE else lam, **keep)
+        return out, lam_ad
 
     def log_probs(self, logits: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
         """kNN-LM log-distribution: logits (B, V), query hidden states (B, D) -> (B, V) fp32.
         With ``retrieve_fraction`` only the rows the retrieval gate selects search; the others are
         exactly ``log_softmax(logits)``. (Pointers need the token sequence: evaluate / generate.)"""
-        if self.retrieve_fraction is None or self.retrieve_fraction >= 1:
-            dists, values, _ = self.search(hidden)  # (B, k), (B, k)
-            return self.mix(logits, dists, values)
-        allow = self.require_gate().select(self.lm_features(logits), self.retrieve_fraction)  # (B,)
-        out = torch.log_softmax(logits.float(), dim=-1)
-        if bool(allow.any()):
-            dists, values, _ = self.search(hidden[allow])
-            out[allow] = self.mix(logits[allow], dists, values)
-        return out
+        feats = self.lm_features(logits) if self.needs_lm_features() else None
+        step = self.lookup(device=hidden.device).neighbours(hidden, feats)
+        return self.mix_rows(logits, step, feats)
+
+    # ---- the ways to use it -------------------------------------------------------------------
+    def evaluate(self, data: Sequence | None = None, *, texts: Sequence[str] | None = None, lm_cache=None,
+                 **options) -> dict:
+        """Perplexity with and without retrieval on ``data`` (paths or ``Source``s) or ``texts``
+        (``knnlm.evaluation.run``). ``options``: ``EvalConfig`` fields (e.g. ``lambdas=[0.1,
+        0.25, "adaptive"]`` for a sweep scored from one retrieval, ``max_tokens``) and
+        ``KNNSettings`` fields for this run (e.g. ``retrieve_fraction=0.5``). The sweep defaults
+        to this object's λ, temperature and k. ``lm_cache`` (an ``LMCache``): one forward pass
+        serves several calls on the same text."""
+        changes = {n: options.pop(n) for n in list(options) if n in SETTINGS_FIELDS}
+        knn = self.replace(**changes) if changes else self
+        unknown = set(options) - set(EVAL_FIELDS)
+        if unknown:
+            raise TypeError(f"KNNLM.evaluate() got unknown options: {', '.join(sorted(unknown))}")
+        axes = dict(lambdas=[knn.lam], temperatures=[knn.temperature], ks=[knn.k])
+        cfg = EvalConfig(**{**axes, **options})
+        return run(self.model, self.tokenizer, knn, data, cfg, texts=texts, lm_cache=lm_cache)
+
+    def generate(self, inputs: torch.Tensor | None = None, **kwargs):
+        """``model.generate`` with the kNN-LM mixture at every step (``knnlm.generate.generate``):
+        same keyword arguments (greedy, sampling, beam search, ``max_new_tokens``,
+        ``attention_mask``, ...), same return types. ``processor=KNNLogitsProcessor(knn,
+        record=N)`` keeps the neighbours of the first N steps."""
+        from knnlm.generate import generate
+
+        return generate(self, inputs, **kwargs)
 
     def tune(self, data: Sequence | None = None, *, texts: Sequence[str] | None = None, out=None,
              max_tokens: int | None = None, seed: int = 0, kind: str = "auto", batch_size: int = 8,
@@ -237,21 +305,28 @@ class KNNLM(EvaluationMixin, GenerationMixin):
         return out
 
 
+def _settings(base: KNNSettings | None, changes: dict) -> KNNSettings:
+    """``base`` (default ``KNNSettings()``) with ``changes`` of its fields (validated once, there)."""
+    base = KNNSettings() if base is None else base
+    unknown = set(changes) - set(SETTINGS_FIELDS)
+    if unknown:
+        raise TypeError(f"unknown KNNLM settings: {', '.join(sorted(unknown))} (KNNSettings has "
+                        f"{', '.join(SETTINGS_FIELDS)})")
+    return dataclasses.replace(base, **changes) if changes else base
+
+
 def evaluate(model, tokenizer, datastore: Datastore | None, data: Sequence | None = None,
-             cfg: EvalConfig | None = None, *, texts: Sequence[str] | None = None) -> dict:
+             cfg: EvalConfig | None = None, *, texts: Sequence[str] | None = None,
+             settings: KNNSettings | None = None, **overrides) -> dict:
     """Perplexity of ``model`` with and without ``datastore`` on ``data`` (paths or ``Source``s)
-    or on ``texts`` (strings), every setting of ``cfg`` (a sweep) scored from one retrieval.
+    or on ``texts`` (strings), every setting of ``cfg`` (a sweep) scored from one retrieval, with
+    ``settings`` / ``overrides`` (``KNNSettings`` fields) for how retrieval runs.
 
     With ``datastore=None`` only the base LM is scored (the plain-LM baseline). Returns a
     JSON-ready dict; ``knnlm.format_results`` renders it as a table.
     """
     cfg = cfg or EvalConfig()
-    knn = None
-    if datastore is not None:
-        kmax = max(resolve_k(k, len(datastore), param="ks") for k in cfg.ks)
-        knn = KNNLM(model, datastore, tokenizer, lam=cfg.lambdas[0], temperature=cfg.temperatures[0], k=kmax,
-                    nprobe=cfg.nprobe, rerank=cfg.rerank, retrieve_fraction=cfg.retrieve_fraction,
-                    pointers=cfg.pointers, min_pointers=cfg.min_pointers)
+    knn = None if datastore is None else KNNLM(model, datastore, tokenizer, settings, **overrides)
     return run(model, tokenizer, knn, data, cfg, texts=texts)
 
 

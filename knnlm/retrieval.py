@@ -30,7 +30,7 @@ from knnlm.datastore import Datastore
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["Retriever", "DEFAULT_K", "resolve_k", "Step", "one_thread"]
+__all__ = ["Retriever", "DEFAULT_K", "resolve_k", "Step", "Lookup", "one_thread"]
 
 DEFAULT_K = 1024  # as in Khandelwal et al. (2020)
 KEY_CHUNK = 512  # candidate keys per chunk when scoring pointers (~1.2 MB of fp32 at D=576)
@@ -60,13 +60,82 @@ def one_thread() -> Iterator[None]:
 
 
 class Step(NamedTuple):
-    """What ``Retriever.step`` found: neighbours (Q, k) as ``search`` returns them, and per row
-    whether it searched / used pointers (Q,) bool (neither: no neighbours, the LM alone)."""
+    """The neighbours of a set of rows: (Q, k) as ``search`` returns them, and per row whether it
+    searched / used pointers (Q,) bool. A row with no neighbour (every id -1: skipped by the
+    retrieval gate, nothing found, or every candidate excluded) scores the LM exactly."""
     dists: torch.Tensor
     values: torch.Tensor
     ids: torch.Tensor
     searched: torch.Tensor
     pointed: torch.Tensor
+
+    @property
+    def has(self) -> torch.Tensor:
+        """(Q,) bool: the rows with at least one neighbour (the others are the LM exactly)."""
+        return (self.ids >= 0).any(dim=-1)
+
+    @staticmethod
+    def empty(q: int, k: int, device) -> Step:
+        """``q`` rows without neighbours."""
+        none = torch.zeros(q, dtype=torch.bool, device=device)
+        return Step(torch.full((q, k), math.inf, dtype=torch.float32, device=device),
+                    torch.zeros(q, k, dtype=torch.int64, device=device),
+                    torch.full((q, k), -1, dtype=torch.int64, device=device), none, none.clone())
+
+
+class Lookup:
+    """The one per-token retrieval decision, for ``rows`` sequences followed step by step (or any
+    set of rows when pointers are off). ``neighbours`` decides, per row: follow pointers (at least
+    ``min_pointers`` survive), else search if the retrieval gate allows it, else no neighbours;
+    ``advance`` turns a step's neighbours and the actual next tokens into the next step's
+    pointers. Evaluation, generation and ``KNNLM.log_probs`` all go through it.
+
+    ``gate``: an object with ``select(lm_feats, fraction) -> (Q,) bool`` (``knnlm.gate.Gate``),
+    needed when ``fraction`` < 1; ``skip``: no row searches (a fixed λ = 0 has no kNN side)."""
+
+    def __init__(self, retriever: Retriever, k: int, *, rows: int = 0, pointers: bool = False,
+                 min_pointers: int = 1, fraction: float | None = None, gate=None, skip: bool = False,
+                 device=None):
+        self.retriever, self.k, self.skip = retriever, k, skip
+        self.fraction = fraction if fraction is not None and fraction < 1 else None
+        self.gate, self.min_pointers = gate, min_pointers
+        self.state = torch.full((rows, k), -1, dtype=torch.int64, device=device) if pointers else None  # (S, k)
+
+    def neighbours(self, query: torch.Tensor, lm_feats: torch.Tensor | None = None, *,
+                   exclude: torch.Tensor | None = None, rows: torch.Tensor | None = None, gated: bool = True) -> Step:
+        """query (Q, D), the gate's LM features (Q, F) (needed with a retrieval fraction),
+        ``exclude`` (Q,) one datastore row per query never returned (-1: none), ``rows`` (Q,) the
+        sequences the queries belong to (default: 0..Q-1) -> ``Step``. ``gated=False``: the
+        retrieval gate does not apply (a prompt tracked for its pointers has no LM features)."""
+        q = query.shape[0]
+        if self.skip:
+            return Step.empty(q, self.k, query.device)
+        allow = None if self.fraction is None or not gated else self.gate.select(lm_feats, self.fraction)  # (Q,)
+        pointers = None
+        if self.state is not None:
+            pointers = self.state if rows is None else self.state[rows]
+        if allow is None and pointers is None:  # every row searches: one plain batched search
+            d, v, i = self.retriever.search(query, self.k, exclude=exclude)
+            every = torch.ones(q, dtype=torch.bool, device=query.device)
+            return Step(d, v, i, every, ~every)
+        return self.retriever.step(query, self.k, pointers=pointers, min_pointers=self.min_pointers, allow=allow,
+                                   exclude=exclude)
+
+    def advance(self, step: Step, next_tokens: torch.Tensor, rows: torch.Tensor | None = None) -> None:
+        """The pointers of the next step: the neighbours of ``step`` whose value was ``next_tokens``
+        (Q,), for the sequences ``rows`` (default: all, in order). No-op without pointers."""
+        if self.state is None:
+            return
+        nxt = self.retriever.successors(step.ids, step.values, next_tokens)
+        if rows is None:
+            self.state = nxt.to(self.state.device)
+        else:
+            self.state[rows] = nxt.to(self.state.device)
+
+    def reset(self, rows: torch.Tensor) -> None:
+        """Forget the pointers of ``rows`` (Q,) bool or ids (e.g. padding positions)."""
+        if self.state is not None:
+            self.state[rows] = -1
 
 
 class Retriever:

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from knnlm import KNNLM, BuildConfig, build_datastore
-from knnlm.config import ConfigError, EvalConfig
+from knnlm.config import ConfigError, EvalConfig, KNNSettings
 from knnlm.datastore import DatastoreError, open_datastore
 from knnlm.evaluation import LMCache, collect_tuning
 from knnlm.gate import LM_FEATURES, NL, UNSEEN_FLOOR, Gate, fit_gate, lm_features, load_gate
@@ -298,10 +298,10 @@ def test_pointer_loop_matches_the_row_by_row_reference(tuned, tiny_tokenizer, mi
     cache = LMCache()
     knn.evaluate(corpus_paths(["colorsys.py", "keyword.py"]) + EVAL, max_tokens=700, lm_cache=cache,
                  lambdas=["adaptive"], progress=False, batch_size=4)
-    cfg = EvalConfig(pointers=True, min_pointers=min_ptr, retrieve_fraction=fraction, lambdas=("adaptive",))
+    knn = knn.replace(pointers=True, min_pointers=min_ptr, retrieve_fraction=fraction)
     assert any(b.exclude is not None and bool((b.exclude >= 0).any()) for b in cache.batches)
     for lmb in cache.batches:
-        st = _neighbours(knn, cfg, lmb, k, gate)
+        st = _neighbours(knn, lmb, k, ["adaptive"])
         allow = None if fraction is None else gate.select(lmb.lm_feats, fraction)
         ref, searched, pointed = _reference_pointer_neighbours(Retriever(ds, k), lmb, k, min_ptr, allow)
         assert torch.equal(st.searched, searched) and torch.equal(st.pointed, pointed)
@@ -407,16 +407,25 @@ def test_generate_with_adaptive_lambda_and_retrieve_fraction(tuned, tiny_tokeniz
     assert proc.stats["steps"] == 24 and proc.stats["searched"] <= 24
 
 
-def test_eval_config_checks():
+def test_settings_and_eval_config_checks():
     with pytest.raises(ConfigError, match="`retrieve_fraction`"):
-        EvalConfig(retrieve_fraction=0)
+        KNNSettings(retrieve_fraction=0)
     with pytest.raises(ConfigError, match="`lambdas`"):
         EvalConfig(lambdas=["adaptiv"])
+    with pytest.raises(ConfigError, match="`lam`"):
+        KNNSettings(lam="adaptiv")
     with pytest.raises(ConfigError, match="`min_pointers`"):
-        EvalConfig(min_pointers=4)
+        KNNSettings(min_pointers=4)
     with pytest.raises(ConfigError, match="`min_pointers`"):
-        EvalConfig(pointers=True, min_pointers=0)
+        KNNSettings(pointers=True, min_pointers=0)
+    with pytest.raises(ConfigError, match="`min_pointers`"):
+        KNNSettings(pointers=True, k=8, min_pointers=9)
     assert EvalConfig(lambdas=["adaptive", "0.5"]).lambdas == ("adaptive", 0.5)
+    s = KNNSettings(lam="0.5", retrieve_fraction=0.5)
+    assert (s.lam, s.gated, s.needs_gate) == (0.5, True, True) and not KNNSettings().needs_gate
+    assert s.pointer_floor(16) == 16 and KNNSettings(pointers=True, min_pointers=3).pointer_floor(16) == 3
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        s.lam = 0.1
 
 
 def test_header_gate_entry_is_optional_and_recorded(tuned):

@@ -128,7 +128,7 @@ def test_eval_cli_table_and_json(capsys, cli_store, tiny_model_dir, corpus_dir, 
 
 EVAL_ERRORS = {  # case -> what the one-line message must name
     "lambda": ["--lambda", "1.5"],
-    "temperature": ["--temperature"],
+    "temperature": ["--knn-temperature"],
     "k-zero": ["--k"],
     "k-too-big": ["--k", "100000000"],
     "k-text": ["--k", "many"],
@@ -147,7 +147,7 @@ def test_eval_bad_input_one_line_error(case, capsys, cli_store, tiny_model_dir, 
     if case == "lambda":
         extra = ["--lambda", "1.5"]
     elif case == "temperature":
-        extra = ["--temperature", "0"]
+        extra = ["--knn-temperature", "0"]
     elif case == "k-zero":
         extra = ["--k", "0"]
     elif case == "k-too-big":
@@ -172,6 +172,25 @@ def test_eval_bad_input_one_line_error(case, capsys, cli_store, tiny_model_dir, 
     code, _, err = _run(capsys, "eval", "--model", model, "--datastore", store, "--data", data, "--quiet", *extra)
     assert code == 2
     _assert_one_line_error(err, "eval", *EVAL_ERRORS[case])
+
+
+@pytest.mark.parametrize("command", ["eval", "tune"])
+def test_temperature_is_a_deprecated_alias_of_knn_temperature(command, capsys):
+    """``--temperature`` in eval / tune still sets the kNN temperature, with a warning naming
+    ``--knn-temperature`` (in generate ``--temperature`` is the sampling temperature)."""
+    from knnlm.cli import _build_parser
+
+    parser = _build_parser()
+    base = [command, "--datastore", "x", "--data", "y"]
+    old = parser.parse_args([*base, "--temperature", "2"])
+    assert "--knn-temperature" in capsys.readouterr().err
+    new = parser.parse_args([*base, "--knn-temperature", "2"])
+    assert capsys.readouterr().err == ""
+    dest = "temperatures" if command == "eval" else "temperature"
+    assert getattr(old, dest) == getattr(new, dest) and float(getattr(new, dest)) == 2.0
+    gen = parser.parse_args(["generate", "--datastore", "x", "--prompt", "p", "--temperature", "0.5",
+                             "--knn-temperature", "3"])
+    assert (gen.sampling_temperature, gen.temperature) == (0.5, 3.0)
 
 
 def test_error_is_the_last_line_of_a_real_stderr(cli_store, tiny_model_dir, corpus_dir):
@@ -284,3 +303,44 @@ def test_merge_cli(capsys, tiny_model_dir, other_model_dir, corpus_dir, tmp_path
         assert code == 2
         _assert_one_line_error(err, "merge", names)
         _assert_no_valid_datastore(tmp_path / "bad")
+
+
+def test_refusals_that_need_no_model_come_before_it_loads(capsys, cli_store, tiny_model_dir, corpus_dir, tmp_path,
+                                                          monkeypatch):
+    """Building into a complete datastore (without the wrong advice to resume), into an unfinished
+    one without --resume, into a non-empty directory, and eval on text the gate was tuned on: each
+    refused in one line while the model is still unloaded."""
+    import knnlm.loading
+
+    def no_model(*a, **k):
+        raise AssertionError("the model was loaded before the refusal")
+
+    build = ["build-index", "--model", tiny_model_dir, "--data", corpus_dir, "--quiet", "--index", "flat"]
+    tuning = tmp_path / "t.py"
+    tuning.write_text(_TUNE_TEXT)
+    code, _, err = _run(capsys, "tune", "--model", tiny_model_dir, "--datastore", cli_store, "--data", tuning,
+                        "--quiet", "--kind", "linear")  # a gate (this loads the model: before the patch)
+    assert code == 0, err
+    monkeypatch.setattr(knnlm.loading, "load_model", no_model)
+    code, _, err = _run(capsys, *build, "--out", cli_store)
+    assert code == 2 and "--resume" not in err
+    _assert_one_line_error(err, "build-index", "complete datastore", "--overwrite")
+    (tmp_path / "busy").mkdir()
+    (tmp_path / "busy" / "notes.txt").write_text("mine")
+    code, _, err = _run(capsys, *build, "--out", tmp_path / "busy")
+    assert code == 2
+    _assert_one_line_error(err, "build-index", "holds no datastore")
+    h = json.loads((cli_store / "header.json").read_text())
+    h["status"] = "extracting"
+    (tmp_path / "half").mkdir()
+    (tmp_path / "half" / "header.json").write_text(json.dumps(h))
+    code, _, err = _run(capsys, *build, "--out", tmp_path / "half")
+    assert code == 2
+    _assert_one_line_error(err, "build-index", "unfinished", "--resume")
+    code, _, err = _run(capsys, "eval", "--model", tiny_model_dir, "--datastore", cli_store, "--data", tuning,
+                        "--lambda", "adaptive", "--quiet")
+    assert code == 2
+    _assert_one_line_error(err, "eval", "tuned on", "--data")
+
+
+_TUNE_TEXT = "def f(x):\n    return [y * 2 for y in range(x) if y % 3]\n" * 40

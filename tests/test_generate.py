@@ -6,9 +6,11 @@ import torch
 from test_knnlm import _brute_neighbours, _dense_mixture, _forward
 from transformers.generation.utils import GenerateBeamDecoderOnlyOutput, GenerateDecoderOnlyOutput
 
-from knnlm import KNNLM, BuildConfig, GenerateError, KNNLogitsProcessor, build_datastore, find_key_module
+from knnlm import KNNLM, BuildConfig, KNNLogitsProcessor, build_datastore
+from knnlm.capture import find_key_module
 from knnlm.cli import main
 from knnlm.corpora import stdlib_root
+from knnlm.errors import GenerateError
 
 from conftest import make_tiny_model
 

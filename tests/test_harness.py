@@ -247,8 +247,8 @@ def test_bad_model_args_are_one_line_errors_naming_the_arg(env, capsys):
 
 
 def test_lambda_adaptive_is_handed_to_knnlm(env, monkeypatch):
-    """``lambda=adaptive`` goes to ``KNNLM(lam="adaptive")`` unchanged (the hook for adaptive
-    mixing); a KNNLM without it refuses in one line naming `lambda`."""
+    """``lambda=adaptive`` reaches ``KNNLM`` as the settings' λ (the hook for adaptive mixing); a
+    datastore without a gate refuses in one line naming `lambda`."""
     import knnlm.harness as harness
 
     try:
@@ -258,9 +258,9 @@ def test_lambda_adaptive_is_handed_to_knnlm(env, monkeypatch):
     seen = {}
 
     class Recorder(knnlm.KNNLM):
-        def __init__(self, *args, lam, **kwargs):
-            seen["lam"] = lam
-            super().__init__(*args, lam=0.25, **kwargs)
+        def __init__(self, model, ds, tok, settings, **kwargs):
+            seen["lam"] = settings.lam
+            super().__init__(model, ds, tok, settings, lam=0.25, **kwargs)
 
     monkeypatch.setattr(harness, "KNNLM", Recorder)
     harness.KNNLMHarness(pretrained=env["model_dir"], datastore=str(env["ds"].path), **{"lambda": "Adaptive"})

@@ -161,9 +161,9 @@ def test_eval_excludes_own_row_matches_oracle(tiny_store, tiny_tokenizer, rerank
     (doc,) = [d for d in ds.documents if d["name"].endswith("keyword.py")]
     text = _doc_text("keyword.py")
     k, lam, temp = 16, 0.5, 1.0
-    cfg = dict(lambdas=[lam], temperatures=[temp], ks=[k], rerank=rerank)
-    res = evaluate(model, tiny_tokenizer, ds, texts=[text], cfg=_cfg(**cfg))
-    kept = evaluate(model, tiny_tokenizer, ds, texts=[text], cfg=_cfg(exclude_self=False, **cfg))
+    cfg = dict(lambdas=[lam], temperatures=[temp], ks=[k])
+    res = evaluate(model, tiny_tokenizer, ds, texts=[text], cfg=_cfg(**cfg), rerank=rerank)
+    kept = evaluate(model, tiny_tokenizer, ds, texts=[text], cfg=_cfg(exclude_self=False, **cfg), rerank=rerank)
     assert res["overlap"] == {"documents": 1, "tokens": doc["length"] - 1, "excluded": True}
     assert res["tokens"] == doc["length"] - 1
     window = json.loads((Path(ds.path) / "header.json").read_text())["window"]
@@ -192,9 +192,9 @@ def test_rerank_gives_exact_distances_on_a_lossy_index(tiny_model, tiny_tokenize
     n = len(ds)
     text = _doc_text("keyword.py")
     lam, temp = 0.5, 2.0
-    cfg = dict(lambdas=[lam], temperatures=[temp], ks=[n], nprobe=4)
-    rr = evaluate(tiny_model, tiny_tokenizer, ds, texts=[text], cfg=_cfg(rerank=True, **cfg))
-    lossy = evaluate(tiny_model, tiny_tokenizer, ds, texts=[text], cfg=_cfg(rerank=False, **cfg))
+    cfg = _cfg(lambdas=[lam], temperatures=[temp], ks=[n])
+    rr = evaluate(tiny_model, tiny_tokenizer, ds, texts=[text], cfg=cfg, nprobe=4, k=n, rerank=True)
+    lossy = evaluate(tiny_model, tiny_tokenizer, ds, texts=[text], cfg=cfg, nprobe=4, k=n, rerank=False)
     oracle = _oracle_targets(tiny_model, tiny_tokenizer, ds, [text], context=64, stride=63, k=n, self_rows=[0])
     _, ppl = _oracle_ppl(*oracle, lam, temp)
     assert rr["overlap"]["documents"] == 1

@@ -68,3 +68,56 @@ def test_imports_only_point_down():
             if FLOOR[dep] >= floor:
                 bad.append(f"{name} (floor {floor}) imports {dep} (floor {FLOOR[dep]})")
     assert not bad, "; ".join(bad)
+
+
+def _knnlm_classes():
+    import importlib
+    import inspect
+
+    for name in FLOOR:
+        if name == "harness":
+            continue  # needs lm-eval; its one class subclasses lm-eval's TemplateLM (checked in test_harness)
+        mod = importlib.import_module(f"knnlm.{name}")
+        for _, cls in inspect.getmembers(mod, inspect.isclass):
+            if cls.__module__ == mod.__name__:
+                yield name, cls
+
+
+def test_no_behaviour_is_inherited_across_modules():
+    """No mixins: a class takes no base class from another knnlm module (except the error
+    hierarchy), so a lower module never supplies methods that call up into a higher one (as
+    ``EvaluationMixin`` / ``GenerationMixin`` once called ``KNNLM.replace`` from below it)."""
+    bad = []
+    for name, cls in _knnlm_classes():
+        for base in cls.__mro__[1:]:
+            mod = base.__module__
+            if mod.startswith("knnlm.") and mod not in (f"knnlm.{name}", "knnlm.errors"):
+                bad.append(f"{cls.__module__}.{cls.__name__} inherits from {mod}.{base.__name__}")
+    assert not bad, "; ".join(bad)
+
+
+def test_every_benchmark_and_experiment_module_imports():
+    """Scripts nothing else imports must still import, and every knnlm name they import (at
+    module level or inside a function) must exist: a renamed library function breaks them
+    silently otherwise."""
+    import importlib
+
+    root = PKG.parent
+    files = [p for d in ("benchmarks", "experiments") for p in sorted((root / d).rglob("*.py"))]
+    assert len(files) > 10
+    missing = []
+    for path in files:
+        if path.stem != "__main__":
+            importlib.import_module(".".join(path.relative_to(root).with_suffix("").parts).removesuffix(".__init__"))
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.level == 0 and (node.module or "").startswith("knnlm"):
+                mod = importlib.import_module(node.module)
+                missing += [f"{path.relative_to(root)}: {node.module}.{a.name}" for a in node.names
+                            if not hasattr(mod, a.name) and not _is_submodule(node.module, a.name)]
+    assert not missing, "; ".join(missing)
+
+
+def _is_submodule(package: str, name: str) -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec(f"{package}.{name}") is not None
