@@ -19,7 +19,7 @@ from pathlib import Path
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-import knnlm  # noqa: E402
+import knnlm.datastore  # noqa: E402
 from experiments.common import command_line, floats  # noqa: E402
 
 MODULE = "experiments.stdlib_quality"
@@ -48,7 +48,7 @@ def datastores(path: str, sizes: list[int]) -> list:
     stores = []
     for size in sorted(sizes):
         sub = Path(path).with_name(f"{Path(path).name}-sub{size}")
-        stores.append(knnlm.open_or_create(sub, lambda sub=sub, size=size: knnlm.subset_datastore(
+        stores.append(knnlm.datastore.open_or_create(sub, lambda sub=sub, size=size: knnlm.subset_datastore(
             big, sub, size, progress=False), discard_incomplete=True))
     return stores + [big]
 

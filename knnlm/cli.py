@@ -36,12 +36,19 @@ def flag_names(parser: argparse.ArgumentParser) -> dict[str, str]:
     return out
 
 
-def cli_message(message: str, parser: argparse.ArgumentParser | None = None) -> str:
-    """A library error message in the CLI's words: every `parameter` becomes its flag of ``parser``
-    (the subcommand that ran)."""
+def cli_message(message: str, parser: argparse.ArgumentParser, command: str) -> str:
+    """A library error message in the CLI's words: every `parameter` becomes its flag in the
+    subcommand ``command`` that ran, else its flag in another subcommand (a message may name how
+    a datastore was built, e.g. `key_dtype` -> --key-dtype in an eval error)."""
     from knnlm.errors import rename_params
 
-    return rename_params(message, flag_names(parser) if parser is not None else {})
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices
+    names = {}
+    for name, p in sub.items():
+        if name != command:
+            names.update(flag_names(p))
+    names.update(flag_names(sub[command]))
+    return rename_params(message, names)
 
 
 BUILD_EXAMPLES = """\
@@ -192,7 +199,7 @@ def _add_reindexing_args(p) -> None:
     """The options of the commands that index stored keys anew (merge, subset, reindex)."""
     _add_index_args(p)
     p.add_argument("--seed", type=int, default=0, help="seed of the index-training sample (default: %(default)s)")
-    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument("--quiet", action="store_true", help="no progress bars or INFO lines (warnings and errors only)")
 
 
 def _add_adaptive_args(g) -> None:
@@ -249,6 +256,7 @@ def _add_generate_parser(sub) -> None:
                         "generated tokens (default: none)")
     g.add_argument("--show-tokens", type=int, default=5, metavar="M",
                    help="how many generated tokens --show-neighbours covers (default: %(default)s)")
+    p.add_argument("--quiet", action="store_true", help="no progress bars or INFO lines (warnings and errors only)")
     p.set_defaults(func=cmd_generate)
 
 
@@ -274,7 +282,7 @@ def _add_build_parser(sub) -> None:
     g.add_argument("--seed", type=int, default=0, help="seed of the index-training sample (default: %(default)s)")
     g.add_argument("--resume", action="store_true", help="continue an interrupted build in --out")
     g.add_argument("--overwrite", action="store_true", help="replace the datastore in --out")
-    g.add_argument("--quiet", action="store_true", help="no progress bars")
+    g.add_argument("--quiet", action="store_true", help="no progress bars or INFO lines (warnings and errors only)")
     b.set_defaults(func=cmd_build_index)
 
 
@@ -307,7 +315,7 @@ def _add_eval_parser(sub) -> None:
     g.add_argument("--stride", type=int, default=None, help="new targets per window (default: the datastore's)")
     g.add_argument("--batch-size", type=int, default=8, help="windows per forward pass (default: %(default)s)")
     e.add_argument("--output", metavar="FILE", help="write all settings and results as JSON")
-    e.add_argument("--quiet", action="store_true", help="no progress bars")
+    e.add_argument("--quiet", action="store_true", help="no progress bars or INFO lines (warnings and errors only)")
     e.set_defaults(func=cmd_eval)
 
 
@@ -346,7 +354,7 @@ def _add_tune_parser(sub) -> None:
     g.add_argument("--keep-unseen", action="store_true",
                    help="fit for the mixture in which tokens the datastore never saw keep the LM's probability "
                         "(they then lose nothing, whatever lambda); eval and generate follow the gate")
-    t.add_argument("--quiet", action="store_true", help="no progress bars")
+    t.add_argument("--quiet", action="store_true", help="no progress bars or INFO lines (warnings and errors only)")
     t.set_defaults(func=cmd_tune)
 
 
@@ -370,7 +378,7 @@ def _add_demo_parser(sub) -> None:
                    help="tokens of the stdlib tuning split the adaptive gate is fitted on, once per datastore "
                         "(default: %(default)s)")
     d.add_argument("--index", default="auto", metavar="KIND", help="as in build-index (default: %(default)s)")
-    d.add_argument("--quiet", action="store_true", help="no progress bars")
+    d.add_argument("--quiet", action="store_true", help="no progress bars or INFO lines (warnings and errors only)")
     d.set_defaults(func=cmd_demo)
 
 
@@ -477,7 +485,7 @@ def cmd_build_index(args) -> int:
         agree(world, {**{k: v for k, v in vars(args).items() if k not in ("func", "data", "quiet")},
                       "data": [s.to_json() for s in sources]})
     try:
-        model, tokenizer = load_model(args.model, device=device, dtype=args.dtype)
+        model, tokenizer = load_model(args.model, device=device, dtype=args.dtype, progress=not args.quiet)
         ds = build_datastore(model, tokenizer, sources, args.out, cfg, world=world)
     finally:
         shutdown(world)
@@ -559,7 +567,7 @@ def cmd_eval(args) -> int:
     from knnlm.retrieval import resolve_k
 
     kmax = max(resolve_k(k, len(ds), param="ks") for k in cfg.ks)
-    model, tokenizer = load_model(args.model, device=args.device, dtype=args.dtype)
+    model, tokenizer = load_model(args.model, device=args.device, dtype=args.dtype, progress=not args.quiet)
     knn = KNNLM(model, ds, tokenizer, settings, gate=gate, k=kmax)
     res = knn.evaluate(sources, **{f: getattr(cfg, f) for f in cfg.__dataclass_fields__})
     print(format_results(res))
@@ -586,7 +594,7 @@ def cmd_tune(args) -> int:
     from knnlm.loading import load_model
     from knnlm.model import KNNLM
 
-    model, tokenizer = load_model(args.model, device=args.device, dtype=args.dtype)
+    model, tokenizer = load_model(args.model, device=args.device, dtype=args.dtype, progress=not args.quiet)
     knn = KNNLM(model, ds, tokenizer, settings)
     gate = knn.tune(sources, out=args.out, max_tokens=args.max_tokens, seed=args.seed, kind=args.kind,
                     batch_size=args.batch_size, progress=not args.quiet, max_unseen_loss=args.max_unseen_loss,
@@ -643,7 +651,7 @@ def cmd_generate(args) -> int:
         prompt = args.prompt
     ds = open_datastore(args.datastore)
     gate = _gate_before_model(ds, args, args.settings.needs_gate)
-    model, tokenizer = load_model(args.model, device=args.device, dtype=args.dtype)
+    model, tokenizer = load_model(args.model, device=args.device, dtype=args.dtype, progress=not args.quiet)
     knn = KNNLM(model, ds, tokenizer, args.settings, gate=gate)
     enc = tokenizer(prompt, return_tensors="pt").to(model.device)
     n_prompt = enc["input_ids"].shape[1]
@@ -702,7 +710,7 @@ def cmd_demo(args) -> int:
     from knnlm.loading import load_model
     from knnlm.model import KNNLM
 
-    model, tokenizer = load_model(args.model, device=args.device, dtype=args.dtype)
+    model, tokenizer = load_model(args.model, device=args.device, dtype=args.dtype, progress=not args.quiet)
     cfg = BuildConfig(max_tokens=args.tokens, index=args.index, resume=True, progress=not args.quiet)
     ds = build_datastore(model, tokenizer, stdlib_files("train"), args.out, cfg)
     print(_summary(ds.path, ds.header))
@@ -814,7 +822,8 @@ def cmd_info(args) -> int:
 def main(argv: list[str] | None = None) -> int:
     parser = _build_parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+    quiet = getattr(args, "quiet", False)  # no progress bars and no INFO lines: warnings, errors, results
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING if quiet else logging.INFO,
                         format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("faiss").setLevel(logging.WARNING)  # "Loading faiss with AVX2 support" etc.
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -831,9 +840,7 @@ def main(argv: list[str] | None = None) -> int:
         return args.func(args)
     except KnnlmError as e:
         sys.stdout.flush()
-        sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
-        print(f"knnlm {args.command}: error: {cli_message(str(e), sub.choices[args.command])}", file=sys.stderr,
-              flush=True)
+        print(f"knnlm {args.command}: error: {cli_message(str(e), parser, args.command)}", file=sys.stderr, flush=True)
         return EXIT_USAGE
     except KeyboardInterrupt:
         hint = " (continue with --resume)" if args.command == "build-index" else ""

@@ -7,6 +7,8 @@ hub name that is already in the local cache.
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import importlib.util
 import logging
 import os
@@ -84,8 +86,10 @@ def _locate(name: str) -> tuple[str, str | None]:
     return name, None
 
 
-def load_model(name: str = DEFAULT_MODEL, *, device: str | None = "auto", dtype: str = "auto"):
-    """Load ``(model, tokenizer)`` for inference, on ``device``, in eval mode."""
+def load_model(name: str = DEFAULT_MODEL, *, device: str | None = "auto", dtype: str = "auto",
+               progress: bool = True):
+    """Load ``(model, tokenizer)`` for inference, on ``device``, in eval mode. ``progress=False``:
+    no progress bar (transformers' GGUF de-quantisation draws one with plain tqdm otherwise)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
@@ -98,9 +102,10 @@ def load_model(name: str = DEFAULT_MODEL, *, device: str | None = "auto", dtype:
     hf_logging.set_verbosity_error()  # GGUF de-quantisation and hub warnings are noise here
     hf_logging.disable_progress_bar()
     try:
-        tokenizer = AutoTokenizer.from_pretrained(where, local_files_only=True, **kwargs)
-        model = AutoModelForCausalLM.from_pretrained(where, dtype=torch_dtype, local_files_only=True,
-                                                     **kwargs)
+        with _gguf_bar(progress and gguf is not None):
+            tokenizer = AutoTokenizer.from_pretrained(where, local_files_only=True, **kwargs)
+            model = AutoModelForCausalLM.from_pretrained(where, dtype=torch_dtype, local_files_only=True,
+                                                         **kwargs)
     except (OSError, ValueError, KeyError, ImportError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise ModelLoadError(
@@ -113,3 +118,26 @@ def load_model(name: str = DEFAULT_MODEL, *, device: str | None = "auto", dtype:
     if not getattr(model, "name_or_path", None):
         model.name_or_path = name
     return model, tokenizer
+
+
+@contextlib.contextmanager
+def _gguf_bar(show: bool):
+    """transformers' GGUF loader calls ``tqdm`` directly (not its own switchable bar): swap in a
+    disabled one while loading when no bar is wanted."""
+    if show:
+        yield
+        return
+    try:
+        from transformers import modeling_gguf_pytorch_utils as gguf_utils
+    except ImportError:
+        yield
+        return
+    bar = getattr(gguf_utils, "tqdm", None)
+    if bar is None:
+        yield
+        return
+    gguf_utils.tqdm = functools.partial(bar, disable=True)
+    try:
+        yield
+    finally:
+        gguf_utils.tqdm = bar

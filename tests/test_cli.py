@@ -82,10 +82,11 @@ def test_bad_input_one_line_error(case, capsys, tiny_model_dir, other_model_dir,
         extra = ["--layer", "model.layers.7.mlp"]
     elif case == "bad-stride":
         extra = ["--stride", "64"]
-    elif case == "other-model":
+    elif case == "other-model":  # resuming another model's datastore (without --resume: test_refusals_...)
         code, _, err = _run(capsys, "build-index", "--model", other_model_dir, "--data", corpus_dir, "--out", out,
                             "--context", 64, "--quiet", "--index", "flat")
         assert code == 0, err
+        extra = ["--resume"]
     code, stdout, err = _run(capsys, "build-index", "--model", model, "--data", data, "--out", out,
                              "--context", 64, "--quiet", *extra)
     assert code == 2

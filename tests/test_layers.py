@@ -98,8 +98,8 @@ def test_no_behaviour_is_inherited_across_modules():
 
 def test_every_benchmark_and_experiment_module_imports():
     """Scripts nothing else imports must still import, and every knnlm name they import (at
-    module level or inside a function) must exist: a renamed library function breaks them
-    silently otherwise."""
+    module level or inside a function) or use as ``knnlm.NAME`` must exist: a renamed library
+    function breaks them silently otherwise."""
     import importlib
 
     root = PKG.parent
@@ -110,6 +110,9 @@ def test_every_benchmark_and_experiment_module_imports():
         if path.stem != "__main__":
             importlib.import_module(".".join(path.relative_to(root).with_suffix("").parts).removesuffix(".__init__"))
         for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.value.id == "knnlm":
+                if not hasattr(knnlm, node.attr) and not _is_submodule("knnlm", node.attr):
+                    missing.append(f"{path.relative_to(root)}: knnlm.{node.attr}")
             if isinstance(node, ast.ImportFrom) and node.level == 0 and (node.module or "").startswith("knnlm"):
                 mod = importlib.import_module(node.module)
                 missing += [f"{path.relative_to(root)}: {node.module}.{a.name}" for a in node.names

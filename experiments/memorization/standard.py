@@ -231,7 +231,7 @@ class Pipeline:
         """The documents of the datastore at ``path`` as text: whole files where it holds the
         whole file, else its tokens decoded (checked to be the file's head and to re-encode to the
         same tokens)."""
-        import knnlm
+        import knnlm.datastore
 
         ds = knnlm.open_datastore(path, require_index=False)
         sources = ds.header.corpus.sources
@@ -384,7 +384,7 @@ class Pipeline:
 
     def load(self, name: str):
         """(model, tokenizer, kind, params-note) of a family model or a reference."""
-        import knnlm
+        import knnlm.datastore
 
         if name in self.s.references:
             if name == "smoke-ref":
@@ -401,25 +401,25 @@ class Pipeline:
         return knnlm.load_model(str(self.fam_dir / name), device=self.device)
 
     def eval_cfg(self, progress: bool | None = None):
-        import knnlm
+        import knnlm.datastore
 
         return knnlm.EvalConfig(lambdas=tuple(self.s.lambdas), temperatures=tuple(self.s.temperatures),
                                 per_document=True, progress=self.progress if progress is None else progress)
 
     def datastore(self, model, tok, corpus: str, out: Path, max_tokens: int | None = None):
         """The complete datastore at ``out``, else a (resumed) build over ``text/<corpus>.jsonl``."""
-        import knnlm
+        import knnlm.datastore
         from experiments.memorization.suite import fit_context
 
         cfg = knnlm.BuildConfig(context=fit_context(model, tok, self.s.context), resume=True,
                                 progress=self.progress, max_tokens=max_tokens)
-        return knnlm.open_or_create(out, lambda: knnlm.build_datastore(
+        return knnlm.datastore.open_or_create(out, lambda: knnlm.build_datastore(
             model, tok, [str(self.text_dir / f"{corpus}.jsonl")], out, cfg))
 
     def train_datastore(self, name: str, model, tok):
         """The model's datastore over the training text: SmolLM2's existing one (``text_from``),
         else built (Gemma capped at ``gemma_max_tokens``)."""
-        import knnlm
+        import knnlm.datastore
 
         if name == "smollm2" and self.s.text_from:
             ds = knnlm.open_datastore(self.s.text_from)
@@ -576,7 +576,7 @@ class Pipeline:
         return "partial" if (self.ds_dir / name / "rest").exists() or (self.ds_dir / name / "all").exists() else "todo"
 
     def run_more(self, name: str) -> None:
-        import knnlm
+        import knnlm.datastore
 
         if self.task_path(name, "more_data").exists():
             return
@@ -590,7 +590,7 @@ class Pipeline:
             rest = self.datastore(model, tok, "rest", rest_path)
             return knnlm.merge_datastores([train_ds, rest], all_path, progress=self.progress)
 
-        all_ds = knnlm.open_or_create(all_path, merge, discard_incomplete=True)
+        all_ds = knnlm.datastore.open_or_create(all_path, merge, discard_incomplete=True)
         if rest_path.exists():
             shutil.rmtree(rest_path)  # its rows are in "all"
 

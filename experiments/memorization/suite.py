@@ -27,7 +27,7 @@ from pathlib import Path
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-import knnlm  # noqa: E402
+import knnlm.datastore  # noqa: E402
 from experiments import train_family  # noqa: E402
 from experiments.common import command_line, floats, logger, write_json  # noqa: E402
 from experiments.memorization import documents as D  # noqa: E402
@@ -196,7 +196,7 @@ def fit_context(model, tok, context: int) -> int:
 def get_datastore(model, tok, data: Path, out: Path, context: int, progress: bool):
     """The complete datastore at ``out``, else a (resumed) build over ``data``."""
     cfg = knnlm.BuildConfig(context=fit_context(model, tok, context), resume=True, progress=progress)
-    return knnlm.open_or_create(out, lambda: knnlm.build_datastore(model, tok, [str(data)], out, cfg))
+    return knnlm.datastore.open_or_create(out, lambda: knnlm.build_datastore(model, tok, [str(data)], out, cfg))
 
 
 # ------------------------------------------------------------------------------------- run

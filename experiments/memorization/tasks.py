@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-import knnlm
+import knnlm.datastore
 from experiments.memorization.documents import nbytes
 
 __all__ = ["bits_per_byte", "summarize_eval", "in_domain_ppl", "domain_adaptation", "verbatim_recall",
@@ -220,7 +220,7 @@ def datastore_scaling(model, tok, datastore, eval_docs: Sequence[dict], eval_cfg
     """Perplexity on the same held-out text with datastores made of the leading whole documents
     of ``datastore`` (``knnlm.subset_datastore``) at ``fractions`` of its corpus tokens. A
     fraction of 1 is the datastore itself (``full_result``, an ``in_domain_ppl`` result, is reused
-    when given). Subsets are cached under ``work_dir`` (``knnlm.open_or_create``; an interrupted
+    when given). Subsets are cached under ``work_dir`` (``knnlm.datastore.open_or_create``; an interrupted
     one is made again)."""
     total = int(datastore.header.tokens)
     texts = [d["text"] for d in eval_docs]
@@ -229,7 +229,7 @@ def datastore_scaling(model, tok, datastore, eval_docs: Sequence[dict], eval_cfg
         ds, s = datastore, full_result
         if f < 1.0:
             try:
-                ds = knnlm.open_or_create(subset_path(work_dir, f), lambda f=f: knnlm.subset_datastore(
+                ds = knnlm.datastore.open_or_create(subset_path(work_dir, f), lambda f=f: knnlm.subset_datastore(
                     datastore, subset_path(work_dir, f), max(2, int(f * total)), index=index, progress=False),
                     discard_incomplete=True)
             except knnlm.KnnlmError as e:
