@@ -61,8 +61,8 @@ def main(argv=None) -> int:
     import faiss
     import numpy as np
 
-    from knnlm.datastore import open_datastore
-    from knnlm.index import build_index, plan_index, set_nprobe
+    from knnlm.datastore import build_index, open_datastore
+    from knnlm.index import plan_index, set_nprobe
 
     ds = open_datastore(args.datastore)
     n, d = len(ds), ds.dim

@@ -123,7 +123,8 @@ def build(keys, spec: str, out: Path, shards: int, seed: int) -> dict:
 
     Resumable: each finished step leaves its output and a JSON record in ``out`` (the trained
     index, every filled shard, the merged index), so a killed run continues after the last one."""
-    from knnlm.index import fill_shard, merge_shards, plan_index, train_index
+    from knnlm.datastore import merge_index
+    from knnlm.index import fill_shard, plan_index, train_index
 
     n, d = keys.shape
     done = out / "build.json"
@@ -157,7 +158,7 @@ def build(keys, spec: str, out: Path, shards: int, seed: int) -> dict:
             os.replace(tmp, p)
         step(f"fill{i}", fill)
     t = time.time()
-    rec = merge_shards(out / "trained.faiss", paths, out / "index.faiss", storage="disk", ntotal=n)
+    rec = merge_index(out / "trained.faiss", paths, out / "index.faiss", storage="disk", ntotal=n)
     steps["merge"] = round(time.time() - t, 1)
     fill_s = sum(v for k, v in steps.items() if k.startswith("fill"))
     rec = {"n": n, "dim": d, "factory": plan.factory, "nprobe": plan.nprobe, "train_rows": plan.train_rows,
@@ -172,6 +173,7 @@ def build(keys, spec: str, out: Path, shards: int, seed: int) -> dict:
 
 def search_child(args) -> int:
     """In a fresh process: load the on-disk index, search, report memory, speed and recall."""
+    from knnlm.datastore import ivfdata_name
     from knnlm.index import load_index
 
     before = proc_status()
@@ -179,6 +181,7 @@ def search_child(args) -> int:
     gt = np.load(args.gt_file)
     rec = json.loads(Path(args.record).read_text())
     index = load_index(args.index_path, n=rec["n"], dim=rec["dim"], nprobe=rec["nprobe"], storage="disk",
+                       ivfdata=Path(args.index_path).parent / ivfdata_name(Path(args.index_path).name),
                        ivfdata_bytes=rec["ivfdata_bytes"], use_gpu=False)
     loaded = proc_status()
     k = min(args.k, rec["n"])

@@ -30,11 +30,12 @@ def _child(args) -> None:
     q = np.load(args.queries)
     before = _status()
     if args.mode == "map":
+        from knnlm.datastore import ivfdata_name
         from knnlm.index import load_index
 
-        size = Path(args.index).with_suffix(".ivfdata").stat().st_size
+        lists = Path(args.index).parent / ivfdata_name(Path(args.index).name)
         index = load_index(args.index, n=args.n, dim=q.shape[1], nprobe=args.nprobe, storage="disk",
-                           ivfdata_bytes=size, use_gpu=False)
+                           ivfdata=lists, ivfdata_bytes=lists.stat().st_size, use_gpu=False)
     else:
         index = faiss.read_index(args.index, faiss.IO_FLAG_ONDISK_SAME_DIR | faiss.IO_FLAG_READ_ONLY)
         faiss.extract_index_ivf(index).nprobe = args.nprobe

@@ -45,6 +45,8 @@ from knnlm.datastore import (
     INDEX,
     IVFDATA,
     KEYS,
+    SHARD,
+    TRAINED,
     CorpusSpec,
     Datastore,
     DatastoreError,
@@ -53,6 +55,9 @@ from knnlm.datastore import (
     KeySpec,
     WindowSpec,
     disk_errors,
+    index_record,
+    index_work_dir,
+    merge_index,
     model_identity,
     open_datastore,
     read_header,
@@ -167,12 +172,12 @@ def _index_sharded(writer: DatastoreWriter | None, cfg: BuildConfig, world: Worl
     encodes a contiguous share of the rows into a shard file, rank 0 merges the shards (RAM or
     on-disk inverted lists) and completes the datastore. The same functions and the same bytes as
     the one-process ``DatastoreWriter.finalize``. Returns the datastore on rank 0."""
-    from knnlm.index import fill_shard, index_record, merge_shards, plan_index, train_index, work_dir
+    from knnlm.index import fill_shard, plan_index, train_index
 
     header = read_header(out)
     n, dim = header.total, header.key.dim
     keys, index_path = out / KEYS, out / INDEX
-    work = work_dir(index_path)
+    work = index_work_dir(index_path)
     t0 = time.time()
 
     def train():
@@ -182,25 +187,25 @@ def _index_sharded(writer: DatastoreWriter | None, cfg: BuildConfig, world: Worl
             shutil.rmtree(work, ignore_errors=True)
             work.mkdir(parents=True)
             (out / IVFDATA).unlink(missing_ok=True)
-            train_index(keys, plan, work / "trained.faiss", seed=cfg.seed)
+            train_index(keys, plan, work / TRAINED, seed=cfg.seed)
         return plan
 
     plan = on_main(world, train, share=True)
     if plan.shardable:  # rank r encodes rows [n r / W, n (r + 1) / W)
-        shards = [work / f"shard{r:05d}.faiss" for r in range(world.size)]
+        shards = [work / SHARD.format(r) for r in range(world.size)]
         with disk_errors(out):
-            fill_shard(work / "trained.faiss", keys, n * world.rank // world.size,
+            fill_shard(work / TRAINED, keys, n * world.rank // world.size,
                        n * (world.rank + 1) // world.size, shards[world.rank])
     else:  # a graph index is filled in one piece
-        shards = [work / "shard00000.faiss"]
+        shards = [work / SHARD.format(0)]
         if world.main:
             with disk_errors(out):
-                fill_shard(work / "trained.faiss", keys, 0, n, shards[0])
+                fill_shard(work / TRAINED, keys, 0, n, shards[0])
     barrier(world)
 
     def merge() -> Datastore:
         with disk_errors(out):
-            record = merge_shards(work / "trained.faiss", shards, index_path, storage=plan.storage, ntotal=n)
+            record = merge_index(work / TRAINED, shards, index_path, storage=plan.storage, ntotal=n)
             shutil.rmtree(work, ignore_errors=True)
             return writer.complete(index_record(plan, record, time.time() - t0))
 

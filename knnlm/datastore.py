@@ -21,7 +21,7 @@ Format version 2 (this one) adds key dtype "none" and index storage; version 1 h
 keys kept and index in RAM.
     gate.json        optional: the adaptive-λ / retrieval gate fitted by ``knnlm tune`` (``knnlm.gate``);
                      the header's ``gate`` entry holds its SHA-256 and the datastore identity it
-                     was fitted on (``Datastore.identity``), and ``attach_gate`` writes both
+                     was fitted on (``Datastore.identity``), and ``write_gate`` writes both
 
 All arrays are standard ``.npy`` files (self-describing header, memory-mappable). ``keys.npy`` is
 allocated at full size up front and filled in row order; ``Header.count`` says how many rows are
@@ -58,7 +58,7 @@ import numpy as np
 
 from knnlm import __version__, config
 from knnlm.data import count_targets
-from knnlm.errors import CorpusError, DatastoreError
+from knnlm.errors import ConfigError, CorpusError, DatastoreError
 
 logger = logging.getLogger(__name__)
 
@@ -66,7 +66,8 @@ __all__ = [
     "FORMAT", "FORMAT_VERSION", "DatastoreError", "Header", "KeySpec", "WindowSpec", "CorpusSpec",
     "ModelIdentity", "Datastore", "DatastoreWriter", "open_datastore", "open_or_create", "read_header",
     "model_identity", "write_json_atomic", "subset_datastore", "cut_document", "disk_errors", "merge_datastores",
-    "KEY_DTYPES", "reindex_datastore", "attach_gate", "GATE",
+    "KEY_DTYPES", "reindex_datastore", "write_gate", "read_gate", "GATE", "build_index", "merge_index",
+    "index_record", "index_work_dir", "ivfdata_name",
 ]
 
 FORMAT = "knnlm-datastore"
@@ -81,6 +82,8 @@ INDEX = "index.faiss"
 PROGRESS = "progress.json"  # key rows final out of order (a sharded build): [[first, end], ...]
 PROGRESS_RANK = "progress.rank{}.json"  # the same, written by one rank of a sharded build
 IVFDATA = "index.ivfdata"
+TRAINED = "trained.faiss"  # work files of an index build, in index_work_dir(index): the trained, empty index
+SHARD = "shard{:05d}.faiss"  # ... and the shards filled from it (one per rank of a distributed build)
 GATE = "gate.json"
 LOCK = ".knnlm.lock"  # held (flock) by the one writer of a directory; other writers are refused
 # header key.dtype -> numpy dtype of keys.npy (for "none": of the spool file removed once the index is built)
@@ -103,6 +106,108 @@ def write_json_atomic(path: str | os.PathLike, obj: Any) -> None:
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _commit(staged: Sequence[Path], directory: Path) -> None:
+    """Move staged files into ``directory`` so that a crash leaves each either absent or whole:
+    fsync each, rename in the given order (the file that names the others last), fsync the
+    directory."""
+    for p in staged:
+        with open(p, "rb+") as f:
+            os.fsync(f.fileno())
+    for p in staged:
+        os.replace(p, directory / p.name)
+    _fsync_dir(directory)
+
+
+# ------------------------------------------------------------------------------------ index files
+
+
+def ivfdata_name(index_file: str) -> str:
+    """The inverted-lists file of an index stored on disk: next to it, same stem."""
+    return str(Path(index_file).with_suffix(".ivfdata"))
+
+
+def index_work_dir(index_path: str | os.PathLike) -> Path:
+    """Where the trained index and the shards of the index ``index_path`` are written while it is
+    built (next to it: on the same filesystem, shared by every rank of a distributed build)."""
+    index_path = Path(index_path)
+    return index_path.parent / f".{index_path.name}.build"
+
+
+def index_record(plan, merged: dict, seconds: float) -> dict:
+    """The index section of the header: the plan (``knnlm.index.IndexPlan``), ``merge_index``'s
+    record, the time."""
+    return {"spec": plan.spec, "factory": plan.factory, "metric": "l2", "nprobe": plan.nprobe, **merged,
+            "build_seconds": round(seconds, 2)}
+
+
+def merge_index(trained: Path, shards: Sequence[Path], index_path: str | os.PathLike, *, storage: str,
+                ntotal: int) -> dict:
+    """``knnlm.index.merge_shards`` into a staging directory next to ``index_path``, then the
+    files renamed into place, the inverted lists first and the index file (which names them) last:
+    a crash leaves either no index at ``index_path`` or a complete one (callers record it in the
+    header only after). Returns ``{"file", "ivfdata", "ivfdata_bytes", "bytes", "ntotal",
+    "storage"}``."""
+    from knnlm.index import merge_shards
+
+    index_path = Path(index_path)
+    lists = ivfdata_name(index_path.name)
+    stage = index_path.parent / f".{index_path.name}.staging"
+    shutil.rmtree(stage, ignore_errors=True)
+    stage.mkdir(parents=True)
+    try:
+        got = merge_shards(trained, shards, stage / index_path.name, ivfdata_path=stage / lists, storage=storage,
+                           ntotal=ntotal)
+        _commit([p for p in (stage / lists, stage / index_path.name) if p.exists()], index_path.parent)
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
+    data = index_path.parent / lists
+    on_disk = got["on_disk"]
+    return {"file": index_path.name, "ivfdata": lists if on_disk else None,
+            "ivfdata_bytes": data.stat().st_size if on_disk else None,
+            "bytes": index_path.stat().st_size + (data.stat().st_size if on_disk else 0),
+            "ntotal": got["ntotal"], "storage": storage}
+
+
+def build_index(keys_path: str | os.PathLike, n: int, dim: int, plan, index_path: str | os.PathLike, *,
+                seed: int = 0, progress: bool = True, use_gpu: bool | None = None, shards: int = 1) -> dict:
+    """Train, fill (in ``shards`` consecutive row ranges, one after the other) and merge the
+    planned index (``knnlm.index.plan_index``) over ``keys_path`` into ``index_path``: the
+    single-process path, the same functions a distributed build runs per rank. Returns the index
+    section of the header (``index_record``)."""
+    from tqdm.auto import tqdm
+
+    from knnlm.index import fill_shard, train_index
+
+    keys = np.load(keys_path, mmap_mode="r") if isinstance(keys_path, (str, os.PathLike)) else keys_path
+    if keys.shape != (n, dim):
+        raise DatastoreError(f"{keys_path} holds keys of shape {keys.shape}, expected {(n, dim)}")
+    index_path = Path(index_path)
+    t0 = time.time()
+    work = index_work_dir(index_path)
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir(parents=True)
+    try:
+        train_index(keys, plan, work / TRAINED, seed=seed, use_gpu=use_gpu)
+        shards = 1 if not plan.shardable else max(1, min(int(shards), n))
+        bounds = [n * i // shards for i in range(shards + 1)]
+        paths = [work / SHARD.format(i) for i in range(shards)]
+        with tqdm(total=n, unit="key", desc="adding keys", disable=not progress) as bar:
+            for i, p in enumerate(paths):
+                fill_shard(work / TRAINED, keys, bounds[i], bounds[i + 1], p, progress=bar)
+        record = merge_index(work / TRAINED, paths, index_path, storage=plan.storage, ntotal=n)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    return index_record(plan, record, time.time() - t0)
 
 
 # ------------------------------------------------------------------------------------ header
@@ -221,8 +326,8 @@ class Header:
     count: int = 0  # key rows final on disk
     total: int | None = None  # key rows when complete
     tokens: int | None = None  # corpus tokens
-    index: dict | None = None  # knnlm.index.build_index's record: spec, factory, nprobe, storage, file, ...
-    gate: dict | None = None  # {"file", "sha256", "datastore"} of the tuned gate (attach_gate), or None
+    index: dict | None = None  # build_index's record (index_record): spec, factory, nprobe, storage, file, ...
+    gate: dict | None = None  # {"file", "sha256", "datastore"} of the tuned gate (write_gate), or None
     knnlm_version: str = __version__
     created: str = field(default_factory=_now)
 
@@ -323,8 +428,10 @@ class Datastore:
             from knnlm.index import load_index
 
             h = self.header
+            lists = (h.index or {}).get("ivfdata")
             self._index = load_index(self.path / h.index_file, n=len(self), dim=self.dim, nprobe=h.nprobe,
-                                     storage=h.index_storage, ivfdata_bytes=(h.index or {}).get("ivfdata_bytes"))
+                                     storage=h.index_storage, ivfdata=self.path / lists if lists else None,
+                                     ivfdata_bytes=(h.index or {}).get("ivfdata_bytes") if lists else None)
         return self._index
 
     def require_keys(self, param: str, remedy: str) -> None:
@@ -440,12 +547,15 @@ def open_datastore(path: str | os.PathLike, *, require_index: bool = True) -> Da
     return Datastore(path, header, documents, keys, values, tokens)
 
 
-def attach_gate(ds: Datastore, payload: dict) -> str:
-    """Write a tuned gate (a JSON-ready dict from ``knnlm.gate``) into ``ds``'s directory as
-    ``gate.json`` and record its SHA-256 and ``ds.identity()`` in the header's ``gate`` entry.
-    Takes the directory's writer lock; the file and the header are each replaced atomically (a
-    crash between the two leaves a header whose hash the new file fails: the gate is refused,
-    never silently mismatched). Returns the file's SHA-256."""
+def write_gate(ds: Datastore, payload: dict, out: str | os.PathLike | None = None) -> Path:
+    """Write a tuned gate (a JSON-ready dict from ``knnlm.gate``) to the file ``out``, or (``out``
+    None) into ``ds``'s directory as ``gate.json`` with its SHA-256 and ``ds.identity()`` in the
+    header's ``gate`` entry. Into the datastore: takes the directory's writer lock; the file and
+    the header are each replaced atomically (a crash between the two leaves a header whose hash
+    the new file fails: the gate is refused, never silently mismatched). Returns the file."""
+    if out is not None:
+        write_json_atomic(out, payload)
+        return Path(out)
     path = Path(ds.path)
     fd = _lock(path)
     try:
@@ -457,9 +567,34 @@ def attach_gate(ds: Datastore, payload: dict) -> str:
         header.gate = {"file": GATE, "sha256": digest, "datastore": ds.identity()}
         header.write(path)
         ds.header.gate = header.gate
-        return digest
+        return path / GATE
     finally:
         _unlock(path, fd, remove=False)
+
+
+def read_gate(ds: Datastore, path: str | os.PathLike | None = None) -> tuple[dict, str]:
+    """A gate's JSON and where it was read: the file the header's ``gate`` entry names (``path``
+    None: a bare name inside the datastore, its SHA-256 checked) or the file at ``path``."""
+    if path is None:
+        entry = ds.header.gate or {}
+        name = entry.get("file", GATE)
+        if not isinstance(name, str) or Path(name).name != name or name in ("", ".", ".."):
+            raise DatastoreError(f"{ds.path}/{HEADER} names gate file {name!r} outside the datastore; it is corrupt")
+        p = Path(ds.path) / name
+        if not p.is_file():
+            raise DatastoreError(f"{p} is missing (the header lists a gate); re-run `knnlm tune`")
+        raw = p.read_bytes()
+        if hashlib.sha256(raw).hexdigest() != entry.get("sha256"):
+            raise DatastoreError(f"{p} does not match the SHA-256 in {ds.path}/{HEADER}; re-run `knnlm tune`")
+    else:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"`gate` file not found: {p}", param="gate")
+        raw = p.read_bytes()
+    try:
+        return json.loads(raw), str(p)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise DatastoreError(f"{p} is not valid JSON ({e}); re-run `knnlm tune`") from None
 
 
 def open_or_create(path: str | os.PathLike, create: Callable[[], Datastore], *,
@@ -692,10 +827,10 @@ class DatastoreWriter:
     # ---- phase 3: the index -------------------------------------------------------------------
     def finalize(self, index: str = "auto", *, storage: str = "auto", seed: int = 0, progress: bool = True,
                  shards: int = 1) -> Datastore:
-        """Train and fill the index over all rows (``knnlm.index.build_index``: one implementation
+        """Train and fill the index over all rows (``build_index``: one implementation
         for every path), mark the datastore complete, open it. With key dtype "none" the spooled
         keys are removed once the header says complete."""
-        from knnlm.index import build_index, plan_index
+        from knnlm.index import plan_index
 
         n, dim = self.header.total, self.header.key.dim
         if self.header.count != n:
@@ -708,8 +843,8 @@ class DatastoreWriter:
         return self.complete(record)
 
     def complete(self, index_record: dict) -> Datastore:
-        """Record the index written to ``index_record["file"]`` (``knnlm.index.index_record``; a
-        distributed build writes it with ``train_index`` / ``fill_shard`` / ``merge_shards``), mark
+        """Record the index written to ``index_record["file"]`` (``index_record``; a distributed
+        build writes it with ``train_index`` / ``fill_shard`` / ``merge_index``), mark
         the datastore complete, drop spooled keys when none are kept, release the lock, open it."""
         self.header.index = index_record
         self.header.status = "complete"
@@ -989,7 +1124,7 @@ def reindex_datastore(path: str | os.PathLike, *, index: str = "auto", index_sto
     from its keys. The new index is written under fresh file names, then the header is switched to
     it atomically, then the old index files are removed: an interrupted reindex leaves the old
     index in use, never a half-written one. Holds the directory's writer lock throughout."""
-    from knnlm.index import build_index, plan_index
+    from knnlm.index import plan_index
 
     path = Path(path)
     ds = open_datastore(path, require_index=False)

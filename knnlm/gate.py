@@ -1,7 +1,7 @@
 """Adaptive kNN-LM: a per-token λ(x) and a pre-retrieval gate, their features, fitting and saving.
 
 Two small models, fitted by ``knnlm tune`` on text that is neither in the datastore nor in the eval
-text, saved with the datastore (``gate.json``, see ``knnlm.datastore.attach_gate``):
+text, saved with the datastore (``knnlm.datastore.write_gate``: a file and a header entry):
 
 * the **λ gate** maps per-token features to λ(x) = sigmoid(f(z)) (z: features standardised with
   the tuning text's mean / std, f: a linear map or a one-hidden-layer tanh MLP) and is fitted by
@@ -46,8 +46,6 @@ setting the mixture uses, so λ(x) means the same in a sweep. A row with no neig
 
 from __future__ import annotations
 
-import hashlib
-import json
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
@@ -57,7 +55,7 @@ import numpy as np
 import torch
 
 from knnlm.config import check_fraction, check_unseen_options
-from knnlm.datastore import GATE, Datastore, attach_gate
+from knnlm.datastore import Datastore, read_gate, write_gate
 from knnlm.errors import ConfigError, DatastoreError
 from knnlm.retrieval import one_thread  # fitting is a small dense problem: threads cost more than they give
 from knnlm.scoring import keep_unseen_knn, knn_log_weights, mix
@@ -352,44 +350,24 @@ def format_report(gate: Gate) -> str:
 
 def load_gate(ds: Datastore, path: str | Path | None = None) -> Gate:
     """The gate saved with ``ds`` (``path`` None: the header's ``gate`` entry, hash-checked) or the
-    gate file at ``path``; refused when it was tuned on another datastore."""
-    if path is None:
-        entry = ds.header.gate
-        if not entry:
-            raise ConfigError(f"`lam` 'adaptive' (and `retrieve_fraction`) need a gate, and datastore {ds.path} has "
-                              f"none; tune one with `knnlm tune --datastore {ds.path} --data TUNE_TEXT`", param="lam")
-        p = Path(ds.path) / entry.get("file", GATE)
-        if not p.exists():
-            raise DatastoreError(f"{p} is missing (the header lists a gate); re-run `knnlm tune`")
-        raw = p.read_bytes()
-        if hashlib.sha256(raw).hexdigest() != entry.get("sha256"):
-            raise DatastoreError(f"{p} does not match the SHA-256 in {ds.path}/header.json; re-run `knnlm tune`")
-    else:
-        p = Path(path)
-        if not p.is_file():
-            raise ConfigError(f"`gate` file not found: {p}", param="gate")
-        raw = p.read_bytes()
-    try:
-        d = json.loads(raw)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise DatastoreError(f"{p} is not valid JSON ({e}); re-run `knnlm tune`") from None
-    gate = Gate.from_json(d, str(p))
+    gate file at ``path`` (``knnlm.datastore.read_gate``); refused when it was tuned on another
+    datastore."""
+    if path is None and not ds.header.gate:
+        raise ConfigError(f"`lam` 'adaptive' (and `retrieve_fraction`) need a gate, and datastore {ds.path} has "
+                          f"none; tune one with `knnlm tune --datastore {ds.path} --data TUNE_TEXT`", param="lam")
+    d, where = read_gate(ds, path)
+    gate = Gate.from_json(d, where)
     gate.check_datastore(ds)
     return gate
 
 
 def save_gate(gate: Gate, ds: Datastore, out: str | Path | None = None) -> Path:
-    """Save ``gate`` with ``ds`` (``out`` None: ``gate.json`` + header entry) or to the file ``out``."""
+    """Save ``gate`` with ``ds`` (``out`` None: into the datastore, with a header entry) or to the
+    file ``out`` (``knnlm.datastore.write_gate``)."""
     gate.check_datastore(ds)
-    if out is None:
-        attach_gate(ds, gate.to_json())
-        gate.path = str(Path(ds.path) / GATE)
-    else:
-        from knnlm.datastore import write_json_atomic
-
-        write_json_atomic(out, gate.to_json())
-        gate.path = str(out)
-    return Path(gate.path)
+    path = write_gate(ds, gate.to_json(), out)
+    gate.path = str(path)
+    return path
 
 
 # ---------------------------------------------------------------------------------- fitting

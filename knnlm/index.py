@@ -5,8 +5,10 @@ product quantization, compact), ``auto`` (the default: the first row of ``AUTO_I
 datastore fits) or any FAISS factory string (``"IVF4096,PQ64"``, ``"OPQ64,IVF4096,PQ64"``,
 ``"IVF65536_HNSW32,PQ64"``, ``"HNSW32"``...). ``plan_index`` is the one place recipes live.
 
-An index is built in three steps, each a plain function, so that one process or many (one per
-torchrun rank) run the same code:
+FAISS only: every function reads and writes the files its caller names (``knnlm.datastore``
+owns the names, the work directory, the staging and the atomic renames, and the header's index
+record). An index is built in three steps, each a plain function, so that one process or many (one
+per torchrun rank) run the same code:
 
 1. ``train_index``: train once on a seeded sample of the keys -> a trained, empty index file
    (deterministic given the keys and the seed, except HNSW coarse quantizers, whose graph FAISS
@@ -16,12 +18,12 @@ torchrun rank) run the same code:
    encoded in chunks aligned to a global grid of ``ADD_CHUNK_ROWS`` rows, a chunk cut by a shard
    boundary is encoded whole and only its own rows are kept: every row is computed in exactly the
    batch a one-process build computes it in, so the result does not depend on the shard count;
-3. ``merge_shards``: the shards, in row order -> one index written atomically. With storage
-   ``disk`` an IVF index keeps its inverted lists in ``<name>.ivfdata`` next to the index file
-   (``faiss.OnDiskInvertedLists``), memory-mapped on load; a flat-codes index (Flat, SQ, PQ
-   without IVF) is memory-mapped whole. With ``ram`` the index is read into memory.
+3. ``merge_shards``: the shards, in row order -> one index file. With storage ``disk`` an IVF
+   index keeps its inverted lists in a file next to the index file (``faiss.OnDiskInvertedLists``),
+   memory-mapped on load; a flat-codes index (Flat, SQ, PQ without IVF) is memory-mapped whole.
+   With ``ram`` the index is read into memory.
 
-``build_index`` chains the three (one shard, or several consecutive ones) for the
+``knnlm.datastore.build_index`` chains the three (one shard, or several consecutive ones) for the
 single-process paths: ``DatastoreWriter.finalize``, merge, subset, reindex.
 Graph indexes (HNSW as the whole index) cannot be filled in shards: their plan says
 ``shardable=False`` and they are filled in one piece.
@@ -34,7 +36,6 @@ import ctypes
 import logging
 import math
 import os
-import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -46,8 +47,8 @@ from knnlm.errors import DatastoreError, IndexSpecError
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["IndexSpecError", "IndexPlan", "check_index_spec", "plan_index", "build_index", "load_index", "set_nprobe",
-           "train_index", "fill_shard", "merge_shards", "index_files", "index_record", "work_dir", "gpu_clone_settings",
+__all__ = ["IndexSpecError", "IndexPlan", "check_index_spec", "plan_index", "load_index", "set_nprobe",
+           "train_index", "fill_shard", "merge_shards", "gpu_clone_settings",
            "AUTO_INDEX", "COARSE_RECIPES", "AUTO_DISK_RAM_FRACTION"]
 
 # ------------------------------------------------------------------------------------ recipes
@@ -330,24 +331,6 @@ def _faiss_quiet():
         os.close(saved)
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _write_atomic(index, path: Path) -> None:
-    import faiss
-
-    tmp = path.with_name(path.name + ".tmp")
-    faiss.write_index(index, str(tmp))
-    with open(tmp, "rb+") as f:
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
 def _as_keys(keys) -> np.ndarray:
     """A key array (N, D): an array, or the path of a .npy file (memory-mapped)."""
     if isinstance(keys, (str, os.PathLike)):
@@ -358,7 +341,8 @@ def _as_keys(keys) -> np.ndarray:
 def train_index(keys, plan: IndexPlan, out_path: str | os.PathLike, *, seed: int = 0,
                 use_gpu: bool | None = None) -> None:
     """Train ``plan``'s index once on a seeded sample of ``keys`` (N, D) (an array or a .npy
-    path, memory-mapped) and write the trained, empty index to ``out_path`` (atomically).
+    path, memory-mapped) and write the trained, empty index to ``out_path`` (a work file: the
+    caller names it and commits what it builds from it, ``knnlm.datastore.build_index``).
 
     The sample is ``plan.train_rows`` rows drawn without replacement with ``seed``, read in row
     order. A GPU trains the coarse quantizer's k-means when FAISS has one; on CPU, coarse
@@ -390,7 +374,7 @@ def train_index(keys, plan: IndexPlan, out_path: str | os.PathLike, *, seed: int
         if ivf is not None:
             ivf.clustering_index = None
         logger.info("trained in %.1f s", time.time() - t0)
-    _write_atomic(index, Path(out_path))
+    faiss.write_index(index, str(out_path))
 
 
 def _grid_chunks(start: int, stop: int, n: int):
@@ -404,7 +388,7 @@ def fill_shard(trained_path: str | os.PathLike, keys, start: int, stop: int, out
                progress=None) -> int:
     """Add key rows ``[start, stop)`` of ``keys`` (N, D) (array or .npy path, memory-mapped) to
     the trained index at ``trained_path``, ids = global row numbers; write the shard to
-    ``out_path`` (atomically). Returns the rows added. ``progress``: a tqdm bar or None.
+    ``out_path`` (a work file). Returns the rows added. ``progress``: a tqdm bar or None.
 
     Every row is encoded in its chunk of the global ``ADD_CHUNK_ROWS`` grid, so a shard's codes are
     the bytes a one-shard fill computes for those rows."""
@@ -433,7 +417,7 @@ def fill_shard(trained_path: str | os.PathLike, keys, start: int, stop: int, out
         if progress is not None:
             progress.update(b - a)
     index.ntotal = target.ntotal if kind != "graph" else index.ntotal
-    _write_atomic(index, Path(out_path))
+    faiss.write_index(index, str(out_path))
     return stop - start
 
 
@@ -441,137 +425,61 @@ def _factory_name(index) -> str:
     return type(_inner(index)).__name__
 
 
-def index_files(path: str | os.PathLike) -> list[Path]:
-    """The files an index written to ``path`` consists of (the index, and its inverted-lists file
-    when it is stored on disk)."""
-    path = Path(path)
-    data = _ivfdata_path(path)
-    return [path, data] if data.exists() else [path]
-
-
-def _ivfdata_path(path: Path) -> Path:
-    return path.with_suffix(".ivfdata")
-
-
-def merge_shards(trained_path: str | os.PathLike, shard_paths, out_path: str | os.PathLike, *, storage: str = "ram",
+def merge_shards(trained_path: str | os.PathLike, shard_paths, out_path: str | os.PathLike, *,
+                 ivfdata_path: str | os.PathLike | None = None, storage: str = "ram",
                  ntotal: int | None = None) -> dict:
-    """Merge shard files (in row order) into one index at ``out_path``; returns
-    ``{"file", "ivfdata", "ivfdata_bytes", "bytes", "ntotal", "storage"}``.
+    """Merge shard files (in row order) into one index written to ``out_path``; returns
+    ``{"ntotal", "on_disk"}``. The caller names every file (``knnlm.datastore.merge_index`` stages
+    them and renames them into the datastore).
 
-    ``storage`` disk: an IVF index's inverted lists go to ``out_path`` with suffix ``.ivfdata``
-    (``faiss.OnDiskInvertedLists``; read back memory-mapped by ``load_index``); a flat-codes index
-    is written as usual and memory-mapped on load. ``ram``: a normal index. Both files are staged
-    in a sibling directory and renamed into place, the index file last: a crash leaves either no
-    ``out_path`` or a complete one (callers record it, e.g. in the datastore header, only after)."""
+    ``storage`` disk: an IVF index's inverted lists go to ``ivfdata_path`` (next to ``out_path``:
+    the index records its bare name, ``faiss.OnDiskInvertedLists``, read back memory-mapped by
+    ``load_index``); a flat-codes index is written as usual and memory-mapped on load. ``ram``: a
+    normal index."""
     import faiss
 
     out_path = Path(out_path)
     shard_paths = [Path(p) for p in shard_paths]
     if not shard_paths:
         raise ValueError("merge_shards: no shards")
-    stage = out_path.parent / f".{out_path.name}.staging"
-    shutil.rmtree(stage, ignore_errors=True)
-    stage.mkdir(parents=True)
-    try:
-        index = faiss.read_index(str(trained_path))
-        kind = _kind(index)
-        if kind == "graph":
-            if len(shard_paths) != 1:
-                raise IndexSpecError(f"{_factory_name(index)} is a graph index: it cannot be merged from "
-                                     f"{len(shard_paths)} shards", param="index")
-            index = faiss.read_index(str(shard_paths[0]))
-        elif kind == "ivf" and storage == "disk":
-            ivf = _ivf(index)
-            shards = []
-            with _faiss_quiet():
-                for p in shard_paths:
-                    s = faiss.read_index(str(p), faiss.IO_FLAG_MMAP)  # lists not read into RAM
-                    shards.append(s)
-                lists = faiss.InvertedListsPtrVector()
-                for s in shards:
-                    lists.push_back(_ivf(s).invlists)
-                invlists = faiss.OnDiskInvertedLists(ivf.nlist, ivf.code_size,
-                                                     str(stage / _ivfdata_path(out_path).name))
-                total = invlists.merge_from_multiple(lists.data(), lists.size(), False, False)
-            ivf.ntotal = index.ntotal = int(total)
-            invlists.filename = _ivfdata_path(out_path).name  # recorded bare: read back next to the index
-            ivf.replace_invlists(invlists, True)
-            invlists.this.disown()
-            del shards
-        else:
-            target = _ivf(index) if kind == "ivf" else _inner(index)
-            for p in shard_paths:
-                s = faiss.read_index(str(p))
-                target.merge_from(_ivf(s) if kind == "ivf" else _inner(s), 0)
-                del s
-            index.ntotal = target.ntotal
-        if ntotal is not None and index.ntotal != ntotal:
-            raise DatastoreError(f"the shards hold {index.ntotal} keys, expected {ntotal}; refill them")
-        faiss.write_index(index, str(stage / out_path.name))
-        got = int(index.ntotal)
-        del index
-        staged = [stage / out_path.name]
-        data = stage / _ivfdata_path(out_path).name
-        if data.exists():
-            staged.insert(0, data)  # the lists first: the index file that names them comes last
-        for p in staged:
-            with open(p, "rb+") as f:
-                os.fsync(f.fileno())
-        for p in staged:
-            os.replace(p, out_path.parent / p.name)
-        _fsync_dir(out_path.parent)
-    finally:
-        shutil.rmtree(stage, ignore_errors=True)
-    data = _ivfdata_path(out_path)
+    index = faiss.read_index(str(trained_path))
+    kind = _kind(index)
     on_disk = kind == "ivf" and storage == "disk"
-    return {"file": out_path.name, "ivfdata": data.name if on_disk else None,
-            "ivfdata_bytes": data.stat().st_size if on_disk else None,
-            "bytes": out_path.stat().st_size + (data.stat().st_size if on_disk else 0),
-            "ntotal": got, "storage": storage}
-
-
-def build_index(keys_path: str | os.PathLike, n: int, dim: int, plan: IndexPlan, out_path: str | os.PathLike,
-                *, seed: int = 0, progress: bool = True, use_gpu: bool | None = None, shards: int = 1) -> dict:
-    """Train, fill (in ``shards`` consecutive row ranges, one after the other) and merge the
-    planned index over ``keys_path`` into ``out_path``: the single-process path, the same
-    functions a distributed build runs per rank. Returns the index section of the datastore
-    header (spec, factory, metric, nprobe, ntotal, storage, file, ivfdata, bytes...)."""
-    from tqdm.auto import tqdm
-
-    keys = _as_keys(keys_path)
-    if keys.shape != (n, dim):
-        raise DatastoreError(f"{keys_path} holds keys of shape {keys.shape}, expected {(n, dim)}")
-    out_path = Path(out_path)
-    t0 = time.time()
-    work = work_dir(out_path)
-    shutil.rmtree(work, ignore_errors=True)
-    work.mkdir(parents=True)
-    try:
-        trained = work / "trained.faiss"
-        train_index(keys, plan, trained, seed=seed, use_gpu=use_gpu)
-        shards = 1 if not plan.shardable else max(1, min(int(shards), n))
-        bounds = [n * i // shards for i in range(shards + 1)]
-        paths = [work / f"shard{i:05d}.faiss" for i in range(shards)]
-        with tqdm(total=n, unit="key", desc="adding keys", disable=not progress) as bar:
-            for i, p in enumerate(paths):
-                fill_shard(trained, keys, bounds[i], bounds[i + 1], p, progress=bar)
-        record = merge_shards(trained, paths, out_path, storage=plan.storage, ntotal=n)
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
-    return index_record(plan, record, time.time() - t0)
-
-
-def work_dir(out_path: str | os.PathLike) -> Path:
-    """Where the trained index and the shards of the index ``out_path`` are written while it is
-    built (next to it: on the same filesystem, shared by every rank of a distributed build)."""
-    out_path = Path(out_path)
-    return out_path.parent / f".{out_path.name}.build"
-
-
-def index_record(plan: IndexPlan, merged: dict, seconds: float) -> dict:
-    """The index section of the datastore header: the plan, ``merge_shards``'s record, the time."""
-    return {"spec": plan.spec, "factory": plan.factory, "metric": "l2", "nprobe": plan.nprobe, **merged,
-            "build_seconds": round(seconds, 2)}
+    if on_disk and (ivfdata_path is None or Path(ivfdata_path).parent != out_path.parent):
+        raise ValueError("merge_shards: on-disk inverted lists need `ivfdata_path` next to `out_path`")
+    if kind == "graph":
+        if len(shard_paths) != 1:
+            raise IndexSpecError(f"{_factory_name(index)} is a graph index: it cannot be merged from "
+                                 f"{len(shard_paths)} shards", param="index")
+        index = faiss.read_index(str(shard_paths[0]))
+    elif on_disk:
+        ivf = _ivf(index)
+        shards = []
+        with _faiss_quiet():
+            for p in shard_paths:
+                s = faiss.read_index(str(p), faiss.IO_FLAG_MMAP)  # lists not read into RAM
+                shards.append(s)
+            lists = faiss.InvertedListsPtrVector()
+            for s in shards:
+                lists.push_back(_ivf(s).invlists)
+            invlists = faiss.OnDiskInvertedLists(ivf.nlist, ivf.code_size, str(ivfdata_path))
+            total = invlists.merge_from_multiple(lists.data(), lists.size(), False, False)
+        ivf.ntotal = index.ntotal = int(total)
+        invlists.filename = Path(ivfdata_path).name  # recorded bare: read back next to the index
+        ivf.replace_invlists(invlists, True)
+        invlists.this.disown()
+        del shards
+    else:
+        target = _ivf(index) if kind == "ivf" else _inner(index)
+        for p in shard_paths:
+            s = faiss.read_index(str(p))
+            target.merge_from(_ivf(s) if kind == "ivf" else _inner(s), 0)
+            del s
+        index.ntotal = target.ntotal
+    if ntotal is not None and index.ntotal != ntotal:
+        raise DatastoreError(f"the shards hold {index.ntotal} keys, expected {ntotal}; refill them")
+    faiss.write_index(index, str(out_path))
+    return {"ntotal": int(index.ntotal), "on_disk": on_disk}
 
 
 # ------------------------------------------------------------------------------------ loading
@@ -609,11 +517,12 @@ def set_nprobe(index, nprobe: int | None) -> None:
 
 
 def load_index(path: str | os.PathLike, *, n: int, dim: int, nprobe: int | None = None,
-               use_gpu: bool | None = None, storage: str = "ram", ivfdata_bytes: int | None = None):
+               use_gpu: bool | None = None, storage: str = "ram", ivfdata: str | os.PathLike | None = None,
+               ivfdata_bytes: int | None = None):
     """Read the index, check that it holds ``n`` vectors of dimension ``dim``, set its default
     ``nprobe``, clone it to the GPUs if FAISS has some.
 
-    ``storage`` disk: the inverted lists (``<name>.ivfdata``, next to the index, of
+    ``storage`` disk: the inverted lists (the file ``ivfdata``, next to the index, of
     ``ivfdata_bytes`` bytes) or the flat codes are memory-mapped, not read, and on CPU so is the
     coarse quantizer of an on-disk IVF index (``_map_quantizer``): search RAM does not grow with
     the datastore (pages of a mapped file are the OS's page cache, not the process's
@@ -623,7 +532,9 @@ def load_index(path: str | os.PathLike, *, n: int, dim: int, nprobe: int | None 
     path = Path(path)
     flags = 0
     if storage == "disk":
-        data = _ivfdata_path(path)
+        if (ivfdata is None) != (ivfdata_bytes is None):
+            raise ValueError("load_index: `ivfdata` and `ivfdata_bytes` go together")
+        data = Path(ivfdata) if ivfdata is not None else None
         if ivfdata_bytes is not None:
             size = data.stat().st_size if data.exists() else None
             if size != ivfdata_bytes:

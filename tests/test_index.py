@@ -1,7 +1,8 @@
 import numpy as np
 import pytest
 
-from knnlm.index import AUTO_FLAT_MAX_ROWS, AUTO_SQ_MAX_ROWS, IndexSpecError, build_index, load_index, plan_index
+from knnlm.datastore import build_index
+from knnlm.index import AUTO_FLAT_MAX_ROWS, AUTO_SQ_MAX_ROWS, IndexSpecError, load_index, plan_index
 
 
 def _keys_file(tmp_path, n, d, seed=0):

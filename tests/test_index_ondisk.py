@@ -17,12 +17,16 @@ import torch
 import knnlm.index as kindex
 from knnlm import BuildConfig, DatastoreError, build_datastore, open_datastore
 from knnlm.cli import main
-from knnlm.datastore import Header, reindex_datastore
+from knnlm.datastore import Header, build_index, reindex_datastore
 from knnlm.errors import ConfigError, IndexSpecError
-from knnlm.index import build_index, gpu_clone_settings, load_index, merge_shards, plan_index
+from knnlm.index import gpu_clone_settings, load_index, merge_shards, plan_index
 from knnlm.retrieval import Retriever
 from knnlm.testing import corpus_paths
 
+
+def _lists(directory, rec: dict) -> dict:
+    """``load_index``'s inverted-lists arguments from ``build_index``'s record (none in RAM)."""
+    return {"ivfdata": directory / rec["ivfdata"], "ivfdata_bytes": rec["ivfdata_bytes"]} if rec["ivfdata"] else {}
 
 def _keys(tmp_path: Path, n: int = 6000, d: int = 32, seed: int = 0) -> tuple[Path, np.ndarray]:
     keys = np.random.default_rng(seed).standard_normal((n, d)).astype(np.float16)
@@ -58,8 +62,8 @@ def test_shards_merge_to_the_bytes_of_one_pass(factory, storage, small_grid, tmp
         assert [f.name for f in files] == (["index.faiss", "index.ivfdata"] if storage == "disk" and "IVF" in factory
                                            else ["index.faiss"])  # nothing staged is left behind
         digests.append(_digest(files))
-        index = load_index(out / "index.faiss", n=n, dim=d, nprobe=16, storage=storage,
-                           ivfdata_bytes=rec["ivfdata_bytes"], use_gpu=False)
+        index = load_index(out / "index.faiss", n=n, dim=d, nprobe=16, storage=storage, **_lists(out, rec),
+                           use_gpu=False)
         results.append(index.search(q, 10))
     assert digests[0] == digests[1]  # 3 shards (boundaries 2000, 4000 inside grid chunks) == 1 pass
     np.testing.assert_array_equal(results[0][1], results[1][1])
@@ -82,8 +86,8 @@ def test_disk_and_ram_search_identically_and_match_exact_search(tmp_path):
             out.mkdir()
             rec = build_index(path, n, d, plan_index(factory, n, d, storage=storage), out / "index.faiss",
                               progress=False)
-            index = load_index(out / "index.faiss", n=n, dim=d, nprobe=nprobe, storage=storage,
-                               ivfdata_bytes=rec["ivfdata_bytes"], use_gpu=False)
+            index = load_index(out / "index.faiss", n=n, dim=d, nprobe=nprobe, storage=storage, **_lists(out, rec),
+                               use_gpu=False)
             lists = faiss.downcast_InvertedLists(faiss.extract_index_ivf(index).invlists)
             assert isinstance(lists, faiss.OnDiskInvertedLists) == (storage == "disk")
             found[storage] = index.search(q, 10)
@@ -105,8 +109,8 @@ def test_disk_index_maps_its_coarse_quantizer_and_searches_the_same(tmp_path):
         out = tmp_path / factory.replace(",", "_")
         out.mkdir()
         rec = build_index(path, n, d, plan_index(factory, n, d, storage="disk"), out / "index.faiss", progress=False)
-        index = load_index(out / "index.faiss", n=n, dim=d, nprobe=8, storage="disk",
-                           ivfdata_bytes=rec["ivfdata_bytes"], use_gpu=False)
+        index = load_index(out / "index.faiss", n=n, dim=d, nprobe=8, storage="disk", **_lists(out, rec),
+                           use_gpu=False)
         ivf = faiss.extract_index_ivf(index)
         assert isinstance(faiss.downcast_InvertedLists(ivf.invlists), faiss.OnDiskInvertedLists)
         quantizer = faiss.downcast_index(ivf.quantizer)
@@ -133,7 +137,8 @@ def anon():
 path, storage, ivfdata, n, d = sys.argv[1], sys.argv[2], json.loads(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5])
 q = np.load(sys.argv[6])
 before = anon()
-index = load_index(path, n=n, dim=d, nprobe=64, storage=storage, ivfdata_bytes=ivfdata, use_gpu=False)
+lists = path.replace(".faiss", ".ivfdata") if ivfdata is not None else None
+index = load_index(path, n=n, dim=d, nprobe=64, storage=storage, ivfdata=lists, ivfdata_bytes=ivfdata, use_gpu=False)
 index.search(q, 16)
 print(anon() - before)
 """
@@ -219,9 +224,9 @@ def test_gpu_search_matches_cpu(tmp_path):
     rec = build_index(path, 20_000, 64, plan_index("IVF32,PQ64", 20_000, 64, storage="disk"),
                       tmp_path / "index.faiss", progress=False)
     cpu = load_index(tmp_path / "index.faiss", n=20_000, dim=64, nprobe=32, storage="disk",
-                     ivfdata_bytes=rec["ivfdata_bytes"], use_gpu=False)
+                     **_lists(tmp_path, rec), use_gpu=False)
     gpu = load_index(tmp_path / "index.faiss", n=20_000, dim=64, nprobe=32, storage="disk",
-                     ivfdata_bytes=rec["ivfdata_bytes"], use_gpu=True)
+                     **_lists(tmp_path, rec), use_gpu=True)
     q = keys[:64] + 0.05
     _, i_cpu = cpu.search(q, 16)
     _, i_gpu = gpu.search(q, 16)
