@@ -2,9 +2,8 @@
 
 The op is a C++ (and, with a CUDA build of torch, CUDA) extension JIT-compiled with
 ``torch.utils.cpp_extension.load`` (ninja) the first time it is asked for, once per process and
-thread-safely. It registers ``torch.ops.knnlm.knn_interpolate`` and
-``torch.ops.knnlm.knn_interpolate_target`` (schemas in ``knnlm/csrc/knnlm.cpp``); this module adds
-their fake kernels for ``torch.compile`` / ``opcheck``.
+thread-safely. It registers ``torch.ops.knnlm.knn_interpolate`` (schema in ``knnlm/csrc/knnlm.cpp``); this module
+adds its fake kernel for ``torch.compile`` / ``opcheck``.
 
 Sources: ``knnlm/csrc/`` is package data, so a wheel or a non-editable ``pip install .`` carries
 the sources and builds the op on first use exactly like a source checkout (``csrc_dir()``). The
@@ -51,7 +50,7 @@ __all__ = ["OP_NAMES", "csrc_dir", "get_op", "kernel_required", "load_extension"
 
 logger = logging.getLogger(__name__)
 
-OP_NAMES = ("knn_interpolate", "knn_interpolate_target")
+OP_NAMES = ("knn_interpolate",)
 
 _lock = threading.Lock()
 _tried = False
@@ -135,13 +134,7 @@ def _register_fakes() -> None:
         torch._check(dists.shape == values.shape, lambda: "knnlm: values must have the shape of dists")
         return logits.new_empty(logits.shape, dtype=torch.float32)
 
-    def _fake_interpolate_target(logits, dists, values, target, lam, temperature):
-        torch._check(logits.dim() == 2, lambda: "knnlm: logits must be 2-D [B, V]")
-        torch._check(dists.shape == values.shape, lambda: "knnlm: values must have the shape of dists")
-        return logits.new_empty((logits.shape[0],), dtype=torch.float32)
-
     torch.library.register_fake("knnlm::knn_interpolate")(_fake_interpolate)
-    torch.library.register_fake("knnlm::knn_interpolate_target")(_fake_interpolate_target)
 
 
 def source_files(*, cuda: bool) -> list[Path]:

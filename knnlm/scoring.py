@@ -38,8 +38,10 @@ Non-finite inputs (the same for the full and the target-only functions, the refe
 * The mix propagates NaN (``torch.logaddexp``): for ``0 < lam < 1`` a NaN on either side makes the
   whole output row NaN; at ``lam = 0`` / ``lam = 1`` only the evaluated side counts (above).
 
-``interpolate`` / ``interpolate_target`` dispatch to the fused op from ``knnlm.ops`` when it is
-available for the tensors' device and fall back to the torch reference otherwise.
+``interpolate`` dispatches to the fused op from ``knnlm.ops`` when it is available for the
+tensors' device and falls back to the torch reference otherwise. Target-only scoring (evaluation)
+has no fused op: it never builds a (B, V) row, only log p_lm(target) from the LM head and the
+K-sized ``knn_target_log_probs`` (``reference_interpolate_target`` composes them: the spec).
 
 **Keeping the unseen vocabulary** (``keep_unseen``; ``unseen`` = the tokens the datastore never
 saw, U, with LM mass P_U per row): retrieval can only propose tokens of the datastore, so this
@@ -75,7 +77,6 @@ __all__ = [
     "keep_unseen_knn",
     "unseen_log_mass",
     "interpolate",
-    "interpolate_target",
 ]
 
 
@@ -269,14 +270,3 @@ def interpolate(logits: torch.Tensor, dists: torch.Tensor, values: torch.Tensor,
     if op is None:
         return reference_interpolate(logits, dists, values, lam, temperature, unseen=unseen)
     return op(logits, dists.float(), values, float(lam), float(temperature))
-
-
-def interpolate_target(logits: torch.Tensor, dists: torch.Tensor, values: torch.Tensor,
-                       target: torch.Tensor, lam: Lam, temperature: float, *,
-                       use_kernel: bool = True) -> torch.Tensor:
-    """kNN-LM log-probability of ``target`` (B,); the fused op when available (scalar ``lam``)."""
-    check_mixture_args(lam, temperature)
-    op = _fused("knn_interpolate_target", logits) if use_kernel and _is_scalar(lam) else None
-    if op is None:
-        return reference_interpolate_target(logits, dists, values, target, lam, temperature)
-    return op(logits, dists.float(), values, target, float(lam), float(temperature))

@@ -80,9 +80,9 @@ def _check(logits, dists, values, target, lam, T, device):
     ref = scoring.reference_interpolate(logits, dists, values, lam, T)
     assert full.dtype == torch.float32 and full.shape == logits.shape
     torch.testing.assert_close(full, ref, rtol=RTOL, atol=ATOL, equal_nan=True)
-    tgt = _op("knn_interpolate_target", device)(logits, dists, values, target, lam, T)
+    # the full rows at the targets equal the target-only spec (what evaluation computes)
+    tgt = full.gather(1, target.long()[:, None])[:, 0]
     ref_t = scoring.reference_interpolate_target(logits, dists, values, target, lam, T)
-    assert tgt.dtype == torch.float32 and tgt.shape == (logits.shape[0],)
     torch.testing.assert_close(tgt, ref_t, rtol=RTOL, atol=ATOL, equal_nan=True)
     return full, tgt
 
@@ -178,16 +178,13 @@ def test_input_validation(device, monkeypatch):
         monkeypatch.setenv("KNNLM_CUDA_CHECKS", "1")
     logits, dists, values, target = _inputs(2, 100, 4, device=device)
     op = _op("knn_interpolate", device)
-    op_t = _op("knn_interpolate_target", device)
     bad = values.clone()
     bad[1, 2] = 100
     with pytest.raises(RuntimeError, match=r"values must be token ids in \[0, V\)"):
         op(logits, dists, bad, 0.5, 1.0)
     bad[1, 2] = -1
     with pytest.raises(RuntimeError, match=r"values must be token ids in \[0, V\)"):
-        op_t(logits, dists, bad, target, 0.5, 1.0)
-    with pytest.raises(RuntimeError, match=r"target must be token ids in \[0, V\)"):
-        op_t(logits, dists, values, torch.full_like(target, 100), 0.5, 1.0)
+        op(logits, dists, bad, 0.5, 1.0)
     with pytest.raises(RuntimeError, match="values must have the shape of dists"):
         op(logits, dists, values[:, :3], 0.5, 1.0)
     with pytest.raises(RuntimeError, match="rows but logits has"):
@@ -202,32 +199,23 @@ def test_input_validation(device, monkeypatch):
         op(logits, dists, values, 1.5, 1.0)
     with pytest.raises(RuntimeError, match="temperature must be"):
         op(logits, dists, values, 0.5, 0.0)
-    with pytest.raises(RuntimeError, match="target must be 1-D"):
-        op_t(logits, dists, values, target[:1], 0.5, 1.0)
 
 
 @pytest.mark.parametrize("device", DEVICES)
 def test_opcheck(device):
     _op("knn_interpolate", device)
     for dtype in DTYPES:
-        logits, dists, values, target = _inputs(3, 257, 9, dtype, device, n_tokens=30)
+        logits, dists, values, _ = _inputs(3, 257, 9, dtype, device, n_tokens=30)
         torch.library.opcheck(torch.ops.knnlm.knn_interpolate, (logits, dists, values, 0.3, 2.0))
-        torch.library.opcheck(torch.ops.knnlm.knn_interpolate_target,
-                              (logits, dists, values, target, 0.3, 2.0))
 
 
 @pytest.mark.parametrize("device", DEVICES)
 def test_scoring_dispatches_to_op(device):
     assert ops.get_op("knn_interpolate", torch.device(device)) is not None
-    assert ops.get_op("knn_interpolate_target", torch.device(device)) is not None
-    logits, dists, values, target = _inputs(4, 3000, 16, torch.bfloat16, device, n_tokens=50)
+    logits, dists, values, _ = _inputs(4, 3000, 16, torch.bfloat16, device, n_tokens=50)
     out = scoring.interpolate(logits, dists, values, 0.25, 2.0)
     torch.testing.assert_close(out, scoring.reference_interpolate(logits, dists, values, 0.25, 2.0),
                                rtol=RTOL, atol=ATOL)
-    out_t = scoring.interpolate_target(logits, dists, values, target, 0.25, 2.0)
-    torch.testing.assert_close(
-        out_t, scoring.reference_interpolate_target(logits, dists, values, target, 0.25, 2.0),
-        rtol=RTOL, atol=ATOL)
 
 
 def test_disable_env(monkeypatch):
@@ -252,7 +240,6 @@ def test_fallback_warns_once_without_compiler(tmp_path):
         "with warnings.catch_warnings(record=True) as rec:\n"
         "    warnings.simplefilter('always')\n"
         "    assert ops.get_op('knn_interpolate', torch.device('cpu')) is None\n"
-        "    assert ops.get_op('knn_interpolate_target', torch.device('cpu')) is None\n"
         "    x = torch.randn(2, 50); d = torch.rand(2, 4); v = torch.randint(0, 50, (2, 4))\n"
         "    out = scoring.interpolate(x, d, v, 0.5, 1.0)\n"
         "    assert torch.equal(out, scoring.reference_interpolate(x, d, v, 0.5, 1.0))\n"
@@ -404,8 +391,8 @@ def test_cuda_heavy_duplicates(dtype, K, n_tokens):
 def test_cuda_out_of_range_ids_give_nan_rows(monkeypatch, V):
     """No host sync on CUDA: bad token ids make the row NaN; KNNLM_CUDA_CHECKS=1 raises."""
     monkeypatch.delenv("KNNLM_CUDA_CHECKS", raising=False)
-    op, op_t = _op("knn_interpolate", "cuda"), _op("knn_interpolate_target", "cuda")
-    logits, dists, values, target = _inputs(3, V, 4, device="cuda", n_tokens=100)
+    op = _op("knn_interpolate", "cuda")
+    logits, dists, values, _ = _inputs(3, V, 4, device="cuda", n_tokens=100)
     bad = values.clone()
     bad[1, 2] = V
     for lam in LAMS:
@@ -414,26 +401,18 @@ def test_cuda_out_of_range_ids_give_nan_rows(monkeypatch, V):
         assert torch.isnan(full[1]).all()
         torch.testing.assert_close(full[[0, 2]], ref[[0, 2]], rtol=RTOL, atol=ATOL)
     bad[1, 2] = -1
-    bad_t = target.clone()
-    bad_t[2] = V
-    out = op_t(logits, dists, bad, bad_t, 0.5, 1.0)
-    ref_t = scoring.reference_interpolate_target(logits, dists, values, target, 0.5, 1.0)
-    assert torch.isnan(out[1:]).all()
-    torch.testing.assert_close(out[0], ref_t[0], rtol=RTOL, atol=ATOL)
+    assert torch.isnan(op(logits, dists, bad, 0.5, 1.0)[1]).all()
     monkeypatch.setenv("KNNLM_CUDA_CHECKS", "1")
     with pytest.raises(RuntimeError, match=r"values must be token ids in \[0, V\)"):
         op(logits, dists, bad, 0.5, 1.0)
-    with pytest.raises(RuntimeError, match=r"target must be token ids in \[0, V\)"):
-        op_t(logits, dists, values, bad_t, 0.5, 1.0)
 
 
 @pytest.mark.cuda
 @NEEDS_GPU
 def test_cuda_runs_on_the_current_stream():
-    op, op_t = _op("knn_interpolate", "cuda"), _op("knn_interpolate_target", "cuda")
-    logits, dists, values, target = _inputs(8, 50000, 64, device="cuda", n_tokens=100)
+    op = _op("knn_interpolate", "cuda")
+    logits, dists, values, _ = _inputs(8, 50000, 64, device="cuda", n_tokens=100)
     ref = scoring.reference_interpolate(logits, dists, values, 0.25, 2.0)
-    ref_t = scoring.reference_interpolate_target(logits, dists, values, target, 0.25, 2.0)
     torch.cuda.synchronize()
     side = torch.cuda.Stream()
     with torch.cuda.stream(side):
@@ -441,39 +420,33 @@ def test_cuda_runs_on_the_current_stream():
         torch.cuda._sleep(50_000_000)  # keep the side stream busy: an op launched on another
         x.copy_(logits)                # stream would read x before this copy lands
         out = op(x, dists, values, 0.25, 2.0)
-        out_t = op_t(x, dists, values, target, 0.25, 2.0)
     side.synchronize()
     torch.testing.assert_close(out, ref, rtol=RTOL, atol=ATOL)
-    torch.testing.assert_close(out_t, ref_t, rtol=RTOL, atol=ATOL)
 
 
 @pytest.mark.parametrize("K,V", [(64, 5000), (2048, 5000), (64, 60_000), (2048, 60_000)])
 @pytest.mark.cuda
 @NEEDS_GPU
 def test_cuda_graph_capture(K, V, monkeypatch):
-    """Sync-free: both ops capture into a CUDA graph (a host sync would raise while capturing);
+    """Sync-free: the op captures into a CUDA graph (a host sync would raise while capturing);
     at V 60,000 the 4 rows are split over several blocks (three launches)."""
     monkeypatch.delenv("KNNLM_CUDA_CHECKS", raising=False)
-    op, op_t = _op("knn_interpolate", "cuda"), _op("knn_interpolate_target", "cuda")
+    op = _op("knn_interpolate", "cuda")
     static = _inputs(4, V, K, torch.bfloat16, "cuda", seed=0, n_tokens=50)
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side):  # warm-up outside the capture
         op(*static[:3], 0.25, 2.0)
-        op_t(*static, 0.25, 2.0)
     torch.cuda.current_stream().wait_stream(side)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         out = op(*static[:3], 0.25, 2.0)
-        out_t = op_t(*static, 0.25, 2.0)
     fresh = _inputs(4, V, K, torch.bfloat16, "cuda", seed=1, n_tokens=50)
     for s_, f in zip(static, fresh):
         s_.copy_(f)
     graph.replay()
     torch.cuda.synchronize()
     torch.testing.assert_close(out, scoring.reference_interpolate(*fresh[:3], 0.25, 2.0),
-                               rtol=RTOL, atol=ATOL)
-    torch.testing.assert_close(out_t, scoring.reference_interpolate_target(*fresh, 0.25, 2.0),
                                rtol=RTOL, atol=ATOL)
 
 

@@ -40,16 +40,6 @@ inline void check_inputs(const at::Tensor& logits, const at::Tensor& dists, cons
               "knnlm: empty vocabulary (V = 0) with neighbours");
 }
 
-inline void check_target(const at::Tensor& logits, const at::Tensor& target) {
-  TORCH_CHECK(target.dim() == 1 && target.size(0) == logits.size(0),
-              "knnlm: target must be 1-D with one entry per logits row (", logits.size(0),
-              "), got shape ", target.sizes());
-  TORCH_CHECK(is_index_dtype(target.scalar_type()), "knnlm: target must be int64 or int32, got ",
-              target.scalar_type());
-  TORCH_CHECK(target.device() == logits.device(), "knnlm: target must be on ", logits.device(),
-              ", got ", target.device());
-}
-
 // Range check with torch ops: two device -> host syncs. Used by the CUDA binding only under
 // KNNLM_CUDA_CHECKS=1 (the CUDA kernels check in-kernel; the CPU kernel checks while it reads).
 inline void check_index_range(const at::Tensor& idx, int64_t V, const char* what) {

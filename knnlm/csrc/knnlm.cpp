@@ -9,11 +9,8 @@ TORCH_LIBRARY(knnlm, m) {
   // logits [B, V] fp32/fp16/bf16, dists [B, K] fp32 (+inf = missing neighbour),
   // values [B, K] int64/int32 token ids in [0, V) -> log p [B, V] fp32.
   m.def("knn_interpolate(Tensor logits, Tensor dists, Tensor values, float lam, float temperature) -> Tensor");
-  // Same inputs plus target [B] int64/int32 -> log p(target) [B] fp32.
-  m.def("knn_interpolate_target(Tensor logits, Tensor dists, Tensor values, Tensor target, float lam, float temperature) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(knnlm, CPU, m) {
   m.impl("knn_interpolate", &knnlm::knn_interpolate_cpu);
-  m.impl("knn_interpolate_target", &knnlm::knn_interpolate_target_cpu);
 }

@@ -257,60 +257,6 @@ void interpolate_impl(const at::Tensor& logits, const at::Tensor& dists, const a
               ", got ", err.value, " in row ", err.row);
 }
 
-template <class L, typename Idx, typename Tdx>
-void interpolate_target_impl(const at::Tensor& logits, const at::Tensor& dists,
-                             const at::Tensor& values, const at::Tensor& target,
-                             const MixParams& p, float T, at::Tensor& out) {
-  const int64_t B = logits.size(0), V = logits.size(1), K = dists.size(1);
-  const auto* x = reinterpret_cast<const typename L::T*>(logits.const_data_ptr());
-  const float* d = dists.const_data_ptr<float>();
-  const Idx* v = values.const_data_ptr<Idx>();
-  const Tdx* tg = target.const_data_ptr<Tdx>();
-  float* o = out.mutable_data_ptr<float>();
-  std::vector<float> lp_knn(B, neg_inf());
-  std::vector<char> row_ok(B, 0);
-  RangeError err, terr;
-
-  auto prep = [&](int64_t b) {
-    int64_t bad = 0;
-    const bool bad_values = first_out_of_range(v + b * K, K, V, &bad);
-    if (bad_values) err.set(b, bad);
-    const bool bad_target = first_out_of_range(tg + b, 1, V, &bad);
-    if (bad_target) terr.set(b, bad);
-    if (bad_values || bad_target) return;
-    row_ok[b] = 1;
-    if (p.mode == kLmOnly || K == 0) return;
-    std::vector<float> w(K);
-    const KnnRow kind = knn_log_weights_row(d + b * K, K, T, w.data());
-    if (kind == kKnnNan) lp_knn[b] = quiet_nan();
-    if (kind != kKnnOk) return;
-    // The target's log-mass: log-sum-exp of the weights of the neighbours voting for it.
-    const int64_t t = static_cast<int64_t>(tg[b]);
-    const Idx* vb = v + b * K;
-    float gmax = neg_inf(), gsum = 0.0f;
-    for (int64_t i = 0; i < K; ++i)
-      if (static_cast<int64_t>(vb[i]) == t) gmax = w[i] > gmax ? w[i] : gmax;
-    if (gmax == neg_inf()) return;
-    for (int64_t i = 0; i < K; ++i)
-      if (static_cast<int64_t>(vb[i]) == t) gsum += exp_nonpos(w[i] - gmax);
-    lp_knn[b] = group_log_mass(gmax, gsum);
-  };
-
-  auto finish = [&](int64_t b, int64_t lo, int64_t, float row_max, float log_sum) {
-    if (lo != 0 || !row_ok[b]) return;  // one chunk per row writes; bad rows are reported below
-    const float lp_lm =
-        p.mode == kKnnOnly
-            ? neg_inf()
-            : lm_log_prob(L::at(x + b * V, static_cast<int64_t>(tg[b])), row_max, log_sum);
-    o[b] = mix_value(lp_lm, lp_knn[b], p);
-  };
-  run_rows<L>(x, B, V, p.mode != kKnnOnly, prep, finish);
-  TORCH_CHECK(!err.hit.load(), "knnlm: values must be token ids in [0, V) with V = ", V,
-              ", got ", err.value, " in row ", err.row);
-  TORCH_CHECK(!terr.hit.load(), "knnlm: target must be token ids in [0, V) with V = ", V,
-              ", got ", terr.value, " in row ", terr.row);
-}
-
 template <class F>
 void dispatch_logits(at::ScalarType t, const F& f) {
   switch (t) {
@@ -345,29 +291,6 @@ at::Tensor knn_interpolate_cpu(const at::Tensor& logits_in, const at::Tensor& di
     dispatch_index(values.scalar_type(), [&](auto idx) {
       interpolate_impl<decltype(ld), decltype(idx)>(logits, dists, values, p,
                                                      static_cast<float>(temperature), out);
-    });
-  });
-  return out;
-}
-
-at::Tensor knn_interpolate_target_cpu(const at::Tensor& logits_in, const at::Tensor& dists_in,
-                                      const at::Tensor& values_in, const at::Tensor& target_in,
-                                      double lam, double temperature) {
-  check_inputs(logits_in, dists_in, values_in, lam, temperature);
-  check_target(logits_in, target_in);
-  TORCH_CHECK(logits_in.device().is_cpu(), "knnlm: CPU kernel got a ", logits_in.device(), " tensor");
-  const at::Tensor logits = logits_in.contiguous(), dists = dists_in.contiguous(),
-                   values = values_in.contiguous(), target = target_in.contiguous();
-  at::Tensor out = at::empty({logits.size(0)}, logits.options().dtype(at::kFloat));
-  if (out.numel() == 0) return out;
-  TORCH_CHECK(logits.size(1) > 0, "knnlm: empty vocabulary (V = 0)");
-  const MixParams p = make_mix(lam);
-  dispatch_logits(logits.scalar_type(), [&](auto ld) {
-    dispatch_index(values.scalar_type(), [&](auto idx) {
-      dispatch_index(target.scalar_type(), [&](auto tdx) {
-        interpolate_target_impl<decltype(ld), decltype(idx), decltype(tdx)>(
-            logits, dists, values, target, p, static_cast<float>(temperature), out);
-      });
     });
   });
   return out;

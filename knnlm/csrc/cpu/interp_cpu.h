@@ -8,8 +8,4 @@ namespace knnlm {
 at::Tensor knn_interpolate_cpu(const at::Tensor& logits, const at::Tensor& dists,
                                const at::Tensor& values, double lam, double temperature);
 
-at::Tensor knn_interpolate_target_cpu(const at::Tensor& logits, const at::Tensor& dists,
-                                      const at::Tensor& values, const at::Tensor& target, double lam,
-                                      double temperature);
-
 }  // namespace knnlm

@@ -367,58 +367,6 @@ base_row_kernel(const typename L::T* __restrict__ logits, const LseState* __rest
   write_base<L>(logits + b * V, out + b * V, begin, end, row_max, log_sum, p);
 }
 
-template <class L, typename Idx, typename Tdx>
-__global__ void __launch_bounds__(kThreads)
-interpolate_target_kernel(const typename L::T* __restrict__ logits, const float* __restrict__ dists,
-                          const Idx* __restrict__ values, const Tdx* __restrict__ target,
-                          float* __restrict__ out, int64_t V, int64_t K, float T, MixParams p) {
-  __shared__ LseState red_lse[kWarps];
-  __shared__ float red[kWarps];
-  const int64_t b = blockIdx.x;
-  const typename L::T* __restrict__ x = logits + b * V;
-  const float* d = dists + b * K;
-  const Idx* v = values + b * K;
-  const int64_t t = static_cast<int64_t>(target[b]);
-
-  // Target or neighbour ids outside [0, V): NaN (checked here, not on the host: no sync).
-  const bool bad = block_any_out_of_range(v, K, V) | (t < 0) | (t >= V);
-  if (bad) {
-    if (threadIdx.x == 0) out[b] = quiet_nan();
-    return;
-  }
-
-  float row_max = 0.0f, log_sum = 0.0f;
-  if (p.mode != kKnnOnly) row_stats<L>(x, V, red_lse, &row_max, &log_sum);
-
-  float lp_knn = neg_inf();
-  float lse = 0.0f;
-  const KnnRow kind = p.mode != kLmOnly && K > 0 ? knn_row(d, K, T, red, &lse) : kKnnNone;
-  if (kind == kKnnNan) {
-    lp_knn = quiet_nan();
-  } else if (kind == kKnnOk) {
-    // the target's group: neighbours voting for it
-    float gmax = neg_inf();
-    for (int64_t i = threadIdx.x; i < K; i += kThreads) {
-      if (static_cast<int64_t>(v[i]) == t) {
-        const float wi = knn_score(d[i], T) - lse;
-        gmax = wi > gmax ? wi : gmax;
-      }
-    }
-    gmax = block_max(gmax, red);
-    if (gmax != neg_inf()) {
-      float gsum = 0.0f;
-      for (int64_t i = threadIdx.x; i < K; i += kThreads)
-        if (static_cast<int64_t>(v[i]) == t) gsum += exp_nonpos((knn_score(d[i], T) - lse) - gmax);
-      gsum = block_sum(gsum, red);
-      lp_knn = group_log_mass(gmax, gsum);
-    }
-  }
-  if (threadIdx.x == 0) {
-    const float lp_lm = p.mode == kKnnOnly ? neg_inf() : lm_log_prob(L::at(x, t), row_max, log_sum);
-    out[b] = mix_value(lp_lm, lp_knn, p);
-  }
-}
-
 // Bytes of the grouping scratch (before the split-row states in the same buffer).
 int64_t group_scratch_bytes(int64_t B, int64_t K, double lam) {
   const int64_t Kp = group_pad(K);
@@ -446,15 +394,6 @@ void launch_full(const void* logits, const float* dists, const void* values, flo
   interpolate_kernel<L, Idx><<<static_cast<unsigned int>(B), kThreads, smem, stream>>>(
       x, dists, static_cast<const Idx*>(values), out, static_cast<unsigned char*>(scratch), V,
       static_cast<int>(K), static_cast<int>(Kp), T, p, partial, S);
-}
-
-template <class L, typename Idx, typename Tdx>
-void launch_target(const void* logits, const float* dists, const void* values, const void* target,
-                   float* out, int64_t B, int64_t V, int64_t K, float T, MixParams p,
-                   cudaStream_t stream) {
-  interpolate_target_kernel<L, Idx, Tdx><<<static_cast<unsigned int>(B), kThreads, 0, stream>>>(
-      static_cast<const typename L::T*>(logits), dists, static_cast<const Idx*>(values),
-      static_cast<const Tdx*>(target), out, V, K, T, p);
 }
 
 template <class F>
@@ -491,27 +430,6 @@ cudaError_t launch_knn_interpolate(const void* logits, LogitsDtype dtype, const 
       launch_full<L, int64_t>(logits, dists, values, out, scratch, B, V, K, T, p, lam, stream);
     else
       launch_full<L, int32_t>(logits, dists, values, out, scratch, B, V, K, T, p, lam, stream);
-  });
-}
-
-cudaError_t launch_knn_interpolate_target(const void* logits, LogitsDtype dtype, const float* dists,
-                                          const void* values, bool values_i64, const void* target,
-                                          bool target_i64, float* out, int64_t B, int64_t V,
-                                          int64_t K, double lam, double temperature,
-                                          cudaStream_t stream) {
-  if (B == 0) return cudaSuccess;
-  const MixParams p = make_mix(lam);
-  const float T = static_cast<float>(temperature);
-  return dispatch_dtype(dtype, [&](auto ld) {
-    using L = decltype(ld);
-    if (values_i64 && target_i64)
-      launch_target<L, int64_t, int64_t>(logits, dists, values, target, out, B, V, K, T, p, stream);
-    else if (values_i64)
-      launch_target<L, int64_t, int32_t>(logits, dists, values, target, out, B, V, K, T, p, stream);
-    else if (target_i64)
-      launch_target<L, int32_t, int64_t>(logits, dists, values, target, out, B, V, K, T, p, stream);
-    else
-      launch_target<L, int32_t, int32_t>(logits, dists, values, target, out, B, V, K, T, p, stream);
   });
 }
 

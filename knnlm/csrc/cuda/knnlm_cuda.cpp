@@ -65,36 +65,9 @@ at::Tensor knn_interpolate_cuda(const at::Tensor& logits_in, const at::Tensor& d
   return out;
 }
 
-at::Tensor knn_interpolate_target_cuda(const at::Tensor& logits_in, const at::Tensor& dists_in,
-                                       const at::Tensor& values_in, const at::Tensor& target_in,
-                                       double lam, double temperature) {
-  check_inputs(logits_in, dists_in, values_in, lam, temperature);
-  check_target(logits_in, target_in);
-  TORCH_CHECK(logits_in.is_cuda(), "knnlm: CUDA kernel got a ", logits_in.device(), " tensor");
-  const c10::cuda::CUDAGuard guard(logits_in.device());
-  const at::Tensor logits = logits_in.contiguous(), dists = dists_in.contiguous(),
-                   values = values_in.contiguous(), target = target_in.contiguous();
-  const int64_t B = logits.size(0), V = logits.size(1), K = dists.size(1);
-  at::Tensor out = at::empty({B}, logits.options().dtype(at::kFloat));
-  if (B == 0) return out;
-  TORCH_CHECK(V > 0, "knnlm: empty vocabulary (V = 0)");
-  TORCH_CHECK(K <= cuda::kMaxNeighbours, "knnlm: K must be <= 2^30 on CUDA");
-  if (sync_checks()) {  // debug only: host syncs
-    check_index_range(values, V, "values");
-    check_index_range(target, V, "target");
-  }
-  check_launch(cuda::launch_knn_interpolate_target(
-      logits.const_data_ptr(), logits_dtype(logits), dists.const_data_ptr<float>(),
-      values.const_data_ptr(), values.scalar_type() == at::kLong, target.const_data_ptr(),
-      target.scalar_type() == at::kLong, out.mutable_data_ptr<float>(), B, V, K, lam, temperature,
-      c10::cuda::getCurrentCUDAStream().stream()));
-  return out;
-}
-
 }  // namespace
 }  // namespace knnlm
 
 TORCH_LIBRARY_IMPL(knnlm, CUDA, m) {
   m.impl("knn_interpolate", &knnlm::knn_interpolate_cuda);
-  m.impl("knn_interpolate_target", &knnlm::knn_interpolate_target_cuda);
 }

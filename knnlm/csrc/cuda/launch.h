@@ -30,13 +30,5 @@ cudaError_t launch_knn_interpolate(const void* logits, LogitsDtype dtype, const 
                                    int64_t B, int64_t V, int64_t K, double lam, double temperature,
                                    cudaStream_t stream);
 
-// Same inputs plus target [B] (int64 if target_i64 else int32); out [B] fp32, NaN where the
-// target or a value is outside [0, V).
-cudaError_t launch_knn_interpolate_target(const void* logits, LogitsDtype dtype, const float* dists,
-                                          const void* values, bool values_i64, const void* target,
-                                          bool target_i64, float* out, int64_t B, int64_t V,
-                                          int64_t K, double lam, double temperature,
-                                          cudaStream_t stream);
-
 }  // namespace cuda
 }  // namespace knnlm
