@@ -113,6 +113,16 @@ class Capture:
         out, self.head_input = self.head_input, None
         return out
 
+    def forward(self, input_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The model's whole forward on ``input_ids`` (B, T): logits (B, T, V) and keys (B, T, D)
+        (the harness; eval when the LM head cannot be applied alone)."""
+        stop, self.stop_before_head = self.stop_before_head, False
+        try:
+            logits = self.model(input_ids=input_ids, use_cache=False).logits
+        finally:
+            self.stop_before_head = stop
+        return logits, self.pop()
+
     def keys_of(self, input_ids: torch.Tensor) -> torch.Tensor:
         """Run the model on ``input_ids`` (B, T) and return the keys (B, T, D).
 

@@ -470,7 +470,6 @@ def cmd_build_index(args) -> int:
 
     from knnlm.build import build_datastore
     from knnlm.distributed import agree, init_world, shutdown
-    from knnlm.loading import load_model
 
     device = args.device
     if world.distributed:
@@ -485,7 +484,7 @@ def cmd_build_index(args) -> int:
         agree(world, {**{k: v for k, v in vars(args).items() if k not in ("func", "data", "quiet")},
                       "data": [s.to_json() for s in sources]})
     try:
-        model, tokenizer = load_model(args.model, device=device, dtype=args.dtype, progress=not args.quiet)
+        model, tokenizer = _load(args, device=device)
         ds = build_datastore(model, tokenizer, sources, args.out, cfg, world=world)
     finally:
         shutdown(world)
@@ -507,6 +506,18 @@ def _numbers(text: str, what: str, kind=float) -> list:
 def _lambdas(text: str) -> list:
     """--lambda's comma list: numbers and/or 'adaptive' (checked by EvalConfig)."""
     return [x.strip() for x in text.split(",") if x.strip()]
+
+
+def _load(args, ds=None, *, device: str | None = None):
+    """``(model, tokenizer)`` of ``--model``: the tokenizer first, so that a datastore built with
+    another tokenizer is refused in seconds rather than after the model loads."""
+    from knnlm.loading import load_model, load_tokenizer
+
+    tokenizer = load_tokenizer(args.model)
+    if ds is not None:
+        ds.check_tokenizer(tokenizer)
+    return load_model(args.model, device=device or args.device, dtype=args.dtype, progress=not args.quiet,
+                      tokenizer=tokenizer)
 
 
 def _documents(sources, text_field: str) -> list[dict]:
@@ -562,12 +573,11 @@ def cmd_eval(args) -> int:
         gate.check_disjoint(_documents(sources, cfg.text_field))
 
     from knnlm.evaluation import format_results
-    from knnlm.loading import load_model
     from knnlm.model import KNNLM
     from knnlm.retrieval import resolve_k
 
     kmax = max(resolve_k(k, len(ds), param="ks") for k in cfg.ks)
-    model, tokenizer = load_model(args.model, device=args.device, dtype=args.dtype, progress=not args.quiet)
+    model, tokenizer = _load(args, ds)
     knn = KNNLM(model, ds, tokenizer, settings, gate=gate, k=kmax)
     res = knn.evaluate(sources, **{f: getattr(cfg, f) for f in cfg.__dataclass_fields__})
     print(format_results(res))
@@ -591,10 +601,9 @@ def cmd_tune(args) -> int:
     sources = resolve_sources(args.data, tuple(args.glob or ("*",)), tuple(args.exclude), text_field=args.text_field)
     check_outside_datastore(ds, _documents(sources, args.text_field))  # before the model
 
-    from knnlm.loading import load_model
     from knnlm.model import KNNLM
 
-    model, tokenizer = load_model(args.model, device=args.device, dtype=args.dtype, progress=not args.quiet)
+    model, tokenizer = _load(args, ds)
     knn = KNNLM(model, ds, tokenizer, settings)
     gate = knn.tune(sources, out=args.out, max_tokens=args.max_tokens, seed=args.seed, kind=args.kind,
                     batch_size=args.batch_size, progress=not args.quiet, max_unseen_loss=args.max_unseen_loss,
@@ -637,7 +646,6 @@ def cmd_generate(args) -> int:
     from knnlm.datastore import open_datastore
     from knnlm.errors import ConfigError, GenerateError, KnnlmError
     from knnlm.generate import KNNLogitsProcessor
-    from knnlm.loading import load_model
     from knnlm.model import KNNLM
 
     _check_generate_args(args)
@@ -651,7 +659,7 @@ def cmd_generate(args) -> int:
         prompt = args.prompt
     ds = open_datastore(args.datastore)
     gate = _gate_before_model(ds, args, args.settings.needs_gate)
-    model, tokenizer = load_model(args.model, device=args.device, dtype=args.dtype, progress=not args.quiet)
+    model, tokenizer = _load(args, ds)
     knn = KNNLM(model, ds, tokenizer, args.settings, gate=gate)
     enc = tokenizer(prompt, return_tensors="pt").to(model.device)
     n_prompt = enc["input_ids"].shape[1]
@@ -707,10 +715,9 @@ def cmd_demo(args) -> int:
     from knnlm.errors import KnnlmError
     from knnlm.evaluation import format_results
     from knnlm.gate import format_report, load_gate
-    from knnlm.loading import load_model
     from knnlm.model import KNNLM
 
-    model, tokenizer = load_model(args.model, device=args.device, dtype=args.dtype, progress=not args.quiet)
+    model, tokenizer = _load(args)
     cfg = BuildConfig(max_tokens=args.tokens, index=args.index, resume=True, progress=not args.quiet)
     ds = build_datastore(model, tokenizer, stdlib_files("train"), args.out, cfg)
     print(_summary(ds.path, ds.header))

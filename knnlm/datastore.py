@@ -67,7 +67,7 @@ __all__ = [
     "ModelIdentity", "Datastore", "DatastoreWriter", "open_datastore", "open_or_create", "read_header",
     "model_identity", "write_json_atomic", "subset_datastore", "cut_document", "disk_errors", "merge_datastores",
     "KEY_DTYPES", "reindex_datastore", "write_gate", "read_gate", "GATE", "build_index", "merge_index",
-    "index_record", "index_work_dir", "ivfdata_name",
+    "index_record", "index_work_dir", "ivfdata_name", "tokenizer_hash",
 ]
 
 FORMAT = "knnlm-datastore"
@@ -281,14 +281,19 @@ def model_identity(model, tokenizer, key_module: str) -> ModelIdentity:
         if name.startswith(layer_prefix + "."):
             flat = p.detach().reshape(-1)[:256].to("cpu", torch.bfloat16).view(torch.int16)
             parts += [name, flat.numpy().tobytes()]
-    vocab = tokenizer.get_vocab()
-    tok_parts = [f"{t}\t{i}" for t, i in sorted(vocab.items(), key=lambda x: x[1])]
-    tok_parts.append(json.dumps(
-        {k: str(v) for k, v in sorted(tokenizer.special_tokens_map.items())}, sort_keys=True))
     return ModelIdentity(
         name_or_path=str(getattr(model, "name_or_path", "") or model.config._name_or_path),
         model_class=type(model).__name__, model_type=model.config.model_type, config_hash=config_hash,
-        weights_fingerprint=_hash(parts), tokenizer_hash=_hash(tok_parts), vocab_size=int(model.config.vocab_size))
+        weights_fingerprint=_hash(parts), tokenizer_hash=tokenizer_hash(tokenizer),
+        vocab_size=int(model.config.vocab_size))
+
+
+def tokenizer_hash(tokenizer) -> str:
+    """The tokenizer's part of a ``ModelIdentity``: its vocabulary and special tokens."""
+    vocab = tokenizer.get_vocab()
+    parts = [f"{t}\t{i}" for t, i in sorted(vocab.items(), key=lambda x: x[1])]
+    parts.append(json.dumps({k: str(v) for k, v in sorted(tokenizer.special_tokens_map.items())}, sort_keys=True))
+    return _hash(parts)
 
 
 @dataclass
@@ -442,14 +447,22 @@ class Datastore:
 
     def check_compatible(self, identity: ModelIdentity) -> None:
         """Refuse a model / tokenizer other than the one the datastore was built with."""
-        mine = self.header.model
-        diff = mine.mismatch(identity)
+        diff = self.header.model.mismatch(identity)
         if diff:
-            name, what = diff
-            raise DatastoreError(
-                f"datastore {self.path} was built with another {what} ({name} {getattr(mine, name)} != "
-                f"{getattr(identity, name)}; built with model {mine.name_or_path!r}); use that model or "
-                "rebuild the datastore")
+            self._refuse(*diff, getattr(identity, diff[0]))
+
+    def check_tokenizer(self, tokenizer) -> None:
+        """Refuse a tokenizer other than the datastore's: with the tokenizer alone, before a model
+        is loaded (``check_compatible`` checks the rest once the model is there)."""
+        got = tokenizer_hash(tokenizer)
+        if got != self.header.model.tokenizer_hash:
+            self._refuse("tokenizer_hash", "tokenizer", got)
+
+    def _refuse(self, name: str, what: str, got) -> None:
+        mine = self.header.model
+        raise DatastoreError(
+            f"datastore {self.path} was built with another {what} ({name} {getattr(mine, name)} != {got}; built "
+            f"with model {mine.name_or_path!r}); use that model or rebuild the datastore")
 
     def document_of(self, rows) -> np.ndarray:
         """Index of the document each key row belongs to (rows >= 0)."""

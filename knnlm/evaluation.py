@@ -299,12 +299,12 @@ def _lm_pass(model, cap, ids: torch.Tensor, rows_b: torch.Tensor, rows_t: torch.
         cap.run(ids)
         final = cap.pop_head_input()  # (B, T, H)
         return (cap.pop(), *_head_log_probs(model, cap, final[rows_b, rows_t], tgt, counts))
-    logits = model(input_ids=ids, use_cache=False).logits  # (B, T, V)
+    logits, keys = cap.forward(ids)  # (B, T, V), (B, T, D)
     scored = logits[rows_b, rows_t]  # (R, V)
     if counts is None:
-        return cap.pop(), lm_target_log_probs(scored, tgt), None
+        return keys, lm_target_log_probs(scored, tgt), None
     feats, lse = lm_features(scored, counts)
-    return cap.pop(), lm_target_log_probs(scored, tgt, lse), feats
+    return keys, lm_target_log_probs(scored, tgt, lse), feats
 
 
 def _head_path_matches(model, cap, doc_ids, probe: int = 64) -> bool:

@@ -56,7 +56,7 @@ from knnlm.data import Window, batch_inputs, windows
 from knnlm.datastore import open_datastore
 from knnlm.errors import ConfigError, KnnlmError, rename_params
 from knnlm.evaluation import eval_window
-from knnlm.loading import DEFAULT_MODEL, load_model, resolve_device
+from knnlm.loading import DEFAULT_MODEL, load_model, load_tokenizer, resolve_device
 from knnlm.model import KNNLM
 from knnlm.model import evaluate as evaluate_plain
 
@@ -156,7 +156,10 @@ class KNNLMHarness(TemplateLM):
         ds = open_datastore(datastore) if datastore not in (None, "") else None
         if ds is not None:
             check_k(settings.k, len(ds))
-        self.model, self.tokenizer = load_model(str(pretrained), device=device, dtype=dtype)
+        tokenizer = load_tokenizer(str(pretrained))
+        if ds is not None:
+            ds.check_tokenizer(tokenizer)  # another tokenizer's datastore: refused before the model loads
+        self.model, self.tokenizer = load_model(str(pretrained), device=device, dtype=dtype, tokenizer=tokenizer)
         self._device = next(self.model.parameters()).device
         self.knn = None
         if ds is not None:
@@ -226,8 +229,7 @@ class KNNLMHarness(TemplateLM):
             logits = self.model(input_ids=ids, use_cache=False).logits  # (B, T, V)
             return torch.log_softmax(logits[rows_b, rows_t].float(), dim=-1)
         with capture_keys(self.model, self.knn.key_layer) as cap:
-            logits = self.model(input_ids=ids, use_cache=False).logits  # (B, T, V)
-            keys = cap.pop()  # (B, T, D)
+            logits, keys = cap.forward(ids)  # (B, T, V), (B, T, D)
         return self.knn.log_probs(logits[rows_b, rows_t].float(), keys[rows_b, rows_t])  # (R, V)
 
     @torch.inference_mode()
@@ -356,11 +358,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     from lm_eval.__main__ import cli_evaluate
 
     register()
-    logging.getLogger("knnlm").setLevel(logging.INFO)
-    if not logging.getLogger("knnlm").handlers:
+    log = logging.getLogger("knnlm")
+    level, handler = log.level, None
+    log.setLevel(logging.INFO)
+    if not log.handlers:
         handler = logging.StreamHandler()
         handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
-        logging.getLogger("knnlm").addHandler(handler)
+        log.addHandler(handler)
     saved, sys.argv = sys.argv, ["lm-eval", *(sys.argv[1:] if argv is None else argv)]
     try:
         cli_evaluate()
@@ -369,6 +373,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     finally:
         sys.argv = saved
+        if handler is not None:  # the process may go on (a test, a notebook): leave logging as it was
+            log.removeHandler(handler)
+        log.setLevel(level)
     return 0
 
 

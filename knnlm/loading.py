@@ -20,7 +20,7 @@ from knnlm.errors import ModelLoadError
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["ModelLoadError", "DEFAULT_MODEL", "ALIASES", "resolve_device", "load_model"]
+__all__ = ["ModelLoadError", "DEFAULT_MODEL", "ALIASES", "resolve_device", "load_model", "load_tokenizer"]
 
 DEFAULT_MODEL = "smollm2"
 # alias -> (python package that ships the weights, file inside it, how to install it)
@@ -86,26 +86,49 @@ def _locate(name: str) -> tuple[str, str | None]:
     return name, None
 
 
+def load_tokenizer(name: str = DEFAULT_MODEL):
+    """The tokenizer of the model ``load_model(name)`` loads, alone (seconds, not the weights):
+    enough to refuse a datastore built with another tokenizer before the model loads."""
+    from transformers import AutoTokenizer
+
+    where, gguf = _locate(name)
+    with _loading(name):
+        return AutoTokenizer.from_pretrained(where, local_files_only=True, **({"gguf_file": gguf} if gguf else {}))
+
+
 def load_model(name: str = DEFAULT_MODEL, *, device: str | None = "auto", dtype: str = "auto",
-               progress: bool = True):
+               progress: bool = True, tokenizer=None):
     """Load ``(model, tokenizer)`` for inference, on ``device``, in eval mode. ``progress=False``:
-    no progress bar (transformers' GGUF de-quantisation draws one with plain tqdm otherwise)."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-    from transformers.utils import logging as hf_logging
+    no progress bar (transformers' GGUF de-quantisation draws one with plain tqdm otherwise);
+    ``tokenizer``: the one ``load_tokenizer(name)`` already gave (not loaded again)."""
+    from transformers import AutoModelForCausalLM
 
     dev = resolve_device(device)
     torch_dtype = _resolve_dtype(dtype, dev)
     where, gguf = _locate(name)
     kwargs = {"gguf_file": gguf} if gguf else {}
     logger.info("loading model %s (%s) on %s", name, gguf or where, dev)
+    if tokenizer is None:
+        tokenizer = load_tokenizer(name)
+    with _loading(name), _gguf_bar(progress and gguf is not None):
+        model = AutoModelForCausalLM.from_pretrained(where, dtype=torch_dtype, local_files_only=True, **kwargs)
+    model.to(dev).eval()
+    if not getattr(model, "name_or_path", None):
+        model.name_or_path = name
+    return model, tokenizer
+
+
+@contextlib.contextmanager
+def _loading(name: str):
+    """transformers' logging quiet (GGUF de-quantisation and hub warnings are noise here), and a
+    load failure as one ``ModelLoadError`` naming `model`."""
+    from transformers.utils import logging as hf_logging
+
     verbosity = hf_logging.get_verbosity()
-    hf_logging.set_verbosity_error()  # GGUF de-quantisation and hub warnings are noise here
+    hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
     try:
-        with _gguf_bar(progress and gguf is not None):
-            tokenizer = AutoTokenizer.from_pretrained(where, local_files_only=True, **kwargs)
-            model = AutoModelForCausalLM.from_pretrained(where, dtype=torch_dtype, local_files_only=True,
-                                                         **kwargs)
+        yield
     except (OSError, ValueError, KeyError, ImportError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise ModelLoadError(
@@ -114,10 +137,6 @@ def load_model(name: str = DEFAULT_MODEL, *, device: str | None = "auto", dtype:
     finally:
         hf_logging.set_verbosity(verbosity)
         hf_logging.enable_progress_bar()
-    model.to(dev).eval()
-    if not getattr(model, "name_or_path", None):
-        model.name_or_path = name
-    return model, tokenizer
 
 
 @contextlib.contextmanager

@@ -342,6 +342,16 @@ def test_refusals_that_need_no_model_come_before_it_loads(capsys, cli_store, tin
                         "--lambda", "adaptive", "--quiet")
     assert code == 2
     _assert_one_line_error(err, "eval", "tuned on", "--data")
+    # a model whose tokenizer is not the datastore's: the tokenizer alone is enough to refuse it
+    from knnlm.testing import make_tiny_tokenizer, save_tiny_model
+
+    other = save_tiny_model(tmp_path / "other-tok", make_tiny_tokenizer(files=["colorsys.py"]))
+    capsys.readouterr()  # what saving it printed
+    for command in ("eval", "tune", "generate"):
+        extra = ["--prompt", "x"] if command == "generate" else ["--data", tuning]
+        code, _, err = _run(capsys, command, "--model", other, "--datastore", cli_store, *extra, "--quiet")
+        assert code == 2
+        _assert_one_line_error(err, command, "another tokenizer")
 
 
 _TUNE_TEXT = "def f(x):\n    return [y * 2 for y in range(x) if y % 3]\n" * 40
