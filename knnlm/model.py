@@ -232,7 +232,7 @@ class KNNLM:
         With ``retrieve_fraction`` only the rows the retrieval gate selects search; the others are
         exactly ``log_softmax(logits)``. (Pointers need the token sequence: evaluate / generate.)"""
         feats = self.lm_features(logits) if self.needs_lm_features() else None
-        step = self.lookup(device=hidden.device).neighbours(hidden, feats)
+        step = self.lookup(hidden.shape[0], device=hidden.device).neighbours(hidden, feats)  # no pointers yet
         return self.mix_rows(logits, step, feats)
 
     # ---- the ways to use it -------------------------------------------------------------------

@@ -80,11 +80,14 @@ def test_eval_log_probs_and_generation_give_the_same_log_probabilities(setup, ti
         keys = cap.pop()[0]
     _same(res["per_token"]["base"].float(), torch.log_softmax(logits[:-1], -1).gather(1, tgt[:, None])[:, 0])
 
-    # 2. whole rows (``log_probs``, what the harness scores); pointers need the sequence: not here
-    if not knn.pointers:
-        rows = knn.log_probs(logits[:-1], keys[:-1])  # (T - 1, V)
+    # 2. whole rows (``log_probs``, what the harness scores); pointers need the sequence, so
+    #    log_probs of a pointer KNNLM searches every row, as the same settings without pointers do
+    rows = knn.log_probs(logits[:-1], keys[:-1])  # (T - 1, V)
+    if knn.pointers:
+        _same(rows, knn.replace(pointers=False, min_pointers=None).log_probs(logits[:-1], keys[:-1]))
+    else:
         _same(rows.gather(1, tgt[:, None])[:, 0], lp_eval)
-        torch.testing.assert_close(rows.exp().sum(-1), torch.ones(rows.shape[0]), rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(rows.exp().sum(-1), torch.ones(rows.shape[0]), rtol=1e-4, atol=1e-4)
 
     # 3. generation: the processor sees the prompt's keys, then one position per step (KV cache)
     proc = KNNLogitsProcessor(knn)
