@@ -99,7 +99,9 @@ examples:
 
 TUNE_EXAMPLES = """\
 examples:
-  # fit the adaptive gate of a stdlib datastore on the tuning split (in neither the datastore nor the test split)
+  # self-tuning: fit the gate on a sample of the datastore's own documents, each without its own rows
+  knnlm tune --datastore runs/stdlib-1m
+  # or on separate tuning text (in neither the datastore nor the test split)
   knnlm tune --datastore runs/stdlib-1m --data $(python -m knnlm.corpora stdlib-tune) --max-tokens 60000
   # then: a per-token lambda, and searching only half of the tokens
   knnlm eval --datastore runs/stdlib-1m --data $(python -m knnlm.corpora stdlib-test) --lambda adaptive,0.25
@@ -295,10 +297,10 @@ def _add_eval_parser(sub) -> None:
     e.add_argument("--datastore", required=True, metavar="DIR", help="datastore built by `knnlm build-index`")
     _add_corpus_args(e)
     g = e.add_argument_group("kNN-LM")
-    g.add_argument("--lambda", dest="lambdas", default="0.25", metavar="L[,L...]",
+    g.add_argument("--lambda", dest="lambdas", default=None, metavar="L[,L...]",
                    help="interpolation weight of the kNN distribution, in [0, 1], or 'adaptive' (per token, "
                         "from the gate of `knnlm tune`); a comma list sweeps, e.g. adaptive,0.25 "
-                        "(default: %(default)s)")
+                        "(default: adaptive when the datastore has a gate, else 0.25)")
     g.add_argument("--knn-temperature", dest="temperatures", default="1", metavar="T[,T...]",
                    help="softmax temperature over negative squared distances, > 0 (default: %(default)s)")
     g.add_argument("--temperature", dest="temperatures", action=_Deprecated, new="--knn-temperature",
@@ -332,7 +334,7 @@ def _add_tune_parser(sub) -> None:
                        epilog=TUNE_EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
     _add_model_args(t)
     t.add_argument("--datastore", required=True, metavar="DIR", help="datastore built by `knnlm build-index`")
-    _add_corpus_args(t)
+    _add_corpus_args(t, required=False)
     g = t.add_argument_group("gate")
     g.add_argument("--out", default=None, metavar="FILE",
                    help="write the gate to FILE instead of into the datastore (use it with --gate)")
@@ -520,6 +522,13 @@ def _load(args, ds=None, *, device: str | None = None):
                       tokenizer=tokenizer)
 
 
+def _has_gate(path) -> bool:
+    from knnlm.datastore import read_header
+
+    h = read_header(path) if os.path.isdir(path) else None
+    return bool(h is not None and h.gate)
+
+
 def _documents(sources, text_field: str) -> list[dict]:
     """Name and text hash of every document of ``sources`` (read without a tokenizer)."""
     from knnlm.data import iter_documents, sha256_text
@@ -555,6 +564,11 @@ def cmd_eval(args) -> int:
     from knnlm.data import resolve_sources
     from knnlm.datastore import open_datastore, write_json_atomic
 
+    if args.lambdas is None:  # the best the datastore offers: its gate when it has one
+        args.lambdas = "adaptive" if _has_gate(args.datastore) else "0.25"
+        print(f"lambda: {args.lambdas} (" + ("the datastore's tuned gate; --lambda 0.25 for the fixed mixture)"
+                                             if args.lambdas == "adaptive" else "no gate: `knnlm tune` fits one)"),
+              file=sys.stderr)
     cfg = EvalConfig(lambdas=_lambdas(args.lambdas), temperatures=_numbers(args.temperatures, "temperature"),
                      ks=[None] if args.ks is None else _numbers(args.ks, "k", int), context=args.context,
                      stride=args.stride, batch_size=args.batch_size, exclude_self=args.exclude_self,
@@ -598,8 +612,11 @@ def cmd_tune(args) -> int:
     check_unseen_options(args.max_unseen_loss, args.keep_unseen)
     ds = open_datastore(args.datastore)
     check_k(args.k, len(ds))
-    sources = resolve_sources(args.data, tuple(args.glob or ("*",)), tuple(args.exclude), text_field=args.text_field)
-    check_outside_datastore(ds, _documents(sources, args.text_field))  # before the model
+    sources = None  # no --data: self-tuning on the datastore's own documents
+    if args.data:
+        sources = resolve_sources(args.data, tuple(args.glob or ("*",)), tuple(args.exclude),
+                                  text_field=args.text_field)
+        check_outside_datastore(ds, _documents(sources, args.text_field))  # before the model
 
     from knnlm.model import KNNLM
 

@@ -29,7 +29,7 @@ import logging
 import math
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
 import numpy as np
 import torch
@@ -56,7 +56,8 @@ from knnlm.scoring import knn_target_log_probs, lm_target_log_probs
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["run", "eval_window", "BUCKET_EDGES", "format_results", "LMCache", "collect_tuning"]
+__all__ = ["run", "eval_window", "BUCKET_EDGES", "format_results", "LMCache", "collect_tuning", "collect_self_tuning",
+           "SELF_TUNE_TOKENS"]
 
 # Datastore-corpus frequency buckets of the target token: [0], [1, 10), [10, 100), ...
 BUCKET_EDGES = (0, 1, 10, 100, 1_000, 10_000)
@@ -211,6 +212,7 @@ class _LMBatch:
     lp_lm: torch.Tensor  # (R,) log p_lm(target)
     lm_feats: torch.Tensor | None  # (R, NL + 1) knnlm.gate.lm_features, when asked for
     exclude: torch.Tensor | None  # (R,) own datastore row (self-exclusion) or None
+    exclude_range: torch.Tensor | None  # (R, 2) datastore rows [lo, hi) never returned (self-tuning) or None
     lengths: list[int]  # scored targets per window of the batch (their rows are consecutive)
     seconds: float  # time the forward (and LM head) took
     doc: torch.Tensor  # (R,) the eval document of each target (per-document sums)
@@ -356,7 +358,10 @@ def _lm_batches(model, docs: list[dict], key_layer, context: int, stride: int, b
             hidden, lp_lm, feats = _lm_pass(model, cap, ids, rows_b, rows_t, counts)  # (B, T, D), (R,), (R, 4)
             exclude = torch.cat([overlap.own_rows(w.doc, w.first, w.end) for w in batch]).to(device) \
                 if exclude_self else None
-            lmb = _LMBatch(hidden[rows_b, rows_t], tgt, lp_lm, feats, exclude, [w.end - w.first for w in batch],
+            ranges = None  # a datastore document scored against the others: its own rows are never neighbours
+            if "rows" in docs[0]:
+                ranges = torch.cat([torch.tensor(docs[w.doc]["rows"]).expand(w.end - w.first, 2) for w in batch])
+            lmb = _LMBatch(hidden[rows_b, rows_t], tgt, lp_lm, feats, exclude, ranges, [w.end - w.first for w in batch],
                            time.time() - t0, torch.cat([torch.full((w.end - w.first,), w.doc) for w in batch]))
             if lm_cache is not None:
                 out.append(lmb)
@@ -439,11 +444,52 @@ def collect_tuning(knn, data: Sequence | None, cfg: EvalConfig, *, texts: Sequen
     text at ``knn``'s k and temperature: LM features, kNN features, log p_lm(y), log p_knn(y)
     and whether the datastore holds each target (``knnlm.gate.TuneData``). Refuses tuning
     documents that are in the datastore (same text)."""
-    from knnlm.gate import TuneData, check_outside_datastore, knn_features
+    from knnlm.gate import check_outside_datastore
 
-    model, tokenizer = knn.model, knn.tokenizer
-    ds, context, stride, bos, docs, overlap = _prepare(model, tokenizer, knn, data, cfg, texts)
+    ds, context, stride, bos, docs, overlap = _prepare(knn.model, knn.tokenizer, knn, data, cfg, texts)
     check_outside_datastore(ds, docs)
+    return _tuning_pass(knn, docs, cfg, context, stride, bos, overlap)
+
+
+SELF_TUNE_TOKENS = 20_000  # default sample of a datastore's own documents for self-tuning (`knnlm tune` without text)
+SELF_TUNE_MIN_DOCS = 10  # ... drawn from at least this many documents when the datastore has them
+
+
+def collect_self_tuning(knn, cfg: EvalConfig, *, seed: int = 0):
+    """``collect_tuning``'s statistics from the datastore's own documents: the leading tokens of a
+    seeded random sample of documents, at most 1/``SELF_TUNE_MIN_DOCS`` of the sample from each
+    (1/n with n < ``SELF_TUNE_MIN_DOCS`` documents),
+    up to ``cfg.max_tokens`` targets (default ``SELF_TUNE_TOKENS``); each document's queries are
+    searched without any of its own rows (a document-level exclusion: as if it were held out), in
+    the datastore's window protocol."""
+    ds = knn.datastore
+    want = cfg.max_tokens or SELF_TUNE_TOKENS
+    n_docs = sum(count_targets(d["length"]) > 0 for d in ds.documents)
+    per_doc = max(1, -(-want // max(1, min(SELF_TUNE_MIN_DOCS, n_docs))))  # at most this much of one document
+    docs, total = [], 0
+    for i in np.random.default_rng(seed).permutation(len(ds.documents)).tolist():
+        d = ds.documents[i]
+        n = min(count_targets(d["length"]), want - total, per_doc)
+        if n <= 0:
+            continue
+        ids = np.array(ds.document_tokens(i)[: n + 1], dtype=np.int64)  # a copy: the memory map is read-only
+        docs.append({"name": d["name"], "length": len(ids), "ids": ids, "sha256": d.get("sha256"),
+                     "rows": (int(d["first_row"]), int(d["first_row"]) + count_targets(d["length"]))})
+        total += n
+        if total >= want:
+            break
+    if len(docs) < 2:
+        raise KnnlmError(f"self-tuning needs at least 2 documents with tokens to predict; datastore {ds.path} has "
+                         f"{len(docs)}: tune on separate text (`data`)", param="data")
+    w = ds.header.window
+    data = _tuning_pass(knn, docs, cfg, w.context, w.stride, w.bos, _Overlap())
+    return replace(data, self_tuned={"documents": len(docs), "tokens": total, "seed": seed, "exclusion": "document"})
+
+
+def _tuning_pass(knn, docs: list[dict], cfg: EvalConfig, context: int, stride: int, bos, overlap: _Overlap):
+    from knnlm.gate import TuneData, knn_features
+
+    ds = knn.datastore
     counts = torch.from_numpy(ds.token_counts())
     parts = {n: [] for n in ("lm", "knn", "has", "lp_lm", "lp_knn", "doc", "seen")}
     from tqdm.auto import tqdm
@@ -452,9 +498,10 @@ def collect_tuning(knn, data: Sequence | None, cfg: EvalConfig, *, texts: Sequen
     doc_of_row = torch.cat([torch.full((count_targets(d["length"]),), i) for i, d in enumerate(docs)])
     row = 0
     with tqdm(total=total, unit="tok", unit_scale=True, desc="tuning", disable=not cfg.progress) as bar:
-        for lmb in _lm_batches(model, docs, knn.key_layer, context, stride, bos, cfg, counts, overlap, False, None):
+        for lmb in _lm_batches(knn.model, docs, knn.key_layer, context, stride, bos, cfg, counts, overlap, False,
+                               None):
             with torch.inference_mode():
-                dists, values, _ = knn.search(lmb.query)  # (R, k)
+                dists, values, _ = knn.search(lmb.query, exclude_range=lmb.exclude_range)  # (R, k)
                 kf, has = knn_features(dists, values, knn.temperature, lmb.lm_feats[:, NL])
                 lpk = knn_target_log_probs(dists, values, lmb.tgt, knn.temperature)
             n = lmb.tgt.shape[0]

@@ -321,8 +321,11 @@ def format_report(gate: Gate) -> str:
     r = gate.report
     n = r["nll_per_token"]
     bf = n["best_fixed_lambda"]
-    lines = [f"tuned on {len(gate.tuned_on)} documents, {r['tokens']:,} tokens ({r['validation_tokens']:,} held out "
-             f"for the choices below), k {gate.k}, T {gate.temperature:g}",
+    own = r.get("self_tuned")
+    where = (f" of the datastore itself (a seeded sample, seed {own['seed']}; each document searched without its "
+             "own rows)") if own else ""
+    lines = [f"tuned on {len(gate.tuned_on)} documents{where}, {r['tokens']:,} tokens ({r['validation_tokens']:,} "
+             f"held out for the choices below), k {gate.k}, T {gate.temperature:g}",
              "held-out NLL per token (lower is better):",
              f"  base LM                {n['base_lm']:.4f}",
              f"  best fixed lambda {bf['lambda']:<4g} {bf['nll']:.4f}",
@@ -330,6 +333,11 @@ def format_report(gate: Gate) -> str:
              f"  MLP gate, all          {n['mlp_all']:.4f}",
              f"  chosen: {r['kind']} on {len(r['features'])} features  {r['validation_nll']:.4f}",
              "  kept: " + ", ".join(r["features"])]
+    fb = r.get("fallback")
+    if fb:
+        lines.append(f"  the gate did not beat the best fixed lambda on the held-out documents "
+                     f"({fb['validation_nll_gate']:.4f} >= {fb['validation_nll_fixed']:.4f}): this datastore keeps "
+                     f"lambda {fb['fixed_lambda']:g}")
     dropped = [f for f in FEATURES if f not in r["features"]]
     if dropped:
         lines.append(f"  dropped (each cost <= {KEEP_EPS:g} nats/token): {', '.join(dropped)}")
@@ -386,6 +394,7 @@ class TuneData:
     doc: torch.Tensor
     documents: list[dict]  # {"name", "sha256", "tokens"}
     seen: torch.Tensor | None = None  # (N,) bool: the target occurs in the datastore (None: unknown)
+    self_tuned: dict | None = None  # the datastore's own documents (collect_self_tuning): sample size, seed
 
     @property
     def x(self) -> torch.Tensor:
@@ -473,7 +482,8 @@ def _fit_gate(data, identity, k, temperature, kind, hidden, seed, l2, iters, sel
         net, m, s = _fit_lambda(xf, *args, names, chosen, kind_, hidden, seed, l2, iters, fit_unseen, bound)
         return _eval_nll(net, m, s, xv, *vargs, names, chosen)
 
-    report: dict = {"tokens": int(data.lp_lm.shape[0]), "tokens_with_neighbours": int(rows.sum()),
+    report: dict = {"self_tuned": data.self_tuned, "tokens": int(data.lp_lm.shape[0]),
+                    "tokens_with_neighbours": int(rows.sum()),
                     "selection_fit_tokens": int(fit_idx.numel()), "validation_tokens": int(val_rows.sum()),
                     "validation_documents": [data.documents[i]["name"] for i in held_docs] if bool(held.any()) else
                     "in-sample", "nll_per_token": {}}
@@ -500,6 +510,15 @@ def _fit_gate(data, identity, k, temperature, kind, hidden, seed, l2, iters, sel
             current = v
     report.update(kind=kind, features=chosen, validation_nll=current)
     net, mean, std = _fit_lambda(x, lp_lm, lp_knn, names, chosen, kind, hidden, seed, l2, iters, unseen, bound)
+    if bound is None and bool(held.any()) and current >= best_fixed[1]:
+        # never worse than a fixed λ: on the held-out tuning documents the gate did not beat the best
+        # fixed λ, so the datastore keeps that λ (a constant gate: zero weights, bias logit(λ))
+        lam0 = float(best_fixed[0])
+        net = _new_net("linear", len(chosen), hidden, torch.Generator().manual_seed(seed))
+        net["b"] = torch.tensor(math.log(lam0 / (1 - lam0)), dtype=torch.float64)
+        report["fallback"] = {"fixed_lambda": round(lam0, 2), "validation_nll_gate": current,
+                              "validation_nll_fixed": best_fixed[1]}
+        report["kind"] = "fixed"
     if data.seen is not None:
         with torch.no_grad():  # in-sample: the perplexity ratio of never-seen targets vs the LM alone
             s = _forward(net, (x[:, [names.index(f) for f in chosen]] - mean) / std)

@@ -48,7 +48,7 @@ from knnlm.errors import DatastoreError, IndexSpecError
 logger = logging.getLogger(__name__)
 
 __all__ = ["IndexSpecError", "IndexPlan", "check_index_spec", "plan_index", "load_index", "set_nprobe",
-           "train_index", "fill_shard", "merge_shards", "gpu_clone_settings",
+           "train_index", "fill_shard", "merge_shards", "gpu_clone_settings", "search_excluding",
            "AUTO_INDEX", "COARSE_RECIPES", "AUTO_DISK_RAM_FRACTION"]
 
 # ------------------------------------------------------------------------------------ recipes
@@ -514,6 +514,32 @@ def set_nprobe(index, nprobe: int | None) -> None:
         ivf = _ivf(index)
         if ivf is not None:
             ivf.nprobe = int(nprobe)
+
+
+def _params_excluding(index, sel):
+    """FAISS search parameters that apply the id selector ``sel`` and keep ``index``'s own nprobe
+    (through a pre-transform such as OPQ)."""
+    import faiss
+
+    if isinstance(index, faiss.IndexPreTransform):
+        params = faiss.SearchParametersPreTransform()
+        params.index_params = _params_excluding(faiss.downcast_index(index.index), sel)
+        return params
+    ivf = faiss.try_extract_index_ivf(index)
+    if ivf is not None:
+        return faiss.SearchParametersIVF(sel=sel, nprobe=ivf.nprobe)
+    if isinstance(index, faiss.IndexHNSW):
+        return faiss.SearchParametersHNSW(sel=sel, efSearch=index.hnsw.efSearch)
+    return faiss.SearchParameters(sel=sel)
+
+
+def search_excluding(index, x: np.ndarray, k: int, lo: int, hi: int):
+    """``index.search(x, k)`` (x (Q, D) fp32) never returning the ids ``[lo, hi)``: a FAISS id
+    selector, so the k results are the k nearest of the other rows (a CPU index)."""
+    import faiss
+
+    sel = faiss.IDSelectorNot(faiss.IDSelectorRange(int(lo), int(hi)))
+    return index.search(x, k, params=_params_excluding(index, sel))
 
 
 def load_index(path: str | os.PathLike, *, n: int, dim: int, nprobe: int | None = None,

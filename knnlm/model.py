@@ -42,7 +42,7 @@ from knnlm.config import (
 )
 from knnlm.datastore import Datastore, model_identity
 from knnlm.errors import ConfigError
-from knnlm.evaluation import collect_tuning, run
+from knnlm.evaluation import collect_self_tuning, collect_tuning, run
 from knnlm.gate import UNSEEN_COL, Gate, fit_gate, lm_features, load_gate, save_gate
 from knnlm.retrieval import Lookup, Retriever, Step
 from knnlm.scoring import interpolate, knn_target_log_probs, mix
@@ -134,12 +134,13 @@ class KNNLM:
         return self.datastore.header.window.bos
 
     # ---- retrieval: the one decision ------------------------------------------------------------
-    def search(self, hidden: torch.Tensor, *, k: int | None = None,
-               exclude: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def search(self, hidden: torch.Tensor, *, k: int | None = None, exclude: torch.Tensor | None = None,
+               exclude_range: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Query hidden states (Q, D) -> squared distances (Q, k) fp32, values (Q, k) int64, rows
         (Q, k) int64 on the queries' device; missing neighbours have distance +inf and row -1.
-        ``exclude`` (Q,): one datastore row per query that must not be returned (-1: none)."""
-        return self.retriever.search(hidden, k, exclude=exclude)
+        ``exclude`` (Q,): one datastore row per query that must not be returned (-1: none);
+        ``exclude_range`` (Q, 2): rows ``[lo, hi)`` per query that must not be returned."""
+        return self.retriever.search(hidden, k, exclude=exclude, exclude_range=exclude_range)
 
     def lookup(self, rows: int = 0, *, k: int | None = None, lambdas: Sequence | None = None,
                always: bool = False, device=None) -> Lookup:
@@ -266,13 +267,19 @@ class KNNLM:
              max_tokens: int | None = None, seed: int = 0, kind: str = "auto", batch_size: int = 8,
              progress: bool = True, save: bool = True,
              max_unseen_loss: float | None = DEFAULT_MAX_UNSEEN_LOSS, keep_unseen: bool = False) -> Gate:
-        """Fit the adaptive gate (``knnlm.gate``) on tuning text at this object's k and temperature,
-        save it with the datastore (or to the file ``out``) and use it from now on. The tuning
-        documents must not be in the datastore (refused). ``max_unseen_loss``, ``keep_unseen``:
-        see ``fit_gate`` (None: no bound)."""
+        """Fit the adaptive gate (``knnlm.gate``) at this object's k and temperature, save it with
+        the datastore (or to the file ``out``) and use it from now on. On tuning text (``data`` or
+        ``texts``; documents of the datastore are refused), or, with neither, on the datastore's
+        own documents (self-tuning: a ``seed``-ed sample of up to ``max_tokens`` tokens, default
+        ``knnlm.evaluation.SELF_TUNE_TOKENS``, each searched without its own document's rows). A
+        gate that does not beat the best fixed λ on its held-out tuning documents is that fixed λ
+        (``gate.report["fallback"]``). ``max_unseen_loss``, ``keep_unseen``: see ``fit_gate``."""
         check_unseen_options(max_unseen_loss, keep_unseen)
         cfg = EvalConfig(max_tokens=max_tokens, batch_size=batch_size, progress=progress)
-        data_ = collect_tuning(self, data, cfg, texts=texts)
+        if data is None and texts is None:
+            data_ = collect_self_tuning(self, cfg, seed=seed)
+        else:
+            data_ = collect_tuning(self, data, cfg, texts=texts)
         gate = fit_gate(data_, self.datastore.identity(), self.k, self.temperature, kind=kind, seed=seed,
                         max_unseen_loss=max_unseen_loss, keep_unseen=keep_unseen)
         if save:

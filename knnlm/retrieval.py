@@ -253,18 +253,23 @@ class Retriever:
             dists[search], values[search], ids[search] = d, v, i
         return Step(dists, values, ids, search, use_ptr)
 
-    def search(self, queries: torch.Tensor, k: int | None = None,
-               exclude: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def search(self, queries: torch.Tensor, k: int | None = None, exclude: torch.Tensor | None = None,
+               exclude_range: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """queries (Q, D) -> dists (Q, k) fp32, values (Q, k) int64, ids (Q, k) int64.
 
         ``exclude`` (Q,) holds one datastore row per query that must not be returned (the query's
-        own key when the eval text is in the datastore), or -1 for none.
+        own key when the eval text is in the datastore), or -1 for none. ``exclude_range`` (Q, 2):
+        rows ``[lo, hi)`` per query that must not be returned (a whole document: self-tuning on
+        the datastore's own documents); the k nearest of the other rows are returned.
         """
         k = self.k if k is None else k
         device = queries.device
         q = queries.detach().to("cpu", torch.float32).contiguous().numpy()  # (Q, D)
         extra = 1 if exclude is not None else 0
-        d_np, i_np = self.index.search(q, min(k + extra, len(self.datastore)))
+        if exclude_range is not None:
+            d_np, i_np = self._search_excluding(q, min(k + extra, len(self.datastore)), exclude_range)
+        else:
+            d_np, i_np = self.index.search(q, min(k + extra, len(self.datastore)))
         dists = torch.from_numpy(d_np)  # (Q, k')
         ids = torch.from_numpy(i_np)  # (Q, k')
         if exclude is not None:
@@ -280,6 +285,19 @@ class Retriever:
             missing = ids < 0
         values = self._values[ids.clamp(min=0)].masked_fill(missing, 0)  # (Q, k)
         return dists.to(device), values.to(device), ids.to(device)
+
+    def _search_excluding(self, q: np.ndarray, k: int, ranges: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+        """One search per distinct excluded range (``knnlm.index.search_excluding``)."""
+        from knnlm.index import search_excluding
+
+        r = ranges.detach().cpu().numpy().astype(np.int64)  # (Q, 2)
+        d_np = np.empty((q.shape[0], k), dtype=np.float32)
+        i_np = np.empty((q.shape[0], k), dtype=np.int64)
+        uniq, inv = np.unique(r, axis=0, return_inverse=True)
+        for u, (lo, hi) in enumerate(uniq):
+            rows = np.flatnonzero(inv.reshape(-1) == u)
+            d_np[rows], i_np[rows] = search_excluding(self.index, np.ascontiguousarray(q[rows]), k, lo, hi)
+        return d_np, i_np
 
     def _exact_dists(self, q: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
         """Squared L2 (Q, K) from the stored keys for the candidate ids (Q, K) (-1: a placeholder
