@@ -564,11 +564,9 @@ def cmd_eval(args) -> int:
     from knnlm.data import resolve_sources
     from knnlm.datastore import open_datastore, write_json_atomic
 
-    if args.lambdas is None:  # the best the datastore offers: its gate when it has one
+    default_lambda = args.lambdas is None
+    if default_lambda:  # the best the datastore offers: its gate when it has one
         args.lambdas = "adaptive" if _has_gate(args.datastore) else "0.25"
-        print(f"lambda: {args.lambdas} (" + ("the datastore's tuned gate; --lambda 0.25 for the fixed mixture)"
-                                             if args.lambdas == "adaptive" else "no gate: `knnlm tune` fits one)"),
-              file=sys.stderr)
     cfg = EvalConfig(lambdas=_lambdas(args.lambdas), temperatures=_numbers(args.temperatures, "temperature"),
                      ks=[None] if args.ks is None else _numbers(args.ks, "k", int), context=args.context,
                      stride=args.stride, batch_size=args.batch_size, exclude_self=args.exclude_self,
@@ -591,6 +589,10 @@ def cmd_eval(args) -> int:
     from knnlm.retrieval import resolve_k
 
     kmax = max(resolve_k(k, len(ds), param="ks") for k in cfg.ks)
+    if default_lambda:
+        logging.getLogger("knnlm.cli").info(
+            "lambda %s: %s", args.lambdas, "the datastore's tuned gate (--lambda 0.25 for the fixed mixture)"
+            if args.lambdas == "adaptive" else "the datastore has no gate (`knnlm tune` fits one)")
     model, tokenizer = _load(args, ds)
     knn = KNNLM(model, ds, tokenizer, settings, gate=gate, k=kmax)
     res = knn.evaluate(sources, **{f: getattr(cfg, f) for f in cfg.__dataclass_fields__})

@@ -192,7 +192,9 @@ class KNNLM:
             feats = self.lm_features(lg) if lm_feats is None else lm_feats[sel]
             lam = self.require_gate().lam(feats, d, v)  # (H,)
         unseen = self._unseen_mask(logits.device) if self.keeps_unseen else None  # (V,)
-        mixed = interpolate(lg.contiguous(), d, v, lam, self.temperature, use_kernel=self.use_kernel, unseen=unseen)
+        # λ and T were validated once, in the settings (a gate's λ is a sigmoid): no per-call check
+        mixed = interpolate(lg.contiguous(), d, v, lam, self.temperature, use_kernel=self.use_kernel, unseen=unseen,
+                            check=False)
         if every:
             return mixed
         out = torch.log_softmax(logits.float(), dim=-1)

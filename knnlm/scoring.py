@@ -162,10 +162,12 @@ def keep_unseen_knn(lp_lm: torch.Tensor, lp_knn: torch.Tensor, log_unseen: torch
 
 
 def reference_interpolate(logits: torch.Tensor, dists: torch.Tensor, values: torch.Tensor,
-                          lam: Lam, temperature: float, *, unseen: torch.Tensor | None = None) -> torch.Tensor:
+                          lam: Lam, temperature: float, *, unseen: torch.Tensor | None = None,
+                          check: bool = True) -> torch.Tensor:
     """The spec. logits (B, V), dists (B, K), values (B, K), lam float or (B,) -> log p (B, V) fp32.
-    ``unseen`` (V,) bool: the keep-unseen mixture (module docstring)."""
-    check_mixture_args(lam, temperature)
+    ``unseen`` (V,) bool: the keep-unseen mixture (module docstring). ``check``: as ``interpolate``."""
+    if check:
+        check_mixture_args(lam, temperature)
     if unseen is not None:
         lp_lm = torch.log_softmax(logits.float(), dim=-1)  # (B, V)
         lp_knn = reference_knn_log_probs(dists, values, logits.shape[-1], temperature)  # (B, V)
@@ -261,12 +263,16 @@ def _fused(name: str, logits: torch.Tensor):
 
 
 def interpolate(logits: torch.Tensor, dists: torch.Tensor, values: torch.Tensor, lam: Lam,
-                temperature: float, *, use_kernel: bool = True, unseen: torch.Tensor | None = None) -> torch.Tensor:
+                temperature: float, *, use_kernel: bool = True, unseen: torch.Tensor | None = None,
+                check: bool = True) -> torch.Tensor:
     """Full kNN-LM log-distribution (B, V); the fused op when available (scalar ``lam``), else
     the reference (a per-row ``lam`` (B,) or the keep-unseen mixture, ``unseen`` (V,), always
-    takes the reference)."""
-    check_mixture_args(lam, temperature)
+    takes the reference). ``check=False``: ``lam`` and ``temperature`` were validated where they
+    entered (``KNNLM``'s settings; a gate's λ is a sigmoid), so the per-call check (a host sync
+    for a tensor ``lam`` on a GPU) is skipped."""
+    if check:
+        check_mixture_args(lam, temperature)
     op = _fused("knn_interpolate", logits) if use_kernel and _is_scalar(lam) and unseen is None else None
     if op is None:
-        return reference_interpolate(logits, dists, values, lam, temperature, unseen=unseen)
+        return reference_interpolate(logits, dists, values, lam, temperature, unseen=unseen, check=False)
     return op(logits, dists.float(), values, float(lam), float(temperature))

@@ -348,7 +348,8 @@ def test_refusals_that_need_no_model_come_before_it_loads(capsys, cli_store, tin
     other = save_tiny_model(tmp_path / "other-tok", make_tiny_tokenizer(files=["colorsys.py"]))
     capsys.readouterr()  # what saving it printed
     for command in ("eval", "tune", "generate"):
-        extra = ["--prompt", "x"] if command == "generate" else ["--data", tuning]
+        extra = {"generate": ["--prompt", "x"], "eval": ["--data", corpus_dir / "bisect.py", "--lambda", "0.25"],
+                 "tune": ["--data", tuning]}[command]
         code, _, err = _run(capsys, command, "--model", other, "--datastore", cli_store, *extra, "--quiet")
         assert code == 2
         _assert_one_line_error(err, command, "another tokenizer")
