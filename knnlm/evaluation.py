@@ -460,7 +460,8 @@ def collect_self_tuning(knn, cfg: EvalConfig, *, seed: int = 0):
     seeded random sample of documents, at most 1/``SELF_TUNE_MIN_DOCS`` of the sample from each
     (1/n with n < ``SELF_TUNE_MIN_DOCS`` documents),
     up to ``cfg.max_tokens`` targets (default ``SELF_TUNE_TOKENS``); each document's queries are
-    searched without any of its own rows (a document-level exclusion: as if it were held out), in
+    searched without any of its own rows (a document-level exclusion: as if it were held out; the
+    datastore frequencies of its LM features and never-seen flags leave its tokens out too), in
     the datastore's window protocol."""
     ds = knn.datastore
     want = cfg.max_tokens or SELF_TUNE_TOKENS
@@ -496,20 +497,27 @@ def _tuning_pass(knn, docs: list[dict], cfg: EvalConfig, context: int, stride: i
 
     total = sum(count_targets(d["length"]) for d in docs)
     doc_of_row = torch.cat([torch.full((count_targets(d["length"]),), i) for i, d in enumerate(docs)])
+    if "rows" in docs[0]:  # the datastore's own documents: each one as if held out, its tokens not counted
+        values = np.asarray(ds.values)
+        groups = [([d], counts - torch.from_numpy(np.bincount(values[d["rows"][0]: d["rows"][1]],
+                                                              minlength=counts.numel()))) for d in docs]
+    else:
+        groups = [(docs, counts)]
     row = 0
     with tqdm(total=total, unit="tok", unit_scale=True, desc="tuning", disable=not cfg.progress) as bar:
-        for lmb in _lm_batches(knn.model, docs, knn.key_layer, context, stride, bos, cfg, counts, overlap, False,
-                               None):
-            with torch.inference_mode():
-                dists, values, _ = knn.search(lmb.query, exclude_range=lmb.exclude_range)  # (R, k)
-                kf, has = knn_features(dists, values, knn.temperature, lmb.lm_feats[:, NL])
-                lpk = knn_target_log_probs(dists, values, lmb.tgt, knn.temperature)
-            n = lmb.tgt.shape[0]
-            for name, x in (("lm", lmb.lm_feats), ("knn", kf), ("has", has), ("lp_lm", lmb.lp_lm),
-                            ("lp_knn", lpk), ("doc", doc_of_row[row: row + n]), ("seen", counts[lmb.tgt.cpu()] > 0)):
-                parts[name].append(x.cpu())
-            row += n
-            bar.update(n)
+        for group, cnt in groups:  # cnt (V,): the datastore-frequency the features and `seen` see
+            for lmb in _lm_batches(knn.model, group, knn.key_layer, context, stride, bos, cfg, cnt, overlap, False,
+                                   None):
+                with torch.inference_mode():
+                    dists, values, _ = knn.search(lmb.query, exclude_range=lmb.exclude_range)  # (R, k)
+                    kf, has = knn_features(dists, values, knn.temperature, lmb.lm_feats[:, NL])
+                    lpk = knn_target_log_probs(dists, values, lmb.tgt, knn.temperature)
+                n = lmb.tgt.shape[0]
+                for name, x in (("lm", lmb.lm_feats), ("knn", kf), ("has", has), ("lp_lm", lmb.lp_lm),
+                                ("lp_knn", lpk), ("doc", doc_of_row[row: row + n]), ("seen", cnt[lmb.tgt.cpu()] > 0)):
+                    parts[name].append(x.cpu())
+                row += n
+                bar.update(n)
     documents = [{"name": d["name"], "sha256": d["sha256"], "tokens": d["length"]} for d in docs]
     return TuneData(**{n: torch.cat(v) for n, v in parts.items()}, documents=documents)
 

@@ -123,3 +123,27 @@ def test_cli_tune_without_data_self_tunes_and_eval_defaults_to_the_gate(tmp_path
                  "--quiet"]) == 0
     out = capsys.readouterr().out
     assert "lambda adaptive," in out and "adaptive lambda (" in out  # the datastore's gate, by default
+
+
+def test_self_tuning_counts_a_document_as_held_out(store, tiny_tokenizer):
+    """The never-seen flags (and the LM features' frequencies) of a self-tuned document leave its
+    own tokens out: a token that only that document holds is 'never seen' for it."""
+    from knnlm.config import EvalConfig
+    from knnlm.evaluation import collect_self_tuning
+
+    model, ds = store
+    knn = KNNLM(model, ds, tiny_tokenizer, k=16)
+    data = collect_self_tuning(knn, EvalConfig(max_tokens=4000, progress=False))
+    values = np.asarray(ds.values)
+    counts = np.bincount(values, minlength=model.config.vocab_size)
+    by_name = {d["name"]: d for d in ds.documents}
+    unseen_somewhere = False
+    for i, d in enumerate(data.documents):
+        src = by_name[d["name"]]
+        own = np.bincount(values[src["first_row"]: src["first_row"] + src["length"] - 1], minlength=counts.size)
+        rows = (data.doc == i).nonzero().squeeze(1)
+        tgt = np.asarray(ds.document_tokens(ds.documents.index(src)))[1: rows.numel() + 1]
+        want = (counts - own)[tgt] > 0
+        assert np.array_equal(data.seen[rows].numpy(), want)
+        unseen_somewhere |= bool((~want).any())
+    assert unseen_somewhere  # the tiny corpus has tokens only one document holds
