@@ -49,6 +49,7 @@ SKIPPED = {
     "nvidia-smi": "needs a GPU",
     "cd": "changes directory",
     "mkdir": "makes a directory",
+    "cat": "prints a file (inside $(...): a file list the docs' own commands wrote)",
 }
 
 
