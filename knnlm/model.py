@@ -37,11 +37,11 @@ from knnlm.config import (
     SETTINGS_FIELDS,
     EvalConfig,
     KNNSettings,
+    check_pointers,
     check_unseen_options,
     resolve_keep_unseen,
 )
 from knnlm.datastore import Datastore, model_identity
-from knnlm.errors import ConfigError
 from knnlm.evaluation import collect_self_tuning, collect_tuning, run
 from knnlm.gate import UNSEEN_COL, Gate, fit_gate, lm_features, load_gate, save_gate
 from knnlm.retrieval import Lookup, Retriever, Step
@@ -75,9 +75,7 @@ class KNNLM:
         self.retriever = Retriever(ds, settings.k, nprobe=settings.nprobe, rerank=settings.rerank)
         if settings.pointers:  # a pointer's distance is recomputed from its stored key
             ds.require_keys("pointers", "drop `pointers`")
-            if settings.min_pointers is not None and settings.min_pointers > self.retriever.k:
-                raise ConfigError(f"`min_pointers` must be at least 1 and at most `k` = {self.retriever.k}, got "
-                                  f"{settings.min_pointers}", param="min_pointers")
+            check_pointers(settings.pointers, settings.min_pointers, self.retriever.k)  # k is known now
         self.gate = gate if gate is None or isinstance(gate, Gate) else load_gate(ds, gate)
         if settings.needs_gate:
             resolve_keep_unseen(settings.keep_unseen, self.require_gate())  # fail now, not at the first token
@@ -105,10 +103,6 @@ class KNNLM:
     @property
     def min_pointers(self) -> int:
         return self.settings.pointer_floor(self.k)
-
-    @property
-    def uses_gate(self) -> bool:
-        return self.settings.needs_gate
 
     @property
     def keeps_unseen(self) -> bool:
