@@ -65,6 +65,8 @@ examples:
   knnlm build-index --data corpus/ --out runs/big --index ivfpq --index-storage disk --key-dtype none
   # an OPQ-rotated IVF-PQ from a FAISS factory string
   knnlm build-index --data corpus/ --out runs/opq --index OPQ64,IVF4096,PQ64 --index-storage disk
+  # no adaptive gate (by default one is tuned on a sample of the datastore's own documents)
+  knnlm build-index --data corpus/ --out runs/ds --no-tune
 """
 
 EVAL_EXAMPLES = """\
@@ -284,6 +286,10 @@ def _add_build_parser(sub) -> None:
     g.add_argument("--seed", type=int, default=0, help="seed of the index-training sample (default: %(default)s)")
     g.add_argument("--resume", action="store_true", help="continue an interrupted build in --out")
     g.add_argument("--overwrite", action="store_true", help="replace the datastore in --out")
+    g.add_argument("--no-tune", dest="tune", action="store_false",
+                   help="do not fit the adaptive gate afterwards (by default it is tuned on a seeded sample of the "
+                        "datastore's own documents, each searched without its own rows, like `knnlm tune` without "
+                        "--data; skipped when the datastore has fewer than 10 documents)")
     g.add_argument("--quiet", action="store_true", help="no progress bars or INFO lines (warnings and errors only)")
     b.set_defaults(func=cmd_build_index)
 
@@ -363,11 +369,11 @@ def _add_tune_parser(sub) -> None:
 def _add_demo_parser(sub) -> None:
     d = sub.add_parser("demo", help="quickstart: stdlib datastore with SmolLM2-135M, perplexity with/without it",
                        description="Build a datastore over the CPython standard library (a deterministic "
-                                   "train split of the files) with the bundled SmolLM2-135M, tune the adaptive "
-                                   "gate on the stdlib tuning split, and report the perplexity of held-out stdlib "
-                                   "files with the base LM, the adaptive kNN-LM (lambda per token) and fixed "
-                                   "lambdas. Resumable: rerunning reuses or continues the datastore (and its "
-                                   "gate) in --out.",
+                                   "train split of the files) with the bundled SmolLM2-135M, tune its adaptive "
+                                   "gate on a sample of its own documents as build-index does by default (no "
+                                   "tuning text), and report the perplexity of held-out stdlib files with the base "
+                                   "LM, eval's default (the gate's per-token lambda) and fixed lambdas. Resumable: "
+                                   "rerunning reuses or continues the datastore (and its gate) in --out.",
                        epilog="examples:\n  knnlm demo\n  knnlm demo --tokens 1000000 --eval-tokens 60000 "
                               "--out runs/stdlib-1m",
                        formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -376,9 +382,9 @@ def _add_demo_parser(sub) -> None:
     d.add_argument("--tokens", type=int, default=200_000, help="datastore size in corpus tokens (default: %(default)s)")
     d.add_argument("--eval-tokens", type=int, default=20_000,
                    help="held-out tokens to score (default: %(default)s)")
-    d.add_argument("--tune-tokens", type=int, default=20_000,
-                   help="tokens of the stdlib tuning split the adaptive gate is fitted on, once per datastore "
-                        "(default: %(default)s)")
+    d.add_argument("--tune-tokens", type=int, default=None,
+                   help="tokens of the datastore's own documents the adaptive gate is fitted on, once per datastore "
+                        "(default: as build-index and `knnlm tune` without --data)")
     d.add_argument("--index", default="auto", metavar="KIND", help="as in build-index (default: %(default)s)")
     d.add_argument("--quiet", action="store_true", help="no progress bars or INFO lines (warnings and errors only)")
     d.set_defaults(func=cmd_demo)
@@ -492,7 +498,33 @@ def cmd_build_index(args) -> int:
         shutdown(world)
     if world.main:
         print(_summary(ds.path, ds.header))
+        if args.tune:  # rank 0 alone, after the others are done
+            _self_tune(model, tokenizer, ds, quiet=args.quiet)
     return 0
+
+
+def _self_tune(model, tokenizer, ds, *, quiet: bool, max_tokens: int | None = None):
+    """The default path after a build (build-index, demo): fit the datastore's gate on its own
+    documents unless it has one or too few documents; returns the gate or None."""
+    from knnlm.evaluation import SELF_TUNE_MIN_DOCS, tunable_documents
+    from knnlm.gate import format_report, load_gate
+    from knnlm.model import KNNLM
+
+    if ds.header.gate:
+        gate = load_gate(ds)
+        print(f"the datastore keeps its gate {gate.path} (re-fit it with `knnlm tune --datastore {ds.path}`)")
+        return gate
+    n = tunable_documents(ds)
+    if n < SELF_TUNE_MIN_DOCS:
+        print(f"no adaptive gate: {ds.path} has {n} document(s), fewer than the {SELF_TUNE_MIN_DOCS} self-tuning "
+              f"needs; eval uses fixed lambda 0.25 (`knnlm tune --datastore {ds.path} --data TEXT` fits a gate "
+              "on separate text)")
+        return None
+    print("tuning the adaptive gate on a sample of the datastore's own documents (--no-tune skips this)")
+    gate = KNNLM(model, ds, tokenizer).tune(max_tokens=max_tokens, progress=not quiet)
+    print(format_report(gate))
+    print(f"gate written to {gate.path}; `knnlm eval` uses it by default")
+    return gate
 
 
 def _numbers(text: str, what: str, kind=float) -> list:
@@ -731,9 +763,7 @@ def cmd_demo(args) -> int:
     from knnlm.build import build_datastore
     from knnlm.config import ADAPTIVE, BuildConfig
     from knnlm.corpora import stdlib_files
-    from knnlm.errors import KnnlmError
     from knnlm.evaluation import format_results
-    from knnlm.gate import format_report, load_gate
     from knnlm.model import KNNLM
 
     model, tokenizer = _load(args)
@@ -741,28 +771,17 @@ def cmd_demo(args) -> int:
     ds = build_datastore(model, tokenizer, stdlib_files("train"), args.out, cfg)
     print(_summary(ds.path, ds.header))
     print()
-    knn = KNNLM(model, ds, tokenizer)
-    gate = None
-    if ds.header.gate:
-        try:
-            gate = load_gate(ds)
-            print(f"reusing the gate in {gate.path} (tuned on {sum(d['tokens'] for d in gate.tuned_on):,} tokens "
-                  "of stdlib-tune)")
-        except KnnlmError as e:
-            print(f"re-tuning the gate: {e}")
-    if gate is None:
-        inside = {d["name"] for d in ds.documents}  # a datastore built before the tune split existed holds some
-        tune_files = [f for f in stdlib_files("tune") if f not in inside]
-        if not tune_files:
-            raise KnnlmError(f"every stdlib tuning file is in the datastore {ds.path}; rebuild it with the current "
-                             "train split (`--out` a new directory)")
-        gate = knn.tune(tune_files, max_tokens=args.tune_tokens, progress=not args.quiet)
-        print(format_report(gate))
+    gate = _self_tune(model, tokenizer, ds, quiet=args.quiet, max_tokens=args.tune_tokens)  # build-index's default
     print()
-    lambdas = [ADAPTIVE, 0.25, 0.1, 0.5]
-    res = knn.replace(lam=ADAPTIVE, gate=gate).evaluate(stdlib_files("test"), lambdas=lambdas,
-                                                        max_tokens=args.eval_tokens, progress=not args.quiet)
+    # what `knnlm eval` does at its defaults (the gate's adaptive lambda), beside the fixed lambdas of 2020
+    lambdas = ([ADAPTIVE] if gate is not None else []) + [0.25, 0.1, 0.5]
+    knn = KNNLM(model, ds, tokenizer, lam=lambdas[0], gate=gate)
+    res = knn.evaluate(stdlib_files("test"), lambdas=lambdas, max_tokens=args.eval_tokens, progress=not args.quiet)
     print(format_results(res))
+    if gate is not None:
+        by = {r["lambda"]: r["ppl"] for r in res["grid"]}
+        print(f"\nknnlm eval's default (the self-tuned gate, no tuning text): {by[ADAPTIVE]:.3f} = "
+              f"{by[ADAPTIVE] / by[0.25]:.3f}x fixed lambda 0.25 ({by[0.25]:.3f}); base LM {res['ppl_base']:.3f}")
     return 0
 
 

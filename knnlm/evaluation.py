@@ -57,7 +57,7 @@ from knnlm.scoring import knn_target_log_probs, lm_target_log_probs
 logger = logging.getLogger(__name__)
 
 __all__ = ["run", "eval_window", "BUCKET_EDGES", "format_results", "LMCache", "collect_tuning", "collect_self_tuning",
-           "SELF_TUNE_TOKENS"]
+           "SELF_TUNE_TOKENS", "tunable_documents"]
 
 # Datastore-corpus frequency buckets of the target token: [0], [1, 10), [10, 100), ...
 BUCKET_EDGES = (0, 1, 10, 100, 1_000, 10_000)
@@ -455,6 +455,11 @@ SELF_TUNE_TOKENS = 20_000  # default sample of a datastore's own documents for s
 SELF_TUNE_MIN_DOCS = 10  # ... drawn from at least this many documents when the datastore has them
 
 
+def tunable_documents(ds) -> int:
+    """How many of ``ds``'s documents have a token to predict (what self-tuning can sample)."""
+    return sum(count_targets(d["length"]) > 0 for d in ds.documents)
+
+
 def collect_self_tuning(knn, cfg: EvalConfig, *, seed: int = 0):
     """``collect_tuning``'s statistics from the datastore's own documents: the leading tokens of a
     seeded random sample of documents, at most 1/``SELF_TUNE_MIN_DOCS`` of the sample from each
@@ -465,7 +470,7 @@ def collect_self_tuning(knn, cfg: EvalConfig, *, seed: int = 0):
     the datastore's window protocol."""
     ds = knn.datastore
     want = cfg.max_tokens or SELF_TUNE_TOKENS
-    n_docs = sum(count_targets(d["length"]) > 0 for d in ds.documents)
+    n_docs = tunable_documents(ds)
     per_doc = max(1, -(-want // max(1, min(SELF_TUNE_MIN_DOCS, n_docs))))  # at most this much of one document
     docs, total = [], 0
     for i in np.random.default_rng(seed).permutation(len(ds.documents)).tolist():
@@ -579,7 +584,10 @@ def _knn_result(tally: _Tally, grid, knn, overlap: _Overlap, cfg: EvalConfig, ga
         "grid": results,
         "retrieval": {"k": kmax, "nprobe": knn.nprobe, "rerank": knn.rerank,
                       "index": (ds.header.index or {}).get("factory"),
-                      "retrieve_fraction": knn.retrieve_fraction, "pointers": knn.pointers,
+                      "retrieve_fraction": knn.retrieve_fraction,
+                      "retrieve_fraction_used": knn.require_gate().fraction(knn.retrieve_fraction)
+                      if knn.retrieve_fraction is not None else None,
+                      "pointers": knn.pointers,
                       "min_pointers": knn.settings.pointer_floor(kmax) if knn.pointers else None,
                       "searched_fraction": tally.n_searched / max(n, 1),
                       "pointer_fraction": tally.n_pointed / max(n, 1),
@@ -628,7 +636,10 @@ def format_results(res: dict) -> str:
         if r.get("pointers"):
             what.append(f"pointers {100 * r['pointer_fraction']:.1f}% (min {r['min_pointers']})")
         if r.get("retrieve_fraction") is not None:
-            what.append(f"retrieve fraction {r['retrieve_fraction']:g}")
+            used = r.get("retrieve_fraction_used")
+            raised = f" (raised to the gate's floor {used:g})" if used is not None and used > r["retrieve_fraction"] \
+                else ""
+            what.append(f"retrieve fraction {r['retrieve_fraction']:g}{raised}")
         lines.append("retrieval: " + ", ".join(what) + f"; searches saved {100 * r['searches_saved']:.1f}%")
     if "adaptive" in res:
         a = res["adaptive"]

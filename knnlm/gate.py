@@ -142,15 +142,17 @@ def _forward(net: dict, z: torch.Tensor) -> torch.Tensor:
     return torch.tanh(z @ net["W1"] + net["b1"]) @ net["w2"] + net["b2"]
 
 
-def _new_net(kind: str, n_features: int, hidden: int, gen: torch.Generator) -> dict:
+def _new_net(kind: str, n_features: int, hidden: int, gen: torch.Generator, bias: float = 0.0) -> dict:
+    """A fresh net whose output bias is ``bias`` (the λ gate: logit of the best fixed λ, so that with
+    the L2 penalty on the weights the fit is regularised toward that constant gate)."""
     if kind == "linear":
         return {"kind": kind, "w": torch.zeros(n_features, dtype=torch.float64),
-                "b": torch.zeros((), dtype=torch.float64)}
+                "b": torch.tensor(bias, dtype=torch.float64)}
     return {"kind": kind,
             "W1": torch.randn(n_features, hidden, generator=gen, dtype=torch.float64) / math.sqrt(max(n_features, 1)),
             "b1": torch.zeros(hidden, dtype=torch.float64),
             "w2": torch.randn(hidden, generator=gen, dtype=torch.float64) * 0.1,
-            "b2": torch.zeros((), dtype=torch.float64)}
+            "b2": torch.tensor(bias, dtype=torch.float64)}
 
 
 def _params(net: dict) -> list[torch.Tensor]:
@@ -227,6 +229,7 @@ class Gate:
     report: dict = field(default_factory=dict)
     path: str | None = None
     keep_unseen: bool = False  # fitted for the keep-unseen mixture (knnlm.scoring): runs with it follow it
+    min_fraction: float = 0.0  # the retrieval gate's floor: a run asking for a smaller fraction searches this much
 
     # ---- using it ------------------------------------------------------------------------------
     @staticmethod
@@ -251,15 +254,25 @@ class Gate:
         return _forward(net, self._z(lm_feats[:, :NL], LM_FEATURES, self.pre_features, self.pre_mean,
                                      self.pre_std)).float()
 
-    def threshold(self, fraction: float) -> float:
-        """The predicted-gain threshold above which a fraction ``fraction`` of the tuning tokens searched."""
+    def fraction(self, fraction: float | None) -> float:
+        """The fraction a run asking for ``fraction`` (None: all) searches: at least the gate's
+        ``min_fraction``, below which its held-out tuning NLL was worse than the best fixed λ with
+        every token searched."""
+        if fraction is None:
+            return 1.0
         check_fraction(fraction)
+        return max(float(fraction), self.min_fraction)
+
+    def threshold(self, fraction: float) -> float:
+        """The predicted-gain threshold above which a fraction ``fraction`` of the tuning tokens searched
+        (``fraction`` raised to ``min_fraction``)."""
         q = np.linspace(0.0, 1.0, len(self.pre_quantiles))
-        return float(np.interp(1.0 - fraction, q, self.pre_quantiles))
+        return float(np.interp(1.0 - self.fraction(fraction), q, self.pre_quantiles))
 
     def select(self, lm_feats: torch.Tensor, fraction: float | None) -> torch.Tensor:
-        """Which rows search (R,) bool: all for ``fraction`` None or 1, else predicted gain >= threshold."""
-        if fraction is None or fraction >= 1.0:
+        """Which rows search (R,) bool: all for ``fraction`` None or (raised to the floor) 1, else
+        predicted gain >= threshold."""
+        if self.fraction(fraction) >= 1.0:
             return torch.ones(lm_feats.shape[0], dtype=torch.bool, device=lm_feats.device)
         return self.pre_score(lm_feats) >= self.threshold(fraction)
 
@@ -284,7 +297,8 @@ class Gate:
                 "std": self.std.tolist(), "net": _net_json(self.net),
                 "pre": None if self.pre_net is None else {
                     "features": list(self.pre_features), "mean": self.pre_mean.tolist(), "std": self.pre_std.tolist(),
-                    "net": _net_json(self.pre_net), "quantiles": self.pre_quantiles},
+                    "net": _net_json(self.pre_net), "quantiles": self.pre_quantiles,
+                    "min_fraction": self.min_fraction},
                 "tuned_on": self.tuned_on, "report": self.report, "keep_unseen": self.keep_unseen}
 
     @classmethod
@@ -302,9 +316,16 @@ class Gate:
                        pre_net=_net_from_json(pre["net"]) if pre else None,
                        pre_quantiles=list(pre["quantiles"]) if pre else None,
                        tuned_on=list(d.get("tuned_on") or []), report=dict(d.get("report") or {}), path=where,
-                       keep_unseen=bool(d.get("keep_unseen", False)))
+                       keep_unseen=bool(d.get("keep_unseen", False)),
+                       min_fraction=_fraction_field(pre.get("min_fraction", 0.0) if pre else 0.0, where))
         except (KeyError, TypeError, ValueError) as e:
             raise DatastoreError(f"{where} lacks or mangles field {e}; re-run `knnlm tune`") from None
+
+
+def _fraction_field(x, where: str) -> float:
+    if isinstance(x, bool) or not isinstance(x, (int, float)) or not 0.0 <= x <= 1.0:
+        raise DatastoreError(f"{where}: pre.min_fraction must be a number in [0, 1], got {x!r}; re-run `knnlm tune`")
+    return float(x)
 
 
 def check_outside_datastore(ds: Datastore, docs: Sequence[dict], param: str = "data") -> None:
@@ -353,6 +374,12 @@ def format_report(gate: Gate) -> str:
         lines.append("retrieval gate: share of the tuning text's total gain kept when searching the top F by "
                      "predicted gain: " + ", ".join(f"F {f}: {v['gain_kept']} (oracle {v['oracle']})"
                                                     for f, v in kept.items()))
+        if "min_fraction" in rg:
+            fx = rg["held_out_nll_fixed_full_search"]
+            lines.append(f"retrieval gate floor: searching F >= {rg['min_fraction']:g} of the tokens loses nothing to "
+                         f"fixed lambda {fx['lambda']:g} with every token searched on the held-out documents "
+                         f"({rg['held_out_nll_by_fraction'][str(rg['min_fraction'])]:.4f} <= {fx['nll']:.4f}); "
+                         "--retrieve-fraction below it searches that much")
     return "\n".join(lines)
 
 
@@ -405,14 +432,19 @@ def _standardise(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return x.mean(0), x.std(0).clamp(min=1e-6)
 
 
-def _fit_lambda(x, lp_lm, lp_knn, names, chosen, kind, hidden, seed, l2, iters, unseen=None, bound=None):
+def _fit_lambda(x, lp_lm, lp_knn, names, chosen, kind, hidden, seed, l2, iters, unseen=None, bound=None,
+                lam0: float = 0.5):
     idx = [names.index(f) for f in chosen]
     xs = x[:, idx]
     mean, std = _standardise(xs)
     gen = torch.Generator().manual_seed(seed)
-    net = _train(_new_net(kind, len(idx), hidden, gen), _mixture_nll(lp_lm, lp_knn, unseen, bound),
+    net = _train(_new_net(kind, len(idx), hidden, gen, _logit(lam0)), _mixture_nll(lp_lm, lp_knn, unseen, bound),
                  (xs - mean) / std, l2=l2, iters=iters)
     return net, mean, std
+
+
+def _logit(lam: float) -> float:
+    return math.log(lam / (1.0 - lam))
 
 
 def _eval_nll(net, mean, std, x, lp_lm, lp_knn, names, chosen) -> float:
@@ -477,10 +509,13 @@ def _fit_gate(data, identity, k, temperature, kind, hidden, seed, l2, iters, sel
     args = (lp_lm[fit_idx], lp_knn[fit_idx])
     vargs = (lp_lm[val_rows], lp_knn[val_rows])
     fit_unseen = None if unseen is None else unseen[fit_idx]
+    prior = _best_fixed(*args)[0]  # the fits start at (and are regularised toward) the best constant λ
+
+    def fit(chosen, kind_):
+        return _fit_lambda(xf, *args, names, chosen, kind_, hidden, seed, l2, iters, fit_unseen, bound, prior)
 
     def val(chosen, kind_):
-        net, m, s = _fit_lambda(xf, *args, names, chosen, kind_, hidden, seed, l2, iters, fit_unseen, bound)
-        return _eval_nll(net, m, s, xv, *vargs, names, chosen)
+        return _eval_nll(*fit(chosen, kind_), xv, *vargs, names, chosen)
 
     report: dict = {"self_tuned": data.self_tuned, "tokens": int(data.lp_lm.shape[0]),
                     "tokens_with_neighbours": int(rows.sum()),
@@ -489,9 +524,8 @@ def _fit_gate(data, identity, k, temperature, kind, hidden, seed, l2, iters, sel
                     "in-sample", "nll_per_token": {}}
     nll = report["nll_per_token"]
     nll["base_lm"] = float(-vargs[0].mean())
-    best_fixed = min(((lam, float(-mix(vargs[0], vargs[1], lam).mean())) for lam in np.linspace(0.05, 0.95, 19)),
-                     key=lambda t: t[1])
-    nll["best_fixed_lambda"] = {"lambda": round(float(best_fixed[0]), 2), "nll": best_fixed[1]}
+    best_fixed = _best_fixed(*vargs)
+    nll["best_fixed_lambda"] = {"lambda": best_fixed[0], "nll": best_fixed[1]}
     nll["linear_all"] = val(names, "linear")
     nll["mlp_all"] = val(names, "mlp")
     if kind == "auto":
@@ -509,14 +543,14 @@ def _fit_gate(data, identity, k, temperature, kind, hidden, seed, l2, iters, sel
             chosen.remove(f)
             current = v
     report.update(kind=kind, features=chosen, validation_nll=current)
-    net, mean, std = _fit_lambda(x, lp_lm, lp_knn, names, chosen, kind, hidden, seed, l2, iters, unseen, bound)
+    net, mean, std = _fit_lambda(x, lp_lm, lp_knn, names, chosen, kind, hidden, seed, l2, iters, unseen, bound,
+                                 _best_fixed(lp_lm, lp_knn)[0])
+    held_net = None  # the λ gate of the held-out checks (fitted without the held-out documents)
     if bound is None and bool(held.any()) and current >= best_fixed[1]:
         # never worse than a fixed λ: on the held-out tuning documents the gate did not beat the best
         # fixed λ, so the datastore keeps that λ (a constant gate: zero weights, bias logit(λ))
-        lam0 = float(best_fixed[0])
-        net = _new_net("linear", len(chosen), hidden, torch.Generator().manual_seed(seed))
-        net["b"] = torch.tensor(math.log(lam0 / (1 - lam0)), dtype=torch.float64)
-        report["fallback"] = {"fixed_lambda": round(lam0, 2), "validation_nll_gate": current,
+        net = held_net = _constant_net(len(chosen), best_fixed[0])
+        report["fallback"] = {"fixed_lambda": best_fixed[0], "validation_nll_gate": current,
                               "validation_nll_fixed": best_fixed[1]}
         report["kind"] = "fixed"
     if data.seen is not None:
@@ -528,26 +562,96 @@ def _fit_gate(data, identity, k, temperature, kind, hidden, seed, l2, iters, sel
     gate = Gate(identity=identity, k=k, temperature=temperature, features=chosen, mean=mean, std=std, net=net,
                 tuned_on=data.documents, report=report)
     _fit_retrieval(gate, data, hidden, seed, l2, iters)
+    if held_net is None:
+        held_net = fit(chosen, kind)
+    else:
+        held_net = (held_net, mean, std)
+    _retrieval_floor(gate, data, held_docs, held_net, best_fixed[0], hidden, seed, l2, iters)
     return gate
+
+
+LAMBDA_GRID = tuple(round(float(x), 2) for x in np.linspace(0.05, 0.95, 19))  # the fixed λs a gate is held against
+FRACTION_GRID = tuple(round(float(x), 2) for x in np.linspace(0.05, 1.0, 20))  # the retrieval floor's candidates
+
+
+def _best_fixed(lp_lm: torch.Tensor, lp_knn: torch.Tensor) -> tuple[float, float]:
+    """(λ, NLL per token) of the best fixed λ of ``LAMBDA_GRID`` on these tokens."""
+    return min(((lam, float(-mix(lp_lm, lp_knn, lam).mean())) for lam in LAMBDA_GRID), key=lambda t: t[1])
+
+
+def _constant_net(n_features: int, lam: float) -> dict:
+    """A λ gate that is the fixed ``lam`` whatever its input."""
+    return _new_net("linear", n_features, 0, torch.Generator(), _logit(lam))
+
+
+def _token_lambda(net: dict, mean, std, features: Sequence[str], data: TuneData) -> torch.Tensor:
+    """λ(x) (N,) of every tuning token under a λ gate (0 where a token has no neighbour)."""
+    with torch.no_grad():
+        s = _forward(net, Gate._z(data.x, FEATURES, features, mean, std))
+    return torch.where(data.has, torch.sigmoid(s), torch.zeros_like(s)).float()
+
+
+def _gain(lp_lm: torch.Tensor, lp_knn: torch.Tensor, lam: torch.Tensor) -> torch.Tensor:
+    """log p_mix(y) - log p_lm(y) (N,) float64 under per-token ``lam`` (0 without neighbours)."""
+    return (mix(lp_lm, lp_knn, lam) - lp_lm).double()
+
+
+def _retrieval_floor(gate: Gate, data: TuneData, held_docs: list[int], held_net: tuple, fixed: float,
+                     hidden: int, seed: int, l2: float, iters: int) -> None:
+    """The smallest searched fraction F (``FRACTION_GRID``) at which the retrieval gate loses nothing
+    to the best fixed λ ``fixed`` with every token searched, measured on the held-out tuning
+    documents with a λ gate and a retrieval gate fitted without them (in-sample when there are no
+    held-out documents): ``gate.min_fraction``. A run asking for less searches that much."""
+    held = torch.isin(data.doc, torch.tensor(held_docs, dtype=data.doc.dtype))
+    if not bool(held.any()) or not bool((~held).any()):
+        held = fit = torch.ones_like(data.has)
+    else:
+        fit = ~held
+    net, mean, std = held_net
+    gain = _gain(data.lp_lm, data.lp_knn, _token_lambda(net, mean, std, gate.features, data))  # (N,)
+    pre, pmean, pstd = _retrieval_net(data.lm[fit], gain[fit], hidden, seed, l2, iters)
+    with torch.no_grad():
+        score_fit = _forward(pre, (data.lm[fit, :NL].double() - pmean) / pstd)
+        score = _forward(pre, (data.lm[held, :NL].double() - pmean) / pstd)  # (H,)
+    levels = np.quantile(score_fit.numpy(), np.linspace(0, 1, QUANTILES))
+    q = np.linspace(0.0, 1.0, QUANTILES)
+    g = gain[held]
+    lam_fixed = torch.where(data.has[held], torch.tensor(fixed), torch.tensor(0.0))
+    fixed_gain = float(_gain(data.lp_lm[held], data.lp_knn[held], lam_fixed).mean())
+    curve = {}
+    for f in FRACTION_GRID:
+        thr = float(np.interp(1.0 - f, q, levels))
+        curve[f] = float(torch.where(score >= thr, g, torch.zeros_like(g)).mean())  # mean gain over the LM
+    floor = next((f for f in FRACTION_GRID if curve[f] >= fixed_gain), 1.0)
+    base = float(-data.lp_lm[held].double().mean())
+    gate.min_fraction = floor
+    gate.report["retrieval_gate"].update(
+        min_fraction=floor, held_out_tokens=int(held.sum()),
+        held_out_nll_fixed_full_search={"lambda": fixed, "nll": base - fixed_gain},
+        held_out_nll_by_fraction={str(f): base - v for f, v in curve.items()})
+
+
+def _retrieval_net(lm: torch.Tensor, gain: torch.Tensor, hidden: int, seed: int, l2: float,
+                   iters: int) -> tuple[dict, torch.Tensor, torch.Tensor]:
+    """The retrieval gate's regression: LM features (N, NL + 1) -> predicted gain (N,) float64;
+    returns (net, mean, std) of the standardisation."""
+    xs = lm[:, :NL].double()
+    mean, std = _standardise(xs)
+
+    def mse(pred):
+        return ((pred - gain) ** 2).mean()
+
+    net = _train(_new_net("mlp", NL, hidden, torch.Generator().manual_seed(seed)), mse, (xs - mean) / std, l2=l2,
+                 iters=iters)
+    return net, mean, std
 
 
 def _fit_retrieval(gate: Gate, data: TuneData, hidden: int, seed: int, l2: float, iters: int) -> None:
     """The retrieval gate: predicted gain of searching from the LM features (all tuning tokens,
     those without neighbours included: their gain is 0)."""
-    with torch.no_grad():
-        x = torch.cat([data.lm[:, :NL], data.knn], dim=-1)
-        kf = _forward(gate.net, Gate._z(x, FEATURES, gate.features, gate.mean, gate.std))
-        lam = torch.where(data.has, torch.sigmoid(kf), torch.zeros_like(kf))
-        gain = (mix(data.lp_lm, data.lp_knn, lam.float()) - data.lp_lm).double()  # (N,)
+    gain = _gain(data.lp_lm, data.lp_knn, _token_lambda(gate.net, gate.mean, gate.std, gate.features, data))  # (N,)
+    net, mean, std = _retrieval_net(data.lm, gain, hidden, seed, l2, iters)
     xs = data.lm[:, :NL].double()
-    mean, std = _standardise(xs)  # the regression is fitted on every tuning token
-    gen = torch.Generator().manual_seed(seed)
-    target = gain
-
-    def mse(pred):
-        return ((pred - target) ** 2).mean()
-
-    net = _train(_new_net("mlp", NL, hidden, gen), mse, (xs - mean) / std, l2=l2, iters=iters)
     with torch.no_grad():
         score = _forward(net, (xs - mean) / std)
     gate.pre_net, gate.pre_mean, gate.pre_std = net, mean, std

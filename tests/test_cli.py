@@ -221,11 +221,11 @@ def test_info_json_is_the_header(capsys, cli_store, tmp_path):
 
 
 def test_demo_on_a_tiny_model(capsys, tiny_model_dir, tmp_path):
-    """`knnlm demo` end to end (stdlib train split -> datastore, tune split -> gate, held-out split
-    -> perplexities with the adaptive lambda first), and a rerun reuses the datastore and its gate
-    and prints the same numbers."""
+    """`knnlm demo` end to end on the default path (stdlib train split -> datastore -> a gate tuned
+    on its own documents, no tuning text -> held-out perplexities with eval's default, the adaptive
+    lambda, first), and a rerun reuses the datastore and its gate and prints the same numbers."""
     out = tmp_path / "demo"
-    argv = ["demo", "--model", tiny_model_dir, "--tokens", 3000, "--eval-tokens", 500, "--tune-tokens", 1000,
+    argv = ["demo", "--model", tiny_model_dir, "--tokens", 130000, "--eval-tokens", 500, "--tune-tokens", 1000,
             "--out", out, "--quiet"]
     code, stdout, err = _run(capsys, *argv)
     assert code == 0, err
@@ -235,15 +235,21 @@ def test_demo_on_a_tiny_model(capsys, tiny_model_dir, tmp_path):
     assert math.isfinite(base) and math.isfinite(knn) and base > 1 and knn > 1 and base != knn
     open_datastore(out)
     h = json.loads((out / "header.json").read_text())
-    assert int(h["tokens"]) == 3000 and h["status"] == "complete"
+    assert int(h["tokens"]) == 130000 and h["status"] == "complete"
+    assert len(json.loads((out / "documents.json").read_text())) >= 10  # enough for build-index's self-tuning
     n_eval = int(re.search(r"tokens ([0-9,]+) in \d+ documents", stdout).group(1).replace(",", ""))
     assert 490 <= n_eval <= 500  # --eval-tokens 500: its targets were scored
     assert "lambda adaptive" in stdout and "held-out NLL" in stdout and (out / "gate.json").exists()
     assert h["gate"]["file"] == "gate.json"
+    gate = json.loads((out / "gate.json").read_text())
+    assert gate["report"]["self_tuned"]["exclusion"] == "document"  # its own documents, not the tune split
+    assert {d["name"] for d in gate["tuned_on"]} <= {d["name"] for d in json.loads(
+        (out / "documents.json").read_text())}
+    assert "knnlm eval's default (the self-tuned gate, no tuning text)" in stdout
     keys_before = (out / "keys.npy").read_bytes()
     code, stdout2, err = _run(capsys, *argv)
     assert code == 0, err
-    assert "reusing the gate" in stdout2
+    assert "keeps its gate" in stdout2
     assert re.search(r"perplexity\s+base LM ([0-9.]+)\s+kNN-LM ([0-9.]+)", stdout2).groups() == m.groups()
     assert (out / "keys.npy").read_bytes() == keys_before
 

@@ -147,3 +147,40 @@ def test_self_tuning_counts_a_document_as_held_out(store, tiny_tokenizer):
         assert np.array_equal(data.seen[rows].numpy(), want)
         unseen_somewhere |= bool((~want).any())
     assert unseen_somewhere  # the tiny corpus has tokens only one document holds
+
+
+def _curve_respects_the_floor(gate) -> None:
+    rg = gate.report["retrieval_gate"]
+    floor, curve = rg["min_fraction"], rg["held_out_nll_by_fraction"]
+    fixed = rg["held_out_nll_fixed_full_search"]["nll"]
+    assert gate.min_fraction == floor
+    assert curve[str(floor)] <= fixed
+    assert all(v > fixed for f, v in curve.items() if float(f) < floor)  # the smallest fraction that loses nothing
+
+
+def test_the_retrieval_gate_searches_at_least_the_fraction_that_loses_nothing_to_a_fixed_lambda():
+    # every token gains the same from retrieval and nothing before the search says otherwise:
+    # skipping any share of the searches loses to a fixed λ with full search, so the floor is 1
+    n_docs, per_doc = 10, 300
+    n = n_docs * per_doc
+    g = torch.Generator().manual_seed(1)
+    flat = TuneData(lm=torch.randn(n, NL + 1, generator=g), knn=torch.randn(n, len(FEATURES) - NL, generator=g),
+                    has=torch.ones(n, dtype=torch.bool), lp_lm=torch.full((n,), math.log(0.2)),
+                    lp_knn=torch.full((n,), math.log(0.9)), doc=torch.arange(n_docs).repeat_interleave(per_doc),
+                    documents=[{"name": f"d{i}", "sha256": f"{i:064x}", "tokens": per_doc} for i in range(n_docs)])
+    gate = fit_gate(flat, "x", 16, 1.0, kind="linear", select=False)
+    _curve_respects_the_floor(gate)
+    assert gate.min_fraction == 1.0
+    assert gate.fraction(0.3) == 1.0 and bool(gate.select(flat.lm[:50], 0.3).all())
+    # where the LM's own features tell which tokens retrieval helps (half of them), a smaller
+    # fraction loses nothing: the floor lies well below 1, and asking for more is honoured
+    useful = fit_gate(_synthetic(flip_held=False), "x", 16, 1.0, kind="linear", select=False)
+    _curve_respects_the_floor(useful)
+    assert useful.min_fraction <= 0.6
+    assert useful.fraction(0.8) == 0.8 and useful.fraction(None) == 1.0
+    assert useful.fraction(0.01) == useful.min_fraction
+    # the floor travels with the gate file
+    from knnlm.gate import Gate
+
+    again = Gate.from_json(useful.to_json(), "gate.json")
+    assert again.min_fraction == useful.min_fraction
