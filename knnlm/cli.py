@@ -97,6 +97,8 @@ examples:
   # the tuned gate (knnlm tune), searching at most half of the steps; RetoMaton-style pointers
   knnlm generate --datastore runs/stdlib --prompt 'import os' --lambda adaptive --retrieve-fraction 0.5
   knnlm generate --datastore runs/stdlib --prompt-file prompt.py --lambda 0.5 --pointers
+  # speculative decoding: drafts of up to 8 tokens from the datastore, the same greedy output, faster
+  knnlm generate --datastore runs/stdlib --prompt-file prompt.py --draft-tokens 8
 """
 
 TUNE_EXAMPLES = """\
@@ -253,6 +255,10 @@ def _add_generate_parser(sub) -> None:
     g.add_argument("--top-k", type=int, default=None, help="sample from the K most likely tokens (with --do-sample)")
     g.add_argument("--top-p", type=float, default=None, help="nucleus sampling mass in (0, 1] (with --do-sample)")
     g.add_argument("--num-beams", type=int, default=1, help="beam search with N beams (default: %(default)s)")
+    g.add_argument("--draft-tokens", type=int, default=0, metavar="N",
+                   help="speculative decoding: draft up to N tokens per step from the datastore (what followed the "
+                        "neighbour that chose the last token) and verify them in one forward pass; the output is "
+                        "the kNN-LM's (greedy or sampling; not with --num-beams or --pointers) (default: off)")
     g.add_argument("--seed", type=int, default=0, help="torch seed for sampling (default: %(default)s)")
     g = p.add_argument_group("output")
     g.add_argument("--show-neighbours", type=int, default=0, metavar="N",
@@ -685,6 +691,10 @@ def _check_generate_args(args) -> None:
         raise ConfigError(f"--top-k must be at least 1, got {args.top_k}")
     if args.top_p is not None and not 0.0 < args.top_p <= 1.0:
         raise ConfigError(f"--top-p must be in (0, 1], got {args.top_p}")
+    if args.draft_tokens:
+        from knnlm.generate import check_drafting
+
+        check_drafting(args.draft_tokens, pointers=args.pointers, num_beams=args.num_beams)
 
 
 def _escape(text: str) -> str:
@@ -729,7 +739,7 @@ def cmd_generate(args) -> int:
     torch.manual_seed(args.seed)
     t0 = time.time()
     try:
-        out = knn.generate(enc["input_ids"], processor=proc, **kw)
+        out = knn.generate(enc["input_ids"], processor=proc, draft_tokens=args.draft_tokens, **kw)
     except KnnlmError:
         raise
     except ValueError as e:  # transformers' checks of the generation settings
@@ -738,7 +748,15 @@ def cmd_generate(args) -> int:
     seq = out if isinstance(out, torch.Tensor) else out.sequences
     new = seq[0, n_prompt:].tolist()
     print(tokenizer.decode(new, skip_special_tokens=True))
-    if args.retrieve_fraction is not None or args.pointers or args.settings.lam == "adaptive":
+    if args.draft_tokens:
+        from knnlm.generate import draft_summary
+
+        d = draft_summary(proc)
+        acc = "no draft" if d["acceptance"] is None else f"{100 * d['acceptance']:.0f}% of {d['drafted']} drafted"
+        print(f"\n[speculative: {d['tokens_per_forward']:.2f} tokens per model forward ({d['tokens']} in "
+              f"{d['forwards']}), accepted {acc}, {d['searches_per_token']:.2f} searches per token; "
+              f"{len(new) / max(wall, 1e-9):.1f} tok/s]")
+    elif args.retrieve_fraction is not None or args.pointers or args.settings.lam == "adaptive":
         st = proc.stats
         line = (f"\n[retrieval: searched {st['searched']} of {st['steps']} steps"
                 + (f", pointers {st['pointed']}; prompt tracking searched {st['prompt_searched']} of "

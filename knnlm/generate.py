@@ -39,13 +39,14 @@ import math
 
 import torch
 from transformers import LogitsProcessor, LogitsProcessorList
+from transformers.generation.candidate_generator import CandidateGenerator
 
 from knnlm.errors import GenerateError
 from knnlm.retrieval import one_thread
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["KNNLogitsProcessor", "GenerateError", "generate"]
+__all__ = ["KNNLogitsProcessor", "DatastoreDrafter", "GenerateError", "check_drafting", "draft_summary", "generate"]
 
 # generate() kwargs that run the model more than once per processor call (or not at all)
 _UNSUPPORTED = {
@@ -82,6 +83,9 @@ class KNNLogitsProcessor(LogitsProcessor):
         self.stats = {"steps": 0, "searched": 0, "pointed": 0, "prompt_steps": 0, "prompt_searched": 0}
         self._pending = None  # the last step (``Step``), for the pointers of the next one
         self._lookup = None  # knnlm.retrieval.Lookup: the per-row retrieval decision (made on the first step)
+        self.drafter: DatastoreDrafter | None = None  # speculative decoding: drafts verified in one forward pass
+        self.steps: dict[int, object] = {}  # speculative: each verified position's ``Step``, by input length
+        self._verified: dict[int, object] = {}  # speculative: drafted positions searched, not yet scored
 
     # ---- the key hook -------------------------------------------------------------------------
     def __enter__(self) -> KNNLogitsProcessor:
@@ -91,7 +95,7 @@ class KNNLogitsProcessor(LogitsProcessor):
             raise GenerateError("this KNNLogitsProcessor is already in use; create one per generate() call")
         self.records, self.key_lengths = [], []
         self.stats = dict.fromkeys(self.stats, 0)
-        self._pending, self._lookup = None, None
+        self._pending, self._lookup, self.steps, self._verified = None, None, {}, {}
         self._ctx = capture_keys(self.knnlm.model, self.knnlm.key_layer)
         self._cap = self._ctx.__enter__()
         return self
@@ -108,6 +112,8 @@ class KNNLogitsProcessor(LogitsProcessor):
                                 "`with KNNLogitsProcessor(knn) as proc: model.generate(..., logits_processor=[proc])` "
                                 "or call KNNLM.generate")
         keys, self._cap.keys = self._cap.keys, None
+        if keys is None and self.drafter is not None and input_ids.shape[1] in self._verified:
+            return self._finish(input_ids, scores, self._verified.pop(input_ids.shape[1]))  # a drafted position
         if keys is None:
             raise GenerateError(
                 "no key hidden state was captured since the previous decoding step: kNN-LM generation "
@@ -129,14 +135,40 @@ class KNNLogitsProcessor(LogitsProcessor):
             raise GenerateError(f"the scores have {scores.shape[-1]} columns but the datastore's model has a "
                                 f"vocabulary of {self._vocab}; use the model the datastore was built with")
         self.key_lengths.append(int(keys.shape[1]))
-        query = keys[:, -1, :]  # (rows, D): the position whose next token is being chosen
         if self._lookup is None:
             self._start(keys, input_ids)
         elif self._pending is not None:
             self._lookup.advance(self._pending, input_ids[:, -1])
-        out = self._mix(query, scores)
+        drafted = 0
+        if self.drafter is not None:
+            drafted, self.steps = self.drafter.drafted, {}  # a new forward: the previous one's positions are done
+        if drafted:  # this forward verified a draft: every position's neighbours from one batched search
+            return self._finish(input_ids, scores, self._search_draft(keys[:, -drafted - 1:, :], input_ids.shape[1]))
+        return self._finish(input_ids, scores, None, keys[:, -1, :])  # (rows, D): the position being predicted
+
+    def _finish(self, input_ids, scores, searched, query=None) -> torch.Tensor:
+        """The kNN-LM scores of one position: its neighbours ``searched`` already (a drafted
+        position) or searched now for ``query``."""
+        out = self._mix(query, scores, searched)
+        if self.drafter is not None:
+            self.steps[input_ids.shape[1]] = self._pending  # what the drafter continues from
         banned = torch.isneginf(scores)  # bans set by processors that ran before this one
         return out.masked_fill(banned, -math.inf) if bool(banned.any()) else out
+
+    def _search_draft(self, queries: torch.Tensor, first: int):
+        """queries (1, P, D) of the P positions one forward pass verified (the last accepted token
+        and the draft) -> the first position's ``Step``; the others wait in ``_verified`` by input
+        length, for the calls transformers makes position by position. The retrieval gate, which
+        needs each position's LM features, is applied as each position is scored."""
+        from knnlm.retrieval import Step
+
+        p = queries.shape[1]
+        with one_thread():
+            st = self._lookup.neighbours(queries[0], gated=False)  # (P, k): one search for every position
+        self.stats["searched"] += int(st.searched.sum())
+        rows = [Step(*(x[i:i + 1] for x in st)) for i in range(p)]
+        self._verified = {first + i: rows[i] for i in range(1, p)}
+        return rows[0]
 
     def _start(self, keys: torch.Tensor, input_ids: torch.Tensor) -> None:
         """The first step: the lookup for these rows and, with pointers, the prompt tracked position
@@ -161,12 +193,15 @@ class KNNLogitsProcessor(LogitsProcessor):
                 lookup.advance(st, input_ids[idx, t + 1], rows=idx)
                 lookup.reset(~real)
 
-    def _mix(self, query: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+    def _mix(self, query: torch.Tensor | None, scores: torch.Tensor, searched=None) -> torch.Tensor:
         knn = self.knnlm
         self.stats["steps"] += scores.shape[0]
         feats = knn.lm_features(scores) if knn.needs_lm_features() else None
-        st = self._lookup.neighbours(query, feats)
-        self.stats["searched"] += int(st.searched.sum())
+        if searched is None:
+            st = self._lookup.neighbours(query, feats)
+            self.stats["searched"] += int(st.searched.sum())
+        else:  # searched with the other positions of a draft (counted there)
+            st = self._lookup.apply_gate(searched, feats)
         self.stats["pointed"] += int(st.pointed.sum())
         self._pending = st
         if len(self.records) < self.record:
@@ -174,13 +209,189 @@ class KNNLogitsProcessor(LogitsProcessor):
         return knn.mix_rows(scores, st, feats)
 
 
+class DatastoreDrafter(CandidateGenerator):
+    """Drafts tokens from the datastore for transformers' assisted decoding (speculative decoding,
+    as REST, He et al. 2023, and NEST, Li et al. 2024, do from a retrieval corpus).
+
+    The draft is what followed, in the corpus, the nearest neighbour of the last decoding step
+    whose value is the token just chosen (``Retriever.continuation``: up to the current draft
+    length, never past its document). The model runs once over the draft; ``KNNLogitsProcessor``
+    scores every drafted position with the kNN-LM mixture from one batched search; transformers
+    keeps the longest prefix the kNN-LM itself produces (greedy: its argmax at each position;
+    sampling: a token drawn from it at each position, kept while it equals the draft -- for a
+    deterministic draft that is the speculative-sampling rule, so the output distribution is the
+    kNN-LM's) and the kNN-LM's own token after it.
+
+    Back-off, so that text unlike the datastore pays little: the draft length starts at
+    ``draft_tokens``; a fully accepted draft doubles it (up to ``draft_tokens``), a partly
+    accepted one sets it to the accepted length + 1; after ``MISSES`` drafts in a row of which
+    nothing was accepted, drafting pauses for ``FIRST_PAUSE`` steps, a pause that doubles (up to
+    ``MAX_PAUSE``) while the drafts after it keep failing.
+
+    ``stats``: ``forwards`` (model forward passes), ``tokens`` (tokens they produced), ``drafts``,
+    ``drafted``, ``accepted`` (draft tokens kept).
+    """
+
+    MISSES = 2
+    FIRST_PAUSE = 4
+    MAX_PAUSE = 64
+
+    def __init__(self, processor: KNNLogitsProcessor, draft_tokens: int, max_length: int):
+        self.proc, self.max_draft, self.max_length = processor, int(draft_tokens), int(max_length)
+        self.length = self.max_draft  # the current draft length
+        self.drafted = 0  # tokens drafted for the forward pass under way
+        self.misses, self.pause, self.next_pause = 0, 0, self.FIRST_PAUSE
+        self.stats = {"forwards": 0, "tokens": 0, "drafts": 0, "drafted": 0, "accepted": 0}
+
+    @property
+    def num_drafting_tokens(self) -> int:
+        """The most tokens drafted per step (transformers sizes the states it keeps for rollback by it)."""
+        return self.max_draft
+
+    def get_candidates(self, input_ids: torch.LongTensor, **kwargs) -> tuple[torch.LongTensor, None]:
+        self.drafted = 0
+        n = min(self.length, self.max_length - input_ids.shape[1] - 1)  # the model adds one token itself
+        step = self.proc.steps.get(input_ids.shape[1] - 1)  # the neighbours that chose the last token
+        if self.pause > 0:
+            self.pause -= 1
+            return input_ids, None
+        if step is None or n <= 0:
+            return input_ids, None
+        ids, values = step.ids[0], step.values[0]  # (k,) ascending distance
+        hit = ((ids >= 0) & (values == input_ids[0, -1].to(values.device))).nonzero()
+        if not hit.numel():
+            return input_ids, None
+        draft = self.proc.knnlm.retriever.continuation(int(ids[hit[0, 0]]), n)  # (m,)
+        if not draft.numel():
+            return input_ids, None
+        self.drafted = int(draft.numel())
+        return torch.cat([input_ids, draft.to(input_ids.device)[None]], dim=1), None
+
+    def update_candidate_strategy(self, input_ids: torch.LongTensor, scores: torch.Tensor, num_matches: int):
+        st = self.stats
+        st["forwards"] += 1
+        st["tokens"] += int(num_matches) + 1
+        if not self.drafted:
+            return
+        kept = min(int(num_matches), self.drafted)
+        st["drafts"] += 1
+        st["drafted"] += self.drafted
+        st["accepted"] += kept
+        if kept == self.drafted:
+            self.length = min(self.max_draft, 2 * self.length)
+        else:
+            self.length = kept + 1
+        if kept:
+            self.misses, self.next_pause = 0, self.FIRST_PAUSE
+            return
+        self.misses += 1
+        if self.misses >= self.MISSES:  # drafts keep failing: stop drafting for a while
+            self.pause, self.misses = self.next_pause, 0
+            self.next_pause = min(2 * self.next_pause, self.MAX_PAUSE)
+
+
+def draft_summary(proc: KNNLogitsProcessor) -> dict:
+    """What speculative decoding did in ``proc``'s last generate call: tokens per model forward,
+    acceptance rate (draft tokens kept / drafted), searches per generated token, and the counts."""
+    d = proc.drafter.stats
+    return {**d, "searches": proc.stats["searched"],
+            "tokens_per_forward": d["tokens"] / max(d["forwards"], 1),
+            "acceptance": d["accepted"] / d["drafted"] if d["drafted"] else None,
+            "searches_per_token": proc.stats["searched"] / max(d["tokens"], 1)}
+
+
+def check_drafting(draft_tokens, *, pointers: bool = False, num_beams: int | None = 1,
+                   num_return_sequences: int | None = 1) -> None:
+    """Refuse what speculative decoding cannot do losslessly, in one line each, before generating."""
+    if isinstance(draft_tokens, bool) or not isinstance(draft_tokens, int) or draft_tokens < 0:
+        raise GenerateError(f"`draft_tokens` must be an integer >= 0, got {draft_tokens!r}", param="draft_tokens")
+    if (num_beams or 1) > 1:
+        raise GenerateError("`draft_tokens` (speculative decoding) keeps the kNN-LM's output only for greedy search "
+                            "and sampling; beam search is not supported: drop num_beams or draft_tokens",
+                            param="draft_tokens")
+    if (num_return_sequences or 1) > 1:
+        raise GenerateError("`draft_tokens` generates one sequence per prompt: drop num_return_sequences",
+                            param="draft_tokens")
+    if pointers:
+        raise GenerateError("`draft_tokens` with `pointers` is not supported (a rejected draft would have to roll "
+                            "the pointers back): use one of them", param="draft_tokens")
+
+
+def _run(knnlm, inputs, proc, procs, draft_tokens, kwargs):
+    """One ``model.generate`` call inside ``proc``'s key hook; with ``draft_tokens``, transformers'
+    assisted decoding over a ``DatastoreDrafter``. transformers (5.x) has no public way to pass a
+    ``CandidateGenerator`` to ``generate``: its prompt-lookup option selects assisted decoding, and
+    the model's ``_get_candidate_generator`` is replaced, for this call only, by one returning the
+    drafter. (Assisted decoding takes one sequence at a time: ``generate`` runs a batch row by row.)"""
+    model = knnlm.model
+    if not draft_tokens:
+        with proc:
+            return model.generate(inputs, logits_processor=procs, **kwargs)
+    if not hasattr(model, "_get_candidate_generator"):
+        import transformers
+
+        raise GenerateError(f"`draft_tokens` needs transformers' assisted decoding (`_get_candidate_generator`), "
+                            f"which transformers {transformers.__version__} lacks", param="draft_tokens")
+
+    def candidate_generator(generation_config, **_):
+        proc.drafter = DatastoreDrafter(proc, draft_tokens, generation_config.max_length)
+        return proc.drafter
+
+    model._get_candidate_generator = candidate_generator  # an instance attribute over the method
+    try:
+        with proc:
+            return model.generate(inputs, logits_processor=procs, prompt_lookup_num_tokens=draft_tokens, **kwargs)
+    finally:
+        del model._get_candidate_generator
+
+
+def _each_row(knnlm, ids, proc, procs, draft_tokens, kwargs):
+    """Speculative decoding of a left-padded batch, one prompt at a time (transformers' assisted
+    decoding takes one sequence), returned as ``model.generate`` would: the prompts with their
+    padding, then the new tokens, finished rows padded with ``pad_token_id``."""
+    for name in ("return_dict_in_generate", "streamer"):
+        if kwargs.get(name):
+            raise GenerateError(f"`draft_tokens` with a batch of {ids.shape[0]} prompts does not support {name}: "
+                                "generate one prompt at a time", param="draft_tokens")
+    mask = kwargs.pop("attention_mask", None)
+    mask = torch.ones_like(ids) if mask is None else mask.to(ids.device).long()
+    real = mask.sum(1)  # (B,)
+    if not bool((mask == (torch.arange(ids.shape[1], device=ids.device) >= ids.shape[1] - real[:, None])).all()):
+        raise GenerateError("`draft_tokens` with a batch needs left padding (tokenizer.padding_side = 'left')",
+                            param="draft_tokens")
+    cfg = knnlm.model.generation_config
+    pad = kwargs.get("pad_token_id", cfg.pad_token_id)
+    if pad is None:
+        eos = cfg.eos_token_id
+        pad = (eos[0] if isinstance(eos, (list, tuple)) else eos) if eos is not None else 0
+    rows, stats, draft = [], dict.fromkeys(proc.stats, 0), None
+    for b in range(ids.shape[0]):
+        n = int(real[b])
+        kw = dict(kwargs, attention_mask=torch.ones(1, n, dtype=torch.long, device=ids.device))
+        if kw.get("max_length") is not None:
+            kw["max_length"] -= ids.shape[1] - n  # the row's share of the padded length
+        out = _run(knnlm, ids[b:b + 1, ids.shape[1] - n:], proc, procs, draft_tokens, kw)
+        rows.append(torch.cat([ids[b], out[0, n:]]))
+        stats = {k: stats[k] + proc.stats[k] for k in stats}
+        draft = proc.drafter.stats if draft is None else {k: draft[k] + proc.drafter.stats[k] for k in draft}
+    proc.stats, proc.drafter.stats = stats, draft
+    width = max(r.numel() for r in rows)
+    return torch.stack([torch.cat([r, r.new_full((width - r.numel(),), pad)]) for r in rows])
+
+
 def generate(knnlm, inputs: torch.Tensor | None = None, *, logits_processor=None,
-             processor: KNNLogitsProcessor | None = None, **kwargs):
+             processor: KNNLogitsProcessor | None = None, draft_tokens: int = 0, **kwargs):
     """``model.generate`` with the kNN-LM mixture: same keyword arguments, same return types.
 
     ``processor``: a (not yet entered) ``KNNLogitsProcessor`` of ``knnlm`` to use, e.g. one made
     with ``record=N`` to inspect the neighbours afterwards. Other processors passed as
     ``logits_processor`` run after it.
+
+    ``draft_tokens`` N > 0: speculative decoding from the datastore (``DatastoreDrafter``): up to
+    N tokens drafted per step and verified in one forward pass; the output is the kNN-LM's
+    (greedy: the same tokens up to floating-point ties; sampling: the same distribution).
+    ``draft_summary(processor)`` reports tokens per forward, acceptance and searches per token.
+    Greedy search or sampling only, no pointers.
     """
     for name, what in _UNSUPPORTED.items():
         if kwargs.get(name) is not None:
@@ -189,11 +400,18 @@ def generate(knnlm, inputs: torch.Tensor | None = None, *, logits_processor=None
     proc = processor if processor is not None else KNNLogitsProcessor(knnlm)
     if proc.knnlm is not knnlm:
         raise GenerateError("the processor belongs to another KNNLM object")
+    if draft_tokens:
+        check_drafting(draft_tokens, pointers=knnlm.pointers, num_beams=kwargs.get("num_beams"),
+                       num_return_sequences=kwargs.get("num_return_sequences"))
     if getattr(knnlm, "pointers", False) and (kwargs.get("num_beams") or 1) > 1:
         raise GenerateError("`pointers` follow one sequence per row; beam search reorders rows between steps: "
                             "use greedy search or sampling with pointers", param="pointers")
     proc.attention_mask = kwargs.get("attention_mask")
     procs = LogitsProcessorList([proc])
     procs.extend(logits_processor or [])
-    with proc:
-        return knnlm.model.generate(inputs, logits_processor=procs, **kwargs)
+    if draft_tokens:
+        ids = inputs if inputs is not None else kwargs.pop("input_ids", None)
+        if ids is not None and ids.dim() == 2 and ids.shape[0] > 1:
+            return _each_row(knnlm, ids, proc, procs, draft_tokens, kwargs)
+        inputs = ids
+    return _run(knnlm, inputs, proc, procs, draft_tokens, kwargs)

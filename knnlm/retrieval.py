@@ -121,6 +121,22 @@ class Lookup:
         return self.retriever.step(query, self.k, pointers=pointers, min_pointers=self.min_pointers, allow=allow,
                                    exclude=exclude)
 
+    def apply_gate(self, step: Step, lm_feats: torch.Tensor | None) -> Step:
+        """``step`` searched with ``gated=False``, the retrieval gate's decision taken afterwards,
+        once the LM features are known (positions verified together, e.g. a speculative draft):
+        rows the gate would not have searched lose their neighbours, as ``neighbours`` would have
+        given them. The same step when there is no retrieval fraction."""
+        if self.fraction is None or self.skip:
+            return step
+        allow = self.gate.select(lm_feats, self.fraction).to(step.ids.device)  # (Q,)
+        if bool(allow.all()):
+            return step
+        keep = allow[:, None]
+        return Step(torch.where(keep, step.dists, torch.full_like(step.dists, math.inf)),
+                    torch.where(keep, step.values, torch.zeros_like(step.values)),
+                    torch.where(keep, step.ids, torch.full_like(step.ids, -1)), step.searched & allow,
+                    step.pointed & allow)
+
     def advance(self, step: Step, next_tokens: torch.Tensor, rows: torch.Tensor | None = None) -> None:
         """The pointers of the next step: the neighbours of ``step`` whose value was ``next_tokens``
         (Q,), for the sequences ``rows`` (default: all, in order). No-op without pointers."""
@@ -179,6 +195,15 @@ class Retriever:
         hit = (ids_c >= 0) & (values.cpu() == target.cpu().long()[:, None])
         hit &= self.has_next[ids_c.clamp(min=0)]
         return torch.where(hit, ids_c + 1, torch.full_like(ids_c, -1)).to(dev)
+
+    def continuation(self, row: int, n: int) -> torch.Tensor:
+        """The next-token values of up to ``n`` rows after ``row`` in its document (m,) int64, m <= n:
+        the text that followed the neighbour ``row`` in the corpus."""
+        if n <= 0 or row < 0:
+            return torch.zeros(0, dtype=torch.int64)
+        nxt = self.has_next[row: row + n]  # row + i + 1 is in row's document while these hold
+        m = int(torch.cumprod(nxt.long(), 0).sum()) if nxt.numel() else 0
+        return self._values[row + 1: row + 1 + m].clone()
 
     def candidates(self, queries: torch.Tensor, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Score given candidate rows (Q, K) (-1: none) like search results: exact squared L2 from
