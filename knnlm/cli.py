@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import os
@@ -471,20 +472,9 @@ def cmd_build_index(args) -> int:
     check_out(args.out, resume=cfg.resume, overwrite=cfg.overwrite)
 
     from knnlm.build import build_datastore
-    from knnlm.distributed import agree, init_world, shutdown
+    from knnlm.distributed import shutdown
 
-    device = args.device
-    if world.distributed:
-        import torch
-
-        if device in ("auto", "cuda") and torch.cuda.is_available():
-            device = f"cuda:{world.local_rank}"  # one GPU per rank
-        world = init_world(device)
-        if not world.main:
-            logging.getLogger().setLevel(logging.WARNING)
-        # every rank must build the same thing: compare the arguments before loading the model
-        agree(world, {**{k: v for k, v in vars(args).items() if k not in ("func", "data", "quiet")},
-                      "data": [s.to_json() for s in sources]})
+    world, device = _join(args, sources)  # every rank must build the same thing
     try:
         model, tokenizer = _load(args, device=device)
         ds = build_datastore(model, tokenizer, sources, args.out, cfg, world=world)
@@ -493,6 +483,30 @@ def cmd_build_index(args) -> int:
     if world.main:
         print(_summary(ds.path, ds.header))
     return 0
+
+
+DISTRIBUTED_COMMANDS = ("build-index", "eval", "tune")  # the subcommands that run over torchrun ranks
+
+
+def _join(args, sources):
+    """``(world, device)`` of this process: under torchrun, join the process group (one GPU per
+    rank by ``LOCAL_RANK``), keep INFO lines to rank 0, and refuse ranks started with other
+    arguments (``sources``: the resolved ``--data``, or None), before any model loads."""
+    from knnlm.distributed import agree, init_world, world_from_env
+
+    world, device = world_from_env(), args.device
+    if not world.distributed:
+        return world, device
+    import torch
+
+    if device in ("auto", "cuda") and torch.cuda.is_available():
+        device = f"cuda:{world.local_rank}"  # one GPU per rank
+    world = init_world(device)
+    if not world.main:
+        logging.getLogger().setLevel(logging.WARNING)
+    agree(world, {**{k: v for k, v in vars(args).items() if k not in ("func", "data", "quiet")},
+                  "data": None if sources is None else [s.to_json() for s in sources]})
+    return world, device
 
 
 def _numbers(text: str, what: str, kind=float) -> list:
@@ -589,13 +603,23 @@ def cmd_eval(args) -> int:
     from knnlm.retrieval import resolve_k
 
     kmax = max(resolve_k(k, len(ds), param="ks") for k in cfg.ks)
-    if default_lambda:
+    from knnlm.distributed import shutdown
+
+    world, device = _join(args, sources)
+    if not world.main:
+        cfg = dataclasses.replace(cfg, progress=False)
+    if default_lambda and world.main:
         logging.getLogger("knnlm.cli").info(
             "lambda %s: %s", args.lambdas, "the datastore's tuned gate (--lambda 0.25 for the fixed mixture)"
             if args.lambdas == "adaptive" else "the datastore has no gate (`knnlm tune` fits one)")
-    model, tokenizer = _load(args, ds)
-    knn = KNNLM(model, ds, tokenizer, settings, gate=gate, k=kmax)
-    res = knn.evaluate(sources, **{f: getattr(cfg, f) for f in cfg.__dataclass_fields__})
+    try:
+        model, tokenizer = _load(args, ds, device=device)
+        knn = KNNLM(model, ds, tokenizer, settings, gate=gate, k=kmax)
+        res = knn.evaluate(sources, world=world, **{f: getattr(cfg, f) for f in cfg.__dataclass_fields__})
+    finally:
+        shutdown(world)
+    if not world.main:
+        return 0
     print(format_results(res))
     if args.output:
         write_json_atomic(args.output, res)
@@ -620,13 +644,20 @@ def cmd_tune(args) -> int:
                                   text_field=args.text_field)
         check_outside_datastore(ds, _documents(sources, args.text_field))  # before the model
 
+    from knnlm.distributed import shutdown
     from knnlm.model import KNNLM
 
-    model, tokenizer = _load(args, ds)
-    knn = KNNLM(model, ds, tokenizer, settings)
-    gate = knn.tune(sources, out=args.out, max_tokens=args.max_tokens, seed=args.seed, kind=args.kind,
-                    batch_size=args.batch_size, progress=not args.quiet, max_unseen_loss=args.max_unseen_loss,
-                    keep_unseen=args.keep_unseen)
+    world, device = _join(args, sources)
+    try:
+        model, tokenizer = _load(args, ds, device=device)
+        knn = KNNLM(model, ds, tokenizer, settings)
+        gate = knn.tune(sources, out=args.out, max_tokens=args.max_tokens, seed=args.seed, kind=args.kind,
+                        batch_size=args.batch_size, progress=not args.quiet and world.main,
+                        max_unseen_loss=args.max_unseen_loss, keep_unseen=args.keep_unseen, world=world)
+    finally:
+        shutdown(world)
+    if not world.main:
+        return 0
     print(format_report(gate))
     print(f"gate written to {gate.path}" + ("" if args.out else f" (recorded in {ds.path}/header.json)"))
     return 0
@@ -858,15 +889,18 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_USAGE
     from knnlm.errors import KnnlmError
 
-    if args.command != "build-index" and int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        print(f"knnlm {args.command}: error: only build-index runs sharded over torchrun ranks; run "
+    rank = int(os.environ.get("RANK", "0"))
+    if args.command not in DISTRIBUTED_COMMANDS and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        print(f"knnlm {args.command}: error: only {', '.join(DISTRIBUTED_COMMANDS)} run over torchrun ranks; run "
               f"`knnlm {args.command}` as one process (without torchrun)", file=sys.stderr)
         return EXIT_USAGE
     try:
         return args.func(args)
     except KnnlmError as e:
         sys.stdout.flush()
-        print(f"knnlm {args.command}: error: {cli_message(str(e), parser, args.command)}", file=sys.stderr, flush=True)
+        if rank == 0 or not e.everywhere:  # an error every rank raised is printed once, by rank 0
+            print(f"knnlm {args.command}: error: {cli_message(str(e), parser, args.command)}", file=sys.stderr,
+                  flush=True)
         return EXIT_USAGE
     except KeyboardInterrupt:
         hint = " (continue with --resume)" if args.command == "build-index" else ""
