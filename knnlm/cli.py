@@ -198,6 +198,13 @@ def _add_index_args(g) -> None:
     g.add_argument("--index-storage", default="auto", choices=INDEX_STORAGES, help=STORAGE_HELP)
 
 
+def _add_index_shards_arg(g) -> None:
+    g.add_argument("--index-shards", type=int, default=1, metavar="N",
+                   help="split an IVF index into N index files over disjoint rows that share one trained "
+                        "quantizer: searched as one index, or one shard per torchrun rank with `eval "
+                        "--shard-search` (default: %(default)s)")
+
+
 def _add_reindexing_args(p) -> None:
     """The options of the commands that index stored keys anew (merge, subset, reindex)."""
     _add_index_args(p)
@@ -283,6 +290,7 @@ def _add_build_parser(sub) -> None:
                         "kept: no --rerank; ~80 B per token with an IVF-PQ index) (default: %(default)s)")
     _add_index_args(g)
     g.add_argument("--seed", type=int, default=0, help="seed of the index-training sample (default: %(default)s)")
+    _add_index_shards_arg(g)
     g.add_argument("--resume", action="store_true", help="continue an interrupted build in --out")
     g.add_argument("--overwrite", action="store_true", help="replace the datastore in --out")
     g.add_argument("--quiet", action="store_true", help="no progress bars or INFO lines (warnings and errors only)")
@@ -312,6 +320,9 @@ def _add_eval_parser(sub) -> None:
     g.add_argument("--rerank", action="store_true", help="re-rank candidates with exact distances from the stored keys")
     g.add_argument("--no-exclude-self", dest="exclude_self", action="store_false",
                    help="keep a token's own key when the eval text is in the datastore (inflates results)")
+    g.add_argument("--shard-search", action="store_true",
+                   help="under torchrun, with an index built with --index-shards N over N ranks: each rank opens "
+                        "only its shard and every search is answered by every rank, the lists merged")
     _add_adaptive_args(g)
     g = e.add_argument_group("windows")
     g.add_argument("--context", type=int, default=None, help="tokens per window (default: the datastore's)")
@@ -421,6 +432,7 @@ def _add_reindex_parser(sub) -> None:
                        epilog=REINDEX_EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
     r.add_argument("datastore", metavar="DIR")
     _add_reindexing_args(r)
+    _add_index_shards_arg(r)
     r.set_defaults(func=cmd_reindex)
 
 
@@ -465,7 +477,8 @@ def cmd_build_index(args) -> int:
                       key_dtype=args.key_dtype, layer=args.layer, globs=tuple(args.glob or ("*",)),
                       exclude=tuple(args.exclude), text_field=args.text_field, index=args.index,
                       index_storage=args.index_storage, max_tokens=args.max_tokens, seed=args.seed,
-                      resume=args.resume, overwrite=args.overwrite, progress=not args.quiet and world.main)
+                      index_shards=args.index_shards, resume=args.resume, overwrite=args.overwrite,
+                      progress=not args.quiet and world.main)
     sources = check_build_inputs(args.data, cfg)  # fail fast: before torch, transformers and the model
     from knnlm.datastore import check_out
 
@@ -608,6 +621,8 @@ def cmd_eval(args) -> int:
     world, device = _join(args, sources)
     if not world.main:
         cfg = dataclasses.replace(cfg, progress=False)
+    if args.shard_search:
+        _search_own_shard(ds, world)
     if default_lambda and world.main:
         logging.getLogger("knnlm.cli").info(
             "lambda %s: %s", args.lambdas, "the datastore's tuned gate (--lambda 0.25 for the fixed mixture)"
@@ -625,6 +640,19 @@ def cmd_eval(args) -> int:
         write_json_atomic(args.output, res)
         print(f"results written to {args.output}")
     return 0
+
+
+def _search_own_shard(ds, world) -> None:
+    """``--shard-search``: this rank searches only its shard of the index (one shard per rank)."""
+    from knnlm.errors import ConfigError
+
+    if not world.distributed or ds.index_shard_count != world.size:
+        e = ConfigError(f"--shard-search needs one torchrun rank per index shard: the index of {ds.path} has "
+                        f"{ds.index_shard_count} shard(s), {world.size} rank(s) run (build it with "
+                        f"`knnlm reindex --index-shards {world.size}`)")
+        e.everywhere = True  # every rank (same arguments, same datastore) finds it
+        raise e
+    ds.use_index(ds.index_shards([world.rank], world))
 
 
 def cmd_tune(args) -> int:
@@ -824,7 +852,7 @@ def cmd_reindex(args) -> int:
     from knnlm.datastore import reindex_datastore
 
     ds = reindex_datastore(args.datastore, index=args.index, index_storage=args.index_storage, seed=args.seed,
-                           progress=not args.quiet)
+                           progress=not args.quiet, index_shards=args.index_shards)
     print(_summary(ds.path, ds.header))
     return 0
 

@@ -472,6 +472,13 @@ def run(model, tokenizer, knn, data: Sequence | None, cfg: EvalConfig, *,
     batches: list[_Tally] = []  # under torchrun: this rank's batches, merged in batch order by every rank
 
     def score() -> None:
+        try:
+            _score_all()
+        finally:  # under `shard_search`: answer the other ranks' searches until they are done too
+            if knn is not None:
+                knn.retriever.finish()
+
+    def _score_all() -> None:
         with tqdm(total=total, unit="tok", unit_scale=True, desc="evaluating", disable=not cfg.progress) as bar:
             for lmb in _lm_batches(model, docs, key_layer, context, stride, bos, cfg,
                                    counts if need_feats else None, overlap, exclude_self, lm_cache, share):
@@ -585,11 +592,14 @@ def _tuning_pass(knn, docs: list[dict], cfg: EvalConfig, context: int, stride: i
 
     def score() -> None:
         nonlocal row
-        with tqdm(total=total, unit="tok", unit_scale=True, desc="tuning", disable=not cfg.progress) as bar:
-            for (group, cnt), share in zip(groups, shares):  # cnt (V,): the datastore-frequency features see
-                if share[0] < share[1]:
-                    row = _tune_group(knn, group, cnt, share, cfg, context, stride, bos, overlap, parts,
-                                      doc_of_row, row, bar)
+        try:
+            with tqdm(total=total, unit="tok", unit_scale=True, desc="tuning", disable=not cfg.progress) as bar:
+                for (group, cnt), share in zip(groups, shares):  # cnt (V,): the datastore-frequency features see
+                    if share[0] < share[1]:
+                        row = _tune_group(knn, group, cnt, share, cfg, context, stride, bos, overlap, parts,
+                                          doc_of_row, row, bar)
+        finally:  # under `shard_search`: answer the other ranks' searches until they are done too
+            knn.retriever.finish()
 
     together(world, score)  # an error on one rank is raised on every rank
     documents = [{"name": d["name"], "sha256": d["sha256"], "tokens": d["length"]} for d in docs]
