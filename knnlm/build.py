@@ -280,11 +280,16 @@ def build_datastore(model, tokenizer, data: Sequence[str] | Sequence[Source], ou
                                              param="out")
 
             on_main(world, finish)
-            if world.distributed:
-                ds = _index_sharded(writer, cfg, world, Path(out))
-            else:
+
+            def finalize() -> Datastore:
                 with disk_errors(writer.path):
-                    ds = writer.finalize(cfg.index, storage=cfg.index_storage, seed=cfg.seed, progress=cfg.progress)
+                    return writer.finalize(cfg.index, storage=cfg.index_storage, seed=cfg.seed,
+                                           progress=cfg.progress, index_shards=cfg.index_shards)
+
+            if world.distributed and cfg.index_shards == 1:
+                ds = _index_sharded(writer, cfg, world, Path(out))
+            else:  # an index split into shards is filled by rank 0 alone
+                ds = on_main(world, finalize)
         else:
             ds = None
     finally:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import os
@@ -201,6 +202,13 @@ def _add_index_args(g) -> None:
     g.add_argument("--index-storage", default="auto", choices=INDEX_STORAGES, help=STORAGE_HELP)
 
 
+def _add_index_shards_arg(g) -> None:
+    g.add_argument("--index-shards", type=int, default=1, metavar="N",
+                   help="split an IVF index into N index files over disjoint rows that share one trained "
+                        "quantizer: searched as one index, or one shard per torchrun rank with `eval "
+                        "--shard-search` (default: %(default)s)")
+
+
 def _add_reindexing_args(p) -> None:
     """The options of the commands that index stored keys anew (merge, subset, reindex)."""
     _add_index_args(p)
@@ -290,6 +298,7 @@ def _add_build_parser(sub) -> None:
                         "kept: no --rerank; ~80 B per token with an IVF-PQ index) (default: %(default)s)")
     _add_index_args(g)
     g.add_argument("--seed", type=int, default=0, help="seed of the index-training sample (default: %(default)s)")
+    _add_index_shards_arg(g)
     g.add_argument("--resume", action="store_true", help="continue an interrupted build in --out")
     g.add_argument("--overwrite", action="store_true", help="replace the datastore in --out")
     g.add_argument("--no-tune", dest="tune", action="store_false",
@@ -323,6 +332,9 @@ def _add_eval_parser(sub) -> None:
     g.add_argument("--rerank", action="store_true", help="re-rank candidates with exact distances from the stored keys")
     g.add_argument("--no-exclude-self", dest="exclude_self", action="store_false",
                    help="keep a token's own key when the eval text is in the datastore (inflates results)")
+    g.add_argument("--shard-search", action="store_true",
+                   help="under torchrun, with an index built with --index-shards N over N ranks: each rank opens "
+                        "only its shard and every search is answered by every rank, the lists merged")
     _add_adaptive_args(g)
     g = e.add_argument_group("windows")
     g.add_argument("--context", type=int, default=None, help="tokens per window (default: the datastore's)")
@@ -432,6 +444,7 @@ def _add_reindex_parser(sub) -> None:
                        epilog=REINDEX_EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
     r.add_argument("datastore", metavar="DIR")
     _add_reindexing_args(r)
+    _add_index_shards_arg(r)
     r.set_defaults(func=cmd_reindex)
 
 
@@ -476,27 +489,17 @@ def cmd_build_index(args) -> int:
                       key_dtype=args.key_dtype, layer=args.layer, globs=tuple(args.glob or ("*",)),
                       exclude=tuple(args.exclude), text_field=args.text_field, index=args.index,
                       index_storage=args.index_storage, max_tokens=args.max_tokens, seed=args.seed,
-                      resume=args.resume, overwrite=args.overwrite, progress=not args.quiet and world.main)
+                      index_shards=args.index_shards, resume=args.resume, overwrite=args.overwrite,
+                      progress=not args.quiet and world.main)
     sources = check_build_inputs(args.data, cfg)  # fail fast: before torch, transformers and the model
     from knnlm.datastore import check_out
 
     check_out(args.out, resume=cfg.resume, overwrite=cfg.overwrite)
 
     from knnlm.build import build_datastore
-    from knnlm.distributed import agree, init_world, shutdown
+    from knnlm.distributed import shutdown
 
-    device = args.device
-    if world.distributed:
-        import torch
-
-        if device in ("auto", "cuda") and torch.cuda.is_available():
-            device = f"cuda:{world.local_rank}"  # one GPU per rank
-        world = init_world(device)
-        if not world.main:
-            logging.getLogger().setLevel(logging.WARNING)
-        # every rank must build the same thing: compare the arguments before loading the model
-        agree(world, {**{k: v for k, v in vars(args).items() if k not in ("func", "data", "quiet")},
-                      "data": [s.to_json() for s in sources]})
+    world, device = _join(args, sources)  # every rank must build the same thing
     try:
         model, tokenizer = _load(args, device=device)
         ds = build_datastore(model, tokenizer, sources, args.out, cfg, world=world)
@@ -531,6 +534,30 @@ def _self_tune(model, tokenizer, ds, *, quiet: bool, max_tokens: int | None = No
     print(format_report(gate))
     print(f"gate written to {gate.path}; `knnlm eval` uses it by default")
     return gate
+
+
+DISTRIBUTED_COMMANDS = ("build-index", "eval", "tune")  # the subcommands that run over torchrun ranks
+
+
+def _join(args, sources):
+    """``(world, device)`` of this process: under torchrun, join the process group (one GPU per
+    rank by ``LOCAL_RANK``), keep INFO lines to rank 0, and refuse ranks started with other
+    arguments (``sources``: the resolved ``--data``, or None), before any model loads."""
+    from knnlm.distributed import agree, init_world, world_from_env
+
+    world, device = world_from_env(), args.device
+    if not world.distributed:
+        return world, device
+    import torch
+
+    if device in ("auto", "cuda") and torch.cuda.is_available():
+        device = f"cuda:{world.local_rank}"  # one GPU per rank
+    world = init_world(device)
+    if not world.main:
+        logging.getLogger().setLevel(logging.WARNING)
+    agree(world, {**{k: v for k, v in vars(args).items() if k not in ("func", "data", "quiet")},
+                  "data": None if sources is None else [s.to_json() for s in sources]})
+    return world, device
 
 
 def _numbers(text: str, what: str, kind=float) -> list:
@@ -627,18 +654,43 @@ def cmd_eval(args) -> int:
     from knnlm.retrieval import resolve_k
 
     kmax = max(resolve_k(k, len(ds), param="ks") for k in cfg.ks)
-    if default_lambda:
+    from knnlm.distributed import shutdown
+
+    world, device = _join(args, sources)
+    if not world.main:
+        cfg = dataclasses.replace(cfg, progress=False)
+    if args.shard_search:
+        _search_own_shard(ds, world)
+    if default_lambda and world.main:
         logging.getLogger("knnlm.cli").info(
             "lambda %s: %s", args.lambdas, "the datastore's tuned gate (--lambda 0.25 for the fixed mixture)"
             if args.lambdas == "adaptive" else "the datastore has no gate (`knnlm tune` fits one)")
-    model, tokenizer = _load(args, ds)
-    knn = KNNLM(model, ds, tokenizer, settings, gate=gate, k=kmax)
-    res = knn.evaluate(sources, **{f: getattr(cfg, f) for f in cfg.__dataclass_fields__})
+    try:
+        model, tokenizer = _load(args, ds, device=device)
+        knn = KNNLM(model, ds, tokenizer, settings, gate=gate, k=kmax)
+        res = knn.evaluate(sources, world=world, **{f: getattr(cfg, f) for f in cfg.__dataclass_fields__})
+    finally:
+        shutdown(world)
+    if not world.main:
+        return 0
     print(format_results(res))
     if args.output:
         write_json_atomic(args.output, res)
         print(f"results written to {args.output}")
     return 0
+
+
+def _search_own_shard(ds, world) -> None:
+    """``--shard-search``: this rank searches only its shard of the index (one shard per rank)."""
+    from knnlm.errors import ConfigError
+
+    if not world.distributed or ds.index_shard_count != world.size:
+        e = ConfigError(f"--shard-search needs one torchrun rank per index shard: the index of {ds.path} has "
+                        f"{ds.index_shard_count} shard(s), {world.size} rank(s) run (build it with "
+                        f"`knnlm reindex --index-shards {world.size}`)")
+        e.everywhere = True  # every rank (same arguments, same datastore) finds it
+        raise e
+    ds.use_index(ds.index_shards([world.rank], world))
 
 
 def cmd_tune(args) -> int:
@@ -658,13 +710,20 @@ def cmd_tune(args) -> int:
                                   text_field=args.text_field)
         check_outside_datastore(ds, _documents(sources, args.text_field))  # before the model
 
+    from knnlm.distributed import shutdown
     from knnlm.model import KNNLM
 
-    model, tokenizer = _load(args, ds)
-    knn = KNNLM(model, ds, tokenizer, settings)
-    gate = knn.tune(sources, out=args.out, max_tokens=args.max_tokens, seed=args.seed, kind=args.kind,
-                    batch_size=args.batch_size, progress=not args.quiet, max_unseen_loss=args.max_unseen_loss,
-                    keep_unseen=args.keep_unseen)
+    world, device = _join(args, sources)
+    try:
+        model, tokenizer = _load(args, ds, device=device)
+        knn = KNNLM(model, ds, tokenizer, settings)
+        gate = knn.tune(sources, out=args.out, max_tokens=args.max_tokens, seed=args.seed, kind=args.kind,
+                        batch_size=args.batch_size, progress=not args.quiet and world.main,
+                        max_unseen_loss=args.max_unseen_loss, keep_unseen=args.keep_unseen, world=world)
+    finally:
+        shutdown(world)
+    if not world.main:
+        return 0
     print(format_report(gate))
     print(f"gate written to {gate.path}" + ("" if args.out else f" (recorded in {ds.path}/header.json)"))
     return 0
@@ -830,7 +889,7 @@ def cmd_reindex(args) -> int:
     from knnlm.datastore import reindex_datastore
 
     ds = reindex_datastore(args.datastore, index=args.index, index_storage=args.index_storage, seed=args.seed,
-                           progress=not args.quiet)
+                           progress=not args.quiet, index_shards=args.index_shards)
     print(_summary(ds.path, ds.header))
     return 0
 
@@ -895,15 +954,18 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_USAGE
     from knnlm.errors import KnnlmError
 
-    if args.command != "build-index" and int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        print(f"knnlm {args.command}: error: only build-index runs sharded over torchrun ranks; run "
+    rank = int(os.environ.get("RANK", "0"))
+    if args.command not in DISTRIBUTED_COMMANDS and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        print(f"knnlm {args.command}: error: only {', '.join(DISTRIBUTED_COMMANDS)} run over torchrun ranks; run "
               f"`knnlm {args.command}` as one process (without torchrun)", file=sys.stderr)
         return EXIT_USAGE
     try:
         return args.func(args)
     except KnnlmError as e:
         sys.stdout.flush()
-        print(f"knnlm {args.command}: error: {cli_message(str(e), parser, args.command)}", file=sys.stderr, flush=True)
+        if rank == 0 or not e.everywhere:  # an error every rank raised is printed once, by rank 0
+            print(f"knnlm {args.command}: error: {cli_message(str(e), parser, args.command)}", file=sys.stderr,
+                  flush=True)
         return EXIT_USAGE
     except KeyboardInterrupt:
         hint = " (continue with --resume)" if args.command == "build-index" else ""

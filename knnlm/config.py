@@ -182,6 +182,7 @@ class BuildConfig:
     index_storage: str = "auto"  # ram | disk (inverted lists memory-mapped from a file) | auto
     max_tokens: int | None = None  # stop after this many corpus tokens (deterministic prefix)
     seed: int = 0  # index-training sample
+    index_shards: int = 1  # IVF indexes over disjoint rows sharing one trained quantizer (knnlm.sharding)
     resume: bool = False
     overwrite: bool = False
     progress: bool = True
@@ -198,6 +199,7 @@ class BuildConfig:
                               param="key_dtype")
         check_index_storage(self.index_storage)
         check_at_least("max_tokens", self.max_tokens, 2)
+        check_at_least("index_shards", self.index_shards, 1)
         if self.resume and self.overwrite:
             raise ConfigError("`resume` and `overwrite` exclude each other: continue the build or replace it",
                               param="resume")

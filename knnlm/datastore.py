@@ -82,6 +82,7 @@ INDEX = "index.faiss"
 PROGRESS = "progress.json"  # key rows final out of order (a sharded build): [[first, end], ...]
 PROGRESS_RANK = "progress.rank{}.json"  # the same, written by one rank of a sharded build
 IVFDATA = "index.ivfdata"
+INDEX_SHARD = "{stem}.s{part}.faiss"  # shard ``part`` of an index split over rows (``index_shards``): index.s0.faiss
 TRAINED = "trained.faiss"  # work files of an index build, in index_work_dir(index): the trained, empty index
 SHARD = "shard{:05d}.faiss"  # ... and the shards filled from it (one per rank of a distributed build)
 GATE = "gate.json"
@@ -91,7 +92,8 @@ KEY_DTYPES = {name: np.dtype("float16" if name == "none" else name) for name in 
 _OWNED_FILES = (HEADER, HEADER + ".tmp", DOCUMENTS, DOCUMENTS + ".tmp", TOKENS, TOKENS + ".tmp", VALUES,
                 VALUES + ".tmp", KEYS, INDEX, INDEX + ".tmp", IVFDATA, TOKENS + ".part", VALUES + ".part",
                 PROGRESS, PROGRESS + ".tmp", GATE, GATE + ".tmp")
-_OWNED_GLOBS = ("index.r*.faiss", "index.r*.ivfdata", "*.tmp", ".index*.staging", ".index*.build",
+_OWNED_GLOBS = ("index.r*.faiss", "index.r*.ivfdata", "index.s*.faiss", "index.s*.ivfdata",
+                "*.tmp", ".index*.staging", ".index*.build",
                 PROGRESS_RANK.format("*"))
 COPY_ROWS = 1 << 16  # key rows per chunk when copying between datastores (constant memory)
 
@@ -179,11 +181,24 @@ def merge_index(trained: Path, shards: Sequence[Path], index_path: str | os.Path
 
 
 def build_index(keys_path: str | os.PathLike, n: int, dim: int, plan, index_path: str | os.PathLike, *,
-                seed: int = 0, progress: bool = True, use_gpu: bool | None = None, shards: int = 1) -> dict:
+                seed: int = 0, progress: bool = True, use_gpu: bool | None = None, shards: int = 1,
+                index_shards: int = 1) -> dict:
     """Train, fill (in ``shards`` consecutive row ranges, one after the other) and merge the
     planned index (``knnlm.index.plan_index``) over ``keys_path`` into ``index_path``: the
     single-process path, the same functions a distributed build runs per rank. Returns the index
-    section of the header (``index_record``)."""
+    section of the header (``index_record``).
+
+    ``index_shards`` N > 1: N index files (``INDEX_SHARD`` next to ``index_path``) that share the
+    one trained index (coarse quantizer and PQ), shard i holding rows ``[n i / N, n (i + 1) / N)``
+    with their global row numbers as ids (``knnlm.sharding``); the record lists them under
+    ``shards`` and its ``file`` is shard 0's."""
+    if index_shards > 1:
+        if "IVF" not in plan.factory:
+            raise DatastoreError(f"`index_shards` needs an IVF index (shards share its coarse quantizer); "
+                                 f"{plan.factory} is not one: use `index` ivfsq, ivfpq or an IVF factory string",
+                                 param="index_shards")
+        if index_shards > n:
+            raise DatastoreError(f"`index_shards` {index_shards} is more than the {n} keys", param="index_shards")
     from tqdm.auto import tqdm
 
     from knnlm.index import fill_shard, train_index
@@ -199,12 +214,23 @@ def build_index(keys_path: str | os.PathLike, n: int, dim: int, plan, index_path
     try:
         train_index(keys, plan, work / TRAINED, seed=seed, use_gpu=use_gpu)
         shards = 1 if not plan.shardable else max(1, min(int(shards), n))
+        if index_shards > 1:  # one fill per index shard, each merged into its own index file
+            shards = index_shards
         bounds = [n * i // shards for i in range(shards + 1)]
         paths = [work / SHARD.format(i) for i in range(shards)]
         with tqdm(total=n, unit="key", desc="adding keys", disable=not progress) as bar:
             for i, p in enumerate(paths):
                 fill_shard(work / TRAINED, keys, bounds[i], bounds[i + 1], p, progress=bar)
-        record = merge_index(work / TRAINED, paths, index_path, storage=plan.storage, ntotal=n)
+        if index_shards > 1:
+            parts = []
+            for i, p in enumerate(paths):
+                part = index_path.parent / INDEX_SHARD.format(stem=index_path.stem, part=i)
+                rec = merge_index(work / TRAINED, [p], part, storage=plan.storage, ntotal=bounds[i + 1] - bounds[i])
+                parts.append({**rec, "rows": [bounds[i], bounds[i + 1]]})
+            record = {**parts[0], "shards": parts, "bytes": sum(r["bytes"] for r in parts), "ntotal": n}
+            del record["rows"]
+        else:
+            record = merge_index(work / TRAINED, paths, index_path, storage=plan.storage, ntotal=n)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     return index_record(plan, record, time.time() - t0)
@@ -428,16 +454,42 @@ class Datastore:
 
     @property
     def index(self):
-        """The FAISS index, read from disk on first use."""
+        """The FAISS index, read from disk on first use; an index split over rows
+        (``index_shards``) as one ``knnlm.sharding.ShardedIndex`` of all its shards."""
         if self._index is None:
-            from knnlm.index import load_index
-
-            h = self.header
-            lists = (h.index or {}).get("ivfdata")
-            self._index = load_index(self.path / h.index_file, n=len(self), dim=self.dim, nprobe=h.nprobe,
-                                     storage=h.index_storage, ivfdata=self.path / lists if lists else None,
-                                     ivfdata_bytes=(h.index or {}).get("ivfdata_bytes") if lists else None)
+            shards = (self.header.index or {}).get("shards")
+            if shards:
+                self._index = self.index_shards(range(len(shards)))
+            else:
+                self._index = self._load_index(self.header.index, len(self))
         return self._index
+
+    @property
+    def index_shard_count(self) -> int:
+        """How many shards the index is split into (1: one index)."""
+        return len((self.header.index or {}).get("shards") or [None])
+
+    def index_shards(self, which, world=None):
+        """The index shards ``which`` (their numbers), as a ``knnlm.sharding.ShardedIndex``;
+        ``world``: the other shards are searched by the other torchrun ranks (``shard_search``)."""
+        from knnlm.sharding import ShardedIndex
+
+        shards = (self.header.index or {}).get("shards") or []
+        parts = [self._load_index(shards[i], shards[i]["ntotal"]) for i in which]
+        return ShardedIndex(parts, len(self), world)
+
+    def use_index(self, index) -> None:
+        """Search ``index`` (e.g. ``index_shards``' share of this rank) instead of the whole index."""
+        self._index = index
+
+    def _load_index(self, record: dict, n: int):
+        from knnlm.index import load_index
+
+        h = self.header
+        lists = record.get("ivfdata")
+        return load_index(self.path / record["file"], n=n, dim=self.dim, nprobe=h.nprobe, storage=h.index_storage,
+                          ivfdata=self.path / lists if lists else None,
+                          ivfdata_bytes=record.get("ivfdata_bytes") if lists else None)
 
     def require_keys(self, param: str, remedy: str) -> None:
         """Refuse ``param`` (something that reads the stored keys) on a datastore that keeps none."""
@@ -550,7 +602,8 @@ def open_datastore(path: str | os.PathLike, *, require_index: bool = True) -> Da
     if require_index:
         if not header.index:
             raise DatastoreError(f"datastore {path} has no index; run `knnlm build-index --resume` to build it")
-        files = [header.index_file] + ([header.index["ivfdata"]] if header.index.get("ivfdata") else [])
+        files = [name for r in header.index.get("shards") or [header.index]
+                 for name in (r.get("file") or header.index_file, r.get("ivfdata")) if name]
         for name in files:
             if Path(name).name != name:
                 raise DatastoreError(f"{path}/{HEADER} names index file {name!r} outside the datastore; it is corrupt")
@@ -839,7 +892,7 @@ class DatastoreWriter:
 
     # ---- phase 3: the index -------------------------------------------------------------------
     def finalize(self, index: str = "auto", *, storage: str = "auto", seed: int = 0, progress: bool = True,
-                 shards: int = 1) -> Datastore:
+                 shards: int = 1, index_shards: int = 1) -> Datastore:
         """Train and fill the index over all rows (``build_index``: one implementation
         for every path), mark the datastore complete, open it. With key dtype "none" the spooled
         keys are removed once the header says complete."""
@@ -852,7 +905,7 @@ class DatastoreWriter:
         logger.info("%s", plan.describe(n, dim))
         (self.path / IVFDATA).unlink(missing_ok=True)  # a stale one from an interrupted attempt
         record = build_index(self.path / KEYS, n, dim, plan, self.path / INDEX, seed=seed, progress=progress,
-                             shards=shards)
+                             shards=shards, index_shards=index_shards)
         return self.complete(record)
 
     def complete(self, index_record: dict) -> Datastore:
@@ -1128,11 +1181,12 @@ def merge_datastores(inputs: Sequence[str | os.PathLike | Datastore], out: str |
 
 def _index_files(path: Path) -> list[Path]:
     """Every index file the datastore's writers may have made in ``path``."""
-    return [p for pattern in (INDEX, IVFDATA, "index.r*.faiss", "index.r*.ivfdata") for p in path.glob(pattern)]
+    return [p for pattern in (INDEX, IVFDATA, "index.r*.faiss", "index.r*.ivfdata", "index.s*.faiss",
+                              "index.s*.ivfdata") for p in path.glob(pattern)]
 
 
 def reindex_datastore(path: str | os.PathLike, *, index: str = "auto", index_storage: str = "auto", seed: int = 0,
-                      progress: bool = True) -> Datastore:
+                      progress: bool = True, index_shards: int = 1) -> Datastore:
     """Rebuild only the index of a complete datastore (another recipe, or RAM <-> disk storage),
     from its keys. The new index is written under fresh file names, then the header is switched to
     it atomically, then the old index files are removed: an interrupted reindex leaves the old
@@ -1140,6 +1194,7 @@ def reindex_datastore(path: str | os.PathLike, *, index: str = "auto", index_sto
     from knnlm.index import plan_index
 
     path = Path(path)
+    config.check_at_least("index_shards", index_shards, 1)
     ds = open_datastore(path, require_index=False)
     ds.require_keys("index", "its index cannot be rebuilt: rebuild the datastore from the corpus")
     n, dim = len(ds), ds.dim
@@ -1153,11 +1208,14 @@ def reindex_datastore(path: str | os.PathLike, *, index: str = "auto", index_sto
             gen += 1
         name = INDEX if header.index is None and not (path / INDEX).exists() else f"index.r{gen}.faiss"
         with disk_errors(path):
-            header.index = build_index(path / KEYS, n, dim, plan, path / name, seed=seed, progress=progress)
+            header.index = build_index(path / KEYS, n, dim, plan, path / name, seed=seed, progress=progress,
+                                       index_shards=index_shards)
             header.build.setdefault("reindexed", []).append({"index": index, "index_storage": index_storage,
-                                                             "seed": seed, "at": _now()})
+                                                             "seed": seed, "at": _now(),
+                                                             **({"index_shards": index_shards}
+                                                                if index_shards > 1 else {})})
             header.write(path)
-        keep = {header.index_file, header.index.get("ivfdata")}
+        keep = {name for r in header.index.get("shards") or [header.index] for name in (r["file"], r.get("ivfdata"))}
         for p in _index_files(path):  # the old index, and any that an interrupted reindex left
             if p.name not in keep:
                 p.unlink(missing_ok=True)

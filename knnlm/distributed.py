@@ -25,7 +25,7 @@ from knnlm import errors
 from knnlm.errors import DistributedError, KnnlmError
 
 __all__ = ["World", "SINGLE", "world_from_env", "init_world", "shutdown", "agree", "on_main", "barrier",
-           "shard_range"]
+           "shard_range", "gather", "together"]
 
 T = TypeVar("T")
 TIMEOUT_S = float(os.environ.get("KNNLM_DIST_TIMEOUT_S", 24 * 3600))  # index training on rank 0 can be long
@@ -116,6 +116,44 @@ def _broadcast(world: World, obj: Any) -> Any:
     return box[0]
 
 
+def gather(world: World, obj: Any) -> list:
+    """Every rank's ``obj`` (picklable), in rank order, on every rank (``[obj]`` in a world of one)."""
+    return _gather(world, obj) if world.distributed else [obj]
+
+
+def together(world: World, fn: Callable[[], T]) -> T:
+    """Run ``fn`` on every rank (a collective step: every rank must call it), then check that it
+    succeeded everywhere: when it raised on some rank, every rank raises the first failing rank's
+    error (a ``KnnlmError`` keeps its class, message and ``param``; any other exception becomes a
+    ``DistributedError`` naming the rank), so no rank is left waiting for the others. The failing
+    rank re-raises its own exception (with its traceback)."""
+    if not world.distributed:
+        return fn()
+    result, failure, own = None, None, None
+    try:
+        result = fn()
+    except KnnlmError as e:
+        failure, own = (type(e).__name__, str(e), e.param), e
+    except Exception as e:  # noqa: BLE001 - reported to every rank, re-raised here
+        failure, own = ("DistributedError", f"rank {world.rank} failed: {type(e).__name__}: {e}", None), e
+    failures = [f for f in _gather(world, failure) if f is not None]
+    if own is not None:
+        if isinstance(own, KnnlmError):
+            own.everywhere = True
+        raise own
+    if failures:
+        raise _rebuilt(failures[0])
+    return result
+
+
+def _rebuilt(failure: tuple) -> KnnlmError:
+    """Another rank's error (class name, message, param), raised here too."""
+    name, message, param = failure
+    e = getattr(errors, name, DistributedError)(message, param=param)
+    e.everywhere = True
+    return e
+
+
 def agree(world: World, what: dict[str, Any]) -> None:
     """Every rank must pass the same ``what`` (its arguments, resolved): otherwise each rank raises
     a ``DistributedError`` naming the first setting that differs, before anything is written."""
@@ -128,9 +166,11 @@ def agree(world: World, what: dict[str, Any]) -> None:
         if d != digest:
             key = next(k for k in sorted(set(d) | set(digest)) if d.get(k) != digest.get(k))
             mine, other = what.get(key), theirs.get(key)
-            raise DistributedError(f"the ranks disagree on `{key}`: rank {rank} has {_short(other)}, rank "
-                                   f"{world.rank} has {_short(mine)}; start every rank with the same arguments",
-                                   param=key if key.isidentifier() else None)
+            e = DistributedError(f"the ranks disagree on `{key}`: rank {rank} has {_short(other)}, rank "
+                                 f"{world.rank} has {_short(mine)}; start every rank with the same arguments",
+                                 param=key if key.isidentifier() else None)
+            e.everywhere = True
+            raise e
 
 
 def _short(v: Any, n: int = 80) -> str:
@@ -161,9 +201,7 @@ def on_main(world: World, fn: Callable[[], T], *, share: bool = False) -> T | No
         return _broadcast(world, result) if share else result
     failure = _broadcast(world, None)
     if failure is not None:
-        name, message, param = failure
-        cls = getattr(errors, name, DistributedError)
-        raise cls(message, param=param)
+        raise _rebuilt(failure)
     return _broadcast(world, None) if share else None
 
 

@@ -21,7 +21,11 @@ class KnnlmError(ValueError):
 
     ``param`` names the Python parameter at fault when there is one; the message then starts with
     that name, so that a front end can replace it by its own spelling (a CLI flag).
+    ``everywhere``: every rank of a torchrun job raised it (``knnlm.distributed``), so one of
+    them (rank 0) reports it.
     """
+
+    everywhere = False
 
     def __init__(self, message: str, *, param: str | None = None):
         super().__init__(message)

@@ -25,6 +25,7 @@ log-probabilities): the decisions every way of using a ``KNNLM`` shares.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import math
 import time
@@ -49,6 +50,7 @@ from knnlm.data import (
     tokenizer_bos,
 )
 from knnlm.datastore import Datastore
+from knnlm.distributed import SINGLE, World, gather, shard_range, together
 from knnlm.errors import CorpusError, KnnlmError
 from knnlm.gate import NL, lm_features
 from knnlm.retrieval import Step, one_thread, resolve_k
@@ -160,6 +162,9 @@ class _Tally:
     per_token: bool = False  # also keep every target's log-probability (``per_token``)
     tok_base: list = field(default_factory=list)  # (R,) per batch
     tok_grid: list = field(default_factory=list)  # per setting: (R,) per batch
+    batch: bool = False  # one batch's tally (``fresh``): per-document terms kept, added by ``merge``
+    doc_parts: list = field(default_factory=list)  # (doc (R,), -lp (R,), primary?) of a batch's tally
+    ranks: list = field(default_factory=list)  # per torchrun rank: tokens and seconds (``_reduce``)
 
     def __post_init__(self):
         nb = len(BUCKET_EDGES)
@@ -184,7 +189,36 @@ class _Tally:
         if self.per_token:
             self.tok_base.append(lp_lm.double().cpu())
         if doc is not None:
-            self.doc_nll_base.index_add_(0, doc, -lp_lm.double().cpu())
+            self._add_docs(doc, -lp_lm.double().cpu(), False)
+
+    def _add_docs(self, doc: torch.Tensor, nll: torch.Tensor, primary: bool) -> None:
+        if self.batch:
+            self.doc_parts.append((doc, nll, primary))
+        else:
+            (self.doc_nll if primary else self.doc_nll_base).index_add_(0, doc, nll)
+
+    def fresh(self) -> _Tally:
+        """An empty tally for one batch, added to this one later with ``merge``."""
+        return _Tally(self.grid_size, per_token=self.per_token, batch=True)
+
+    def merge(self, b: _Tally) -> None:
+        """Add a batch's tally (``fresh``). Merging the batches in batch order gives the same
+        float64 sums, bit for bit, as adding them to this tally directly (a batch's sums start
+        from zero, so each term is ``0 - x``, exactly ``-x``), whichever rank scored them."""
+        self.n += b.n
+        self.nll_base += b.nll_base
+        for name in ("nll", "n_bucket", "nll_bucket_base", "nll_bucket", "lam_bucket"):
+            getattr(self, name).add_(getattr(b, name))
+        self.t_lm += b.t_lm
+        self.t_knn += b.t_knn
+        self.n_searched += b.n_searched
+        self.n_pointed += b.n_pointed
+        self.lambdas.extend(b.lambdas)
+        self.tok_base.extend(b.tok_base)
+        for mine, theirs in zip(self.tok_grid, b.tok_grid):
+            mine.extend(theirs)
+        for doc, nll, primary in b.doc_parts:
+            self._add_docs(doc, nll, primary)
 
     def add_buckets(self, bucket: torch.Tensor, lp_lm: torch.Tensor) -> None:
         nb = len(BUCKET_EDGES)
@@ -198,7 +232,7 @@ class _Tally:
             self.tok_grid[gi].append(x)
         self.nll_bucket[gi] -= torch.bincount(bucket, weights=x, minlength=len(BUCKET_EDGES))
         if gi == 0 and doc is not None:
-            self.doc_nll.index_add_(0, doc, -x)
+            self._add_docs(doc, -x, True)
 
 
 # ---------------------------------------------------------------------------- the loop
@@ -336,11 +370,24 @@ def eval_window(cfg: EvalConfig, datastore: Datastore | None, tokenizer) -> tupl
     return (*cfg.window(DEFAULT_CONTEXT, DEFAULT_CONTEXT - 1), tokenizer_bos(tokenizer))
 
 
+def _batch_rows(docs: list[dict], context: int, stride: int, batch_size: int) -> list[int]:
+    """Scored targets per batch of ``iter_batches`` (what a torchrun rank's share is balanced by)."""
+    return [sum(w.end - w.first for w in batch) for _, batch in iter_batches(docs, context, stride, batch_size)]
+
+
+def _share(weights: list[int], world: World) -> tuple[int, int] | None:
+    """This rank's contiguous share of the batches (``knnlm.distributed.shard_range``), None: all."""
+    return shard_range(weights, world) if world.distributed else None
+
+
 def _lm_batches(model, docs: list[dict], key_layer, context: int, stride: int, bos, cfg: EvalConfig,
-                counts: torch.Tensor | None, overlap: _Overlap, exclude_self: bool, lm_cache: LMCache | None):
-    """The LM side of every batch (``_LMBatch``), from the model or from ``lm_cache``."""
+                counts: torch.Tensor | None, overlap: _Overlap, exclude_self: bool, lm_cache: LMCache | None,
+                share: tuple[int, int] | None = None):
+    """The LM side of every batch (``_LMBatch``), from the model or from ``lm_cache``; with
+    ``share`` ``(lo, hi)`` only batches ``lo .. hi - 1`` (a torchrun rank's share): each one is
+    the same batch, the same windows, as in a one-process run."""
     key = (tuple((d["sha256"], d["length"]) for d in docs), context, stride, bos, cfg.batch_size, key_layer,
-           exclude_self, counts is not None)
+           exclude_self, counts is not None, share)
     if lm_cache is not None and lm_cache.key == key:
         yield from lm_cache.batches
         return
@@ -348,9 +395,12 @@ def _lm_batches(model, docs: list[dict], key_layer, context: int, stride: int, b
         lm_cache.key, lm_cache.batches = None, []
     device = next(model.parameters()).device
     out = []
+    batches = iter_batches(docs, context, stride, cfg.batch_size)
+    if share is not None:
+        batches = itertools.islice(batches, *share)
     with torch.inference_mode(), capture_keys(model, key_layer, stop_before_head=True) as cap:
         cap.stop_before_head = _head_path_matches(model, cap, next(d["ids"] for d in docs if d["length"] > 1))
-        for _, batch in iter_batches(docs, context, stride, cfg.batch_size):
+        for _, batch in batches:
             t0 = time.time()
             ids, rows_b, rows_t = batch_inputs(batch, lambda di: docs[di]["ids"], bos)
             ids, rows_b, rows_t = (torch.from_numpy(a).to(device) for a in (ids, rows_b, rows_t))
@@ -381,10 +431,15 @@ def _prepare(model, tokenizer, knn, data, cfg: EvalConfig, texts):
 
 
 def run(model, tokenizer, knn, data: Sequence | None, cfg: EvalConfig, *,
-        texts: Sequence[str] | None = None, lm_cache: LMCache | None = None) -> dict:
+        texts: Sequence[str] | None = None, lm_cache: LMCache | None = None, world: World = SINGLE) -> dict:
     """Score ``data`` or ``texts`` with the base LM and, when ``knn`` is given, every setting of
     ``cfg``'s grid with ``knn``'s model, datastore and retriever. Returns a JSON-ready dict.
-    ``lm_cache``: reuse (or fill) the LM side of the same text (``LMCache``)."""
+    ``lm_cache``: reuse (or fill) the LM side of the same text (``LMCache``).
+
+    ``world`` (``knnlm.distributed.init_world()`` under torchrun; every rank calls ``run`` with the
+    same arguments): each rank scores a contiguous share of the batches, balanced by tokens, and
+    the batches' sums are gathered and added in batch order, so every rank returns the result of a
+    one-process run (the same float64 sums); ``timing.ranks`` has each rank's tokens and seconds."""
     t_start = time.time()
     gate = knn.require_gate() if knn is not None and (ADAPTIVE in cfg.lambdas or knn.settings.gated) else None
     ds, context, stride, bos, docs, overlap = _prepare(model, tokenizer, knn, data, cfg, texts)
@@ -410,19 +465,38 @@ def run(model, tokenizer, knn, data: Sequence | None, cfg: EvalConfig, *,
 
     from tqdm.auto import tqdm
 
-    total = sum(count_targets(d["length"]) for d in docs)
+    weights = _batch_rows(docs, context, stride, cfg.batch_size)
+    share = _share(weights, world)
+    total = sum(weights[slice(*share)] if share else weights)
     key_layer = ds.header.key.layer if ds is not None else None
-    with tqdm(total=total, unit="tok", unit_scale=True, desc="evaluating", disable=not cfg.progress) as bar:
-        for lmb in _lm_batches(model, docs, key_layer, context, stride, bos, cfg, counts if need_feats else None,
-                               overlap, exclude_self, lm_cache):
-            tally.add_base(lmb.lp_lm, lmb.doc if cfg.per_document else None)
-            tally.t_lm += lmb.seconds
+    batches: list[_Tally] = []  # under torchrun: this rank's batches, merged in batch order by every rank
+
+    def score() -> None:
+        try:
+            _score_all()
+        finally:  # under `shard_search`: answer the other ranks' searches until they are done too
             if knn is not None:
-                t1 = time.time()
-                with torch.inference_mode():
-                    _score_knn(knn, tally, grid, cfg, lmb, counts, kmax)
-                tally.t_knn += time.time() - t1
-            bar.update(int(lmb.tgt.shape[0]))
+                knn.retriever.finish()
+
+    def _score_all() -> None:
+        with tqdm(total=total, unit="tok", unit_scale=True, desc="evaluating", disable=not cfg.progress) as bar:
+            for lmb in _lm_batches(model, docs, key_layer, context, stride, bos, cfg,
+                                   counts if need_feats else None, overlap, exclude_self, lm_cache, share):
+                t = tally.fresh() if world.distributed else tally
+                t.add_base(lmb.lp_lm, lmb.doc if cfg.per_document else None)
+                t.t_lm += lmb.seconds
+                if knn is not None:
+                    t1 = time.time()
+                    with torch.inference_mode():
+                        _score_knn(knn, t, grid, cfg, lmb, counts, kmax)
+                    t.t_knn += time.time() - t1
+                if world.distributed:
+                    batches.append(t)
+                bar.update(int(lmb.tgt.shape[0]))
+
+    together(world, score)  # an error on one rank is raised on every rank
+    if world.distributed:
+        _reduce(world, tally, batches, time.time() - t_start)
     res = _base_result(tally, docs, context, stride, bos, cfg, time.time() - t_start)
     if knn is not None:
         res["settings"].update(_jsonable(asdict(knn.settings)))
@@ -439,16 +513,18 @@ def run(model, tokenizer, knn, data: Sequence | None, cfg: EvalConfig, *,
     return res
 
 
-def collect_tuning(knn, data: Sequence | None, cfg: EvalConfig, *, texts: Sequence[str] | None = None):
+def collect_tuning(knn, data: Sequence | None, cfg: EvalConfig, *, texts: Sequence[str] | None = None,
+                   world: World = SINGLE):
     """The per-token statistics ``knnlm.gate.fit_gate`` needs, from one pass over the tuning
     text at ``knn``'s k and temperature: LM features, kNN features, log p_lm(y), log p_knn(y)
     and whether the datastore holds each target (``knnlm.gate.TuneData``). Refuses tuning
-    documents that are in the datastore (same text)."""
+    documents that are in the datastore (same text). Under torchrun (``world``) every rank scores
+    a share of the batches and every rank returns the whole data, in one-process order."""
     from knnlm.gate import check_outside_datastore
 
     ds, context, stride, bos, docs, overlap = _prepare(knn.model, knn.tokenizer, knn, data, cfg, texts)
     check_outside_datastore(ds, docs)
-    return _tuning_pass(knn, docs, cfg, context, stride, bos, overlap)
+    return _tuning_pass(knn, docs, cfg, context, stride, bos, overlap, world)
 
 
 SELF_TUNE_TOKENS = 20_000  # default sample of a datastore's own documents for self-tuning (`knnlm tune` without text)
@@ -460,7 +536,7 @@ def tunable_documents(ds) -> int:
     return sum(count_targets(d["length"]) > 0 for d in ds.documents)
 
 
-def collect_self_tuning(knn, cfg: EvalConfig, *, seed: int = 0):
+def collect_self_tuning(knn, cfg: EvalConfig, *, seed: int = 0, world: World = SINGLE):
     """``collect_tuning``'s statistics from the datastore's own documents: the leading tokens of a
     seeded random sample of documents, at most 1/``SELF_TUNE_MIN_DOCS`` of the sample from each
     (1/n with n < ``SELF_TUNE_MIN_DOCS`` documents),
@@ -488,19 +564,19 @@ def collect_self_tuning(knn, cfg: EvalConfig, *, seed: int = 0):
         raise KnnlmError(f"self-tuning needs at least 2 documents with tokens to predict; datastore {ds.path} has "
                          f"{len(docs)}: tune on separate text (`data`)", param="data")
     w = ds.header.window
-    data = _tuning_pass(knn, docs, cfg, w.context, w.stride, w.bos, _Overlap())
+    data = _tuning_pass(knn, docs, cfg, w.context, w.stride, w.bos, _Overlap(), world)
     return replace(data, self_tuned={"documents": len(docs), "tokens": total, "seed": seed, "exclusion": "document"})
 
 
-def _tuning_pass(knn, docs: list[dict], cfg: EvalConfig, context: int, stride: int, bos, overlap: _Overlap):
-    from knnlm.gate import TuneData, knn_features
+def _tuning_pass(knn, docs: list[dict], cfg: EvalConfig, context: int, stride: int, bos, overlap: _Overlap,
+                 world: World = SINGLE):
+    from tqdm.auto import tqdm
+
+    from knnlm.gate import TuneData
 
     ds = knn.datastore
     counts = torch.from_numpy(ds.token_counts())
     parts = {n: [] for n in ("lm", "knn", "has", "lp_lm", "lp_knn", "doc", "seen")}
-    from tqdm.auto import tqdm
-
-    total = sum(count_targets(d["length"]) for d in docs)
     doc_of_row = torch.cat([torch.full((count_targets(d["length"]),), i) for i, d in enumerate(docs)])
     if "rows" in docs[0]:  # the datastore's own documents: each one as if held out, its tokens not counted
         values = np.asarray(ds.values)
@@ -508,26 +584,68 @@ def _tuning_pass(knn, docs: list[dict], cfg: EvalConfig, context: int, stride: i
                                                               minlength=counts.numel()))) for d in docs]
     else:
         groups = [(docs, counts)]
-    row = 0
-    with tqdm(total=total, unit="tok", unit_scale=True, desc="tuning", disable=not cfg.progress) as bar:
-        for group, cnt in groups:  # cnt (V,): the datastore-frequency the features and `seen` see
-            for lmb in _lm_batches(knn.model, group, knn.key_layer, context, stride, bos, cfg, cnt, overlap, False,
-                                   None):
-                with torch.inference_mode():
-                    dists, values, _ = knn.search(lmb.query, exclude_range=lmb.exclude_range)  # (R, k)
-                    kf, has = knn_features(dists, values, knn.temperature, lmb.lm_feats[:, NL])
-                    lpk = knn_target_log_probs(dists, values, lmb.tgt, knn.temperature)
-                n = lmb.tgt.shape[0]
-                for name, x in (("lm", lmb.lm_feats), ("knn", kf), ("has", has), ("lp_lm", lmb.lp_lm),
-                                ("lp_knn", lpk), ("doc", doc_of_row[row: row + n]), ("seen", cnt[lmb.tgt.cpu()] > 0)):
-                    parts[name].append(x.cpu())
-                row += n
-                bar.update(n)
+    # under torchrun: this rank's contiguous share of all the groups' batches, in order
+    weights = [_batch_rows(group, context, stride, cfg.batch_size) for group, _ in groups]
+    flat = [w for ws in weights for w in ws]
+    lo, hi = _share(flat, world) or (0, len(flat))
+    row, first = sum(flat[:lo]), 0  # the first target row of this rank's share; a group's first batch
+    shares = []
+    for ws in weights:
+        shares.append((min(max(lo - first, 0), len(ws)), min(max(hi - first, 0), len(ws))))
+        first += len(ws)
+    total = sum(flat[lo:hi])
+
+    def score() -> None:
+        nonlocal row
+        try:
+            with tqdm(total=total, unit="tok", unit_scale=True, desc="tuning", disable=not cfg.progress) as bar:
+                for (group, cnt), share in zip(groups, shares):  # cnt (V,): the datastore-frequency features see
+                    if share[0] < share[1]:
+                        row = _tune_group(knn, group, cnt, share, cfg, context, stride, bos, overlap, parts,
+                                          doc_of_row, row, bar)
+        finally:  # under `shard_search`: answer the other ranks' searches until they are done too
+            knn.retriever.finish()
+
+    together(world, score)  # an error on one rank is raised on every rank
     documents = [{"name": d["name"], "sha256": d["sha256"], "tokens": d["length"]} for d in docs]
-    return TuneData(**{n: torch.cat(v) for n, v in parts.items()}, documents=documents)
+    everyone = gather(world, parts)  # the ranks' rows, in rank order: one-process order
+    return TuneData(**{n: torch.cat([x for p in everyone for x in p[n]]) for n in parts}, documents=documents)
+
+
+def _tune_group(knn, group, cnt, share, cfg, context, stride, bos, overlap, parts, doc_of_row, row, bar) -> int:
+    """The tuning statistics of one group of documents' batches ``share``, appended to ``parts``;
+    returns the next row."""
+    from knnlm.gate import knn_features
+
+    for lmb in _lm_batches(knn.model, group, knn.key_layer, context, stride, bos, cfg, cnt, overlap, False,
+                           None, share):
+        with torch.inference_mode():
+            dists, values, _ = knn.search(lmb.query, exclude_range=lmb.exclude_range)  # (R, k)
+            kf, has = knn_features(dists, values, knn.temperature, lmb.lm_feats[:, NL])
+            lpk = knn_target_log_probs(dists, values, lmb.tgt, knn.temperature)
+        n = lmb.tgt.shape[0]
+        for name, x in (("lm", lmb.lm_feats), ("knn", kf), ("has", has), ("lp_lm", lmb.lp_lm),
+                        ("lp_knn", lpk), ("doc", doc_of_row[row: row + n]), ("seen", cnt[lmb.tgt.cpu()] > 0)):
+            parts[name].append(x.cpu())
+        row += n
+        bar.update(n)
+    return row
 
 
 # ---------------------------------------------------------------------------- results
+
+
+def _reduce(world: World, tally: _Tally, batches: list[_Tally], wall: float) -> None:
+    """Every rank's batches into ``tally``, in batch order (the ranks' shares are contiguous and
+    in rank order), and each rank's tokens and seconds into ``tally.ranks``."""
+    mine = {"rank": world.rank, "tokens": sum(b.n for b in batches), "lm_seconds": sum(b.t_lm for b in batches),
+            "knn_seconds": sum(b.t_knn for b in batches), "wall_seconds": wall}
+    for theirs, stats in gather(world, (batches, mine)):
+        for b in theirs:
+            tally.merge(b)
+        busy = stats["lm_seconds"] + stats["knn_seconds"]
+        tally.ranks.append({**{k: round(v, 2) if isinstance(v, float) else v for k, v in stats.items()},
+                            "tokens_per_second": round(stats["tokens"] / max(busy, 1e-9), 1)})
 
 
 def _jsonable(d: dict) -> dict:
@@ -535,16 +653,21 @@ def _jsonable(d: dict) -> dict:
 
 
 def _base_result(tally: _Tally, docs, context: int, stride: int, bos, cfg: EvalConfig, wall: float) -> dict:
+    timing = {"wall_seconds": round(wall, 2), "lm_seconds": round(tally.t_lm, 2), "knn_seconds": round(tally.t_knn, 2),
+              "tokens_per_second": round(tally.n / max(tally.t_lm + tally.t_knn, 1e-9), 1),
+              "lm_tokens_per_second": round(tally.n / max(tally.t_lm, 1e-9), 1)}
+    if tally.ranks:  # torchrun: the seconds are summed over the ranks; the job's pace is its slowest rank's
+        busy = max(r["lm_seconds"] + r["knn_seconds"] for r in tally.ranks)
+        timing.update(tokens_per_second=round(tally.n / max(busy, 1e-9), 1),
+                      lm_tokens_per_second=round(tally.n / max(max(r["lm_seconds"] for r in tally.ranks), 1e-9), 1),
+                      world_size=len(tally.ranks), ranks=tally.ranks)
     return {
         "tokens": tally.n,
         "documents": len(docs),
         "ppl_base": _ppl(tally.nll_base, tally.n),
         "window": {"context": context, "stride": stride, "bos": bos},
         "batch_size": cfg.batch_size,
-        "timing": {"wall_seconds": round(wall, 2), "lm_seconds": round(tally.t_lm, 2),
-                   "knn_seconds": round(tally.t_knn, 2),
-                   "tokens_per_second": round(tally.n / max(tally.t_lm + tally.t_knn, 1e-9), 1),
-                   "lm_tokens_per_second": round(tally.n / max(tally.t_lm, 1e-9), 1)},
+        "timing": timing,
         "settings": _jsonable(asdict(cfg)),
     }
 

@@ -42,6 +42,7 @@ from knnlm.config import (
     resolve_keep_unseen,
 )
 from knnlm.datastore import Datastore, model_identity
+from knnlm.distributed import SINGLE, World, on_main
 from knnlm.evaluation import collect_self_tuning, collect_tuning, run
 from knnlm.gate import UNSEEN_COL, Gate, fit_gate, lm_features, load_gate, save_gate
 from knnlm.retrieval import Lookup, Retriever, Step
@@ -234,13 +235,14 @@ class KNNLM:
 
     # ---- the ways to use it -------------------------------------------------------------------
     def evaluate(self, data: Sequence | None = None, *, texts: Sequence[str] | None = None, lm_cache=None,
-                 **options) -> dict:
+                 world: World = SINGLE, **options) -> dict:
         """Perplexity with and without retrieval on ``data`` (paths or ``Source``s) or ``texts``
         (``knnlm.evaluation.run``). ``options``: ``EvalConfig`` fields (e.g. ``lambdas=[0.1,
         0.25, "adaptive"]`` for a sweep scored from one retrieval, ``max_tokens``) and
         ``KNNSettings`` fields for this run (e.g. ``retrieve_fraction=0.5``). The sweep defaults
         to this object's λ, temperature and k. ``lm_cache`` (an ``LMCache``): one forward pass
-        serves several calls on the same text."""
+        serves several calls on the same text. ``world``: under torchrun, every rank scores a share
+        of the text and returns the one-process result (``knnlm.evaluation.run``)."""
         changes = {n: options.pop(n) for n in list(options) if n in SETTINGS_FIELDS}
         knn = self.replace(**changes) if changes else self
         unknown = set(options) - set(EVAL_FIELDS)
@@ -248,7 +250,7 @@ class KNNLM:
             raise TypeError(f"KNNLM.evaluate() got unknown options: {', '.join(sorted(unknown))}")
         axes = dict(lambdas=[knn.lam], temperatures=[knn.temperature], ks=[knn.k])
         cfg = EvalConfig(**{**axes, **options})
-        return run(self.model, self.tokenizer, knn, data, cfg, texts=texts, lm_cache=lm_cache)
+        return run(self.model, self.tokenizer, knn, data, cfg, texts=texts, lm_cache=lm_cache, world=world)
 
     def generate(self, inputs: torch.Tensor | None = None, **kwargs):
         """``model.generate`` with the kNN-LM mixture at every step (``knnlm.generate.generate``):
@@ -262,24 +264,32 @@ class KNNLM:
     def tune(self, data: Sequence | None = None, *, texts: Sequence[str] | None = None, out=None,
              max_tokens: int | None = None, seed: int = 0, kind: str = "auto", batch_size: int = 8,
              progress: bool = True, save: bool = True,
-             max_unseen_loss: float | None = DEFAULT_MAX_UNSEEN_LOSS, keep_unseen: bool = False) -> Gate:
+             max_unseen_loss: float | None = DEFAULT_MAX_UNSEEN_LOSS, keep_unseen: bool = False,
+             world: World = SINGLE) -> Gate:
         """Fit the adaptive gate (``knnlm.gate``) at this object's k and temperature, save it with
         the datastore (or to the file ``out``) and use it from now on. On tuning text (``data`` or
         ``texts``; documents of the datastore are refused), or, with neither, on the datastore's
         own documents (self-tuning: a ``seed``-ed sample of up to ``max_tokens`` tokens, default
         ``knnlm.evaluation.SELF_TUNE_TOKENS``, each searched without its own document's rows). A
         gate that does not beat the best fixed λ on its held-out tuning documents is that fixed λ
-        (``gate.report["fallback"]``). ``max_unseen_loss``, ``keep_unseen``: see ``fit_gate``."""
+        (``gate.report["fallback"]``). ``max_unseen_loss``, ``keep_unseen``: see ``fit_gate``.
+        ``world``: under torchrun every rank scores a share of the tuning text, rank 0 fits and
+        saves the gate once on all of it (the same gate as one process), every rank returns it."""
         check_unseen_options(max_unseen_loss, keep_unseen)
         cfg = EvalConfig(max_tokens=max_tokens, batch_size=batch_size, progress=progress)
         if data is None and texts is None:
-            data_ = collect_self_tuning(self, cfg, seed=seed)
+            data_ = collect_self_tuning(self, cfg, seed=seed, world=world)
         else:
-            data_ = collect_tuning(self, data, cfg, texts=texts)
-        gate = fit_gate(data_, self.datastore.identity(), self.k, self.temperature, kind=kind, seed=seed,
-                        max_unseen_loss=max_unseen_loss, keep_unseen=keep_unseen)
-        if save:
-            save_gate(gate, self.datastore, out)
+            data_ = collect_tuning(self, data, cfg, texts=texts, world=world)
+
+        def fit() -> Gate:
+            gate = fit_gate(data_, self.datastore.identity(), self.k, self.temperature, kind=kind, seed=seed,
+                            max_unseen_loss=max_unseen_loss, keep_unseen=keep_unseen)
+            if save:
+                save_gate(gate, self.datastore, out)
+            return gate
+
+        gate = on_main(world, fit, share=True)  # one fit, on rank 0
         self.gate = gate
         return gate
 

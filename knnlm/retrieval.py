@@ -27,6 +27,7 @@ import torch
 
 from knnlm.config import check_k, check_nprobe
 from knnlm.datastore import Datastore
+from knnlm.sharding import ShardRounds, merge_topk
 
 logger = logging.getLogger(__name__)
 
@@ -168,7 +169,11 @@ class Retriever:
         check_nprobe(nprobe)
         self.index = datastore.index
         self.nprobe = nprobe if nprobe is not None else datastore.header.nprobe
-        set_nprobe(self.index, self.nprobe)  # the index is shared by every Retriever of this datastore
+        self._parts = getattr(self.index, "parts", None) or [self.index]  # index shards held here (ShardedIndex)
+        for part in self._parts:
+            set_nprobe(part, self.nprobe)  # the index is shared by every Retriever of this datastore
+        world = getattr(self.index, "world", None)  # shards on the other torchrun ranks: searches are rounds
+        self.rounds = None if world is None else ShardRounds(world, self._local_search)
         self.rerank = rerank
         self._values = torch.from_numpy(np.asarray(datastore.values, dtype=np.int64))  # (N,)
         self._has_next: torch.Tensor | None = None  # (N,) bool, built on first use of pointers
@@ -291,10 +296,12 @@ class Retriever:
         device = queries.device
         q = queries.detach().to("cpu", torch.float32).contiguous().numpy()  # (Q, D)
         extra = 1 if exclude is not None else 0
-        if exclude_range is not None:
-            d_np, i_np = self._search_excluding(q, min(k + extra, len(self.datastore)), exclude_range)
+        kk = min(k + extra, len(self.datastore))
+        ranges = None if exclude_range is None else exclude_range.detach().cpu().numpy().astype(np.int64)
+        if self.rounds is not None:
+            d_np, i_np = self.rounds.search(q, kk, ranges)
         else:
-            d_np, i_np = self.index.search(q, min(k + extra, len(self.datastore)))
+            d_np, i_np = self._local_search(q, kk, ranges)
         dists = torch.from_numpy(d_np)  # (Q, k')
         ids = torch.from_numpy(i_np)  # (Q, k')
         if exclude is not None:
@@ -311,17 +318,30 @@ class Retriever:
         values = self._values[ids.clamp(min=0)].masked_fill(missing, 0)  # (Q, k)
         return dists.to(device), values.to(device), ids.to(device)
 
-    def _search_excluding(self, q: np.ndarray, k: int, ranges: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
-        """One search per distinct excluded range (``knnlm.index.search_excluding``)."""
+    def finish(self) -> None:
+        """After this process's last search: under ``shard_search``, keep answering the other
+        ranks' searches until every rank is done (``knnlm.sharding.ShardRounds.finish``)."""
+        if self.rounds is not None:
+            self.rounds.finish()
+
+    def _local_search(self, q: np.ndarray, k: int, ranges: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
+        """The k nearest in the index shards held by this process (one index, or several merged by
+        ``knnlm.sharding.merge_topk``); ``ranges`` (Q, 2): rows never returned, or None."""
+        res = [part.search(q, k) if ranges is None else self._search_excluding(part, q, k, ranges)
+               for part in self._parts]
+        return res[0] if len(res) == 1 else merge_topk(res, k)
+
+    @staticmethod
+    def _search_excluding(index, q: np.ndarray, k: int, r: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """One search per distinct excluded range ``r`` (Q, 2) (``knnlm.index.search_excluding``)."""
         from knnlm.index import search_excluding
 
-        r = ranges.detach().cpu().numpy().astype(np.int64)  # (Q, 2)
         d_np = np.empty((q.shape[0], k), dtype=np.float32)
         i_np = np.empty((q.shape[0], k), dtype=np.int64)
         uniq, inv = np.unique(r, axis=0, return_inverse=True)
         for u, (lo, hi) in enumerate(uniq):
             rows = np.flatnonzero(inv.reshape(-1) == u)
-            d_np[rows], i_np[rows] = search_excluding(self.index, np.ascontiguousarray(q[rows]), k, lo, hi)
+            d_np[rows], i_np[rows] = search_excluding(index, np.ascontiguousarray(q[rows]), k, lo, hi)
         return d_np, i_np
 
     def _exact_dists(self, q: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:

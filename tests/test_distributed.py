@@ -130,11 +130,11 @@ def test_ranks_that_disagree_on_the_arguments_are_refused_before_anything_is_wri
     assert not out.exists()
 
 
-def test_commands_other_than_build_index_refuse_to_run_under_torchrun(tmp_path):
+def test_commands_other_than_build_eval_and_tune_refuse_to_run_under_torchrun(tmp_path):
     res = subprocess.run([sys.executable, "-m", "knnlm", "info", str(tmp_path)], capture_output=True, text=True,
                          env=dict(os.environ, WORLD_SIZE="2", RANK="0"))
     assert res.returncode == 2
-    assert "only build-index runs sharded over torchrun ranks" in res.stderr
+    assert "only build-index, eval, tune run over torchrun ranks" in res.stderr
 
 
 # ------------------------------------------------------------------------------ resume with holes

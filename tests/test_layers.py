@@ -16,7 +16,7 @@ PKG = Path(knnlm.__file__).parent
 FLOORS = [
     ["errors"],
     ["config", "corpora", "loading", "ops", "distributed"],
-    ["scoring", "capture", "index"],
+    ["scoring", "capture", "index", "sharding"],
     ["data"],
     ["datastore"],
     ["retrieval"],
