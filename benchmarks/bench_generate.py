@@ -11,6 +11,18 @@ and prints the median generated tokens/s of each side and the ratio kNN / plain.
 ``--flat`` searches an exact in-memory ``IndexFlatL2`` over the datastore's keys (the first
 ``--max-keys`` rows) instead of the datastore's own index; the neighbours' values are the same
 rows'. ``--json`` saves the measurements.
+
+``--draft-tokens N``: speculative decoding instead (batch 1, one prompt at a time): for each of
+``--prompts`` prompts of ``--prompt-set`` (``heldout``: held-out stdlib files, many with
+near-duplicates in a stdlib datastore; ``datastore``: the datastore's own documents; ``prose``:
+English text from a file, ``--prose FILE``), plain ``model.generate``, plain kNN-LM greedy and
+kNN-LM greedy with drafts of up to N tokens run back to back; it prints the tokens/s of each (all
+tokens over all time), the speculative / plain ratios, how many prompts gave token-identical
+output to plain kNN-LM greedy, tokens per model forward, acceptance and searches per token::
+
+    python benchmarks/bench_generate.py --datastore runs/stdlib-1m --draft-tokens 8 --prompt-set heldout
+    python benchmarks/bench_generate.py --datastore runs/stdlib-1m --draft-tokens 8 --prompt-set prose \
+        --prose handbook.txt
 """
 
 from __future__ import annotations
@@ -100,6 +112,12 @@ def main(argv=None) -> int:
     p.add_argument("--max-keys", type=int, default=None, help="with --flat: index only the first N keys")
     p.add_argument("--threads", type=int, default=None, help="torch / FAISS threads (default: torch's)")
     p.add_argument("--json", default=None, help="write the measurements here")
+    p.add_argument("--draft-tokens", type=int, default=0, help="speculative decoding mode (see above)")
+    p.add_argument("--prompt-set", choices=["heldout", "datastore", "prose"], default="heldout")
+    p.add_argument("--prompts", type=int, default=8, help="speculative mode: prompts (default: %(default)s)")
+    p.add_argument("--prompt-offset", type=int, default=256,
+                   help="speculative mode: where in each document a prompt starts, in tokens (default: %(default)s)")
+    p.add_argument("--prose", default=None, help="--prompt-set prose: a text file to cut the prompts from")
     args = p.parse_args(argv)
     if args.tiny == bool(args.datastore):
         p.error("give --datastore DIR, or --tiny")
@@ -131,6 +149,8 @@ def main(argv=None) -> int:
     index_desc = f"{type(knn.retriever.index).__name__} ({knn.retriever.index.ntotal:,} vectors)"
     tok.padding_side = "left"
     pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    if args.draft_tokens:
+        return _speculative(args, model, tok, knn, ds, what, index_desc, pad)
     batch_sizes = [int(x) for x in args.batch_sizes.split(",")]
     prompts = _prompts(tok, max(batch_sizes), args.prompt_tokens)
     n_new = args.max_new_tokens
@@ -166,6 +186,96 @@ def main(argv=None) -> int:
                        "rows": rows, "command": " ".join(sys.argv)}, f, indent=1)
     if tmp is not None:
         tmp.cleanup()
+    return 0
+
+
+def _spec_prompts(args, tok, ds) -> list[tuple[str, list[int]]]:
+    """(name, prompt ids) of ``--prompt-set``: ``--prompt-tokens`` tokens from ``--prompt-offset``."""
+    from knnlm.corpora import stdlib_files
+
+    want, off, n = args.prompt_tokens, args.prompt_offset, args.prompts
+    if args.prompt_set == "prose":
+        if not args.prose:
+            raise SystemExit("--prompt-set prose needs --prose FILE")
+        ids = tok(Path(args.prose).read_text(encoding="utf-8", errors="replace"))["input_ids"]
+        step = max(want + args.max_new_tokens, len(ids) // (n + 1))
+        return [(f"{args.prose}@{i * step}", ids[i * step: i * step + want]) for i in range(n)
+                if len(ids) >= i * step + want]
+    if args.prompt_set == "datastore":
+        docs = sorted(range(len(ds.documents)), key=lambda i: -ds.documents[i]["length"])[: 4 * n]
+        out = [(ds.documents[i]["name"], ds.document_tokens(i)[off: off + want].tolist()) for i in docs[::4]]
+        return out[:n]
+    out = []
+    for path in stdlib_files("test"):
+        ids = tok(Path(path).read_text(encoding="utf-8", errors="replace"))["input_ids"]
+        if len(ids) >= off + want + args.max_new_tokens:
+            out.append((path, ids[off: off + want]))
+        if len(out) == n:
+            break
+    return out
+
+
+def _speculative(args, model, tok, knn, ds, what, index_desc, pad) -> int:
+    import torch
+
+    from knnlm.generate import KNNLogitsProcessor, draft_summary
+
+    n_new = args.max_new_tokens
+    prompts = _spec_prompts(args, tok, ds)
+    kw = dict(max_new_tokens=n_new, do_sample=False, pad_token_id=pad)
+    print(f"{what}; index {index_desc}, k {knn.k}, lambda {args.lam}; greedy, batch 1, {n_new} new tokens, "
+          f"{len(prompts)} prompts of {args.prompt_tokens} tokens ({args.prompt_set}), drafts <= "
+          f"{args.draft_tokens}, {torch.get_num_threads()} torch threads")
+    enc0 = torch.tensor([prompts[0][1]])
+    model.generate(enc0, max_new_tokens=2, pad_token_id=pad)  # warm-up
+    knn.generate(enc0, max_new_tokens=2, pad_token_id=pad, draft_tokens=args.draft_tokens)
+    tot = {"plain": [0, 0.0], "knn": [0, 0.0], "spec": [0, 0.0]}
+    rows, same, agg = [], 0, {"forwards": 0, "tokens": 0, "drafted": 0, "accepted": 0, "searches": 0}
+    print(f"{'prompt':<44} {'plain':>7} {'kNN':>7} {'spec':>7} {'x plain':>8} {'tok/fwd':>8} {'same':>5}")
+    for name, ids in prompts:
+        enc = torch.tensor([ids])
+        res = {}
+        for mode in ("plain", "knn", "spec"):
+            t0 = time.perf_counter()
+            if mode == "plain":
+                out = model.generate(enc, attention_mask=torch.ones_like(enc), **kw)
+            elif mode == "knn":
+                out = knn.generate(enc, attention_mask=torch.ones_like(enc), **kw)
+            else:
+                proc = KNNLogitsProcessor(knn)
+                out = knn.generate(enc, attention_mask=torch.ones_like(enc), processor=proc,
+                                   draft_tokens=args.draft_tokens, **kw)
+            dt = time.perf_counter() - t0
+            new = out[0, enc.shape[1]:].tolist()
+            res[mode] = (new, dt)
+            tot[mode][0] += len(new)
+            tot[mode][1] += dt
+        d = draft_summary(proc)
+        for k in agg:
+            agg[k] += d[k]
+        ok = res["knn"][0] == res["spec"][0]
+        same += ok
+        tps = {m: len(res[m][0]) / res[m][1] for m in res}
+        rows.append({"prompt": name, "tokens_per_second": tps, "identical_to_knn": ok, "draft": d,
+                     "tokens": {m: len(res[m][0]) for m in res}})
+        print(f"{name[-44:]:<44} {tps['plain']:>7.1f} {tps['knn']:>7.1f} {tps['spec']:>7.1f} "
+              f"{tps['spec'] / tps['plain']:>7.2f}x {d['tokens_per_forward']:>8.2f} {'yes' if ok else 'NO':>5}")
+    t = {m: tot[m][0] / tot[m][1] for m in tot}
+    summary = {"plain_tokens_per_second": t["plain"], "knn_tokens_per_second": t["knn"],
+               "speculative_tokens_per_second": t["spec"], "speculative_vs_plain": t["spec"] / t["plain"],
+               "speculative_vs_knn": t["spec"] / t["knn"], "identical_prompts": same, "prompts": len(prompts),
+               "tokens_per_forward": agg["tokens"] / max(agg["forwards"], 1),
+               "acceptance": agg["accepted"] / agg["drafted"] if agg["drafted"] else None,
+               "searches_per_token": agg["searches"] / max(agg["tokens"], 1)}
+    print(f"all: plain {t['plain']:.1f} tok/s, kNN-LM {t['knn']:.1f}, speculative {t['spec']:.1f} = "
+          f"{summary['speculative_vs_plain']:.2f}x plain, {summary['speculative_vs_knn']:.2f}x kNN-LM; identical to "
+          f"kNN-LM greedy on {same}/{len(prompts)} prompts; {summary['tokens_per_forward']:.2f} tokens per forward, "
+          f"acceptance {summary['acceptance'] or 0:.2f}, {summary['searches_per_token']:.2f} searches per token")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"setup": what, "index": index_desc, "k": knn.k, "lambda": args.lam, "new_tokens": n_new,
+                       "draft_tokens": args.draft_tokens, "prompt_set": args.prompt_set, "summary": summary,
+                       "rows": rows, "command": " ".join(sys.argv)}, f, indent=1)
     return 0
 
 
