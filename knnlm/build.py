@@ -54,6 +54,7 @@ from knnlm.datastore import (
     Header,
     KeySpec,
     WindowSpec,
+    build_dir,
     disk_errors,
     index_record,
     index_work_dir,
@@ -263,7 +264,7 @@ def build_datastore(model, tokenizer, data: Sequence[str] | Sequence[Source], ou
     try:
         complete = on_main(world, lambda: writer.header.complete)
         if not world.main:
-            complete = read_header(out).complete
+            complete = read_header(build_dir(out)).complete
         if not complete:
             if not world.main:
                 writer = DatastoreWriter.follow(out)
@@ -281,7 +282,7 @@ def build_datastore(model, tokenizer, data: Sequence[str] | Sequence[Source], ou
 
             on_main(world, finish)
             if world.distributed:
-                ds = _index_sharded(writer, cfg, world, Path(out))
+                ds = _index_sharded(writer, cfg, world, writer.path)
             else:
                 with disk_errors(writer.path):
                     ds = writer.finalize(cfg.index, storage=cfg.index_storage, seed=cfg.seed, progress=cfg.progress)

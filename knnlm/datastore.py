@@ -855,8 +855,11 @@ class DatastoreWriter:
     or is refused by ``open_datastore``, never one that opens as valid before it is.
     """
 
-    def __init__(self, path: Path, header: Header, fresh: bool, lock_fd: int | None = None):
+    def __init__(self, path: Path, header: Header, fresh: bool, lock_fd: int | None = None,
+                 target: Path | None = None):
         self.path, self.header, self.fresh = path, header, fresh
+        self.target = target  # building beside a complete datastore (overwrite): swapped into ``target`` at the end
+        self._lock_dir = target if target is not None else path  # whose lock ``lock_fd`` holds
         self._lock_fd = lock_fd
         self._fd: int | None = None
         self._offset = 0
@@ -884,6 +887,8 @@ class DatastoreWriter:
         try:
             old = check_out(path, resume=resume, overwrite=overwrite)
             check_entries(path, old)
+            if old is not None and overwrite and old.complete and not path.is_symlink():
+                return cls._beside(path, header, lock_fd, resume=resume, resume_keys=resume_keys)
             if old is not None and not overwrite:
                 cls._check_resumable(path, old, header, resume_keys)
                 return cls(path, old, fresh=False, lock_fd=lock_fd)
@@ -896,10 +901,32 @@ class DatastoreWriter:
             raise
 
     @classmethod
+    def _beside(cls, path: Path, header: Header, lock_fd: int, *, resume: bool,
+                resume_keys: Sequence[str]) -> DatastoreWriter:
+        """A writer of a new datastore in ``overwrite_dir(path)``, next to the complete one at
+        ``path`` (which stays in use, under its lock, until ``complete`` swaps the two): a kill
+        during the build leaves the old datastore whole. With ``resume`` an interrupted
+        overwrite with the same settings continues there."""
+        stage = overwrite_dir(path)
+        if os.path.lexists(stage):
+            if stage.is_symlink() or not stage.is_dir():
+                raise DatastoreError(f"{stage} is not a directory of knnlm's; remove it, then run again", param="out")
+            old = read_header(stage)
+            if resume and old is not None and not old.complete:
+                check_entries(stage, old)
+                cls._check_resumable(path, old, header, resume_keys)
+                return cls(stage, old, fresh=False, lock_fd=lock_fd, target=path)
+            shutil.rmtree(stage)
+        stage.mkdir()
+        header.generation = new_generation()
+        header.write(stage)
+        return cls(stage, header, fresh=True, lock_fd=lock_fd, target=path)
+
+    @classmethod
     def follow(cls, path: str | os.PathLike) -> DatastoreWriter:
         """A writer of key rows only, for a datastore whose lock another process holds: rank > 0 of
         a sharded build writes its share of ``keys.npy`` and its own progress file, nothing else."""
-        path = Path(path)
+        path = build_dir(path)
         header = read_header(path)
         if header is None or header.status != "building":
             raise DatastoreError(f"{path}: no datastore waiting for key rows (status "
@@ -910,7 +937,7 @@ class DatastoreWriter:
         """Give up the directory's lock (idempotent)."""
         fd, self._lock_fd = self._lock_fd, None
         if fd is not None:
-            _unlock(self.path, fd)
+            _unlock(self._lock_dir, fd)
 
     @staticmethod
     def _check_resumable(path: Path, old: Header, new: Header, resume_keys: Sequence[str]) -> None:
@@ -935,6 +962,12 @@ class DatastoreWriter:
         """Remove what a fresh writer wrote (after a failure before any key was computed) and
         release the lock."""
         fd, self._lock_fd = self._lock_fd, None
+        if self.target is not None:  # beside a complete datastore: drop the new one, keep the old
+            if self.fresh:
+                shutil.rmtree(self.path, ignore_errors=True)
+            if fd is not None:
+                _unlock(self.target, fd)
+            return
         if self.fresh:
             _clear(self.path)
         _let_go(self.path, fd, drop_dir=self.fresh)
@@ -1096,6 +1129,10 @@ class DatastoreWriter:
         self.save_header()
         if not self.header.has_keys:
             (self.path / KEYS).unlink(missing_ok=True)
+        if self.target is not None:  # the new datastore takes the old one's place, then the old goes
+            _swap_dirs(self.path, self.target)
+            shutil.rmtree(self.path, ignore_errors=True)
+            self.path, self.target = self.target, None
         self.release()
         return open_datastore(self.path)
 
@@ -1181,6 +1218,40 @@ def _let_go(path: Path, fd: int | None, *, drop_dir: bool) -> None:
         _unlock(path, fd)
     if empty and not any(path.iterdir()):
         path.rmdir()
+
+
+def overwrite_dir(path: str | os.PathLike) -> Path:
+    """Where ``overwrite`` builds the datastore that replaces the complete one at ``path``."""
+    path = Path(path)
+    return path.parent / f".{path.name}.overwrite"
+
+
+def build_dir(out: str | os.PathLike) -> Path:
+    """The directory a build into ``out`` writes: ``overwrite_dir(out)`` while an overwrite of a
+    complete datastore is under way there, else ``out`` (the other ranks of a sharded build)."""
+    out = Path(out)
+    stage = overwrite_dir(out)
+    if stage.is_dir() and not stage.is_symlink():
+        h = read_header(stage)
+        if h is not None and not h.complete:
+            return stage
+    return out
+
+
+def _swap_dirs(new: Path, old: Path) -> None:
+    """Exchange the directories ``new`` and ``old`` (``renameat2(RENAME_EXCHANGE)``: atomic, a
+    reader sees one or the other); where the kernel or file system lacks it, three renames."""
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    renameat2 = getattr(libc, "renameat2", None)
+    at_fdcwd, rename_exchange = -100, 2
+    if renameat2 is None or renameat2(at_fdcwd, os.fsencode(new), at_fdcwd, os.fsencode(old), rename_exchange) != 0:
+        aside = old.with_name(old.name + ".previous")
+        os.rename(old, aside)
+        os.rename(new, old)
+        os.rename(aside, new)
+    _fsync_dir(old.parent)
 
 
 def check_out(path: str | os.PathLike, *, resume: bool, overwrite: bool) -> Header | None:

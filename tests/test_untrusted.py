@@ -362,6 +362,33 @@ def test_a_reader_refuses_an_index_swapped_under_it(copy):
     assert open_datastore(copy).index.ntotal == len(ds)  # a fresh reader sees the new generation
 
 
+def test_overwrite_builds_beside_and_a_kill_keeps_the_previous_datastore(tiny_tokenizer, tmp_path, monkeypatch):
+    from knnlm import BuildConfig, build_datastore, datastore
+    from knnlm.testing import make_tiny_model
+
+    model = make_tiny_model("llama")
+    out = tmp_path / "ds"
+    cfg = BuildConfig(context=64, index="flat", progress=False)
+    old = build_datastore(model, tiny_tokenizer, corpus_paths(["keyword.py"]), out, cfg)
+    values, generation = np.asarray(old.values).copy(), old.header.generation
+    real = datastore.build_index
+
+    def killed(*args, **kwargs):
+        raise KeyboardInterrupt  # the process dies while the new index is built
+
+    monkeypatch.setattr(datastore, "build_index", killed)
+    over = BuildConfig(context=64, index="flat", progress=False, overwrite=True)
+    with pytest.raises(KeyboardInterrupt):
+        build_datastore(model, tiny_tokenizer, corpus_paths(["fnmatch.py"]), out, over)
+    kept = open_datastore(out)  # the previous datastore: whole, same rows, same generation
+    assert kept.header.generation == generation and np.array_equal(np.asarray(kept.values), values)
+    assert kept.index.ntotal == len(values) and not (out / LOCK).exists()
+    monkeypatch.setattr(datastore, "build_index", real)
+    new = build_datastore(model, tiny_tokenizer, corpus_paths(["fnmatch.py"]), out, over)
+    assert new.path == out and new.header.generation != generation and new.documents[0]["name"].endswith("fnmatch.py")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ds"]  # the work directory is gone
+
+
 # ------------------------------------------------------------------ 6. full or read-only disks
 
 
