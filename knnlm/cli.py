@@ -284,7 +284,10 @@ def _add_build_parser(sub) -> None:
     _add_index_args(g)
     g.add_argument("--seed", type=int, default=0, help="seed of the index-training sample (default: %(default)s)")
     g.add_argument("--resume", action="store_true", help="continue an interrupted build in --out")
-    g.add_argument("--overwrite", action="store_true", help="replace the datastore in --out")
+    g.add_argument("--overwrite", action="store_true",
+                   help="replace the datastore in --out: a complete one is rebuilt beside it "
+                   "(.NAME.overwrite, as much disk again) and swapped in at the end, so an interrupted "
+                   "overwrite leaves it whole; with --resume an interrupted overwrite continues")
     g.add_argument("--quiet", action="store_true", help="no progress bars or INFO lines (warnings and errors only)")
     b.set_defaults(func=cmd_build_index)
 

@@ -204,6 +204,12 @@ def merge_index(trained: Path, shards: Sequence[Path], index_path: str | os.Path
     index_path = Path(index_path)
     lists = ivfdata_name(index_path.name)
     stage = index_path.parent / f".{index_path.name}.staging"
+    if storage == "disk":  # FAISS writes on-disk lists through a memory map: a full disk there is a SIGBUS
+        need = int(sum(Path(p).stat().st_size for p in shards) * 1.05) + (1 << 20)
+        fs = os.statvfs(index_path.parent)
+        if fs.f_bavail * fs.f_frsize < need:
+            raise OSError(errno.ENOSPC, f"{os.strerror(errno.ENOSPC)}: the inverted lists need about {need:,} bytes, "
+                          f"{fs.f_bavail * fs.f_frsize:,} are free")
     shutil.rmtree(stage, ignore_errors=True)
     stage.mkdir(parents=True)
     try:
@@ -776,7 +782,8 @@ def write_gate(ds: Datastore, payload: dict, out: str | os.PathLike | None = Non
     (``gate.json`` / ``gate.r1.json`` in turn), then the header is switched to it, then the old file
     is removed, so a crash at any point leaves the previous gate in use. Returns the file."""
     if out is not None:
-        write_json_atomic(out, payload)
+        with disk_errors(Path(out), "tune"):
+            write_json_atomic(out, payload)
         return Path(out)
     path = Path(ds.path)
     fd = _lock(path)
@@ -1158,7 +1165,8 @@ def disk_errors(path: Path, command: str | None = None):
             raise
         again = (f"run `knnlm {command}` again" if command else "run the same command with `resume` to continue")
         what = "no space left" if code in _FULL else "cannot write"
-        raise DatastoreError(f"{what} writing {path} ({os.strerror(code)}); "
+        detail = e.strerror if isinstance(e, OSError) and e.strerror else os.strerror(code)
+        raise DatastoreError(f"{what} writing {path} ({detail}); "
                              f"{'free space' if code in _FULL else 'make it writable'}, then {again}",
                              param=None if command else "out") from None
 
@@ -1424,14 +1432,16 @@ def subset_datastore(src: Datastore, out: str | os.PathLike, max_tokens: int | N
     n = docs[-1]["first_row"] + count_targets(docs[-1]["length"])  # an empty last document adds no row
     src.require_keys("index", "a subset re-indexes the keys: build the smaller datastore from the corpus")
     plan_index(index, n, src.dim, storage=index_storage)  # a bad index fails before anything is written
-    writer = _new_writer(out, _derived_header(src.header, subset_of={"path": str(src.path), "max_tokens": max_tokens}),
-                         "subset")
+    with disk_errors(Path(out), "subset"):
+        writer = _new_writer(out, _derived_header(src.header, subset_of={"path": str(src.path),
+                                                                         "max_tokens": max_tokens}), "subset")
     try:
-        writer.write_corpus(((d, src.document_tokens(i)) for i, d in enumerate(docs)), progress=False)
-        with writer:
-            writer.copy_rows(src.keys[:n], 0)
-            writer.commit(n)
-        return writer.finalize(index, storage=index_storage, seed=seed, progress=progress)
+        with disk_errors(Path(out), "subset"):
+            writer.write_corpus(((d, src.document_tokens(i)) for i, d in enumerate(docs)), progress=False)
+            with writer:
+                writer.copy_rows(src.keys[:n], 0)
+                writer.commit(n)
+            return writer.finalize(index, storage=index_storage, seed=seed, progress=progress)
     finally:
         writer.release()
 
@@ -1502,18 +1512,20 @@ def merge_datastores(inputs: Sequence[str | os.PathLike | Datastore], out: str |
                     "documents": len(ds.documents), "created": ds.header.created} for ds in stores]
     header = _derived_header(stores[0].header, merged_from=merged_from)
     header.build["max_tokens"] = None
-    writer = _new_writer(out, header, "merge")
+    with disk_errors(Path(out), "merge"):
+        writer = _new_writer(out, header, "merge")
     try:
-        sources: dict[str, int] = {}
-        writer.write_corpus(_merged_documents(stores, sources), progress=False)
-        writer.header.corpus.sources = [json.loads(k) for k in sources]
-        with writer, tqdm(total=writer.header.total, unit="key", desc="merging", disable=not progress) as bar:
-            row = 0
-            for ds in stores:
-                writer.copy_rows(ds.keys, row, bar)
-                row += len(ds)
-            writer.commit(row)
-        return writer.finalize(index, storage=index_storage, seed=seed, progress=progress)
+        with disk_errors(Path(out), "merge"):
+            sources: dict[str, int] = {}
+            writer.write_corpus(_merged_documents(stores, sources), progress=False)
+            writer.header.corpus.sources = [json.loads(k) for k in sources]
+            with writer, tqdm(total=writer.header.total, unit="key", desc="merging", disable=not progress) as bar:
+                row = 0
+                for ds in stores:
+                    writer.copy_rows(ds.keys, row, bar)
+                    row += len(ds)
+                writer.commit(row)
+            return writer.finalize(index, storage=index_storage, seed=seed, progress=progress)
     finally:
         writer.release()
 

@@ -416,3 +416,18 @@ def test_a_file_size_limit_during_reindex_is_one_line(copy):
     assert open_datastore(copy).index.ntotal == len(open_datastore(copy))
     after = {p.name: _digest(p) for p in copy.iterdir() if p.is_file()}
     assert after == before
+
+
+def test_on_disk_lists_that_would_not_fit_are_refused_before_faiss_maps_them(copy, monkeypatch):
+    from collections import namedtuple
+
+    before = open_datastore(copy).header.index
+    real = os.statvfs
+    full = namedtuple("statvfs", "f_bavail f_frsize")(0, 4096)
+    monkeypatch.setattr(os, "statvfs", lambda p: full if Path(p) == copy else real(p))
+    with pytest.raises(DatastoreError, match="no space left.*inverted lists need about") as exc:
+        reindex_datastore(copy, index="IVF4,Flat", index_storage="disk", progress=False)
+    assert "run `knnlm reindex` again" in _one_line(exc.value)
+    monkeypatch.undo()
+    assert open_datastore(copy).header.index == before  # the old index still in use
+    assert sorted(p.name for p in copy.iterdir() if p.name.startswith(".")) == []
