@@ -1274,7 +1274,7 @@ def check_out(path: str | os.PathLike, *, resume: bool, overwrite: bool) -> Head
         raise DatastoreError(f"`out` {path} is a file, not a directory", param="out")
     old = read_header(path)
     if old is None:
-        if _listing(path) and not overwrite:
+        if _listing(path):  # even with `overwrite`: it only ever replaces a datastore
             raise DatastoreError(f"`out` {path} exists, is not empty and holds no datastore; "
                                  "choose an empty or new directory", param="out")
     elif not (resume or overwrite):

@@ -181,7 +181,8 @@ def _check_positions(model, inputs, kwargs) -> None:
     limit = getattr(model.config, "max_position_embeddings", None)
     if not isinstance(limit, int) or limit <= 0:
         return
-    prompt = int(inputs.shape[-1]) if inputs is not None else 0
+    ids = inputs if inputs is not None else kwargs.get("input_ids")
+    prompt = int(ids.shape[-1]) if ids is not None else 0
     new = kwargs.get("max_new_tokens")
     if new is not None:
         total, what = prompt + int(new), f"the prompt ({prompt} tokens) plus `max_new_tokens` ({new})"

@@ -105,9 +105,10 @@ def test_a_refused_build_creates_nothing(copy, tmp_path):
     busy = tmp_path / "home"
     busy.mkdir()
     (busy / "notes.txt").write_text("mine")
-    with pytest.raises(DatastoreError, match="holds no datastore") as exc:
-        DatastoreWriter.start(busy, header)
-    _one_line(exc.value)
+    for overwrite in (False, True):  # `--out / --overwrite` included
+        with pytest.raises(DatastoreError, match="holds no datastore") as exc:
+            DatastoreWriter.start(busy, header, overwrite=overwrite)
+        _one_line(exc.value)
     assert sorted(p.name for p in busy.iterdir()) == ["notes.txt"]  # no .knnlm.lock left behind
 
 
@@ -289,6 +290,8 @@ def test_generate_checks_the_models_position_limit(tiny_store, tiny_tokenizer):
     with pytest.raises(GenerateError, match=f"exceed the model's {limit} positions") as exc:
         knn.generate(torch.tensor([[1, 2, 3]]), max_new_tokens=limit)
     assert exc.value.param == "max_new_tokens"
+    with pytest.raises(GenerateError, match=r"the prompt \(3 tokens\)"):
+        knn.generate(input_ids=torch.tensor([[1, 2, 3]]), max_new_tokens=limit - 2)
 
 
 def _with_empty_document(path: Path, after: int) -> int:
