@@ -597,9 +597,13 @@ class Datastore:
             h = self.header
             lists = (h.index or {}).get("ivfdata")
             self.check_generation()
-            index = load_index(self.path / h.index_file, n=len(self), dim=self.dim, nprobe=h.nprobe,
-                               storage=h.index_storage, ivfdata=self.path / lists if lists else None,
-                               ivfdata_bytes=(h.index or {}).get("ivfdata_bytes") if lists else None)
+            try:
+                index = load_index(self.path / h.index_file, n=len(self), dim=self.dim, nprobe=h.nprobe,
+                                   storage=h.index_storage, ivfdata=self.path / lists if lists else None,
+                                   ivfdata_bytes=(h.index or {}).get("ivfdata_bytes") if lists else None)
+            except (DatastoreError, OSError):
+                self.check_generation()  # a writer replaced the index while it was read: say that instead
+                raise
             self.check_generation()
             self._index = index
         return self._index
