@@ -997,7 +997,8 @@ class DatastoreWriter:
             for doc, ids in documents:
                 ids = np.asarray(ids, dtype=np.int32)
                 if len(ids) and (ids.min() < 0 or ids.max() >= vocab):
-                    raise CorpusError(f"document {doc['name']!r} holds token id {int(ids.max())} outside the model's "
+                    bad = int(ids[(ids < 0) | (ids >= vocab)][0])
+                    raise CorpusError(f"document {doc['name']!r} holds token id {bad} outside the model's "
                                       f"vocabulary [0, {vocab}); the tokenizer does not match the model",
                                       param="data")
                 ft.write(ids.tobytes())
@@ -1193,7 +1194,13 @@ def _lock(path: Path) -> int:
     file is opened without following links and removed by ``_unlock``: a lock taken on a file that
     another writer removed meanwhile (its inode no longer at ``path``) is taken again."""
     for _ in range(100):
-        fd = open_own(path / LOCK, os.O_RDWR | os.O_CREAT)
+        try:
+            fd = open_own(path / LOCK, os.O_RDWR | os.O_CREAT)
+        except OSError as e:
+            if e.errno not in _FULL | _DENIED:
+                raise
+            raise DatastoreError(f"cannot write in {path} ({os.strerror(e.errno)}); a writer needs a writable "
+                                 "directory: copy the datastore somewhere writable") from None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:

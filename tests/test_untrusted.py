@@ -434,3 +434,29 @@ def test_on_disk_lists_that_would_not_fit_are_refused_before_faiss_maps_them(cop
     monkeypatch.undo()
     assert open_datastore(copy).header.index == before  # the old index still in use
     assert sorted(p.name for p in copy.iterdir() if p.name.startswith(".")) == []
+
+
+def test_a_read_only_datastore_refuses_a_writer_with_one_line(copy, monkeypatch):
+    from knnlm import datastore
+
+    def read_only(path, flags, mode=0o644):
+        raise OSError(errno.EROFS, os.strerror(errno.EROFS), str(path))
+
+    monkeypatch.setattr(datastore, "open_own", read_only)
+    with pytest.raises(DatastoreError, match="Read-only file system") as exc:
+        write_gate(open_datastore(copy), {"gate": 1})
+    _one_line(exc.value)
+
+
+def test_token_ids_outside_the_vocabulary_are_refused_when_written(copy, tmp_path):
+    from knnlm.errors import CorpusError
+
+    header = read_header(copy)
+    writer = DatastoreWriter.start(tmp_path / "new", header)
+    try:
+        with pytest.raises(CorpusError, match="token id 384 outside the model's vocabulary"):
+            writer.write_corpus([({"name": "a.py", "source": 0, "sha256": "0"}, np.array([5, 384, 7]))],
+                                progress=False)
+    finally:
+        writer.discard()
+    assert not (tmp_path / "new").exists()
