@@ -287,7 +287,7 @@ def _add_build_parser(sub) -> None:
     g.add_argument("--overwrite", action="store_true",
                    help="replace the datastore in --out: a complete one is rebuilt beside it "
                    "(.NAME.overwrite, as much disk again) and swapped in at the end, so an interrupted "
-                   "overwrite leaves it whole; with --resume an interrupted overwrite continues")
+                   "overwrite leaves it whole; the same command again continues an interrupted overwrite")
     g.add_argument("--quiet", action="store_true", help="no progress bars or INFO lines (warnings and errors only)")
     b.set_defaults(func=cmd_build_index)
 

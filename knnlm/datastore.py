@@ -899,7 +899,7 @@ class DatastoreWriter:
             old = check_out(path, resume=resume, overwrite=overwrite)
             check_entries(path, old)
             if old is not None and overwrite and old.complete and not path.is_symlink():
-                return cls._beside(path, header, lock_fd, resume=resume, resume_keys=resume_keys)
+                return cls._beside(path, header, lock_fd, resume_keys=resume_keys)
             if old is not None and not overwrite:
                 cls._check_resumable(path, old, header, resume_keys)
                 return cls(path, old, fresh=False, lock_fd=lock_fd)
@@ -912,21 +912,24 @@ class DatastoreWriter:
             raise
 
     @classmethod
-    def _beside(cls, path: Path, header: Header, lock_fd: int, *, resume: bool,
-                resume_keys: Sequence[str]) -> DatastoreWriter:
+    def _beside(cls, path: Path, header: Header, lock_fd: int, *, resume_keys: Sequence[str]) -> DatastoreWriter:
         """A writer of a new datastore in ``overwrite_dir(path)``, next to the complete one at
         ``path`` (which stays in use, under its lock, until ``complete`` swaps the two): a kill
-        during the build leaves the old datastore whole. With ``resume`` an interrupted
-        overwrite with the same settings continues there."""
+        during the build leaves the old datastore whole. An interrupted overwrite with the same
+        settings continues there (a build resumes to the same bytes); another one starts over."""
         stage = overwrite_dir(path)
         if os.path.lexists(stage):
             if stage.is_symlink() or not stage.is_dir():
                 raise DatastoreError(f"{stage} is not a directory of knnlm's; remove it, then run again", param="out")
-            old = read_header(stage)
-            if resume and old is not None and not old.complete:
-                check_entries(stage, old)
-                cls._check_resumable(path, old, header, resume_keys)
-                return cls(stage, old, fresh=False, lock_fd=lock_fd, target=path)
+            try:
+                old = read_header(stage)
+                if old is not None and not old.complete:
+                    check_entries(stage, old)
+                    cls._check_resumable(path, old, header, resume_keys)
+                    logger.info("continuing the interrupted overwrite in %s", stage)
+                    return cls(stage, old, fresh=False, lock_fd=lock_fd, target=path)
+            except DatastoreError:
+                pass  # other settings, or not resumable: start the new datastore over
             shutil.rmtree(stage)
         stage.mkdir()
         header.generation = new_generation()

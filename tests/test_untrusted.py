@@ -392,6 +392,48 @@ def test_overwrite_builds_beside_and_a_kill_keeps_the_previous_datastore(tiny_to
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ds"]  # the work directory is gone
 
 
+def test_sigkill_during_overwrite_keeps_the_previous_datastore_byte_for_byte(tmp_path, slow_model_dir,
+                                                                            corpus_dir):
+    """A real `knnlm build-index --overwrite` killed with SIGKILL while it extracts keys beside the
+    old datastore: every file of the old one is unchanged (same rows, same index: the same
+    perplexity), and the same command again finishes the new one and swaps it in."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    repo = Path(__file__).resolve().parent.parent
+    files = sorted(str(p) for p in corpus_dir.iterdir())
+    out = tmp_path / "ds"
+    cmd = [sys.executable, "-m", "knnlm", "build-index", "--model", str(slow_model_dir), "--data", *files,
+           "--index", "flat", "--context", "32", "--batch-size", "1", "--quiet", "--out", str(out)]
+    subprocess.run([*cmd, "--max-tokens", "1000"], check=True, cwd=repo, capture_output=True, timeout=300)
+    before = {p.name: _digest(p) for p in out.iterdir()}
+    generation = read_header(out).generation
+    env = dict(os.environ, KNNLM_COMMIT_SECONDS="0.1")
+    proc = subprocess.Popen([*cmd, "--max-tokens", "3000", "--overwrite"], cwd=repo, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    stage, deadline = tmp_path / ".ds.overwrite", time.time() + 120
+    while time.time() < deadline and proc.poll() is None:
+        h = read_header(stage) if (stage / "header.json").exists() else None
+        if h is not None and h.count > 0:
+            break
+        time.sleep(0.05)
+    assert proc.poll() is None, "the overwrite finished before it could be killed"
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    after = {p.name: _digest(p) for p in out.iterdir() if p.name != LOCK}
+    assert after == before
+    kept = open_datastore(out)
+    assert kept.header.generation == generation and kept.index.ntotal == len(kept)
+    res = subprocess.run([*cmd, "--max-tokens", "3000", "--overwrite"], cwd=repo, capture_output=True,
+                         text=True, timeout=300)
+    assert res.returncode == 0, res.stderr
+    new = open_datastore(out)
+    assert new.header.generation != generation and new.header.tokens > kept.header.tokens
+    assert not stage.exists() and not (out / LOCK).exists()
+
+
 # ------------------------------------------------------------------ 6. full or read-only disks
 
 
