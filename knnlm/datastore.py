@@ -473,6 +473,10 @@ _HEADER_FIELDS = {
     "corpus.documents": ("an integer >= 0 or null", lambda v: v is None or _is_int(v)),
     "corpus.text_field": (_OPT_STR, lambda v: v is None or isinstance(v, str)),
     "build": ("an object or null", lambda v: v is None or isinstance(v, dict)),
+    "build.max_tokens": ("an integer >= 2 or null", lambda v: v is None or _is_int(v, 2)),
+    "build.reindexed": ("a list", lambda v: isinstance(v, list)),
+    "build.subset_of": ("an object", lambda v: isinstance(v, dict)),
+    "build.merged_from": ("a list of objects", lambda v: isinstance(v, list) and all(isinstance(x, dict) for x in v)),
     "index": ("an object or null", lambda v: v is None or isinstance(v, dict)),
     "index.file": ("a file name in the datastore or null", lambda v: v is None or _bare_name(v)),
     "index.ivfdata": ("a file name in the datastore or null", lambda v: v is None or _bare_name(v)),
@@ -493,6 +497,7 @@ _HEADER_FIELDS = {
 }
 _OPTIONAL_FIELDS = {"model.name_or_path", "model.class", "model.model_type", "key.kind", "corpus.documents",
                     "corpus.text_field", "build", "index", "gate", "generation", "index.file", "index.ivfdata",
+                    "build.max_tokens", "build.reindexed", "build.subset_of", "build.merged_from",
                     "index.ivfdata_bytes", "index.storage", "index.nprobe", "index.factory", "index.spec",
                     "index.ntotal", "index.bytes", "index.build_seconds"}
 

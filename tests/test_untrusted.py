@@ -240,6 +240,7 @@ HEADER_CASES = {
     "index-file-escapes": (lambda h: h["index"].update(file="../../etc/passwd"), "index.file"),
     "gate-file-escapes": (lambda h: h.update(gate={"file": "/etc/passwd", "sha256": "0", "datastore": "x"}),
                           "gate.file"),
+    "max-tokens-string": (lambda h: h["build"].update(max_tokens="8000"), "build.max_tokens"),
     "stride-not-below-context": (lambda h: h["window"].update(stride=h["window"]["context"]), "window.stride"),
 }
 
