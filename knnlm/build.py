@@ -54,6 +54,7 @@ from knnlm.datastore import (
     Header,
     KeySpec,
     WindowSpec,
+    build_dir,
     disk_errors,
     index_record,
     index_work_dir,
@@ -263,7 +264,7 @@ def build_datastore(model, tokenizer, data: Sequence[str] | Sequence[Source], ou
     try:
         complete = on_main(world, lambda: writer.header.complete)
         if not world.main:
-            complete = read_header(out).complete
+            complete = read_header(build_dir(out)).complete
         if not complete:
             if not world.main:
                 writer = DatastoreWriter.follow(out)
@@ -287,7 +288,7 @@ def build_datastore(model, tokenizer, data: Sequence[str] | Sequence[Source], ou
                                            progress=cfg.progress, index_shards=cfg.index_shards)
 
             if world.distributed and cfg.index_shards == 1:
-                ds = _index_sharded(writer, cfg, world, Path(out))
+                ds = _index_sharded(writer, cfg, world, writer.path)
             else:  # an index split into shards is filled by rank 0 alone
                 ds = on_main(world, finalize)
         else:

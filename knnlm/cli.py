@@ -7,6 +7,7 @@ import dataclasses
 import json
 import logging
 import os
+import re
 import sys
 import time
 
@@ -300,7 +301,10 @@ def _add_build_parser(sub) -> None:
     g.add_argument("--seed", type=int, default=0, help="seed of the index-training sample (default: %(default)s)")
     _add_index_shards_arg(g)
     g.add_argument("--resume", action="store_true", help="continue an interrupted build in --out")
-    g.add_argument("--overwrite", action="store_true", help="replace the datastore in --out")
+    g.add_argument("--overwrite", action="store_true",
+                   help="replace the datastore in --out: a complete one is rebuilt beside it "
+                   "(.NAME.overwrite, as much disk again) and swapped in at the end, so an interrupted "
+                   "overwrite leaves it whole; the same command again continues an interrupted overwrite")
     g.add_argument("--no-tune", dest="tune", action="store_false",
                    help="do not fit the adaptive gate afterwards (by default it is tuned on a seeded sample of the "
                         "datastore's own documents, each searched without its own rows, like `knnlm tune` without "
@@ -757,7 +761,16 @@ def _check_generate_args(args) -> None:
 
 
 def _escape(text: str) -> str:
-    return text.replace("\\", "\\\\").replace("\n", "\\n").replace("\t", "\\t").replace("\r", "\\r")
+    return _safe(text.replace("\\", "\\\\").replace("\n", "\\n").replace("\t", "\\t").replace("\r", "\\r"))
+
+
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+
+
+def _safe(value) -> str:
+    """A string read from a datastore (untrusted), for the terminal: control characters (escape
+    sequences, newlines) shown as ``\\xNN``, never interpreted."""
+    return _CONTROL.sub(lambda m: f"\\x{ord(m.group()):02x}", str(value))
 
 
 def cmd_generate(args) -> int:
@@ -831,7 +844,7 @@ def cmd_generate(args) -> int:
             r = int(beams[0, t]) if beams is not None else 0
             print(f"[{t + 1}] generated {tokenizer.decode([new[t]])!r}")
             for nb in knn.neighbours(rows[r, :n_show], dists[r, :n_show]):
-                print(f"    d={nb['distance']:.3g}  {nb['document']} @ token {nb['position']}: "
+                print(f"    d={nb['distance']:.3g}  {_safe(nb['document'])} @ token {nb['position']}: "
                       f"...{_escape(nb['before'])}[{_escape(nb['text'])}]{_escape(nb['after'])}...")
     return 0
 
@@ -881,7 +894,7 @@ def cmd_subset(args) -> int:
     n = len(ds.documents)
     if n < len(src.documents):
         print(f"left out: documents {n + 1}-{len(src.documents)} of {args.datastore} (from "
-              f"{src.documents[n]['name']}); a next shard starts there")
+              f"{_safe(src.documents[n]['name'])}); a next shard starts there")
     return 0
 
 
@@ -895,33 +908,41 @@ def cmd_reindex(args) -> int:
 
 
 def _summary(path, h) -> str:
-    """What ``knnlm info`` prints of a ``Header``."""
-    stats = h.build.get("stats", {})
+    """What ``knnlm info`` prints of a ``Header`` (its strings escaped: a datastore is untrusted)."""
+    stats = h.build.get("stats") or {}
     idx = h.index or {}
     bos = f", <bos> {h.window.bos} before mid-document windows" if h.window.bos is not None else ""
     lines = [
-        f"datastore {path}: {h.status}",
-        f"  model      {h.model.name_or_path} ({h.model.model_class}), key {h.key.layer} dim {h.key.dim} {h.key.dtype}",
+        f"datastore {_safe(path)}: {h.status}",
+        f"  model      {_safe(h.model.name_or_path)} ({_safe(h.model.model_class)}), key {_safe(h.key.layer)} "
+        f"dim {h.key.dim} {h.key.dtype}",
         f"  corpus     {len(h.corpus.sources)} sources, {h.corpus.documents} documents, {h.tokens or 0:,} tokens",
         f"  keys       {h.count:,}/{h.total or 0:,} rows{'' if h.has_keys else ' (no keys kept)'}; "
         f"windows of {h.window.context} tokens, "
         f"stride {h.window.stride}{bos}",
     ]
+
+    def optional(make) -> None:  # free-form build records: a line that cannot be made is left out
+        try:
+            lines.append(make())
+        except (KeyError, TypeError, ValueError, AttributeError):
+            pass
+
     if h.build.get("merged_from"):
         parts = h.build["merged_from"]
-        lines.append(f"  merged     from {len(parts)} datastores: "
-                     + ", ".join(f"{m['path']} ({m['keys']:,} keys)" for m in parts))
-    if stats.get("tokens_per_second"):
-        lines.append(f"  extract    {stats['extract_seconds']} s, {stats['tokens_per_second']:,} tok/s, "
-                     f"peak RSS {stats.get('peak_rss_mib_after_extract')} MiB")
+        optional(lambda: f"  merged     from {len(parts)} datastores: "
+                 + ", ".join(f"{_safe(m['path'])} ({m['keys']:,} keys)" for m in parts))
+    if isinstance(stats, dict) and stats.get("tokens_per_second"):
+        optional(lambda: f"  extract    {_safe(stats['extract_seconds'])} s, {stats['tokens_per_second']:,} tok/s, "
+                 f"peak RSS {_safe(stats.get('peak_rss_mib_after_extract'))} MiB")
     if idx:
         probes = f"nprobe {idx['nprobe']}" if idx.get("nprobe") is not None else "exact search"
         where = "on disk, memory-mapped" if h.index_storage == "disk" else "in RAM"
-        lines.append(f"  index      {idx['factory']} ({idx['ntotal']:,} vectors, {probes}, "
-                     f"{idx['bytes'] / 2**20:.1f} MiB {where}, built in {idx['build_seconds']} s)")
+        optional(lambda: f"  index      {_safe(idx['factory'])} ({idx['ntotal']:,} vectors, {probes}, "
+                 f"{idx['bytes'] / 2**20:.1f} MiB {where}, built in {idx['build_seconds']} s)")
     if h.gate:
-        lines.append(f"  gate       {h.gate['file']} (adaptive lambda / retrieval gate from `knnlm tune`, "
-                     f"sha256 {h.gate['sha256'][:12]}...)")
+        lines.append(f"  gate       {_safe(h.gate['file'])} (adaptive lambda / retrieval gate from `knnlm tune`, "
+                     f"sha256 {_safe(h.gate['sha256'][:12])}...)")
     return "\n".join(lines)
 
 
@@ -934,8 +955,8 @@ def cmd_info(args) -> int:
     h = read_header(args.datastore)  # validates format and version
     if h is None:
         raise DatastoreError(f"{args.datastore} holds no datastore (header.json missing)")
-    if args.json:
-        print(json.dumps(json.loads((Path(args.datastore) / HEADER).read_text()), indent=1))
+    if args.json:  # JSON escapes every control character itself
+        print(json.dumps(json.loads((Path(args.datastore) / HEADER).read_bytes()), indent=1))
     else:
         print(_summary(args.datastore, h))
     return 0

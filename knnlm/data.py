@@ -128,7 +128,9 @@ def resolve_sources(paths: Sequence[str | os.PathLike], globs: Sequence[str] = (
     ``.jsonl.zst``), binary or non-UTF-8 files (from their first bytes, decompressed for
     ``.jsonl.gz`` / ``.jsonl.zst``), unreadable compressed or Parquet files (gzip / zstd headers,
     the Parquet footer), and a corpus with no text. With ``text_field`` also the JSON lines in
-    each file's first bytes and each Parquet file's column (present, of strings).
+    each file's first bytes and each Parquet file's column (present, of strings). Under a
+    directory, files and directories whose name starts with a dot (``.git``, a datastore's
+    ``.knnlm.lock``) are skipped.
     """
     if not paths:
         raise CorpusError("no input given: pass `data` with at least one file or directory", param="data")
@@ -142,7 +144,8 @@ def resolve_sources(paths: Sequence[str | os.PathLike], globs: Sequence[str] = (
         elif p.is_dir():
             found = sorted(
                 f for f in p.rglob("*")
-                if f.is_file() and any(fnmatch.fnmatch(f.name, g) for g in globs)
+                if f.is_file() and not any(part.startswith(".") for part in f.relative_to(p).parts)
+                and any(fnmatch.fnmatch(f.name, g) for g in globs)
                 and not any(fnmatch.fnmatch(str(f.relative_to(p)), e) for e in exclude))
             if not found:
                 raise CorpusError(f"no files under {raw} match `globs` {' '.join(globs)}", param="globs")

@@ -48,6 +48,7 @@ import json
 import logging
 import os
 import shutil
+import stat
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, field, fields
@@ -86,23 +87,61 @@ INDEX_SHARD = "{stem}.s{part}.faiss"  # shard ``part`` of an index split over ro
 TRAINED = "trained.faiss"  # work files of an index build, in index_work_dir(index): the trained, empty index
 SHARD = "shard{:05d}.faiss"  # ... and the shards filled from it (one per rank of a distributed build)
 GATE = "gate.json"
+GATE_NEXT = "gate.r1.json"  # write_gate alternates between the two: the header's gate is never overwritten
 LOCK = ".knnlm.lock"  # held (flock) by the one writer of a directory; other writers are refused
 # header key.dtype -> numpy dtype of keys.npy (for "none": of the spool file removed once the index is built)
 KEY_DTYPES = {name: np.dtype("float16" if name == "none" else name) for name in config.KEY_DTYPES}
 _OWNED_FILES = (HEADER, HEADER + ".tmp", DOCUMENTS, DOCUMENTS + ".tmp", TOKENS, TOKENS + ".tmp", VALUES,
                 VALUES + ".tmp", KEYS, INDEX, INDEX + ".tmp", IVFDATA, TOKENS + ".part", VALUES + ".part",
-                PROGRESS, PROGRESS + ".tmp", GATE, GATE + ".tmp")
+                PROGRESS, PROGRESS + ".tmp", GATE, GATE + ".tmp", GATE_NEXT, GATE_NEXT + ".tmp")
 _OWNED_GLOBS = ("index.r*.faiss", "index.r*.ivfdata", "index.s*.faiss", "index.s*.ivfdata",
                 "*.tmp", ".index*.staging", ".index*.build",
                 PROGRESS_RANK.format("*"))
 COPY_ROWS = 1 << 16  # key rows per chunk when copying between datastores (constant memory)
 
 
+_NOFOLLOW = os.O_NOFOLLOW | os.O_CLOEXEC
+
+
+def open_own(path: str | os.PathLike, flags: int, mode: int = 0o644) -> int:
+    """``os.open`` of a file the package writes inside a datastore: never through a symbolic link
+    (``O_NOFOLLOW``), never blocking on a FIFO; a link or a non-regular file there is refused with
+    one line. Returns the descriptor."""
+    path = Path(path)
+    try:
+        fd = os.open(path, flags | _NOFOLLOW | os.O_NONBLOCK, mode)
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            raise DatastoreError(f"{path} is a symbolic link; a datastore's own files must be regular files in it, "
+                                 "refusing to write through it") from None
+        raise
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise DatastoreError(f"{path} is not a regular file; a datastore's own files must be regular files in it")
+    os.set_blocking(fd, True)
+    return fd
+
+
+def create_own(path: str | os.PathLike, mode: str = "wb"):
+    """A new file object at ``path`` (a work or temp file): whatever is there is removed first
+    (``unlink`` removes a link, never its target), then created exclusively (``O_EXCL``), never
+    following a link."""
+    path = Path(path)
+    with contextlib.suppress(FileNotFoundError):
+        if stat.S_ISDIR(os.lstat(path).st_mode):
+            raise DatastoreError(f"{path} is a directory; a datastore's own files must be regular files in it")
+        os.unlink(path)
+    fd = open_own(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL)
+    return os.fdopen(fd, mode)
+
+
 def write_json_atomic(path: str | os.PathLike, obj: Any) -> None:
-    """Write JSON to ``path`` so that readers see the old or the new file, never a torn one."""
+    """Write JSON to ``path`` so that readers see the old or the new file, never a torn one: a
+    fresh temp file (``O_EXCL | O_NOFOLLOW``) renamed over ``path`` (a rename replaces a link at
+    ``path``, never writes through it)."""
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as f:
+    with create_own(tmp, "w") as f:
         json.dump(obj, f, indent=1)
         f.write("\n")
         f.flush()
@@ -123,8 +162,11 @@ def _commit(staged: Sequence[Path], directory: Path) -> None:
     fsync each, rename in the given order (the file that names the others last), fsync the
     directory."""
     for p in staged:
-        with open(p, "rb+") as f:
-            os.fsync(f.fileno())
+        fd = open_own(p, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
     for p in staged:
         os.replace(p, directory / p.name)
     _fsync_dir(directory)
@@ -164,6 +206,12 @@ def merge_index(trained: Path, shards: Sequence[Path], index_path: str | os.Path
     index_path = Path(index_path)
     lists = ivfdata_name(index_path.name)
     stage = index_path.parent / f".{index_path.name}.staging"
+    if storage == "disk":  # FAISS writes on-disk lists through a memory map: a full disk there is a SIGBUS
+        need = int(sum(Path(p).stat().st_size for p in shards) * 1.05) + (1 << 20)
+        fs = os.statvfs(index_path.parent)
+        if fs.f_bavail * fs.f_frsize < need:
+            raise OSError(errno.ENOSPC, f"{os.strerror(errno.ENOSPC)}: the inverted lists need about {need:,} bytes, "
+                          f"{fs.f_bavail * fs.f_frsize:,} are free")
     shutil.rmtree(stage, ignore_errors=True)
     stage.mkdir(parents=True)
     try:
@@ -287,7 +335,7 @@ class ModelIdentity:
 
     @classmethod
     def from_json(cls, d: dict) -> ModelIdentity:
-        return cls(str(d.get("name_or_path", "")), str(d.get("class", "")), str(d.get("model_type", "")),
+        return cls(str(d.get("name_or_path") or ""), str(d.get("class") or ""), str(d.get("model_type") or ""),
                    d["config_hash"], d["weights_fingerprint"], d["tokenizer_hash"], int(d["vocab_size"]))
 
 
@@ -359,6 +407,7 @@ class Header:
     tokens: int | None = None  # corpus tokens
     index: dict | None = None  # build_index's record (index_record): spec, factory, nprobe, storage, file, ...
     gate: dict | None = None  # {"file", "sha256", "datastore"} of the tuned gate (write_gate), or None
+    generation: str | None = None  # new for every set of arrays + index (build, reindex): what a reader pins
     knnlm_version: str = __version__
     created: str = field(default_factory=_now)
 
@@ -392,27 +441,134 @@ class Header:
         }
         if self.gate is not None:  # optional entry: headers without a gate are written as before
             d["gate"] = self.gate
+        if self.generation is not None:
+            d["generation"] = self.generation
         return d
 
     @classmethod
-    def from_json(cls, d: dict, where: str | os.PathLike = HEADER) -> Header:
-        if d.get("format") != FORMAT or d.get("format_version") not in READABLE_VERSIONS:
-            raise DatastoreError(f"{where} is format {d.get('format')!r} version {d.get('format_version')}, "
-                                 f"this knnlm reads {FORMAT} versions {', '.join(map(str, READABLE_VERSIONS))}; "
-                                 "rebuild the datastore")
-        try:
-            return cls(
-                model=ModelIdentity.from_json(d["model"]), key=_typed(KeySpec, d["key"]),
-                window=_typed(WindowSpec, d["window"]), corpus=_typed(CorpusSpec, d["corpus"]),
-                build=dict(d.get("build") or {}), status=d["status"], count=int(d["count"]),
-                total=None if d["total"] is None else int(d["total"]),
-                tokens=None if d["tokens"] is None else int(d["tokens"]), index=d.get("index"),
-                gate=d.get("gate"), knnlm_version=d.get("knnlm_version", "?"), created=d.get("created", "?"))
-        except (KeyError, TypeError, ValueError) as e:
-            raise DatastoreError(f"{where} lacks or mangles field {e}; the datastore is corrupt, rebuild it") from None
+    def from_json(cls, d: Any, where: str | os.PathLike = HEADER) -> Header:
+        """The typed header of the JSON ``d``, every field type-checked (``check_header``)."""
+        check_header(d, where)
+        return cls(
+            model=ModelIdentity.from_json(d["model"]), key=_typed(KeySpec, d["key"]),
+            window=_typed(WindowSpec, d["window"]), corpus=_typed(CorpusSpec, d["corpus"]),
+            build=dict(d.get("build") or {}), status=d["status"], count=d["count"], total=d["total"],
+            tokens=d["tokens"], index=d.get("index"), gate=d.get("gate"), generation=d.get("generation"),
+            knnlm_version=str(d.get("knnlm_version", "?")), created=str(d.get("created", "?")))
 
     def write(self, directory: str | os.PathLike) -> None:
         write_json_atomic(Path(directory) / HEADER, self.to_json())
+
+
+STATUSES = ("tokenizing", "building", "complete")
+_INT, _STR, _OPT_INT, _OPT_STR = "an integer", "a string", "an integer or null", "a string or null"
+
+
+def _bare_name(v) -> bool:
+    return isinstance(v, str) and v not in ("", ".", "..") and Path(v).name == v and "\x00" not in v
+
+
+# field -> (what it must be, check): every field of header.json a reader uses, checked in one place
+def _is_int(v, lo=0, hi=None) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v >= lo and (hi is None or v < hi)
+
+
+_HEADER_FIELDS = {
+    "status": (f"one of {', '.join(STATUSES)}", lambda v: v in STATUSES),
+    "count": ("an integer >= 0", _is_int),
+    "total": ("an integer >= 0 or null", lambda v: v is None or _is_int(v)),
+    "tokens": ("an integer >= 0 or null", lambda v: v is None or _is_int(v)),
+    "model": ("an object", lambda v: isinstance(v, dict)),
+    "model.config_hash": (_STR, lambda v: isinstance(v, str)),
+    "model.weights_fingerprint": (_STR, lambda v: isinstance(v, str)),
+    "model.tokenizer_hash": (_STR, lambda v: isinstance(v, str)),
+    "model.vocab_size": ("an integer >= 1", lambda v: _is_int(v, 1)),
+    "model.name_or_path": (_OPT_STR, lambda v: v is None or isinstance(v, str)),
+    "model.class": (_OPT_STR, lambda v: v is None or isinstance(v, str)),
+    "model.model_type": (_OPT_STR, lambda v: v is None or isinstance(v, str)),
+    "key": ("an object", lambda v: isinstance(v, dict)),
+    "key.layer": (_STR, lambda v: isinstance(v, str)),
+    "key.dim": ("an integer >= 1", lambda v: _is_int(v, 1)),
+    "key.dtype": (f"one of {', '.join(config.KEY_DTYPES)}", lambda v: v in config.KEY_DTYPES),
+    "key.kind": (_OPT_STR, lambda v: v is None or isinstance(v, str)),
+    "window": ("an object", lambda v: isinstance(v, dict)),
+    "window.context": ("an integer >= 2", lambda v: _is_int(v, 2)),
+    "window.stride": ("an integer >= 1", lambda v: _is_int(v, 1)),
+    "corpus": ("an object", lambda v: isinstance(v, dict)),
+    "corpus.sources": ("a list of objects", lambda v: isinstance(v, list) and all(isinstance(x, dict) for x in v)),
+    "corpus.documents": ("an integer >= 0 or null", lambda v: v is None or _is_int(v)),
+    "corpus.text_field": (_OPT_STR, lambda v: v is None or isinstance(v, str)),
+    "build": ("an object or null", lambda v: v is None or isinstance(v, dict)),
+    "build.max_tokens": ("an integer >= 2 or null", lambda v: v is None or _is_int(v, 2)),
+    "build.reindexed": ("a list", lambda v: isinstance(v, list)),
+    "build.subset_of": ("an object", lambda v: isinstance(v, dict)),
+    "build.merged_from": ("a list of objects", lambda v: isinstance(v, list) and all(isinstance(x, dict) for x in v)),
+    "index": ("an object or null", lambda v: v is None or isinstance(v, dict)),
+    "index.file": ("a file name in the datastore or null", lambda v: v is None or _bare_name(v)),
+    "index.ivfdata": ("a file name in the datastore or null", lambda v: v is None or _bare_name(v)),
+    "index.ivfdata_bytes": (_OPT_INT, lambda v: v is None or _is_int(v)),
+    "index.storage": ("ram, disk or null", lambda v: v in (None, "ram", "disk")),
+    "index.nprobe": ("an integer >= 1 or null", lambda v: v is None or _is_int(v, 1)),
+    "index.factory": (_OPT_STR, lambda v: v is None or isinstance(v, str)),
+    "index.spec": (_OPT_STR, lambda v: v is None or isinstance(v, str)),
+    "index.ntotal": (_OPT_INT, lambda v: v is None or _is_int(v)),
+    "index.bytes": (_OPT_INT, lambda v: v is None or _is_int(v)),
+    "index.build_seconds": ("a number or null", lambda v: v is None or isinstance(v, (int, float))
+                            and not isinstance(v, bool)),
+    "gate": ("an object or null", lambda v: v is None or isinstance(v, dict)),
+    "gate.file": ("a file name in the datastore", _bare_name),
+    "gate.sha256": (_STR, lambda v: isinstance(v, str)),
+    "gate.datastore": (_STR, lambda v: isinstance(v, str)),
+    "generation": (_OPT_STR, lambda v: v is None or isinstance(v, str)),
+}
+_OPTIONAL_FIELDS = {"model.name_or_path", "model.class", "model.model_type", "key.kind", "corpus.documents",
+                    "corpus.text_field", "build", "index", "gate", "generation", "index.file", "index.ivfdata",
+                    "build.max_tokens", "build.reindexed", "build.subset_of", "build.merged_from",
+                    "index.ivfdata_bytes", "index.storage", "index.nprobe", "index.factory", "index.spec",
+                    "index.ntotal", "index.bytes", "index.build_seconds"}
+
+
+def check_header(d: Any, where: str | os.PathLike = HEADER) -> None:
+    """Every field of a ``header.json`` (parsed JSON) a reader uses, type- and range-checked here,
+    once: a malformed header is one ``DatastoreError`` naming the field, never a traceback."""
+    if not isinstance(d, dict):
+        raise DatastoreError(f"{where} is not a JSON object; the datastore is corrupt, rebuild it")
+    if d.get("format") != FORMAT or d.get("format_version") not in READABLE_VERSIONS:
+        raise DatastoreError(f"{where} is format {str(d.get('format'))[:40]!r} version "
+                             f"{str(d.get('format_version'))[:20]}, this knnlm reads {FORMAT} versions "
+                             f"{', '.join(map(str, READABLE_VERSIONS))}; rebuild the datastore")
+    for name, (what, ok) in _HEADER_FIELDS.items():
+        parent, _, key = name.rpartition(".")
+        holder = d.get(parent) if parent else d
+        if parent and not isinstance(holder, dict):
+            continue  # an optional section that is absent / null (a required one fails on its own line)
+        if key not in holder:
+            if name in _OPTIONAL_FIELDS:
+                continue
+            raise DatastoreError(f"{where} lacks field {name!r}; the datastore is corrupt, rebuild it")
+        if not ok(holder[key]):
+            raise DatastoreError(f"{where}: field {name!r} must be {what}, got {_short(holder[key])}; "
+                                 "the datastore is corrupt, rebuild it")
+    bos, vocab = d["window"].get("bos"), d["model"]["vocab_size"]
+    if not (bos is None or _is_int(bos, 0, vocab)):
+        raise DatastoreError(f"{where}: field 'window.bos' must be null or a token id below the vocabulary size "
+                             f"{vocab}, got {_short(bos)}; the datastore is corrupt, rebuild it")
+    if d["window"]["stride"] >= d["window"]["context"]:
+        raise DatastoreError(f"{where}: field 'window.stride' must be below 'window.context'; the datastore is "
+                             "corrupt, rebuild it")
+    if d["status"] == "complete" and (d["total"] is None or d["tokens"] is None):
+        raise DatastoreError(f"{where}: a complete datastore must record 'total' and 'tokens'; rebuild it")
+
+
+def _short(v) -> str:
+    """A value from an untrusted file, for a one-line message: repr (escapes control codes), cut."""
+    r = repr(v)
+    return r if len(r) <= 60 else r[:57] + "..."
+
+
+def new_generation() -> str:
+    """A fresh id for one set of arrays + index (``Header.generation``)."""
+    return os.urandom(8).hex()
 
 
 def _typed(cls, d: dict):
@@ -425,10 +581,20 @@ def read_header(directory: str | os.PathLike) -> Header | None:
     p = Path(directory) / HEADER
     if not p.exists():
         return None
+    return Header.from_json(read_json(p), p)
+
+
+def read_json(p: Path) -> Any:
+    """A JSON file of a datastore (untrusted): bad JSON, bad bytes or nesting too deep for the
+    parser are one ``DatastoreError``."""
     try:
-        return Header.from_json(json.loads(p.read_text()), p)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise DatastoreError(f"{p} is not valid JSON ({e}); the datastore is corrupt, rebuild it") from None
+        return json.loads(p.read_bytes())
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
+        what = "nested too deeply" if isinstance(e, RecursionError) else f"not valid JSON ({e})"
+        raise DatastoreError(f"{p} is {what}; the datastore is corrupt, rebuild it") from None
+    except OSError as e:
+        raise DatastoreError(f"{p} is unreadable ({os.strerror(e.errno) if e.errno else e}); "
+                             "the datastore is corrupt, rebuild it") from None
 
 
 # ------------------------------------------------------------------------------------ reading
@@ -454,14 +620,22 @@ class Datastore:
 
     @property
     def index(self):
-        """The FAISS index, read from disk on first use; an index split over rows
-        (``index_shards``) as one ``knnlm.sharding.ShardedIndex`` of all its shards."""
+        """The FAISS index, read from disk on first use: the one the header opened with names (the
+        header is checked unchanged before and after the read, ``check_generation``); an index
+        split over rows (``index_shards``) as one ``knnlm.sharding.ShardedIndex`` of all its shards."""
         if self._index is None:
             shards = (self.header.index or {}).get("shards")
-            if shards:
-                self._index = self.index_shards(range(len(shards)))
-            else:
-                self._index = self._load_index(self.header.index, len(self))
+            self.check_generation()
+            try:
+                if shards:
+                    index = self.index_shards(range(len(shards)))
+                else:
+                    index = self._load_index(self.header.index, len(self))
+            except (DatastoreError, OSError):
+                self.check_generation()  # a writer replaced the index while it was read: say that instead
+                raise
+            self.check_generation()
+            self._index = index
         return self._index
 
     @property
@@ -490,6 +664,23 @@ class Datastore:
         return load_index(self.path / record["file"], n=n, dim=self.dim, nprobe=h.nprobe, storage=h.index_storage,
                           ivfdata=self.path / lists if lists else None,
                           ivfdata_bytes=record.get("ivfdata_bytes") if lists else None)
+
+    def check_generation(self) -> None:
+        """Refuse when ``header.json`` no longer describes the arrays and index this object opened
+        (a concurrent ``build-index --overwrite`` or ``reindex`` replaced them): one line naming
+        the writer, never a result mixing two generations."""
+        try:
+            now = read_header(self.path)
+        except DatastoreError:
+            now = None
+        mine = self.header
+        if now is not None and (now.generation, now.status, now.count, now.index) == \
+                (mine.generation, mine.status, mine.count, mine.index):
+            return
+        pid = lock_holder(self.path)
+        who = f"another process (pid {pid}) is writing it" if pid != "?" else "another process rewrote it"
+        raise DatastoreError(f"datastore {self.path} changed while it was being read ({who}: a `build-index "
+                             "--overwrite` or `reindex`); run again once that has finished")
 
     def require_keys(self, param: str, remedy: str) -> None:
         """Refuse ``param`` (something that reads the stored keys) on a datastore that keeps none."""
@@ -559,18 +750,51 @@ def _expect_npy(path: Path, shape: tuple, dtype, what: str) -> np.ndarray:
     return arr
 
 
-def _check_documents(path: Path, documents: list[dict], header: Header) -> None:
-    """Documents tile the tokens and the key rows in order (provenance and self-exclusion rely on it)."""
+_DOC_FIELDS = (("name", str), ("source", int), ("offset", int), ("length", int), ("first_row", int))
+
+
+def _check_documents(path: Path, documents: Any, header: Header) -> None:
+    """``documents.json``, type-checked (one line naming the entry and field), and its documents
+    tile the tokens and the key rows in order (provenance and self-exclusion rely on it)."""
+    where = f"{path}/{DOCUMENTS}"
+    if not isinstance(documents, list):
+        raise DatastoreError(f"{where} is not a JSON list; rebuild the datastore")
+    if len(documents) != header.corpus.documents:
+        raise DatastoreError(f"{where} lists {len(documents)} documents, header says "
+                             f"{header.corpus.documents}; rebuild the datastore")
+    n_sources = len(header.corpus.sources)
     offset = row = 0
     for i, d in enumerate(documents):
-        if d["offset"] != offset or d["first_row"] != row or d["length"] < 0:
-            raise DatastoreError(f"{path}/{DOCUMENTS}: document {i} ({d['name']}) starts at token {d['offset']}, "
+        if not isinstance(d, dict):
+            raise DatastoreError(f"{where}: document {i} is not an object; rebuild the datastore")
+        for name, kind in _DOC_FIELDS:
+            v = d.get(name)
+            if not isinstance(v, kind) or isinstance(v, bool) or (kind is int and v < 0):
+                raise DatastoreError(f"{where}: document {i} field {name!r} must be "
+                                     f"{'a string' if kind is str else 'an integer >= 0'}, got {_short(v)}; "
+                                     "rebuild the datastore")
+        if d["source"] >= max(n_sources, 1) or not isinstance(d.get("sha256", ""), str):
+            raise DatastoreError(f"{where}: document {i} names source {d['source']} of {n_sources} (or a "
+                                 "non-string sha256); rebuild the datastore")
+        if d["offset"] != offset or d["first_row"] != row:
+            raise DatastoreError(f"{where}: document {i} ({_short(d['name'])}) starts at token {d['offset']}, "
                                  f"row {d['first_row']}; expected {offset}, {row}; rebuild the datastore")
         offset += d["length"]
         row += count_targets(d["length"])
     if (offset, row) != (header.tokens, header.count):
-        raise DatastoreError(f"{path}/{DOCUMENTS}: the documents hold {offset} tokens and {row} key rows, the header "
+        raise DatastoreError(f"{where}: the documents hold {offset} tokens and {row} key rows, the header "
                              f"{header.tokens} and {header.count}; rebuild the datastore")
+
+
+def check_token_ids(ids: np.ndarray, vocab: int, what: str) -> None:
+    """Every id of ``ids`` in ``[0, vocab)`` (scanned in chunks: constant memory over a mapped
+    array); a ``DatastoreError`` naming the first one out of range."""
+    for lo in range(0, len(ids), 1 << 24):
+        chunk = np.asarray(ids[lo:lo + (1 << 24)])
+        if len(chunk) and (chunk.min() < 0 or chunk.max() >= vocab):
+            bad = lo + int(np.flatnonzero((chunk < 0) | (chunk >= vocab))[0])
+            raise DatastoreError(f"{what}: entry {bad} is token id {int(ids[bad])}, outside the model's vocabulary "
+                                 f"[0, {vocab}); the datastore is corrupt or of another model, rebuild it")
 
 
 def open_datastore(path: str | os.PathLike, *, require_index: bool = True) -> Datastore:
@@ -581,46 +805,47 @@ def open_datastore(path: str | os.PathLike, *, require_index: bool = True) -> Da
     header = read_header(path)
     if header is None:
         raise DatastoreError(f"{path} holds no datastore ({HEADER} missing); build one with `knnlm build-index`")
+    check_entries(path, header)
     if not header.complete:
+        again = ("finish it with `knnlm build-index --resume` using the same arguments"
+                 if command_of(header) == "build-index" else
+                 f"it is an interrupted `knnlm {command_of(header)}`: run that command again with the same arguments")
         raise DatastoreError(f"datastore {path} is incomplete (status {header.status!r}, "
-                             f"{header.count}/{header.total} rows); "
-                             "finish it with `knnlm build-index --resume` using the same arguments")
+                             f"{header.count}/{header.total} rows); {again}")
     n, d = header.count, header.key.dim
     if n != header.total:
         raise DatastoreError(f"datastore {path} is marked complete but has {n}/{header.total} rows; rebuild it")
     keys = _expect_npy(path / KEYS, (n, d), KEY_DTYPES[header.key.dtype], "keys") if header.has_keys else None
     values = _expect_npy(path / VALUES, (n,), np.int32, "values")
     tokens = _expect_npy(path / TOKENS, (header.tokens,), np.int32, "tokens")
-    try:
-        documents = json.loads((path / DOCUMENTS).read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise DatastoreError(f"{path}/{DOCUMENTS} is unreadable ({e}); rebuild the datastore") from None
-    if len(documents) != header.corpus.documents:
-        raise DatastoreError(f"{path}/{DOCUMENTS} lists {len(documents)} documents, header says "
-                             f"{header.corpus.documents}; rebuild the datastore")
+    if not (path / DOCUMENTS).exists():
+        raise DatastoreError(f"{path}/{DOCUMENTS} is missing; the datastore is incomplete, rebuild it")
+    documents = read_json(path / DOCUMENTS)
     _check_documents(path, documents, header)
+    check_token_ids(values, header.model.vocab_size, f"{path / VALUES}")
     if require_index:
         if not header.index:
-            raise DatastoreError(f"datastore {path} has no index; run `knnlm build-index --resume` to build it")
+            raise DatastoreError(f"datastore {path} has no index; run `knnlm reindex` to build it")
         files = [name for r in header.index.get("shards") or [header.index]
                  for name in (r.get("file") or header.index_file, r.get("ivfdata")) if name]
         for name in files:
-            if Path(name).name != name:
-                raise DatastoreError(f"{path}/{HEADER} names index file {name!r} outside the datastore; it is corrupt")
             if not (path / name).exists():
-                raise DatastoreError(f"{path / name} is missing; rebuild the index with `knnlm reindex` (or "
-                                     f"`knnlm build-index --resume` using the same arguments)")
-    return Datastore(path, header, documents, keys, values, tokens)
+                raise DatastoreError(f"{path / name} is missing; rebuild the index with `knnlm reindex`")
+    ds = Datastore(path, header, documents, keys, values, tokens)
+    ds.check_generation()  # what was opened is still what the header says: no writer came in between
+    return ds
 
 
 def write_gate(ds: Datastore, payload: dict, out: str | os.PathLike | None = None) -> Path:
     """Write a tuned gate (a JSON-ready dict from ``knnlm.gate``) to the file ``out``, or (``out``
     None) into ``ds``'s directory as ``gate.json`` with its SHA-256 and ``ds.identity()`` in the
     header's ``gate`` entry. Into the datastore: takes the directory's writer lock; the file and
-    the header are each replaced atomically (a crash between the two leaves a header whose hash
-    the new file fails: the gate is refused, never silently mismatched). Returns the file."""
+    the header are each replaced atomically: the new gate goes to the name the header does not use
+    (``gate.json`` / ``gate.r1.json`` in turn), then the header is switched to it, then the old file
+    is removed, so a crash at any point leaves the previous gate in use. Returns the file."""
     if out is not None:
-        write_json_atomic(out, payload)
+        with disk_errors(Path(out), "tune"):
+            write_json_atomic(out, payload)
         return Path(out)
     path = Path(ds.path)
     fd = _lock(path)
@@ -628,14 +853,20 @@ def write_gate(ds: Datastore, payload: dict, out: str | os.PathLike | None = Non
         header = read_header(path)
         if header is None or not header.complete:
             raise DatastoreError(f"datastore {path} is not complete; finish it before tuning a gate")
-        write_json_atomic(path / GATE, payload)
-        digest = hashlib.sha256((path / GATE).read_bytes()).hexdigest()
-        header.gate = {"file": GATE, "sha256": digest, "datastore": ds.identity()}
-        header.write(path)
+        check_entries(path, header)
+        old = (header.gate or {}).get("file")
+        name = GATE_NEXT if old == GATE else GATE  # never the file the header names now
+        with disk_errors(path, "tune"):
+            write_json_atomic(path / name, payload)
+            digest = hashlib.sha256((path / name).read_bytes()).hexdigest()
+            header.gate = {"file": name, "sha256": digest, "datastore": ds.identity()}
+            header.write(path)
         ds.header.gate = header.gate
-        return path / GATE
+        if old and old != name:
+            (path / old).unlink(missing_ok=True)
+        return path / name
     finally:
-        _unlock(path, fd, remove=False)
+        _unlock(path, fd)
 
 
 def read_gate(ds: Datastore, path: str | os.PathLike | None = None) -> tuple[dict, str]:
@@ -693,8 +924,11 @@ class DatastoreWriter:
     or is refused by ``open_datastore``, never one that opens as valid before it is.
     """
 
-    def __init__(self, path: Path, header: Header, fresh: bool, lock_fd: int | None = None):
+    def __init__(self, path: Path, header: Header, fresh: bool, lock_fd: int | None = None,
+                 target: Path | None = None):
         self.path, self.header, self.fresh = path, header, fresh
+        self.target = target  # building beside a complete datastore (overwrite): swapped into ``target`` at the end
+        self._lock_dir = target if target is not None else path  # whose lock ``lock_fd`` holds
         self._lock_fd = lock_fd
         self._fd: int | None = None
         self._offset = 0
@@ -710,6 +944,7 @@ class DatastoreWriter:
         holds the directory's lock until ``release`` (``finalize`` releases it): a second writer
         of the same directory, in this or another process, is refused and changes nothing."""
         path = Path(path)
+        check_out(path, resume=resume, overwrite=overwrite)  # the refusals come before anything is created
         created = not path.exists()
         path.mkdir(parents=True, exist_ok=True)
         try:
@@ -720,10 +955,14 @@ class DatastoreWriter:
             raise
         try:
             old = check_out(path, resume=resume, overwrite=overwrite)
+            check_entries(path, old)
+            if old is not None and overwrite and old.complete and not path.is_symlink():
+                return cls._beside(path, header, lock_fd, resume_keys=resume_keys)
             if old is not None and not overwrite:
                 cls._check_resumable(path, old, header, resume_keys)
                 return cls(path, old, fresh=False, lock_fd=lock_fd)
             _clear(path)
+            header.generation = new_generation()
             header.write(path)
             return cls(path, header, fresh=True, lock_fd=lock_fd)
         except BaseException:
@@ -731,10 +970,35 @@ class DatastoreWriter:
             raise
 
     @classmethod
+    def _beside(cls, path: Path, header: Header, lock_fd: int, *, resume_keys: Sequence[str]) -> DatastoreWriter:
+        """A writer of a new datastore in ``overwrite_dir(path)``, next to the complete one at
+        ``path`` (which stays in use, under its lock, until ``complete`` swaps the two): a kill
+        during the build leaves the old datastore whole. An interrupted overwrite with the same
+        settings continues there (a build resumes to the same bytes); another one starts over."""
+        stage = overwrite_dir(path)
+        if os.path.lexists(stage):
+            if stage.is_symlink() or not stage.is_dir():
+                raise DatastoreError(f"{stage} is not a directory of knnlm's; remove it, then run again", param="out")
+            try:
+                old = read_header(stage)
+                if old is not None and not old.complete:
+                    check_entries(stage, old)
+                    cls._check_resumable(path, old, header, resume_keys)
+                    logger.info("continuing the interrupted overwrite in %s", stage)
+                    return cls(stage, old, fresh=False, lock_fd=lock_fd, target=path)
+            except DatastoreError:
+                pass  # other settings, or not resumable: start the new datastore over
+            shutil.rmtree(stage)
+        stage.mkdir()
+        header.generation = new_generation()
+        header.write(stage)
+        return cls(stage, header, fresh=True, lock_fd=lock_fd, target=path)
+
+    @classmethod
     def follow(cls, path: str | os.PathLike) -> DatastoreWriter:
         """A writer of key rows only, for a datastore whose lock another process holds: rank > 0 of
         a sharded build writes its share of ``keys.npy`` and its own progress file, nothing else."""
-        path = Path(path)
+        path = build_dir(path)
         header = read_header(path)
         if header is None or header.status != "building":
             raise DatastoreError(f"{path}: no datastore waiting for key rows (status "
@@ -745,7 +1009,7 @@ class DatastoreWriter:
         """Give up the directory's lock (idempotent)."""
         fd, self._lock_fd = self._lock_fd, None
         if fd is not None:
-            _unlock(self.path, fd, remove=False)
+            _unlock(self._lock_dir, fd)
 
     @staticmethod
     def _check_resumable(path: Path, old: Header, new: Header, resume_keys: Sequence[str]) -> None:
@@ -770,6 +1034,12 @@ class DatastoreWriter:
         """Remove what a fresh writer wrote (after a failure before any key was computed) and
         release the lock."""
         fd, self._lock_fd = self._lock_fd, None
+        if self.target is not None:  # beside a complete datastore: drop the new one, keep the old
+            if self.fresh:
+                shutil.rmtree(self.path, ignore_errors=True)
+            if fd is not None:
+                _unlock(self.target, fd)
+            return
         if self.fresh:
             _clear(self.path)
         _let_go(self.path, fd, drop_dir=self.fresh)
@@ -782,10 +1052,16 @@ class DatastoreWriter:
 
         docs, n_tokens, n_rows = [], 0, 0
         tok_raw, val_raw = self.path / (TOKENS + ".part"), self.path / (VALUES + ".part")
-        with open(tok_raw, "wb") as ft, open(val_raw, "wb") as fv, \
+        with create_own(tok_raw) as ft, create_own(val_raw) as fv, \
                 tqdm(desc="reading corpus", unit="doc", disable=not progress) as bar:
+            vocab = self.header.model.vocab_size
             for doc, ids in documents:
                 ids = np.asarray(ids, dtype=np.int32)
+                if len(ids) and (ids.min() < 0 or ids.max() >= vocab):
+                    bad = int(ids[(ids < 0) | (ids >= vocab)][0])
+                    raise CorpusError(f"document {doc['name']!r} holds token id {bad} outside the model's "
+                                      f"vocabulary [0, {vocab}); the tokenizer does not match the model",
+                                      param="data")
                 ft.write(ids.tobytes())
                 fv.write(ids[1:].tobytes())
                 docs.append({"name": doc["name"], "source": doc["source"], "offset": n_tokens,
@@ -820,7 +1096,7 @@ class DatastoreWriter:
         if path.exists() and self.done_rows():
             return
         self.header.count = 0
-        with open(path, "wb") as f:
+        with create_own(path) as f:
             np.lib.format.write_array_header_2_0(f, {"descr": dtype.str, "fortran_order": False, "shape": (n, dim)})
             f.truncate(f.tell() + n * dim * dtype.itemsize)  # sparse until written
 
@@ -829,12 +1105,12 @@ class DatastoreWriter:
         path = self.path / KEYS
         if self._lock_fd is not None:
             self.prepare_keys()
-        with open(path, "rb") as f:
+        with os.fdopen(open_own(path, os.O_RDONLY), "rb") as f:
             version = np.lib.format.read_magic(f)
             read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
             read(f)
             self._offset = f.tell()
-        self._fd = os.open(path, os.O_WRONLY)
+        self._fd = open_own(path, os.O_WRONLY)
         return self
 
     def __exit__(self, *exc) -> None:
@@ -844,8 +1120,17 @@ class DatastoreWriter:
 
     def write_rows(self, row0: int, rows: np.ndarray) -> None:
         """Key rows ``[row0, row0 + len(rows))`` (any float dtype, converted to the key dtype)."""
-        buf = np.ascontiguousarray(rows, dtype=self._dtype).tobytes()
-        os.pwrite(self._fd, buf, self._offset + row0 * self._row_bytes)
+        with np.errstate(over="ignore", invalid="ignore"):
+            arr = np.ascontiguousarray(rows, dtype=self._dtype)
+        finite = np.isfinite(arr).reshape(len(arr), -1).all(axis=1)
+        if not finite.all():
+            bad = row0 + int(np.flatnonzero(~finite)[0])
+            k = self.header.key
+            fix = ("the hidden states overflow float16: rebuild with `key_dtype` float32" if k.dtype != "float32"
+                   else "the model computes non-finite hidden states there: check the model and its dtype")
+            raise DatastoreError(f"key row {bad} (layer {k.layer}) holds inf or NaN as {self._dtype}; {fix}",
+                                 param="key_dtype")
+        os.pwrite(self._fd, arr.tobytes(), self._offset + row0 * self._row_bytes)
 
     def commit(self, rows: int) -> None:
         """Make rows ``[0, rows)`` durable, then record them: the count never runs ahead of the disk."""
@@ -917,44 +1202,91 @@ class DatastoreWriter:
         self.save_header()
         if not self.header.has_keys:
             (self.path / KEYS).unlink(missing_ok=True)
+        if self.target is not None:  # the new datastore takes the old one's place, then the old goes
+            _swap_dirs(self.path, self.target)
+            shutil.rmtree(self.path, ignore_errors=True)
+            self.path, self.target = self.target, None
         self.release()
         return open_datastore(self.path)
 
 
 _FULL = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}
+_DENIED = {errno.EROFS, errno.EACCES, errno.EPERM}
+# what FAISS's C++ writers put in their RuntimeError when the OS refused a write
+_FAISS_OS_ERRORS = {os.strerror(e): e for e in (*_FULL, *_DENIED)}
 
 
 @contextlib.contextmanager
-def disk_errors(path: Path):
-    """Turn a full disk (or a file-size limit) while writing ``path`` into a one-line
-    ``DatastoreError``; what was committed stays, and the datastore never opens as valid."""
+def disk_errors(path: Path, command: str | None = None):
+    """Turn a full disk (or a file-size limit), a read-only file system or a denied write while
+    writing ``path`` (by Python or by FAISS) into a one-line ``DatastoreError``; what was
+    committed stays, and the datastore never opens as valid. ``command``: the command to run
+    again (None: a build, continued with ``resume``)."""
     try:
         yield
-    except OSError as e:
-        if e.errno not in _FULL:
+    except (OSError, RuntimeError) as e:
+        code = e.errno if isinstance(e, OSError) else next(
+            (c for text, c in _FAISS_OS_ERRORS.items() if text in str(e)), None)
+        if code not in _FULL | _DENIED:
             raise
-        raise DatastoreError(f"no space left writing {path} ({os.strerror(e.errno)}); free space, then run the "
-                             "same command with `resume` to continue", param="out") from None
+        again = (f"run `knnlm {command}` again" if command else "run the same command with `resume` to continue")
+        what = "no space left" if code in _FULL else "cannot write"
+        detail = e.strerror if isinstance(e, OSError) and e.strerror else os.strerror(code)
+        raise DatastoreError(f"{what} writing {path} ({detail}); "
+                             f"{'free space' if code in _FULL else 'make it writable'}, then {again}",
+                             param=None if command else "out") from None
+
+
+def lock_holder(path: str | os.PathLike) -> str:
+    """The pid recorded in ``path``'s writer lock (digits only: the file is untrusted), or "?"."""
+    try:
+        fd = open_own(Path(path) / LOCK, os.O_RDONLY)
+    except (OSError, DatastoreError):
+        return "?"
+    try:
+        raw = os.pread(fd, 32, 0).decode("ascii", errors="replace").strip()
+    finally:
+        os.close(fd)
+    return raw if raw.isdigit() else "?"
 
 
 def _lock(path: Path) -> int:
-    """Take ``path``'s writer lock without waiting; refuse when another writer holds it."""
-    fd = os.open(path / LOCK, os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "?"
-        os.close(fd)
-        raise DatastoreError(f"`out` {path} is being written by another process (pid {holder} holds {LOCK}); "
-                             "wait for it to finish or choose another `out`", param="out") from None
-    os.ftruncate(fd, 0)
-    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
-    return fd
+    """Take ``path``'s writer lock without waiting; refuse when another writer holds it. The lock
+    file is opened without following links and removed by ``_unlock``: a lock taken on a file that
+    another writer removed meanwhile (its inode no longer at ``path``) is taken again."""
+    for _ in range(100):
+        try:
+            fd = open_own(path / LOCK, os.O_RDWR | os.O_CREAT)
+        except OSError as e:
+            if e.errno not in _FULL | _DENIED:
+                raise
+            raise DatastoreError(f"cannot write in {path} ({os.strerror(e.errno)}); a writer needs a writable "
+                                 "directory: copy the datastore somewhere writable") from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise DatastoreError(f"`out` {path} is being written by another process (pid {lock_holder(path)} holds "
+                                 f"{LOCK}); wait for it to finish or choose another `out`", param="out") from None
+        try:
+            same = os.lstat(path / LOCK).st_ino == os.fstat(fd).st_ino
+        except FileNotFoundError:
+            same = False
+        if same:
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+            return fd
+        os.close(fd)  # the previous holder removed it between our open and our flock: again
+    raise DatastoreError(f"`out` {path}: could not take {LOCK} (it keeps being replaced)", param="out")
 
 
-def _unlock(path: Path, fd: int, *, remove: bool) -> None:
+def _unlock(path: Path, fd: int, *, remove: bool = True) -> None:
+    """Release the lock; remove the lock file (while still holding it, so that no other writer
+    holds a lock on a file about to vanish) unless ``remove`` is False."""
     if remove:
-        (path / LOCK).unlink(missing_ok=True)
+        with contextlib.suppress(FileNotFoundError):
+            if os.lstat(path / LOCK).st_ino == os.fstat(fd).st_ino:
+                os.unlink(path / LOCK)
     fcntl.flock(fd, fcntl.LOCK_UN)
     os.close(fd)
 
@@ -963,9 +1295,43 @@ def _let_go(path: Path, fd: int | None, *, drop_dir: bool) -> None:
     """Release the lock; with ``drop_dir``, remove the directory when nothing else is in it."""
     empty = drop_dir and not _listing(path)
     if fd is not None:
-        _unlock(path, fd, remove=empty)
+        _unlock(path, fd)
     if empty and not any(path.iterdir()):
         path.rmdir()
+
+
+def overwrite_dir(path: str | os.PathLike) -> Path:
+    """Where ``overwrite`` builds the datastore that replaces the complete one at ``path``."""
+    path = Path(path)
+    return path.parent / f".{path.name}.overwrite"
+
+
+def build_dir(out: str | os.PathLike) -> Path:
+    """The directory a build into ``out`` writes: ``overwrite_dir(out)`` while an overwrite of a
+    complete datastore is under way there, else ``out`` (the other ranks of a sharded build)."""
+    out = Path(out)
+    stage = overwrite_dir(out)
+    if stage.is_dir() and not stage.is_symlink():
+        h = read_header(stage)
+        if h is not None and not h.complete:
+            return stage
+    return out
+
+
+def _swap_dirs(new: Path, old: Path) -> None:
+    """Exchange the directories ``new`` and ``old`` (``renameat2(RENAME_EXCHANGE)``: atomic, a
+    reader sees one or the other); where the kernel or file system lacks it, three renames."""
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    renameat2 = getattr(libc, "renameat2", None)
+    at_fdcwd, rename_exchange = -100, 2
+    if renameat2 is None or renameat2(at_fdcwd, os.fsencode(new), at_fdcwd, os.fsencode(old), rename_exchange) != 0:
+        aside = old.with_name(old.name + ".previous")
+        os.rename(old, aside)
+        os.rename(new, old)
+        os.rename(aside, new)
+    _fsync_dir(old.parent)
 
 
 def check_out(path: str | os.PathLike, *, resume: bool, overwrite: bool) -> Header | None:
@@ -980,7 +1346,7 @@ def check_out(path: str | os.PathLike, *, resume: bool, overwrite: bool) -> Head
         raise DatastoreError(f"`out` {path} is a file, not a directory", param="out")
     old = read_header(path)
     if old is None:
-        if _listing(path) and not overwrite:
+        if _listing(path):  # even with `overwrite`: it only ever replaces a datastore
             raise DatastoreError(f"`out` {path} exists, is not empty and holds no datastore; "
                                  "choose an empty or new directory", param="out")
     elif not (resume or overwrite):
@@ -991,6 +1357,46 @@ def check_out(path: str | os.PathLike, *, resume: bool, overwrite: bool) -> Head
                              f"{old.count}/{old.total} rows); pass `resume` to continue it, `overwrite` to "
                              "replace it, or choose another `out`", param="out")
     return old
+
+
+def _header_files(header: Header | None) -> list[str]:
+    """The file names a header names (index, its lists, the gate): bare names, checked by
+    ``check_header``."""
+    if header is None:
+        return []
+    names = [header.index_file]
+    if header.index and header.index.get("ivfdata"):
+        names.append(header.index["ivfdata"])
+    if header.gate and header.gate.get("file"):
+        names.append(header.gate["file"])
+    return names
+
+
+def check_entries(path: str | os.PathLike, header: Header | None = None) -> None:
+    """Refuse a datastore directory holding a symbolic link or a non-regular file where one of its
+    own files goes (every name the format uses, the work files' patterns, the files ``header``
+    names): nothing is read or written through a link out of a datastore. The index's work
+    directories (``.index*.build``, ``.index*.staging``) must be real directories."""
+    path = Path(path)
+    if not path.is_dir():
+        return
+    names = {*_OWNED_FILES, LOCK, *_header_files(header)}
+    for pattern in _OWNED_GLOBS:
+        names.update(p.name for p in path.glob(pattern))
+    for name in sorted(names):
+        try:
+            st = os.lstat(path / name)
+        except FileNotFoundError:
+            continue
+        work_dir = name.startswith(".index") and name.endswith((".build", ".staging"))
+        if stat.S_ISLNK(st.st_mode):
+            what = "a symbolic link"
+        elif stat.S_ISDIR(st.st_mode) and work_dir or stat.S_ISREG(st.st_mode) and not work_dir:
+            continue
+        else:
+            what = "a directory" if stat.S_ISDIR(st.st_mode) else "not a regular file"
+        raise DatastoreError(f"datastore {path}: {name} is {what}; a datastore's own files must be regular files "
+                             "in its directory (never links): refusing it")
 
 
 def _listing(path: Path) -> list[str]:
@@ -1020,7 +1426,7 @@ def _merge_ranges(ranges: Iterable[Sequence[int]]) -> list[list[int]]:
 def _npy_from_raw(raw: Path, dest: Path, dtype, shape: tuple) -> None:
     """Wrap a raw little-endian array file into a .npy file (streamed, constant memory)."""
     tmp = dest.with_name(dest.name + ".tmp")
-    with open(tmp, "wb") as f, open(raw, "rb") as r:
+    with create_own(tmp) as f, os.fdopen(open_own(raw, os.O_RDONLY), "rb") as r:
         np.lib.format.write_array_header_2_0(
             f, {"descr": np.dtype(dtype).str, "fortran_order": False, "shape": shape})
         shutil.copyfileobj(r, f, 1 << 22)
@@ -1044,11 +1450,23 @@ def _derived_header(src: Header, **build_extra) -> Header:
     return h
 
 
-def _new_writer(out: str | os.PathLike, header: Header) -> DatastoreWriter:
+def _new_writer(out: str | os.PathLike, header: Header, command: str) -> DatastoreWriter:
+    """A writer of a fresh derived datastore (``command``: subset | merge) at ``out``: a new or
+    empty directory, or the unfinished result of an interrupted run of the same command (it
+    cannot resume: it is replaced)."""
     out = Path(out)
-    if out.exists() and _listing(out):
-        raise DatastoreError(f"`out` {out} exists and is not empty; choose a new directory", param="out")
+    if out.exists() and out.is_dir() and _listing(out):
+        old = read_header(out)
+        if old is None or old.complete or command_of(old) != command:
+            raise DatastoreError(f"`out` {out} exists and is not empty; choose a new directory", param="out")
+        logger.info("replacing the unfinished %s at %s", command, out)
+        return DatastoreWriter.start(out, header, overwrite=True)
     return DatastoreWriter.start(out, header)
+
+
+def command_of(header: Header) -> str:
+    """The command that writes a datastore like ``header``'s: subset, merge or build-index."""
+    return "subset" if "subset_of" in header.build else "merge" if "merged_from" in header.build else "build-index"
 
 
 def cut_document(ds: Datastore) -> int | None:
@@ -1083,16 +1501,19 @@ def subset_datastore(src: Datastore, out: str | os.PathLike, max_tokens: int | N
     if not docs or sum(count_targets(d["length"]) for d in docs) == 0:
         raise DatastoreError(f"no whole document of {src.path} fits in `max_tokens` = {max_tokens}; raise it",
                              param="max_tokens")
-    n = docs[-1]["first_row"] + docs[-1]["length"] - 1
+    n = docs[-1]["first_row"] + count_targets(docs[-1]["length"])  # an empty last document adds no row
     src.require_keys("index", "a subset re-indexes the keys: build the smaller datastore from the corpus")
     plan_index(index, n, src.dim, storage=index_storage)  # a bad index fails before anything is written
-    writer = _new_writer(out, _derived_header(src.header, subset_of={"path": str(src.path), "max_tokens": max_tokens}))
+    with disk_errors(Path(out), "subset"):
+        writer = _new_writer(out, _derived_header(src.header, subset_of={"path": str(src.path),
+                                                                         "max_tokens": max_tokens}), "subset")
     try:
-        writer.write_corpus(((d, src.document_tokens(i)) for i, d in enumerate(docs)), progress=False)
-        with writer:
-            writer.copy_rows(src.keys[:n], 0)
-            writer.commit(n)
-        return writer.finalize(index, storage=index_storage, seed=seed, progress=progress)
+        with disk_errors(Path(out), "subset"):
+            writer.write_corpus(((d, src.document_tokens(i)) for i, d in enumerate(docs)), progress=False)
+            with writer:
+                writer.copy_rows(src.keys[:n], 0)
+                writer.commit(n)
+            return writer.finalize(index, storage=index_storage, seed=seed, progress=progress)
     finally:
         writer.release()
 
@@ -1163,18 +1584,20 @@ def merge_datastores(inputs: Sequence[str | os.PathLike | Datastore], out: str |
                     "documents": len(ds.documents), "created": ds.header.created} for ds in stores]
     header = _derived_header(stores[0].header, merged_from=merged_from)
     header.build["max_tokens"] = None
-    writer = _new_writer(out, header)
+    with disk_errors(Path(out), "merge"):
+        writer = _new_writer(out, header, "merge")
     try:
-        sources: dict[str, int] = {}
-        writer.write_corpus(_merged_documents(stores, sources), progress=False)
-        writer.header.corpus.sources = [json.loads(k) for k in sources]
-        with writer, tqdm(total=writer.header.total, unit="key", desc="merging", disable=not progress) as bar:
-            row = 0
-            for ds in stores:
-                writer.copy_rows(ds.keys, row, bar)
-                row += len(ds)
-            writer.commit(row)
-        return writer.finalize(index, storage=index_storage, seed=seed, progress=progress)
+        with disk_errors(Path(out), "merge"):
+            sources: dict[str, int] = {}
+            writer.write_corpus(_merged_documents(stores, sources), progress=False)
+            writer.header.corpus.sources = [json.loads(k) for k in sources]
+            with writer, tqdm(total=writer.header.total, unit="key", desc="merging", disable=not progress) as bar:
+                row = 0
+                for ds in stores:
+                    writer.copy_rows(ds.keys, row, bar)
+                    row += len(ds)
+                writer.commit(row)
+            return writer.finalize(index, storage=index_storage, seed=seed, progress=progress)
     finally:
         writer.release()
 
@@ -1207,9 +1630,11 @@ def reindex_datastore(path: str | os.PathLike, *, index: str = "auto", index_sto
         while any((path / f"index.r{gen}{ext}").exists() for ext in (".faiss", ".ivfdata")):
             gen += 1
         name = INDEX if header.index is None and not (path / INDEX).exists() else f"index.r{gen}.faiss"
-        with disk_errors(path):
+        check_entries(path, header)
+        with disk_errors(path, "reindex"):
             header.index = build_index(path / KEYS, n, dim, plan, path / name, seed=seed, progress=progress,
                                        index_shards=index_shards)
+            header.generation = new_generation()
             header.build.setdefault("reindexed", []).append({"index": index, "index_storage": index_storage,
                                                              "seed": seed, "at": _now(),
                                                              **({"index_shards": index_shards}
@@ -1219,6 +1644,9 @@ def reindex_datastore(path: str | os.PathLike, *, index: str = "auto", index_sto
         for p in _index_files(path):  # the old index, and any that an interrupted reindex left
             if p.name not in keep:
                 p.unlink(missing_ok=True)
+        for pattern in (".index*.build", ".index*.staging"):  # work files a killed reindex left behind
+            for p in path.glob(pattern):
+                shutil.rmtree(p, ignore_errors=True)
     finally:
-        _unlock(path, fd, remove=False)
+        _unlock(path, fd)
     return open_datastore(path)

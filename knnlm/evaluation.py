@@ -63,6 +63,7 @@ __all__ = ["run", "eval_window", "BUCKET_EDGES", "format_results", "LMCache", "c
 
 # Datastore-corpus frequency buckets of the target token: [0], [1, 10), [10, 100), ...
 BUCKET_EDGES = (0, 1, 10, 100, 1_000, 10_000)
+EMPTY_SEARCH_WARN = 0.05  # warn when more than this share of searches finds no neighbour at all
 DEFAULT_CONTEXT = 512  # windows of a base-LM-only eval (no datastore to take them from)
 
 
@@ -153,6 +154,7 @@ class _Tally:
     t_lm: float = 0.0
     t_knn: float = 0.0
     n_searched: int = 0  # rows that ran a search
+    n_empty: int = 0  # rows that searched and found no neighbour (FAISS id -1 for all k)
     n_pointed: int = 0  # rows scored from pointers (no search)
     lambdas: list = field(default_factory=list)  # adaptive λ of the rows with neighbours, per batch
     lam_bucket: torch.Tensor = None  # (NB,) sum of adaptive λ per bucket (rows without neighbours: 0)
@@ -270,6 +272,7 @@ def _score_knn(knn, tally: _Tally, grid, cfg: EvalConfig, lmb: _LMBatch, counts:
     then every (k, T, lambda) of the grid from them (``KNNLM.mix_targets``)."""
     step = _neighbours(knn, lmb, kmax, [lam for lam, _, _ in grid])
     tally.n_searched += int(step.searched.sum())
+    tally.n_empty += int((step.searched & ~step.has).sum())
     tally.n_pointed += int(step.pointed.sum())
     bucket = torch.bucketize(counts[lmb.tgt.cpu()], torch.tensor(BUCKET_EDGES[1:]), right=True)  # (R,)
     tally.add_buckets(bucket, lmb.lp_lm)
@@ -700,6 +703,10 @@ def _knn_result(tally: _Tally, grid, knn, overlap: _Overlap, cfg: EvalConfig, ga
 
     ds = knn.datastore
     adaptive = any(lam == ADAPTIVE for lam, _, _ in grid)
+    if tally.n_empty > EMPTY_SEARCH_WARN * max(tally.n_searched, 1):
+        logger.warning("%d of %d searches found no neighbour (FAISS returned no valid id): those tokens are scored "
+                       "by the LM alone; raise `nprobe` or check the index of %s", tally.n_empty, tally.n_searched,
+                       ds.path)
     out = {
         "ppl_knn": results[0]["ppl"],
         "primary": results[0],
@@ -714,7 +721,9 @@ def _knn_result(tally: _Tally, grid, knn, overlap: _Overlap, cfg: EvalConfig, ga
                       "min_pointers": knn.settings.pointer_floor(kmax) if knn.pointers else None,
                       "searched_fraction": tally.n_searched / max(n, 1),
                       "pointer_fraction": tally.n_pointed / max(n, 1),
-                      "searches_saved": 1.0 - tally.n_searched / max(n, 1)},
+                      "searches_saved": 1.0 - tally.n_searched / max(n, 1),
+                      "no_neighbour_searches": tally.n_empty,
+                      "no_neighbour_fraction": tally.n_empty / max(tally.n_searched, 1)},
         "overlap": {"documents": overlap.documents, "tokens": overlap.tokens, "excluded": bool(cfg.exclude_self)},
         "buckets": [
             {"frequency": names[i], "tokens": int(tally.n_bucket[i]),
@@ -754,6 +763,9 @@ def format_results(res: dict) -> str:
     change = f"{100 * (p['ppl'] / base - 1):+.1f}% vs base" if p["ppl"] and base else "n/a"
     lines.append(f"perplexity  base LM {_fmt(base)}   kNN-LM {_fmt(p['ppl'])}  ({change}; lambda {p['lambda']}, "
                  f"T {p['temperature']}, k {p['k']})")
+    if r.get("no_neighbour_searches"):
+        lines.append(f"warning: {r['no_neighbour_searches']:,} searches "
+                     f"({100 * r['no_neighbour_fraction']:.1f}%) found no neighbour (scored by the LM alone)")
     if r.get("retrieve_fraction") is not None or r.get("pointers"):
         what = [f"searched {100 * r['searched_fraction']:.1f}% of tokens"]
         if r.get("pointers"):

@@ -379,6 +379,27 @@ def _each_row(knnlm, ids, proc, procs, draft_tokens, kwargs):
     return torch.stack([torch.cat([r, r.new_full((width - r.numel(),), pad)]) for r in rows])
 
 
+def _check_positions(model, inputs, kwargs) -> None:
+    """The prompt and the tokens to generate must fit the model's positions (as eval's windows do,
+    ``config.check_context``): past them a learned position table fails (an IndexError on CPU, a
+    device assert on CUDA)."""
+    limit = getattr(model.config, "max_position_embeddings", None)
+    if not isinstance(limit, int) or limit <= 0:
+        return
+    ids = inputs if inputs is not None else kwargs.get("input_ids")
+    prompt = int(ids.shape[-1]) if ids is not None else 0
+    new = kwargs.get("max_new_tokens")
+    if new is not None:
+        total, what = prompt + int(new), f"the prompt ({prompt} tokens) plus `max_new_tokens` ({new})"
+    else:
+        gen_cfg = kwargs.get("generation_config") or getattr(model, "generation_config", None)
+        total = kwargs.get("max_length") or getattr(gen_cfg, "max_length", None) or 0
+        what = f"`max_length` {total}"
+    if total > limit:
+        raise GenerateError(f"{what} exceed the model's {limit} positions; shorten the prompt or generate fewer "
+                            "tokens", param="max_new_tokens")
+
+
 def generate(knnlm, inputs: torch.Tensor | None = None, *, logits_processor=None,
              processor: KNNLogitsProcessor | None = None, draft_tokens: int = 0, **kwargs):
     """``model.generate`` with the kNN-LM mixture: same keyword arguments, same return types.
@@ -406,6 +427,7 @@ def generate(knnlm, inputs: torch.Tensor | None = None, *, logits_processor=None
     if getattr(knnlm, "pointers", False) and (kwargs.get("num_beams") or 1) > 1:
         raise GenerateError("`pointers` follow one sequence per row; beam search reorders rows between steps: "
                             "use greedy search or sampling with pointers", param="pointers")
+    _check_positions(knnlm.model, inputs, kwargs)
     proc.attention_mask = kwargs.get("attention_mask")
     procs = LogitsProcessorList([proc])
     procs.extend(logits_processor or [])

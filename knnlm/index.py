@@ -542,6 +542,68 @@ def search_excluding(index, x: np.ndarray, k: int, lo: int, hi: int):
     return index.search(x, k, params=_params_excluding(index, sel))
 
 
+# FAISS index types whose file holds no other index (hence no inverted lists): nothing to inspect
+_LEAF_FOURCCS = {b"IxF2", b"IxFI", b"IxFl", b"IxPq", b"IxPQ", b"IxPo", b"IxSQ", b"IxSq", b"IxLS"}
+
+
+def _all_invlists(index, depth: int = 0) -> list:
+    """Every inverted-lists object of ``index`` and of the indexes inside it (quantizers,
+    pre-transforms, refinements, graph storage)."""
+    import faiss
+
+    index = faiss.downcast_index(index)
+    found = []
+    lists = getattr(index, "invlists", None)
+    if lists is not None:
+        found.append(faiss.downcast_InvertedLists(lists))
+    if depth < 64:
+        for attr in ("index", "base_index", "refine_index", "quantizer", "storage"):
+            sub = getattr(index, attr, None)
+            if isinstance(sub, faiss.Index):
+                found += _all_invlists(sub, depth + 1)
+    return found
+
+
+def check_lists(path: str | os.PathLike, *, storage: str, ivfdata: str | os.PathLike | None) -> None:
+    """Inspect the index file ``path`` without letting FAISS map any inverted-lists file it names
+    (``IO_FLAG_MMAP`` skips on-disk lists, read-only): on-disk lists are accepted only when the
+    caller's header says ``storage`` disk with lists file ``ivfdata`` and the index names exactly
+    that file's bare name (read from the index's directory), no larger than it is; an index
+    that should keep its lists on disk must. Anything else is a ``DatastoreError``."""
+    import faiss
+
+    path = Path(path)
+    with open(path, "rb") as f:
+        if f.read(4) in _LEAF_FOURCCS:
+            return
+    try:
+        with _faiss_quiet():
+            index = faiss.read_index(str(path), faiss.IO_FLAG_MMAP | faiss.IO_FLAG_READ_ONLY)
+    except RuntimeError as e:
+        raise DatastoreError(f"{path} is not a readable FAISS index ({str(e).strip().splitlines()[-1][:200]}); "
+                             "rebuild it with `knnlm reindex`") from None
+    # lists FAISS mapped from the index file itself (``IO_FLAG_MMAP``) have no name; on-disk lists do
+    named = [lst for lst in _all_invlists(index)
+             if isinstance(lst, faiss.OnDiskInvertedLists) and lst.filename]
+    own = Path(ivfdata).name if ivfdata is not None else None
+    for lst in named:
+        name = lst.filename
+        if storage != "disk" or own is None:
+            raise DatastoreError(f"{path} keeps its inverted lists in a file ({name[:200]!r}) but the header says "
+                                 "the index is in RAM; the datastore is corrupt, rebuild the index with "
+                                 "`knnlm reindex`")
+        if name != own:
+            raise DatastoreError(f"{path} names inverted-lists file {name[:200]!r}, not the datastore's own "
+                                 f"{own!r}; the datastore is corrupt, rebuild the index with `knnlm reindex`")
+        size = Path(ivfdata).stat().st_size
+        if lst.totsize > size:
+            raise DatastoreError(f"{path} needs {lst.totsize} bytes of inverted lists, {ivfdata} holds {size}; "
+                                 "rebuild the index with `knnlm reindex`")
+    if own is not None and not named:
+        raise DatastoreError(f"{path} holds its inverted lists itself, but the header says they are in {own}; "
+                             "rebuild the index with `knnlm reindex`")
+
+
 def load_index(path: str | os.PathLike, *, n: int, dim: int, nprobe: int | None = None,
                use_gpu: bool | None = None, storage: str = "ram", ivfdata: str | os.PathLike | None = None,
                ivfdata_bytes: int | None = None):
@@ -569,6 +631,8 @@ def load_index(path: str | os.PathLike, *, n: int, dim: int, nprobe: int | None 
             flags = faiss.IO_FLAG_ONDISK_SAME_DIR | faiss.IO_FLAG_READ_ONLY  # mapped read-only
         else:
             flags = faiss.IO_FLAG_MMAP_IFC | faiss.IO_FLAG_READ_ONLY
+    check_lists(path, storage=storage, ivfdata=ivfdata)
+    flags |= faiss.IO_FLAG_READ_ONLY
     # on-disk lists on CPU: the coarse quantizer is mapped too (a GPU clone copies it anyway)
     map_quantizer = flags & faiss.IO_FLAG_ONDISK_SAME_DIR and not (use_gpu in (None, True) and _num_gpus() > 0)
     try:
@@ -579,7 +643,7 @@ def load_index(path: str | os.PathLike, *, n: int, dim: int, nprobe: int | None 
                 index = faiss.read_index(str(path), flags)
     except RuntimeError as e:
         raise DatastoreError(f"{path} is not a readable FAISS index ({str(e).strip().splitlines()[-1]}); "
-                             "rebuild it with `knnlm build-index --resume` or `knnlm reindex`") from None
+                             "rebuild it with `knnlm reindex`") from None
     if index.ntotal != n or index.d != dim:
         raise DatastoreError(f"{path} holds {index.ntotal} vectors of dim {index.d}, the datastore "
                              f"{n} of dim {dim}; rebuild the index")

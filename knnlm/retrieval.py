@@ -304,6 +304,7 @@ class Retriever:
             d_np, i_np = self._local_search(q, kk, ranges)
         dists = torch.from_numpy(d_np)  # (Q, k')
         ids = torch.from_numpy(i_np)  # (Q, k')
+        ids = ids.masked_fill((ids < 0) | (ids >= len(self.datastore)), -1)  # an id no row has: no neighbour
         if exclude is not None:
             ids = torch.where(ids == exclude.to("cpu", torch.int64)[:, None], torch.full_like(ids, -1), ids)
         if self.rerank:

@@ -338,7 +338,7 @@ def test_refusals_that_need_no_model_come_before_it_loads(capsys, cli_store, tin
     assert code == 2
     _assert_one_line_error(err, "build-index", "holds no datastore")
     h = json.loads((cli_store / "header.json").read_text())
-    h["status"] = "extracting"
+    h["status"] = "building"  # a real unfinished status (an unknown one is refused as corrupt, #31)
     (tmp_path / "half").mkdir()
     (tmp_path / "half" / "header.json").write_text(json.dumps(h))
     code, _, err = _run(capsys, *build, "--out", tmp_path / "half")
