@@ -118,6 +118,10 @@ def main(argv=None) -> int:
     p.add_argument("--prompt-offset", type=int, default=256,
                    help="speculative mode: where in each document a prompt starts, in tokens (default: %(default)s)")
     p.add_argument("--prose", default=None, help="--prompt-set prose: a text file to cut the prompts from")
+    p.add_argument("--prompt-files", nargs="+", default=None,
+                   help="--prompt-set heldout: these files instead of the first held-out stdlib files")
+    p.add_argument("--prompts-per-file", type=int, default=1,
+                   help="--prompt-set heldout: prompts from each file, evenly spaced after --prompt-offset")
     args = p.parse_args(argv)
     if args.tiny == bool(args.datastore):
         p.error("give --datastore DIR, or --tiny")
@@ -206,13 +210,17 @@ def _spec_prompts(args, tok, ds) -> list[tuple[str, list[int]]]:
         out = [(ds.documents[i]["name"], ds.document_tokens(i)[off: off + want].tolist()) for i in docs[::4]]
         return out[:n]
     out = []
-    for path in stdlib_files("test"):
+    for path in args.prompt_files or stdlib_files("test"):
         ids = tok(Path(path).read_text(encoding="utf-8", errors="replace"))["input_ids"]
-        if len(ids) >= off + want + args.max_new_tokens:
-            out.append((path, ids[off: off + want]))
-        if len(out) == n:
+        span = want + args.max_new_tokens
+        if len(ids) < off + span:
+            continue
+        step = max(span, (len(ids) - off - span) // max(args.prompts_per_file, 1))
+        for at in range(off, len(ids) - span + 1, step)[: args.prompts_per_file]:
+            out.append((f"{path}@{at}", ids[at: at + want]))
+        if len(out) >= n:
             break
-    return out
+    return out[:n]
 
 
 def _speculative(args, model, tok, knn, ds, what, index_desc, pad) -> int:

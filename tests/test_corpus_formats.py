@@ -92,7 +92,7 @@ def jsonl_store(tmp_path_factory, tiny_llama, tiny_tokenizer):
 
 def _header(path) -> dict:
     h = json.loads((path / "header.json").read_text())
-    for drop in ("created",):
+    for drop in ("created", "generation"):  # when it was built, and its random generation id
         h.pop(drop)
     h["build"].pop("stats")
     h["index"].pop("build_seconds")
