@@ -308,7 +308,8 @@ def _add_build_parser(sub) -> None:
     g.add_argument("--no-tune", dest="tune", action="store_false",
                    help="do not fit the adaptive gate afterwards (by default it is tuned on a seeded sample of the "
                         "datastore's own documents, each searched without its own rows, like `knnlm tune` without "
-                        "--data; skipped when the datastore has fewer than 10 documents)")
+                        "--data; skipped when the datastore has fewer than 10 documents, and under torchrun, where "
+                        "`knnlm tune` fits it data-parallel)")
     g.add_argument("--quiet", action="store_true", help="no progress bars or INFO lines (warnings and errors only)")
     b.set_defaults(func=cmd_build_index)
 
@@ -511,7 +512,10 @@ def cmd_build_index(args) -> int:
         shutdown(world)
     if world.main:
         print(_summary(ds.path, ds.header))
-        if args.tune:  # rank 0 alone, after the others are done
+        if args.tune and world.distributed:  # the gate is fitted data-parallel by `knnlm tune` under torchrun
+            print(f"no adaptive gate yet: under torchrun, fit it with `torchrun ... -m knnlm tune` on {ds.path} "
+                  "(every rank takes a share of the sample)")
+        elif args.tune:
             _self_tune(model, tokenizer, ds, quiet=args.quiet)
     return 0
 

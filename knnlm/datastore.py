@@ -661,7 +661,8 @@ class Datastore:
 
         h = self.header
         lists = record.get("ivfdata")
-        return load_index(self.path / record["file"], n=n, dim=self.dim, nprobe=h.nprobe, storage=h.index_storage,
+        return load_index(self.path / (record.get("file") or h.index_file), n=n, dim=self.dim, nprobe=h.nprobe,
+                          storage=h.index_storage,
                           ivfdata=self.path / lists if lists else None,
                           ivfdata_bytes=record.get("ivfdata_bytes") if lists else None)
 
@@ -1089,12 +1090,15 @@ class DatastoreWriter:
     # ---- phase 2: the keys --------------------------------------------------------------------
     def prepare_keys(self) -> None:
         """(the lock holder) Allocate ``keys.npy`` at full size (sparse) when no row is final yet;
-        before any rank opens it for writing."""
+        before any rank opens it for writing. Once per writer: a second call (``__enter__`` after
+        ``start``) must not replace the file other ranks may already be writing into (a new inode:
+        their rows would go to the unlinked one)."""
         path, n, dim, dtype = self.path / KEYS, self.header.total, self.header.key.dim, self._dtype
         if self._lock_fd is None:
             raise DatastoreError(f"{self.path}: only the writer holding the lock allocates keys")
-        if path.exists() and self.done_rows():
+        if getattr(self, "_keys_allocated", False) or (path.exists() and self.done_rows()):
             return
+        self._keys_allocated = True
         self.header.count = 0
         with create_own(path) as f:
             np.lib.format.write_array_header_2_0(f, {"descr": dtype.str, "fortran_order": False, "shape": (n, dim)})
