@@ -213,9 +213,10 @@ class DatastoreDrafter(CandidateGenerator):
     """Drafts tokens from the datastore for transformers' assisted decoding (speculative decoding,
     as REST, He et al. 2023, and NEST, Li et al. 2024, do from a retrieval corpus).
 
-    The draft is what followed, in the corpus, the nearest neighbour of the last decoding step
-    whose value is the token just chosen (``Retriever.continuation``: up to the current draft
-    length, never past its document). The model runs once over the draft; ``KNNLogitsProcessor``
+    The draft is what followed, in the corpus, the neighbours of the last decoding step whose value
+    is the token just chosen (``Retriever.continuation``: never past a document's end): the
+    ``VOTERS`` nearest of them vote, position by position, with their kNN weights, among those that
+    agree with the draft so far (for one voter, its continuation). The model runs once over the draft; ``KNNLogitsProcessor``
     scores every drafted position with the kNN-LM mixture from one batched search; transformers
     keeps the longest prefix the kNN-LM itself produces (greedy: its argmax at each position;
     sampling: a token drawn from it at each position, kept while it equals the draft -- for a
@@ -232,6 +233,7 @@ class DatastoreDrafter(CandidateGenerator):
     ``drafted``, ``accepted`` (draft tokens kept).
     """
 
+    VOTERS = 16  # nearest neighbours with the chosen token whose continuations vote on the draft
     MISSES = 2
     FIRST_PAUSE = 4
     MAX_PAUSE = 64
@@ -257,15 +259,36 @@ class DatastoreDrafter(CandidateGenerator):
             return input_ids, None
         if step is None or n <= 0:
             return input_ids, None
-        ids, values = step.ids[0], step.values[0]  # (k,) ascending distance
-        hit = ((ids >= 0) & (values == input_ids[0, -1].to(values.device))).nonzero()
-        if not hit.numel():
-            return input_ids, None
-        draft = self.proc.knnlm.retriever.continuation(int(ids[hit[0, 0]]), n)  # (m,)
-        if not draft.numel():
+        draft = self._draft(step, input_ids[0, -1], n)
+        if draft is None:
             return input_ids, None
         self.drafted = int(draft.numel())
         return torch.cat([input_ids, draft.to(input_ids.device)[None]], dim=1), None
+
+    def _draft(self, step, token: torch.Tensor, n: int) -> torch.Tensor | None:
+        """Up to ``n`` tokens: the consensus of the continuations of the (at most ``VOTERS``)
+        nearest neighbours of ``step`` whose value is ``token`` -- position by position, the token
+        with the largest kNN weight among the continuations that agree with the draft so far."""
+        ids, values, dists = step.ids[0], step.values[0], step.dists[0]  # (k,) ascending distance
+        hit = ((ids >= 0) & (values == token.to(values.device))).nonzero().squeeze(1)[: self.VOTERS]
+        if not hit.numel():
+            return None
+        retriever = self.proc.knnlm.retriever
+        conts = [retriever.continuation(int(ids[h]), n) for h in hit.tolist()]
+        weight = torch.softmax(-dists[hit].double().cpu(), 0).tolist()
+        draft, alive = [], list(range(len(conts)))
+        for j in range(n):
+            votes: dict[int, float] = {}
+            for a in alive:
+                if conts[a].numel() > j:
+                    t = int(conts[a][j])
+                    votes[t] = votes.get(t, 0.0) + weight[a]
+            if not votes:
+                break
+            best = max(votes, key=votes.get)
+            draft.append(best)
+            alive = [a for a in alive if conts[a].numel() > j and int(conts[a][j]) == best]
+        return torch.tensor(draft, dtype=torch.int64) if draft else None
 
     def update_candidate_strategy(self, input_ids: torch.LongTensor, scores: torch.Tensor, num_matches: int):
         st = self.stats
