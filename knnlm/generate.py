@@ -216,12 +216,12 @@ class DatastoreDrafter(CandidateGenerator):
     The draft is what followed, in the corpus, the neighbours of the last decoding step whose value
     is the token just chosen (``Retriever.continuation``: never past a document's end): the
     ``VOTERS`` nearest of them vote, position by position, with their kNN weights, among those that
-    agree with the draft so far (for one voter, its continuation). The model runs once over the draft; ``KNNLogitsProcessor``
-    scores every drafted position with the kNN-LM mixture from one batched search; transformers
-    keeps the longest prefix the kNN-LM itself produces (greedy: its argmax at each position;
-    sampling: a token drawn from it at each position, kept while it equals the draft -- for a
-    deterministic draft that is the speculative-sampling rule, so the output distribution is the
-    kNN-LM's) and the kNN-LM's own token after it.
+    agree with the draft so far (for one voter, its continuation). The model runs once over the
+    draft; ``KNNLogitsProcessor`` scores every drafted position with the kNN-LM mixture from one
+    batched search; transformers keeps the longest prefix the kNN-LM itself produces (greedy: its
+    argmax at each position; sampling: a token drawn from it at each position, kept while it equals
+    the draft -- for a deterministic draft that is the speculative-sampling rule, so the output
+    distribution is the kNN-LM's) and the kNN-LM's own token after it.
 
     Back-off, so that text unlike the datastore pays little: the draft length starts at
     ``draft_tokens``; a fully accepted draft doubles it (up to ``draft_tokens``), a partly
