@@ -142,6 +142,8 @@ examples:
   knnlm reindex runs/stdlib-1m --index IVF4096,PQ64 --index-storage disk
   # back to an in-RAM IVF-SQfp16 index
   knnlm reindex runs/stdlib-1m --index ivfsq --index-storage ram
+  # split the index over 2 ranks (`eval --shard-search`) with its trained quantizer: no training anew
+  knnlm reindex runs/stdlib-1m --index-shards 2 --keep-training
 """
 
 INFO_EXAMPLES = """\
@@ -450,6 +452,10 @@ def _add_reindex_parser(sub) -> None:
     r.add_argument("datastore", metavar="DIR")
     _add_reindexing_args(r)
     _add_index_shards_arg(r)
+    r.add_argument("--keep-training", action="store_true",
+                   help="keep the current IVF index's recipe, nprobe and training (coarse quantizer, codebooks) "
+                        "and only add the keys again: another --index-storage or --index-shards without "
+                        "training anew, the same neighbours")
     r.set_defaults(func=cmd_reindex)
 
 
@@ -906,7 +912,8 @@ def cmd_reindex(args) -> int:
     from knnlm.datastore import reindex_datastore
 
     ds = reindex_datastore(args.datastore, index=args.index, index_storage=args.index_storage, seed=args.seed,
-                           progress=not args.quiet, index_shards=args.index_shards)
+                           progress=not args.quiet, index_shards=args.index_shards,
+                           keep_training=args.keep_training)
     print(_summary(ds.path, ds.header))
     return 0
 

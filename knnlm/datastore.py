@@ -51,7 +51,7 @@ import shutil
 import stat
 import time
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -230,7 +230,7 @@ def merge_index(trained: Path, shards: Sequence[Path], index_path: str | os.Path
 
 def build_index(keys_path: str | os.PathLike, n: int, dim: int, plan, index_path: str | os.PathLike, *,
                 seed: int = 0, progress: bool = True, use_gpu: bool | None = None, shards: int = 1,
-                index_shards: int = 1) -> dict:
+                index_shards: int = 1, trained_from: str | os.PathLike | None = None) -> dict:
     """Train, fill (in ``shards`` consecutive row ranges, one after the other) and merge the
     planned index (``knnlm.index.plan_index``) over ``keys_path`` into ``index_path``: the
     single-process path, the same functions a distributed build runs per rank. Returns the index
@@ -239,7 +239,10 @@ def build_index(keys_path: str | os.PathLike, n: int, dim: int, plan, index_path
     ``index_shards`` N > 1: N index files (``INDEX_SHARD`` next to ``index_path``) that share the
     one trained index (coarse quantizer and PQ), shard i holding rows ``[n i / N, n (i + 1) / N)``
     with their global row numbers as ids (``knnlm.sharding``); the record lists them under
-    ``shards`` and its ``file`` is shard 0's."""
+    ``shards`` and its ``file`` is shard 0's.
+
+    ``trained_from``: an IVF index file of ``plan``'s recipe over the same keys whose training
+    (quantizer, codebooks) is reused instead of training anew (``knnlm.index.copy_training``)."""
     if index_shards > 1:
         if "IVF" not in plan.factory:
             raise DatastoreError(f"`index_shards` needs an IVF index (shards share its coarse quantizer); "
@@ -249,7 +252,7 @@ def build_index(keys_path: str | os.PathLike, n: int, dim: int, plan, index_path
             raise DatastoreError(f"`index_shards` {index_shards} is more than the {n} keys", param="index_shards")
     from tqdm.auto import tqdm
 
-    from knnlm.index import fill_shard, train_index
+    from knnlm.index import copy_training, fill_shard, train_index
 
     keys = np.load(keys_path, mmap_mode="r") if isinstance(keys_path, (str, os.PathLike)) else keys_path
     if keys.shape != (n, dim):
@@ -260,7 +263,10 @@ def build_index(keys_path: str | os.PathLike, n: int, dim: int, plan, index_path
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
     try:
-        train_index(keys, plan, work / TRAINED, seed=seed, use_gpu=use_gpu)
+        if trained_from is not None:
+            copy_training(trained_from, work / TRAINED)
+        else:
+            train_index(keys, plan, work / TRAINED, seed=seed, use_gpu=use_gpu)
         shards = 1 if not plan.shardable else max(1, min(int(shards), n))
         if index_shards > 1:  # one fill per index shard, each merged into its own index file
             shards = index_shards
@@ -1612,12 +1618,37 @@ def _index_files(path: Path) -> list[Path]:
                               "index.s*.ivfdata") for p in path.glob(pattern)]
 
 
+def _kept_training(path: Path, record: dict | None, index: str) -> Path:
+    """The index file whose training ``reindex_datastore(keep_training=True)`` keeps: the
+    current index (its first shard), checked like any index the datastore opens."""
+    from knnlm.index import check_lists
+
+    if record is None:
+        raise DatastoreError(f"{path} has no index whose training to keep; leave out `keep_training`",
+                             param="keep_training")
+    if "IVF" not in record["factory"]:
+        raise DatastoreError(f"{path}'s index {record['factory']} has no training to keep (only IVF indexes do); "
+                             "leave out `keep_training`", param="keep_training")
+    if index not in ("auto", record["factory"]):
+        raise DatastoreError(f"`keep_training` keeps the current recipe {record['factory']}; `index` {index!r} "
+                             "would need training anew: leave out one of the two", param="keep_training")
+    source = path / (record.get("shards") or [record])[0]["file"]
+    check_lists(source, storage=record.get("storage", "ram"),
+                ivfdata=path / record["ivfdata"] if record.get("ivfdata") else None)
+    return source
+
+
 def reindex_datastore(path: str | os.PathLike, *, index: str = "auto", index_storage: str = "auto", seed: int = 0,
-                      progress: bool = True, index_shards: int = 1) -> Datastore:
-    """Rebuild only the index of a complete datastore (another recipe, or RAM <-> disk storage),
-    from its keys. The new index is written under fresh file names, then the header is switched to
-    it atomically, then the old index files are removed: an interrupted reindex leaves the old
-    index in use, never a half-written one. Holds the directory's writer lock throughout."""
+                      progress: bool = True, index_shards: int = 1, keep_training: bool = False) -> Datastore:
+    """Rebuild only the index of a complete datastore (another recipe, or RAM <-> disk storage,
+    or split into ``index_shards``), from its keys. The new index is written under fresh file
+    names, then the header is switched to it atomically, then the old index files are removed: an
+    interrupted reindex leaves the old index in use, never a half-written one. Holds the
+    directory's writer lock throughout.
+
+    ``keep_training``: keep the current IVF index's recipe, nprobe and training (coarse quantizer,
+    codebooks) and only add the keys again: another storage or shard count without training anew,
+    and neighbours identical to the current index's."""
     from knnlm.index import plan_index
 
     path = Path(path)
@@ -1625,8 +1656,11 @@ def reindex_datastore(path: str | os.PathLike, *, index: str = "auto", index_sto
     ds = open_datastore(path, require_index=False)
     ds.require_keys("index", "its index cannot be rebuilt: rebuild the datastore from the corpus")
     n, dim = len(ds), ds.dim
-    plan = plan_index(index, n, dim, storage=index_storage)
-    logger.info("%s", plan.describe(n, dim))
+    trained_from = _kept_training(path, ds.header.index, index) if keep_training else None
+    plan = plan_index(ds.header.index["factory"] if keep_training else index, n, dim, storage=index_storage)
+    if keep_training:
+        plan = replace(plan, nprobe=ds.header.index.get("nprobe") or plan.nprobe, train_rows=0)
+    logger.info("%s%s", plan.describe(n, dim), f", training kept from {trained_from.name}" if trained_from else "")
     fd = _lock(path)
     try:
         header = read_header(path)  # as it is now that the lock is held
@@ -1635,14 +1669,17 @@ def reindex_datastore(path: str | os.PathLike, *, index: str = "auto", index_sto
             gen += 1
         name = INDEX if header.index is None and not (path / INDEX).exists() else f"index.r{gen}.faiss"
         check_entries(path, header)
+        if keep_training:  # the index of now, under the lock
+            trained_from = _kept_training(path, header.index, plan.factory)
         with disk_errors(path, "reindex"):
             header.index = build_index(path / KEYS, n, dim, plan, path / name, seed=seed, progress=progress,
-                                       index_shards=index_shards)
+                                       index_shards=index_shards, trained_from=trained_from)
             header.generation = new_generation()
             header.build.setdefault("reindexed", []).append({"index": index, "index_storage": index_storage,
                                                              "seed": seed, "at": _now(),
                                                              **({"index_shards": index_shards}
-                                                                if index_shards > 1 else {})})
+                                                                if index_shards > 1 else {}),
+                                                             **({"keep_training": True} if keep_training else {})})
             header.write(path)
         keep = {name for r in header.index.get("shards") or [header.index] for name in (r["file"], r.get("ivfdata"))}
         for p in _index_files(path):  # the old index, and any that an interrupted reindex left

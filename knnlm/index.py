@@ -377,6 +377,27 @@ def train_index(keys, plan: IndexPlan, out_path: str | os.PathLike, *, seed: int
     faiss.write_index(index, str(out_path))
 
 
+def copy_training(index_path: str | os.PathLike, out_path: str | os.PathLike) -> str:
+    """Write the trained, empty index of the IVF index file ``index_path`` (its pre-transforms,
+    coarse quantizer and codebooks, no inverted lists) to ``out_path``, as ``train_index`` would
+    have: filled again (``fill_shard``) it gives the same codes, without training anew. The file
+    is read with ``IO_FLAG_MMAP`` (on-disk lists are not opened). Returns its factory class name."""
+    import faiss
+
+    with _faiss_quiet():
+        index = faiss.read_index(str(index_path), faiss.IO_FLAG_MMAP | faiss.IO_FLAG_READ_ONLY)
+    ivf = _ivf(index)
+    if ivf is None:
+        raise IndexSpecError(f"{index_path} holds a {_factory_name(index)} index, which has no training to keep "
+                             "(only IVF indexes do); leave out `keep_training`", param="keep_training")
+    empty = faiss.ArrayInvertedLists(ivf.nlist, ivf.code_size)
+    ivf.replace_invlists(empty, True)
+    empty.this.disown()  # the index owns it now
+    ivf.ntotal = index.ntotal = 0
+    faiss.write_index(index, str(out_path))
+    return _factory_name(index)
+
+
 def _grid_chunks(start: int, stop: int, n: int):
     """Chunks of the global ADD_CHUNK_ROWS grid meeting [start, stop): (lo, hi, keep_lo, keep_hi)."""
     for g in range(start // ADD_CHUNK_ROWS, -(-stop // ADD_CHUNK_ROWS)):

@@ -32,15 +32,18 @@ def _knnlm(args: list[str], nproc: int = 1) -> subprocess.CompletedProcess:
 
 @pytest.fixture(scope="module")
 def stores(tmp_path_factory, tiny_model_dir):
-    """The same datastore twice: an IVF-PQ index in one file, and split into 2 shards (same seed:
-    the same trained quantizer and PQ)."""
+    """The same datastore three times: an IVF-PQ index in one file; split into 2 shards trained
+    anew (same seed, one thread: the same trained quantizer and PQ); split into 2 in-RAM shards
+    that keep the first one's training (``--keep-training``)."""
     root = tmp_path_factory.mktemp("shards")
-    one, two = root / "one", root / "two"
+    one, two, kept = root / "one", root / "two", root / "kept"
     _knnlm(["build-index", "--model", str(tiny_model_dir), "--data", *corpus_paths(), "--out", str(one),
             "--context", "32", "--batch-size", "8", "--quiet", *INDEX])
     shutil.copytree(one, two)
+    shutil.copytree(one, kept)
     _knnlm(["reindex", str(two), *INDEX, "--index-shards", "2", "--quiet"])
-    return one, two
+    _knnlm(["reindex", str(kept), "--index-storage", "ram", "--index-shards", "2", "--keep-training", "--quiet"])
+    return one, two, kept
 
 
 def _canonical(d: np.ndarray, i: np.ndarray):
@@ -57,15 +60,18 @@ def _assert_same_neighbours(a, b):
     np.testing.assert_array_equal(np.where(below, ia, -2), np.where(below, ib, -2))
 
 
-def test_the_shards_hold_disjoint_rows_and_search_as_the_unsharded_index(stores):
+@pytest.mark.parametrize("which", ["trained anew", "training kept"])
+def test_the_shards_hold_disjoint_rows_and_search_as_the_unsharded_index(stores, which):
     from knnlm.datastore import open_datastore
     from knnlm.index import set_nprobe
 
-    one, two = (open_datastore(p) for p in stores)
+    one, two = (open_datastore(p) for p in (stores[0], stores[1 if which == "trained anew" else 2]))
     rec = two.header.index
+    assert rec["nprobe"] == one.header.index["nprobe"] and rec["factory"] == one.header.index["factory"]
+    assert rec["storage"] == ("disk" if which == "trained anew" else "ram")
     assert [s["rows"] for s in rec["shards"]] == [[0, len(two) // 2], [len(two) // 2, len(two)]]
     assert [s["file"] for s in rec["shards"]] == ["index.r1.s0.faiss", "index.r1.s1.faiss"]
-    assert all((two.path / s["ivfdata"]).exists() for s in rec["shards"])
+    assert all(s["ivfdata"] is None or (two.path / s["ivfdata"]).exists() for s in rec["shards"])
     assert rec["ntotal"] == len(two) and two.index_shard_count == 2 and one.index_shard_count == 1
     assert not (two.path / "index.faiss").exists(), "the unsharded index it replaced is gone"
     for s in rec["shards"]:  # global row ids, each shard its own rows
@@ -99,9 +105,25 @@ def _eval(model_dir, ds, out, *more) -> list[str]:
             "--output", str(out), "--quiet", *more]
 
 
+def test_keep_training_refuses_another_recipe_and_an_index_without_training(stores, tmp_path):
+    from knnlm.datastore import reindex_datastore
+    from knnlm.errors import KnnlmError
+
+    with pytest.raises(KnnlmError, match=r"^`keep_training` keeps the current recipe IVF16,PQ8; `index` 'flat'"):
+        reindex_datastore(stores[2], index="flat", keep_training=True, progress=False)
+    flat = tmp_path / "flat"
+    shutil.copytree(stores[0], flat)
+    reindex_datastore(flat, index="flat", progress=False)
+    with pytest.raises(KnnlmError, match=r"index Flat has no training to keep"):
+        reindex_datastore(flat, keep_training=True, progress=False)
+    res = subprocess.run([sys.executable, "-m", "knnlm", "reindex", str(flat), "--keep-training", "--quiet"],
+                         capture_output=True, text=True, timeout=600, cwd=REPO, env=ENV)
+    assert res.returncode == 2 and res.stderr.count("\n") == 1 and "--keep-training" in res.stderr, res.stderr
+
+
 def test_two_ranks_searching_one_shard_each_evaluate_like_one_process_on_the_unsharded_index(
         stores, tiny_model_dir, tmp_path):
-    one, two = stores
+    one, two, _ = stores
     ref, whole, split = tmp_path / "ref.json", tmp_path / "whole.json", tmp_path / "split.json"
     _knnlm(_eval(tiny_model_dir, one, ref))
     _knnlm(_eval(tiny_model_dir, two, whole))  # one process, both shards
@@ -115,7 +137,7 @@ def test_two_ranks_searching_one_shard_each_evaluate_like_one_process_on_the_uns
 
 
 def test_shard_search_needs_one_rank_per_shard(stores, tiny_model_dir, tmp_path):
-    one, _ = stores
+    one = stores[0]
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m", "knnlm",
            *_eval(tiny_model_dir, one, tmp_path / "x.json", "--shard-search")]
     res = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=REPO, env=ENV)
