@@ -107,7 +107,8 @@ def main(argv=None) -> int:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--k", type=int, default=None, help="neighbours (default: 1024 capped at the datastore size)")
     p.add_argument("--nprobe", type=int, default=None)
-    p.add_argument("--lambda", dest="lam", type=float, default=0.25)
+    p.add_argument("--lambda", dest="lam", default="0.25",
+                   help="a fixed lambda, or 'adaptive' (the datastore's tuned gate) (default: %(default)s)")
     p.add_argument("--flat", action="store_true", help="exact in-memory flat index over the datastore's keys")
     p.add_argument("--max-keys", type=int, default=None, help="with --flat: index only the first N keys")
     p.add_argument("--threads", type=int, default=None, help="torch / FAISS threads (default: torch's)")
@@ -123,6 +124,9 @@ def main(argv=None) -> int:
     p.add_argument("--prompts-per-file", type=int, default=1,
                    help="--prompt-set heldout: prompts from each file, evenly spaced after --prompt-offset")
     args = p.parse_args(argv)
+    from knnlm.config import parse_lambda
+
+    args.lam = parse_lambda(args.lam, "--lambda")
     if args.tiny == bool(args.datastore):
         p.error("give --datastore DIR, or --tiny")
 

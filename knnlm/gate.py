@@ -266,8 +266,7 @@ class Gate:
     def threshold(self, fraction: float) -> float:
         """The predicted-gain threshold above which a fraction ``fraction`` of the tuning tokens searched
         (``fraction`` raised to ``min_fraction``)."""
-        q = np.linspace(0.0, 1.0, len(self.pre_quantiles))
-        return float(np.interp(1.0 - self.fraction(fraction), q, self.pre_quantiles))
+        return _threshold(self.pre_quantiles, self.fraction(fraction))
 
     def select(self, lm_feats: torch.Tensor, fraction: float | None) -> torch.Tensor:
         """Which rows search (R,) bool: all for ``fraction`` None or (raised to the floor) 1, else
@@ -545,11 +544,11 @@ def _fit_gate(data, identity, k, temperature, kind, hidden, seed, l2, iters, sel
     report.update(kind=kind, features=chosen, validation_nll=current)
     net, mean, std = _fit_lambda(x, lp_lm, lp_knn, names, chosen, kind, hidden, seed, l2, iters, unseen, bound,
                                  _best_fixed(lp_lm, lp_knn)[0])
-    held_net = None  # the λ gate of the held-out checks (fitted without the held-out documents)
-    if bound is None and bool(held.any()) and current >= best_fixed[1]:
+    fallback = bound is None and bool(held.any()) and current >= best_fixed[1]
+    if fallback:
         # never worse than a fixed λ: on the held-out tuning documents the gate did not beat the best
         # fixed λ, so the datastore keeps that λ (a constant gate: zero weights, bias logit(λ))
-        net = held_net = _constant_net(len(chosen), best_fixed[0])
+        net = _constant_net(len(chosen), best_fixed[0])
         report["fallback"] = {"fixed_lambda": best_fixed[0], "validation_nll_gate": current,
                               "validation_nll_fixed": best_fixed[1]}
         report["kind"] = "fixed"
@@ -562,10 +561,8 @@ def _fit_gate(data, identity, k, temperature, kind, hidden, seed, l2, iters, sel
     gate = Gate(identity=identity, k=k, temperature=temperature, features=chosen, mean=mean, std=std, net=net,
                 tuned_on=data.documents, report=report)
     _fit_retrieval(gate, data, hidden, seed, l2, iters)
-    if held_net is None:
-        held_net = fit(chosen, kind)
-    else:
-        held_net = (held_net, mean, std)
+    # the λ gate of the held-out checks: fitted without the held-out documents (a constant one as it is)
+    held_net = (net, mean, std) if fallback else fit(chosen, kind)
     _retrieval_floor(gate, data, held_docs, held_net, best_fixed[0], hidden, seed, l2, iters)
     return gate
 
@@ -596,6 +593,16 @@ def _gain(lp_lm: torch.Tensor, lp_knn: torch.Tensor, lam: torch.Tensor) -> torch
     return (mix(lp_lm, lp_knn, lam) - lp_lm).double()
 
 
+def _quantiles(score: torch.Tensor) -> list[float]:
+    """``QUANTILES`` evenly spaced quantiles of predicted gains (N,): what a gate stores of them."""
+    return np.quantile(score.numpy(), np.linspace(0, 1, QUANTILES)).tolist()
+
+
+def _threshold(quantiles: Sequence[float], fraction: float) -> float:
+    """The predicted gain that a fraction ``fraction`` of the tokens behind ``quantiles`` reach."""
+    return float(np.interp(1.0 - fraction, np.linspace(0.0, 1.0, len(quantiles)), quantiles))
+
+
 def _retrieval_floor(gate: Gate, data: TuneData, held_docs: list[int], held_net: tuple, fixed: float,
                      hidden: int, seed: int, l2: float, iters: int) -> None:
     """The smallest searched fraction F (``FRACTION_GRID``) at which the retrieval gate loses nothing
@@ -613,14 +620,13 @@ def _retrieval_floor(gate: Gate, data: TuneData, held_docs: list[int], held_net:
     with torch.no_grad():
         score_fit = _forward(pre, (data.lm[fit, :NL].double() - pmean) / pstd)
         score = _forward(pre, (data.lm[held, :NL].double() - pmean) / pstd)  # (H,)
-    levels = np.quantile(score_fit.numpy(), np.linspace(0, 1, QUANTILES))
-    q = np.linspace(0.0, 1.0, QUANTILES)
+    levels = _quantiles(score_fit)
     g = gain[held]
     lam_fixed = torch.where(data.has[held], torch.tensor(fixed), torch.tensor(0.0))
     fixed_gain = float(_gain(data.lp_lm[held], data.lp_knn[held], lam_fixed).mean())
     curve = {}
     for f in FRACTION_GRID:
-        thr = float(np.interp(1.0 - f, q, levels))
+        thr = _threshold(levels, f)
         curve[f] = float(torch.where(score >= thr, g, torch.zeros_like(g)).mean())  # mean gain over the LM
     floor = next((f for f in FRACTION_GRID if curve[f] >= fixed_gain), 1.0)
     base = float(-data.lp_lm[held].double().mean())
@@ -655,7 +661,7 @@ def _fit_retrieval(gate: Gate, data: TuneData, hidden: int, seed: int, l2: float
     with torch.no_grad():
         score = _forward(net, (xs - mean) / std)
     gate.pre_net, gate.pre_mean, gate.pre_std = net, mean, std
-    gate.pre_quantiles = np.quantile(score.numpy(), np.linspace(0, 1, QUANTILES)).tolist()
+    gate.pre_quantiles = _quantiles(score)
     # how much of the total gain the top-F tokens by predicted gain keep (in-sample, and the oracle)
     total = float(gain.sum())
     kept = {}

@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import logging
 import math
+from collections import Counter
 
 import torch
 from transformers import LogitsProcessor, LogitsProcessorList
@@ -252,11 +253,11 @@ class DatastoreDrafter(CandidateGenerator):
 
     def get_candidates(self, input_ids: torch.LongTensor, **kwargs) -> tuple[torch.LongTensor, None]:
         self.drafted = 0
-        n = min(self.length, self.max_length - input_ids.shape[1] - 1)  # the model adds one token itself
-        step = self.proc.steps.get(input_ids.shape[1] - 1)  # the neighbours that chose the last token
-        if self.pause > 0:
+        if self.pause > 0:  # backing off after failed drafts
             self.pause -= 1
             return input_ids, None
+        n = min(self.length, self.max_length - input_ids.shape[1] - 1)  # the model adds one token itself
+        step = self.proc.steps.get(input_ids.shape[1] - 1)  # the neighbours that chose the last token
         if step is None or n <= 0:
             return input_ids, None
         draft = self._draft(step, input_ids[0, -1], n)
@@ -387,7 +388,7 @@ def _each_row(knnlm, ids, proc, procs, draft_tokens, kwargs):
     if pad is None:
         eos = cfg.eos_token_id
         pad = (eos[0] if isinstance(eos, (list, tuple)) else eos) if eos is not None else 0
-    rows, stats, draft = [], dict.fromkeys(proc.stats, 0), None
+    rows, stats, draft = [], Counter(), Counter()
     for b in range(ids.shape[0]):
         n = int(real[b])
         kw = dict(kwargs, attention_mask=torch.ones(1, n, dtype=torch.long, device=ids.device))
@@ -395,9 +396,9 @@ def _each_row(knnlm, ids, proc, procs, draft_tokens, kwargs):
             kw["max_length"] -= ids.shape[1] - n  # the row's share of the padded length
         out = _run(knnlm, ids[b:b + 1, ids.shape[1] - n:], proc, procs, draft_tokens, kw)
         rows.append(torch.cat([ids[b], out[0, n:]]))
-        stats = {k: stats[k] + proc.stats[k] for k in stats}
-        draft = proc.drafter.stats if draft is None else {k: draft[k] + proc.drafter.stats[k] for k in draft}
-    proc.stats, proc.drafter.stats = stats, draft
+        stats.update(proc.stats)
+        draft.update(proc.drafter.stats)
+    proc.stats, proc.drafter.stats = dict(stats), dict(draft)
     width = max(r.numel() for r in rows)
     return torch.stack([torch.cat([r, r.new_full((width - r.numel(),), pad)]) for r in rows])
 

@@ -166,10 +166,12 @@ class KNNLM:
         """The gate's LM features (B, NL + 1) of logits (B, V) (``knnlm.gate.lm_features``)."""
         return lm_features(logits, self._token_counts())[0]
 
-    def needs_lm_features(self, lambdas: Sequence | None = None) -> bool:
-        """Whether scoring needs the gate's LM features (a gate, or the keep-unseen mixture)."""
-        lams = [self.lam] if lambdas is None else list(lambdas)
-        return self.settings.gated or ADAPTIVE in lams or self.keeps_unseen_for(lams)
+    def needs_lm_features(self) -> bool:
+        """Whether scoring rows (``mix_rows``: ``log_probs``, generation) needs the gate's LM
+        features: a gate is used (an adaptive λ or a retrieval fraction). The keep-unseen mixture
+        of a row needs only the datastore's unseen tokens; ``mix_targets`` takes its features
+        from the caller."""
+        return self.settings.needs_gate
 
     # ---- scoring: the one mixture ---------------------------------------------------------------
     def mix_rows(self, logits: torch.Tensor, step: Step, lm_feats: torch.Tensor | None = None) -> torch.Tensor:
