@@ -55,10 +55,11 @@ from knnlm.datastore import (
     KeySpec,
     WindowSpec,
     build_dir,
+    check_index_shards,
     disk_errors,
     index_record,
     index_work_dir,
-    merge_index,
+    merge_fills,
     model_identity,
     open_datastore,
     read_header,
@@ -170,9 +171,11 @@ def _extract(writer: DatastoreWriter, model, cfg: BuildConfig, world: World = SI
 
 def _index_sharded(writer: DatastoreWriter | None, cfg: BuildConfig, world: World, out: Path) -> Datastore | None:
     """Phase 3 over torchrun ranks: rank 0 trains the index once on a seeded sample, every rank
-    encodes a contiguous share of the rows into a shard file, rank 0 merges the shards (RAM or
-    on-disk inverted lists) and completes the datastore. The same functions and the same bytes as
-    the one-process ``DatastoreWriter.finalize``. Returns the datastore on rank 0."""
+    encodes its share of the row ranges into fill files (one range per rank, or with
+    ``index_shards`` N one per index shard, dealt round-robin), rank 0 merges them (RAM or on-disk
+    inverted lists; one index file, or one per index shard) and completes the datastore. The same
+    functions and the same bytes as the one-process ``DatastoreWriter.finalize``. Returns the
+    datastore on rank 0."""
     from knnlm.index import fill_shard, plan_index, train_index
 
     header = read_header(out)
@@ -183,6 +186,7 @@ def _index_sharded(writer: DatastoreWriter | None, cfg: BuildConfig, world: Worl
 
     def train():
         plan = plan_index(cfg.index, n, dim, storage=cfg.index_storage)  # storage "auto" is rank 0's call
+        check_index_shards(plan, n, cfg.index_shards)
         logger.info("%s; filled by %d ranks", plan.describe(n, dim), world.size)
         with disk_errors(out):
             shutil.rmtree(work, ignore_errors=True)
@@ -192,21 +196,22 @@ def _index_sharded(writer: DatastoreWriter | None, cfg: BuildConfig, world: Worl
         return plan
 
     plan = on_main(world, train, share=True)
-    if plan.shardable:  # rank r encodes rows [n r / W, n (r + 1) / W)
-        shards = [work / SHARD.format(r) for r in range(world.size)]
-        with disk_errors(out):
-            fill_shard(work / TRAINED, keys, n * world.rank // world.size,
-                       n * (world.rank + 1) // world.size, shards[world.rank])
-    else:  # a graph index is filled in one piece
-        shards = [work / SHARD.format(0)]
-        if world.main:
-            with disk_errors(out):
-                fill_shard(work / TRAINED, keys, 0, n, shards[0])
+    if plan.shardable:  # range u = rows [n u / U, n (u + 1) / U), filled by rank u mod W
+        units = cfg.index_shards if cfg.index_shards > 1 else world.size
+        mine = range(world.rank, units, world.size)
+    else:  # a graph index is filled in one piece, by rank 0
+        units, mine = 1, range(1) if world.main else range(0)
+    bounds = [n * u // units for u in range(units + 1)]
+    fills = [work / SHARD.format(u) for u in range(units)]
+    with disk_errors(out):
+        for u in mine:
+            fill_shard(work / TRAINED, keys, bounds[u], bounds[u + 1], fills[u])
     barrier(world)
 
     def merge() -> Datastore:
         with disk_errors(out):
-            record = merge_index(work / TRAINED, shards, index_path, storage=plan.storage, ntotal=n)
+            record = merge_fills(work / TRAINED, fills, bounds, index_path, storage=plan.storage,
+                                 index_shards=cfg.index_shards)
             shutil.rmtree(work, ignore_errors=True)
             return writer.complete(index_record(plan, record, time.time() - t0))
 
@@ -287,9 +292,9 @@ def build_datastore(model, tokenizer, data: Sequence[str] | Sequence[Source], ou
                     return writer.finalize(cfg.index, storage=cfg.index_storage, seed=cfg.seed,
                                            progress=cfg.progress, index_shards=cfg.index_shards)
 
-            if world.distributed and cfg.index_shards == 1:
+            if world.distributed:
                 ds = _index_sharded(writer, cfg, world, writer.path)
-            else:  # an index split into shards is filled by rank 0 alone
+            else:
                 ds = on_main(world, finalize)
         else:
             ds = None

@@ -67,7 +67,8 @@ __all__ = [
     "FORMAT", "FORMAT_VERSION", "DatastoreError", "Header", "KeySpec", "WindowSpec", "CorpusSpec",
     "ModelIdentity", "Datastore", "DatastoreWriter", "open_datastore", "open_or_create", "read_header",
     "model_identity", "write_json_atomic", "subset_datastore", "cut_document", "disk_errors", "merge_datastores",
-    "KEY_DTYPES", "reindex_datastore", "write_gate", "read_gate", "GATE", "build_index", "merge_index",
+    "KEY_DTYPES", "reindex_datastore", "write_gate", "read_gate", "GATE", "build_index", "merge_index", "merge_fills",
+    "check_index_shards",
     "index_record", "index_work_dir", "ivfdata_name", "tokenizer_hash",
 ]
 
@@ -228,6 +229,39 @@ def merge_index(trained: Path, shards: Sequence[Path], index_path: str | os.Path
             "ntotal": got["ntotal"], "storage": storage}
 
 
+def check_index_shards(plan, n: int, index_shards: int) -> None:
+    """``index_shards`` N > 1 needs an IVF recipe (the shards share its coarse quantizer) and N <= ``n``."""
+    if index_shards > 1:
+        if "IVF" not in plan.factory:
+            raise DatastoreError(f"`index_shards` needs an IVF index (shards share its coarse quantizer); "
+                                 f"{plan.factory} is not one: use `index` ivfsq, ivfpq or an IVF factory string",
+                                 param="index_shards")
+        if index_shards > n:
+            raise DatastoreError(f"`index_shards` {index_shards} is more than the {n} keys", param="index_shards")
+
+
+def merge_fills(trained: Path, fills: Sequence[Path], bounds: Sequence[int], index_path: str | os.PathLike, *,
+                storage: str, index_shards: int = 1) -> dict:
+    """The filled row ranges ``fills`` (``knnlm.index.fill_shard`` of rows ``[bounds[i],
+    bounds[i + 1])``) -> the index file(s) at ``index_path`` (``merge_index``): one index, or with
+    ``index_shards`` N > 1 one index file per fill (``INDEX_SHARD``, ``len(fills)`` == N). Returns
+    the record of the header's index section (``shards``: each file's record and rows)."""
+    index_path = Path(index_path)
+    n = bounds[-1]
+    if index_shards == 1:
+        return merge_index(trained, fills, index_path, storage=storage, ntotal=n)
+    if len(fills) != index_shards:
+        raise ValueError(f"merge_fills: {len(fills)} fills for {index_shards} index shards")
+    parts = []
+    for i, p in enumerate(fills):
+        part = index_path.parent / INDEX_SHARD.format(stem=index_path.stem, part=i)
+        rec = merge_index(trained, [p], part, storage=storage, ntotal=bounds[i + 1] - bounds[i])
+        parts.append({**rec, "rows": [bounds[i], bounds[i + 1]]})
+    record = {**parts[0], "shards": parts, "bytes": sum(r["bytes"] for r in parts), "ntotal": n}
+    del record["rows"]
+    return record
+
+
 def build_index(keys_path: str | os.PathLike, n: int, dim: int, plan, index_path: str | os.PathLike, *,
                 seed: int = 0, progress: bool = True, use_gpu: bool | None = None, shards: int = 1,
                 index_shards: int = 1, trained_from: str | os.PathLike | None = None) -> dict:
@@ -243,13 +277,7 @@ def build_index(keys_path: str | os.PathLike, n: int, dim: int, plan, index_path
 
     ``trained_from``: an IVF index file of ``plan``'s recipe over the same keys whose training
     (quantizer, codebooks) is reused instead of training anew (``knnlm.index.copy_training``)."""
-    if index_shards > 1:
-        if "IVF" not in plan.factory:
-            raise DatastoreError(f"`index_shards` needs an IVF index (shards share its coarse quantizer); "
-                                 f"{plan.factory} is not one: use `index` ivfsq, ivfpq or an IVF factory string",
-                                 param="index_shards")
-        if index_shards > n:
-            raise DatastoreError(f"`index_shards` {index_shards} is more than the {n} keys", param="index_shards")
+    check_index_shards(plan, n, index_shards)
     from tqdm.auto import tqdm
 
     from knnlm.index import copy_training, fill_shard, train_index
@@ -275,16 +303,8 @@ def build_index(keys_path: str | os.PathLike, n: int, dim: int, plan, index_path
         with tqdm(total=n, unit="key", desc="adding keys", disable=not progress) as bar:
             for i, p in enumerate(paths):
                 fill_shard(work / TRAINED, keys, bounds[i], bounds[i + 1], p, progress=bar)
-        if index_shards > 1:
-            parts = []
-            for i, p in enumerate(paths):
-                part = index_path.parent / INDEX_SHARD.format(stem=index_path.stem, part=i)
-                rec = merge_index(work / TRAINED, [p], part, storage=plan.storage, ntotal=bounds[i + 1] - bounds[i])
-                parts.append({**rec, "rows": [bounds[i], bounds[i + 1]]})
-            record = {**parts[0], "shards": parts, "bytes": sum(r["bytes"] for r in parts), "ntotal": n}
-            del record["rows"]
-        else:
-            record = merge_index(work / TRAINED, paths, index_path, storage=plan.storage, ntotal=n)
+        record = merge_fills(work / TRAINED, paths, bounds, index_path, storage=plan.storage,
+                             index_shards=index_shards)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     return index_record(plan, record, time.time() - t0)

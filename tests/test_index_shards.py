@@ -32,16 +32,17 @@ def _knnlm(args: list[str], nproc: int = 1) -> subprocess.CompletedProcess:
 
 @pytest.fixture(scope="module")
 def stores(tmp_path_factory, tiny_model_dir):
-    """The same datastore three times: an IVF-PQ index in one file; split into 2 shards trained
-    anew (same seed, one thread: the same trained quantizer and PQ); split into 2 in-RAM shards
-    that keep the first one's training (``--keep-training``)."""
+    """The same datastore three times: an IVF-PQ index in one file (one process); built by 2
+    torchrun ranks with the index in 2 shards, each rank filling one (same seed, one thread: the
+    same keys, trained quantizer and PQ); a copy of the first split into 2 in-RAM shards that keep
+    its training (``reindex --keep-training``)."""
     root = tmp_path_factory.mktemp("shards")
     one, two, kept = root / "one", root / "two", root / "kept"
-    _knnlm(["build-index", "--model", str(tiny_model_dir), "--data", *corpus_paths(), "--out", str(one),
-            "--context", "32", "--batch-size", "8", "--quiet", *INDEX])
-    shutil.copytree(one, two)
+    build = ["build-index", "--model", str(tiny_model_dir), "--data", *corpus_paths(), "--context", "32",
+             "--batch-size", "8", "--quiet", *INDEX]
+    _knnlm([*build, "--out", str(one)])
+    _knnlm([*build, "--out", str(two), "--index-shards", "2"], nproc=2)
     shutil.copytree(one, kept)
-    _knnlm(["reindex", str(two), *INDEX, "--index-shards", "2", "--quiet"])
     _knnlm(["reindex", str(kept), "--index-storage", "ram", "--index-shards", "2", "--keep-training", "--quiet"])
     return one, two, kept
 
@@ -60,20 +61,22 @@ def _assert_same_neighbours(a, b):
     np.testing.assert_array_equal(np.where(below, ia, -2), np.where(below, ib, -2))
 
 
-@pytest.mark.parametrize("which", ["trained anew", "training kept"])
+@pytest.mark.parametrize("which", ["built by 2 ranks", "training kept"])
 def test_the_shards_hold_disjoint_rows_and_search_as_the_unsharded_index(stores, which):
     from knnlm.datastore import open_datastore
     from knnlm.index import set_nprobe
 
-    one, two = (open_datastore(p) for p in (stores[0], stores[1 if which == "trained anew" else 2]))
+    one, two = (open_datastore(p) for p in (stores[0], stores[1 if which == "built by 2 ranks" else 2]))
     rec = two.header.index
     assert rec["nprobe"] == one.header.index["nprobe"] and rec["factory"] == one.header.index["factory"]
-    assert rec["storage"] == ("disk" if which == "trained anew" else "ram")
+    assert rec["storage"] == ("disk" if which == "built by 2 ranks" else "ram")
     assert [s["rows"] for s in rec["shards"]] == [[0, len(two) // 2], [len(two) // 2, len(two)]]
-    assert [s["file"] for s in rec["shards"]] == ["index.r1.s0.faiss", "index.r1.s1.faiss"]
+    stem = "index" if which == "built by 2 ranks" else "index.r1"
+    assert [s["file"] for s in rec["shards"]] == [f"{stem}.s0.faiss", f"{stem}.s1.faiss"]
     assert all(s["ivfdata"] is None or (two.path / s["ivfdata"]).exists() for s in rec["shards"])
     assert rec["ntotal"] == len(two) and two.index_shard_count == 2 and one.index_shard_count == 1
-    assert not (two.path / "index.faiss").exists(), "the unsharded index it replaced is gone"
+    assert not (two.path / "index.faiss").exists(), "no unsharded index"
+    assert not list(two.path.glob(".index*")), "the index's work files are gone"
     for s in rec["shards"]:  # global row ids, each shard its own rows
         part = two.index_shards([rec["shards"].index(s)]).parts[0]
         assert part.ntotal == s["rows"][1] - s["rows"][0]
