@@ -949,7 +949,8 @@ def _summary(path, h) -> str:
     if idx:
         probes = f"nprobe {idx['nprobe']}" if idx.get("nprobe") is not None else "exact search"
         where = "on disk, memory-mapped" if h.index_storage == "disk" else "in RAM"
-        optional(lambda: f"  index      {_safe(idx['factory'])} ({idx['ntotal']:,} vectors, {probes}, "
+        split = f"{len(idx['shards'])} shards, " if isinstance(idx.get("shards"), list) else ""
+        optional(lambda: f"  index      {_safe(idx['factory'])} ({idx['ntotal']:,} vectors, {split}{probes}, "
                  f"{idx['bytes'] / 2**20:.1f} MiB {where}, built in {idx['build_seconds']} s)")
     if h.gate:
         lines.append(f"  gate       {_safe(h.gate['file'])} (adaptive lambda / retrieval gate from `knnlm tune`, "
