@@ -4,8 +4,10 @@ index split with ``--index-shards N`` (issue #32).
 Per configuration it measures, in fresh processes: queries/s of the search alone (every query
 answered by every shard and merged, ``knnlm.sharding.ShardRounds``), each rank's ``RssAnon`` /
 ``VmRSS`` after opening its share of the index and searching, the bytes each rank sent per query,
-and whether the merged neighbours equal the one-process ones; with ``--data`` also ``knnlm eval``'s
-tokens/s with 1 and N ranks (data-parallel, and data-parallel with ``--shard-search``).
+and whether the merged neighbours equal the one-process ones (every process on one intra-op
+thread, as torchrun runs each rank); with ``--data`` also ``knnlm eval``'s tokens/s with 1
+process (torch's default threads) and N ranks (data-parallel, and data-parallel with
+``--shard-search``).
 
     knnlm reindex runs/big --index ivfpq --index-storage disk --index-shards 2
     python benchmarks/bench_ranks.py --datastore runs/big --nproc 2 --queries 4096 --k 1024 \\
@@ -58,10 +60,13 @@ def child(args) -> int:
     world = init_world()
     ds = open_datastore(args.datastore)
     before = proc_status()
+    shards = ds.header.index.get("shards") or [ds.header.index]
     if world.distributed:
         index = ds.index_shards([world.rank], world)
+        share = shards[world.rank]["bytes"]
     else:
         index = ds.index
+        share = sum(s["bytes"] for s in shards)
     parts = getattr(index, "parts", [index])
     for p in parts:
         set_nprobe(p, args.nprobe or ds.header.nprobe)
@@ -80,9 +85,11 @@ def child(args) -> int:
         rounds.finish()
     seconds = time.time() - t0
     ids = np.concatenate(out_i) if out_i else np.zeros((0, args.k), dtype=np.int64)
+    dists = np.concatenate(out_d) if out_d else np.zeros((0, args.k), dtype=np.float32)
     np.save(Path(args.out) / f"ids.{world.size}.{world.rank}.npy", ids)
+    np.save(Path(args.out) / f"dists.{world.size}.{world.rank}.npy", dists)
     rec = {"world_size": world.size, "rank": world.rank, "queries": int(len(mine)), "seconds": round(seconds, 3),
-           "shard_rows": int(sum(p.ntotal for p in parts)), "status_before_mib": before,
+           "shard_rows": int(sum(p.ntotal for p in parts)), "share_bytes": int(share), "status_before_mib": before,
            "status_after_mib": proc_status(),
            "bytes_sent_per_query": round(rounds.bytes_sent / max(len(q), 1), 1) if rounds else 0}
     print("RESULT " + json.dumps(rec), flush=True)
@@ -129,12 +136,16 @@ def main(argv=None) -> int:
                 "--queries", str(args.queries), "--batch", str(args.batch), "--k", str(args.k),
                 "--seed", str(args.seed), *(["--nprobe", str(args.nprobe)] if args.nprobe else [])]
         for n in (1, args.nproc):
-            res = _run([*_launch(n), *base])
+            # one intra-op thread in the one process too, as torchrun gives each rank: FAISS computes
+            # its IVF-PQ precomputed tables with BLAS over its threads, and their rounding (~1e-6 of a
+            # distance) reorders near-tied neighbours; with one thread on both sides they are identical
+            res = _run([*_launch(n), *base], env={"OMP_NUM_THREADS": "1"})
             result["search"][n] = [json.loads(ln.split("RESULT ", 1)[1]) for ln in res.stdout.splitlines()
                                    if "RESULT " in ln]
-        one = np.load(Path(tmp) / "ids.1.0.npy")
-        wide = np.concatenate([np.load(Path(tmp) / f"ids.{args.nproc}.{r}.npy") for r in range(args.nproc)])
-        result["identical_ids_fraction"] = float((one == wide).all(1).mean())
+        one, wide = ({what: np.concatenate([np.load(Path(tmp) / f"{what}.{n}.{r}.npy") for r in range(n)])
+                      for what in ("ids", "dists")} for n in (1, args.nproc))
+        result["identical_ids_fraction"] = float((one["ids"] == wide["ids"]).all(1).mean())
+        result["identical_dists_fraction"] = float((one["dists"] == wide["dists"]).all(1).mean())
     if args.data:
         with tempfile.TemporaryDirectory() as tmp:
             for name, n, extra in (("1 process", 1, []), (f"{args.nproc} ranks", args.nproc, []),
@@ -148,10 +159,12 @@ def main(argv=None) -> int:
     for n, ranks in result["search"].items():
         for r in ranks:
             print(f"{n} rank(s), rank {r['rank']}: {r['queries']} queries in {r['seconds']} s "
-                  f"({r['queries'] / max(r['seconds'], 1e-9):.0f} q/s), shard {r['shard_rows']:,} rows, RssAnon "
+                  f"({r['queries'] / max(r['seconds'], 1e-9):.0f} q/s), shard {r['shard_rows']:,} rows "
+                  f"({r['share_bytes'] / 2**20:.1f} MiB of index files), RssAnon "
                   f"{r['status_after_mib'].get('RssAnon')} MiB, VmRSS {r['status_after_mib'].get('VmRSS')} MiB, "
                   f"{r['bytes_sent_per_query']} B sent / query")
-    print(f"identical neighbour ids: {100 * result['identical_ids_fraction']:.2f}% of queries")
+    print(f"identical neighbour ids: {100 * result['identical_ids_fraction']:.2f}% of queries, identical distances: "
+          f"{100 * result['identical_dists_fraction']:.2f}%")
     for name, e in result["eval"].items():
         print(f"eval {name}: ppl {e['ppl_knn']:.4f}, {e['tokens_per_second']} tok/s")
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
