@@ -824,6 +824,7 @@ def open_datastore(path: str | os.PathLike, *, require_index: bool = True) -> Da
     documents = read_json(path / DOCUMENTS)
     _check_documents(path, documents, header)
     check_token_ids(values, header.model.vocab_size, f"{path / VALUES}")
+    check_token_ids(tokens, header.model.vocab_size, f"{path / TOKENS}")
     if require_index:
         if not header.index:
             raise DatastoreError(f"datastore {path} has no index; run `knnlm reindex` to build it")
