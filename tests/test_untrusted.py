@@ -526,6 +526,21 @@ def test_a_read_only_datastore_refuses_a_writer_with_one_line(copy, monkeypatch)
     _one_line(exc.value)
 
 
+def test_a_full_disk_when_the_lock_is_written_is_one_line_and_leaves_no_lock(copy, monkeypatch):
+    """`knnlm tune` on a full tmpfs: the lock file could be created (no data) but not written,
+    and the OSError escaped as a traceback with the lock file left behind."""
+    def full(fd, data, offset):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    before = {p.name: _digest(p) for p in copy.iterdir()}
+    monkeypatch.setattr(os, "pwrite", full)
+    with pytest.raises(DatastoreError, match="no space left .* writer lock") as exc:
+        write_gate(open_datastore(copy), {"gate": 1})
+    _one_line(exc.value)
+    monkeypatch.undo()
+    assert {p.name: _digest(p) for p in copy.iterdir()} == before  # no .knnlm.lock left
+
+
 def test_token_ids_outside_the_vocabulary_are_refused_when_written(copy, tmp_path):
     from knnlm.errors import CorpusError
 
