@@ -850,6 +850,7 @@ def open_datastore(path: str | os.PathLike, *, require_index: bool = True) -> Da
     documents = read_json(path / DOCUMENTS)
     _check_documents(path, documents, header)
     check_token_ids(values, header.model.vocab_size, f"{path / VALUES}")
+    check_token_ids(tokens, header.model.vocab_size, f"{path / TOKENS}")
     if require_index:
         if not header.index:
             raise DatastoreError(f"datastore {path} has no index; run `knnlm reindex` to build it")
@@ -1280,6 +1281,15 @@ def lock_holder(path: str | os.PathLike) -> str:
     return raw if raw.isdigit() else "?"
 
 
+def _lock_refused(path: Path, code: int) -> DatastoreError:
+    """The one-line refusal of a writer whose lock file cannot be created or written."""
+    if code in _FULL:
+        return DatastoreError(f"no space left in {path} ({os.strerror(code)}), not even for the writer lock "
+                              f"{LOCK}; free space, then run the command again")
+    return DatastoreError(f"cannot write in {path} ({os.strerror(code)}); a writer needs a writable "
+                          "directory: copy the datastore somewhere writable")
+
+
 def _lock(path: Path) -> int:
     """Take ``path``'s writer lock without waiting; refuse when another writer holds it. The lock
     file is opened without following links and removed by ``_unlock``: a lock taken on a file that
@@ -1290,8 +1300,7 @@ def _lock(path: Path) -> int:
         except OSError as e:
             if e.errno not in _FULL | _DENIED:
                 raise
-            raise DatastoreError(f"cannot write in {path} ({os.strerror(e.errno)}); a writer needs a writable "
-                                 "directory: copy the datastore somewhere writable") from None
+            raise _lock_refused(path, e.errno) from None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -1303,8 +1312,14 @@ def _lock(path: Path) -> int:
         except FileNotFoundError:
             same = False
         if same:
-            os.ftruncate(fd, 0)
-            os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+            try:
+                os.ftruncate(fd, 0)
+                os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+            except OSError as e:  # a full disk (or a file-size limit): release and remove the lock
+                _unlock(path, fd)
+                if e.errno not in _FULL | _DENIED:
+                    raise
+                raise _lock_refused(path, e.errno) from None
             return fd
         os.close(fd)  # the previous holder removed it between our open and our flock: again
     raise DatastoreError(f"`out` {path}: could not take {LOCK} (it keeps being replaced)", param="out")

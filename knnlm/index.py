@@ -331,6 +331,17 @@ def _faiss_quiet():
         os.close(saved)
 
 
+def check_finite_keys(x: np.ndarray, row0: int) -> None:
+    """Key rows ``x`` (rows ``row0...`` of the datastore's keys, fp32, in memory) all finite: an
+    index over inf / NaN keys silently loses those rows (a crafted or corrupt ``keys.npy``)."""
+    finite = np.isfinite(x).all(axis=1)
+    if not finite.all():
+        bad = row0 + int(np.flatnonzero(~finite)[0])
+        raise DatastoreError(f"key row {bad} holds inf or NaN; the stored keys are corrupt: rebuild the datastore "
+                             "from the corpus (with `key_dtype` float32 if the model's hidden states overflow "
+                             "float16)")
+
+
 def _as_keys(keys) -> np.ndarray:
     """A key array (N, D): an array, or the path of a .npy file (memory-mapped)."""
     if isinstance(keys, (str, os.PathLike)):
@@ -356,6 +367,10 @@ def train_index(keys, plan: IndexPlan, out_path: str | os.PathLike, *, seed: int
         rng = np.random.default_rng(seed)
         sample = np.sort(rng.choice(n, size=plan.train_rows, replace=False))
         x = np.ascontiguousarray(keys[sample], dtype=np.float32)  # (train_rows, D)
+        with np.errstate(invalid="ignore"):
+            bad = ~np.isfinite(x).all(axis=1)
+        if bad.any():
+            check_finite_keys(x[bad][:1], int(sample[bad][0]))
         ivf = _ivf(index)
         inner = faiss.downcast_index(ivf) if ivf is not None else _inner(index)
         if hasattr(inner, "do_polysemous_training"):
@@ -429,6 +444,7 @@ def fill_shard(trained_path: str | os.PathLike, keys, start: int, stop: int, out
         if a >= b:
             continue
         x = np.ascontiguousarray(keys[lo:hi], dtype=np.float32)  # (chunk, D): the whole grid chunk
+        check_finite_keys(x[a - lo:b - lo], a)
         if kind == "graph":
             index.add(x[a - lo:b - lo])
         else:
@@ -585,6 +601,31 @@ def _all_invlists(index, depth: int = 0) -> list:
     return found
 
 
+def _check_list_bounds(path: Path, lst) -> None:
+    """Every list of the on-disk inverted lists ``lst`` (size, capacity, offset: read from the
+    index file, untrusted) inside the ``totsize`` bytes FAISS maps: else a search reads outside
+    the map (a SIGSEGV, or another list's bytes)."""
+    import faiss
+
+    n = int(lst.lists.size())
+    if n != lst.nlist:
+        raise DatastoreError(f"{path} describes {n} on-disk inverted lists for {lst.nlist}; rebuild the index "
+                             "with `knnlm reindex`")
+    if n == 0:
+        return
+    # the std::vector<OnDiskOneList> as (n, 3) size_t: size, capacity, offset (a copy, read at once)
+    raw = faiss.rev_swig_ptr(faiss.cast_integer_to_idx_t_ptr(int(lst.lists.data().this)), 3 * n)
+    size, capacity, offset = np.array(raw, dtype=np.int64).reshape(n, 3).view(np.uint64).T
+    total, entry = np.uint64(lst.totsize), np.uint64(lst.code_size + 8)  # the codes and an int64 id per slot
+    room = (total - np.minimum(offset, total)) // entry  # slots between the offset and the end of the map
+    bad = np.flatnonzero((size > capacity) | (offset > total) | (capacity > room))
+    if len(bad):
+        i = int(bad[0])
+        raise DatastoreError(f"{path}: inverted list {i} (offset {offset[i]}, {size[i]}/{capacity[i]} entries of "
+                             f"{entry} bytes) lies outside the {total} bytes of its lists file; the index is "
+                             "corrupt, rebuild it with `knnlm reindex`")
+
+
 def check_lists(path: str | os.PathLike, *, storage: str, ivfdata: str | os.PathLike | None) -> None:
     """Inspect the index file ``path`` without letting FAISS map any inverted-lists file it names
     (``IO_FLAG_MMAP`` skips on-disk lists, read-only): on-disk lists are accepted only when the
@@ -620,6 +661,7 @@ def check_lists(path: str | os.PathLike, *, storage: str, ivfdata: str | os.Path
         if lst.totsize > size:
             raise DatastoreError(f"{path} needs {lst.totsize} bytes of inverted lists, {ivfdata} holds {size}; "
                                  "rebuild the index with `knnlm reindex`")
+        _check_list_bounds(path, lst)
     if own is not None and not named:
         raise DatastoreError(f"{path} holds its inverted lists itself, but the header says they are in {own}; "
                              "rebuild the index with `knnlm reindex`")

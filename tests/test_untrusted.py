@@ -174,6 +174,20 @@ def test_a_header_naming_on_disk_lists_that_the_index_lacks_is_refused(copy):
         _ = open_datastore(copy).index
 
 
+def test_an_on_disk_list_outside_its_lists_file_is_refused_before_faiss_reads_it(copy):
+    """The lists' offsets are read from index.faiss (untrusted): one beyond the lists file was a
+    SIGSEGV on the first search."""
+    ds = reindex_datastore(copy, index="IVF4,Flat", index_storage="disk", progress=False)
+    path = copy / ds.header.index["file"]
+    raw = bytearray(path.read_bytes())
+    at = raw.index(b"ilod") + 4 + 8 + 8 + 8 + 24 * 1 + 16  # list 1's offset in FAISS's "ilod" record
+    raw[at:at + 8] = (1 << 40).to_bytes(8, "little")
+    path.write_bytes(bytes(raw))
+    with pytest.raises(DatastoreError, match="inverted list 1 .* lies outside the") as exc:
+        _ = open_datastore(copy).index
+    _one_line(exc.value)
+
+
 # ------------------------------------------------------------------ 3. keys, values, empty searches
 
 
@@ -207,6 +221,27 @@ def test_values_outside_the_vocabulary_are_refused_on_open(copy):
     with pytest.raises(DatastoreError, match=r"outside the model's vocabulary \[0, 384\)") as exc:
         open_datastore(copy)
     _one_line(exc.value)
+
+
+def test_tokens_outside_the_vocabulary_are_refused_on_open(copy):
+    tokens = np.load(copy / "tokens.npy")
+    tokens[10] = 10 ** 6
+    np.save(copy / "tokens.npy", tokens)
+    with pytest.raises(DatastoreError, match=r"tokens.npy: entry 10 is token id 1000000, outside") as exc:
+        open_datastore(copy)
+    _one_line(exc.value)
+
+
+def test_non_finite_stored_keys_fail_a_reindex_and_keep_the_old_index(copy):
+    keys = np.load(copy / "keys.npy", mmap_mode="r+")
+    keys[100:110] = np.nan  # a crafted keys.npy: FAISS would index the rest and drop these silently
+    keys.flush()
+    del keys
+    before = {p.name: _digest(p) for p in copy.iterdir()}
+    with pytest.raises(DatastoreError, match="key row 100 holds inf or NaN") as exc:
+        reindex_datastore(copy, index="flat", progress=False)
+    _one_line(exc.value)
+    assert {p.name: _digest(p) for p in copy.iterdir()} == before
 
 
 def test_searches_without_a_valid_neighbour_are_counted_and_warned_about(tiny_store, tiny_tokenizer, caplog):
@@ -489,6 +524,21 @@ def test_a_read_only_datastore_refuses_a_writer_with_one_line(copy, monkeypatch)
     with pytest.raises(DatastoreError, match="Read-only file system") as exc:
         write_gate(open_datastore(copy), {"gate": 1})
     _one_line(exc.value)
+
+
+def test_a_full_disk_when_the_lock_is_written_is_one_line_and_leaves_no_lock(copy, monkeypatch):
+    """`knnlm tune` on a full tmpfs: the lock file could be created (no data) but not written,
+    and the OSError escaped as a traceback with the lock file left behind."""
+    def full(fd, data, offset):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    before = {p.name: _digest(p) for p in copy.iterdir()}
+    monkeypatch.setattr(os, "pwrite", full)
+    with pytest.raises(DatastoreError, match="no space left .* writer lock") as exc:
+        write_gate(open_datastore(copy), {"gate": 1})
+    _one_line(exc.value)
+    monkeypatch.undo()
+    assert {p.name: _digest(p) for p in copy.iterdir()} == before  # no .knnlm.lock left
 
 
 def test_token_ids_outside_the_vocabulary_are_refused_when_written(copy, tmp_path):
