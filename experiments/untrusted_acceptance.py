@@ -418,9 +418,12 @@ def c4a(c):
     c.freeze()
     rc, _, err = c.run("build-index", "--model", c.env.overflow, "--data", c.env.corpus, "--context", "64",
                        "--index", "flat", "--quiet", "--out", c.ds)
-    c.one_line_refusal(rc, err, "model.layers.1.mlp", "float32")
+    c.one_line_refusal(rc, err, "model.layers.1.mlp", "--key-dtype float32 and --overwrite")
     rc2, _, err2 = _eval(c, label="the refused build is not a datastore")
     c.check("the output does not open as a datastore", rc2 == 2)
+    rc3, _, _ = c.run("build-index", "--model", c.env.overflow, "--data", c.env.corpus, "--context", "64",
+                      "--index", "flat", "--quiet", "--out", c.ds, "--key-dtype", "float32", "--overwrite")
+    c.check("the command the message suggests builds the datastore", rc3 == 0)
 
 
 @case("4b", "keys.npy with NaN rows (crafted): knnlm reindex --index flat")

@@ -1157,7 +1157,8 @@ class DatastoreWriter:
         if not finite.all():
             bad = row0 + int(np.flatnonzero(~finite)[0])
             k = self.header.key
-            fix = ("the hidden states overflow float16: rebuild with `key_dtype` float32" if k.dtype != "float32"
+            fix = ("the hidden states overflow float16: build again with `key_dtype` float32 and `overwrite` (these "
+                   "float16 rows cannot be resumed)" if k.dtype != "float32"
                    else "the model computes non-finite hidden states there: check the model and its dtype")
             raise DatastoreError(f"key row {bad} (layer {k.layer}) holds inf or NaN as {self._dtype}; {fix}",
                                  param="key_dtype")
