@@ -962,6 +962,7 @@ class DatastoreWriter:
         self._offset = 0
         self._dtype = KEY_DTYPES[header.key.dtype]
         self._row_bytes = header.key.dim * self._dtype.itemsize
+        self._keys_allocated = False  # prepare_keys ran (once per writer)
 
     # ---- starting -----------------------------------------------------------------------------
     @classmethod
@@ -1123,7 +1124,7 @@ class DatastoreWriter:
         path, n, dim, dtype = self.path / KEYS, self.header.total, self.header.key.dim, self._dtype
         if self._lock_fd is None:
             raise DatastoreError(f"{self.path}: only the writer holding the lock allocates keys")
-        if getattr(self, "_keys_allocated", False) or (path.exists() and self.done_rows()):
+        if self._keys_allocated or (path.exists() and self.done_rows()):
             return
         self._keys_allocated = True
         self.header.count = 0

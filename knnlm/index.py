@@ -392,11 +392,11 @@ def train_index(keys, plan: IndexPlan, out_path: str | os.PathLike, *, seed: int
     faiss.write_index(index, str(out_path))
 
 
-def copy_training(index_path: str | os.PathLike, out_path: str | os.PathLike) -> str:
+def copy_training(index_path: str | os.PathLike, out_path: str | os.PathLike) -> None:
     """Write the trained, empty index of the IVF index file ``index_path`` (its pre-transforms,
     coarse quantizer and codebooks, no inverted lists) to ``out_path``, as ``train_index`` would
     have: filled again (``fill_shard``) it gives the same codes, without training anew. The file
-    is read with ``IO_FLAG_MMAP`` (on-disk lists are not opened). Returns its factory class name."""
+    is read with ``IO_FLAG_MMAP`` (on-disk lists are not opened)."""
     import faiss
 
     with _faiss_quiet():
@@ -410,7 +410,6 @@ def copy_training(index_path: str | os.PathLike, out_path: str | os.PathLike) ->
     empty.this.disown()  # the index owns it now
     ivf.ntotal = index.ntotal = 0
     faiss.write_index(index, str(out_path))
-    return _factory_name(index)
 
 
 def _grid_chunks(start: int, stop: int, n: int):
