@@ -43,7 +43,7 @@ from transformers import LogitsProcessor, LogitsProcessorList
 from transformers.generation.candidate_generator import CandidateGenerator
 
 from knnlm.errors import GenerateError
-from knnlm.retrieval import one_thread
+from knnlm.retrieval import agreeing_run, one_thread
 
 logger = logging.getLogger(__name__)
 
@@ -87,6 +87,13 @@ class KNNLogitsProcessor(LogitsProcessor):
         self.drafter: DatastoreDrafter | None = None  # speculative decoding: drafts verified in one forward pass
         self.steps: dict[int, object] = {}  # speculative: each verified position's ``Step``, by input length
         self._verified: dict[int, object] = {}  # speculative: drafted positions searched, not yet scored
+        # speculative greedy search: drafted positions are scored one by one, each searched when it is
+        # scored, and once the kNN-LM rejects a drafted token the positions after it are left unscored
+        # (transformers discards them); set by ``generate`` where nothing after this processor can
+        # change the argmax
+        self.score_until_rejected = False
+        self._queries: dict[int, torch.Tensor | None] = {}  # those positions' keys (None: skipped), by input length
+        self._choice: torch.Tensor | None = None  # the kNN-LM's greedy token at the position last scored
 
     # ---- the key hook -------------------------------------------------------------------------
     def __enter__(self) -> KNNLogitsProcessor:
@@ -97,6 +104,7 @@ class KNNLogitsProcessor(LogitsProcessor):
         self.records, self.key_lengths = [], []
         self.stats = dict.fromkeys(self.stats, 0)
         self._pending, self._lookup, self.steps, self._verified = None, None, {}, {}
+        self._queries, self._choice, self.score_until_rejected = {}, None, False
         self._ctx = capture_keys(self.knnlm.model, self.knnlm.key_layer)
         self._cap = self._ctx.__enter__()
         return self
@@ -115,6 +123,12 @@ class KNNLogitsProcessor(LogitsProcessor):
         keys, self._cap.keys = self._cap.keys, None
         if keys is None and self.drafter is not None and input_ids.shape[1] in self._verified:
             return self._finish(input_ids, scores, self._verified.pop(input_ids.shape[1]))  # a drafted position
+        if keys is None and self.drafter is not None and input_ids.shape[1] in self._queries:
+            query = self._queries.pop(input_ids.shape[1])  # a drafted position, greedy
+            if query is None or not bool((self._choice == input_ids[:, -1].to(self._choice.device)).all()):
+                self._queries = dict.fromkeys(self._queries)  # rejected here: transformers keeps nothing after it
+                return scores
+            return self._finish(input_ids, scores, None, query)
         if keys is None:
             raise GenerateError(
                 "no key hidden state was captured since the previous decoding step: kNN-LM generation "
@@ -143,6 +157,10 @@ class KNNLogitsProcessor(LogitsProcessor):
         drafted = 0
         if self.drafter is not None:
             drafted, self.steps = self.drafter.drafted, {}  # a new forward: the previous one's positions are done
+        if drafted and self.score_until_rejected:  # greedy: the drafted positions are searched as they are scored
+            first = input_ids.shape[1]
+            self._queries = {first + i: keys[:, i - drafted - 1, :] for i in range(1, drafted + 1)}
+            return self._finish(input_ids, scores, None, keys[:, -drafted - 1, :])
         if drafted:  # this forward verified a draft: every position's neighbours from one batched search
             return self._finish(input_ids, scores, self._search_draft(keys[:, -drafted - 1:, :], input_ids.shape[1]))
         return self._finish(input_ids, scores, None, keys[:, -1, :])  # (rows, D): the position being predicted
@@ -154,7 +172,10 @@ class KNNLogitsProcessor(LogitsProcessor):
         if self.drafter is not None:
             self.steps[input_ids.shape[1]] = self._pending  # what the drafter continues from
         banned = torch.isneginf(scores)  # bans set by processors that ran before this one
-        return out.masked_fill(banned, -math.inf) if bool(banned.any()) else out
+        out = out.masked_fill(banned, -math.inf) if bool(banned.any()) else out
+        if self.score_until_rejected:
+            self._choice = out.argmax(-1)  # (rows,) what greedy search takes here
+        return out
 
     def _search_draft(self, queries: torch.Tensor, first: int):
         """queries (1, P, D) of the P positions one forward pass verified (the last accepted token
@@ -211,40 +232,41 @@ class KNNLogitsProcessor(LogitsProcessor):
 
 
 class DatastoreDrafter(CandidateGenerator):
-    """Drafts tokens from the datastore for transformers' assisted decoding (speculative decoding,
-    as REST, He et al. 2023, and NEST, Li et al. 2024, do from a retrieval corpus).
+    """Drafts tokens for transformers' assisted decoding (speculative decoding, as REST, He et al.
+    2023, and NEST, Li et al. 2024, do from a retrieval corpus).
 
-    The draft is what followed, in the corpus, the neighbours of the last decoding step whose value
-    is the token just chosen (``Retriever.continuation``: never past a document's end): the
-    ``VOTERS`` nearest of them vote, position by position, with their kNN weights, among those that
-    agree with the draft so far (for one voter, its continuation). The model runs once over the
-    draft; ``KNNLogitsProcessor`` scores every drafted position with the kNN-LM mixture from one
-    batched search; transformers keeps the longest prefix the kNN-LM itself produces (greedy: its
-    argmax at each position; sampling: a token drawn from it at each position, kept while it equals
-    the draft -- for a deterministic draft that is the speculative-sampling rule, so the output
-    distribution is the kNN-LM's) and the kNN-LM's own token after it.
+    The draft is the continuation of the text that ends the way the sequence ends, over the longest
+    stretch. Two places are looked at, both exact token matches:
 
-    Back-off, so that text unlike the datastore pays little: the draft length starts at
-    ``draft_tokens``; a fully accepted draft doubles it (up to ``draft_tokens``), a partly
-    accepted one sets it to the accepted length + 1; after ``MISSES`` drafts in a row of which
-    nothing was accepted, drafting pauses for ``FIRST_PAUSE`` steps, a pause that doubles (up to
-    ``MAX_PAUSE``) while the drafts after it keep failing.
+    - the datastore: the neighbours of the last decoding step whose value is the token just chosen
+      (all k of them); each one's *match* is how many of the sequence's last tokens its document
+      had there (``Retriever.match_before``, up to ``MATCH``), its continuation what followed it
+      (``Retriever.continuation``: never past its document's end);
+    - the sequence itself (prompt and generated text): its earlier occurrences of the last token,
+      matched the same way (generated text often repeats its own lines, which no datastore holds).
+
+    The longest match wins (the sequence on a tie: it is this document; among neighbours the
+    nearest), and the draft is its continuation, at most ``min(draft_tokens, match)`` tokens: a
+    draft is as long as the evidence for it, so where the text is unlike anything seen, drafts are
+    a token or two and a failed one costs little more than a plain step. The model runs once over
+    the draft; ``KNNLogitsProcessor`` scores the drafted positions with the kNN-LM mixture;
+    transformers keeps the longest prefix the kNN-LM itself produces (greedy: its argmax at each
+    position; sampling: a token drawn from it at each position, kept while it equals the draft --
+    for a deterministic draft that is the speculative-sampling rule, so the output distribution
+    is the kNN-LM's) and the kNN-LM's own token after it.
 
     ``stats``: ``forwards`` (model forward passes), ``tokens`` (tokens they produced), ``drafts``,
-    ``drafted``, ``accepted`` (draft tokens kept).
+    ``drafted``, ``accepted`` (draft tokens kept), ``from_datastore`` / ``from_sequence`` (drafts
+    taken from each place).
     """
 
-    VOTERS = 16  # nearest neighbours with the chosen token whose continuations vote on the draft
-    MISSES = 2
-    FIRST_PAUSE = 4
-    MAX_PAUSE = 64
+    MATCH = 32  # the most tokens compared when matching the sequence's end
 
     def __init__(self, processor: KNNLogitsProcessor, draft_tokens: int, max_length: int):
         self.proc, self.max_draft, self.max_length = processor, int(draft_tokens), int(max_length)
-        self.length = self.max_draft  # the current draft length
         self.drafted = 0  # tokens drafted for the forward pass under way
-        self.misses, self.pause, self.next_pause = 0, 0, self.FIRST_PAUSE
-        self.stats = {"forwards": 0, "tokens": 0, "drafts": 0, "drafted": 0, "accepted": 0}
+        self.stats = {"forwards": 0, "tokens": 0, "drafts": 0, "drafted": 0, "accepted": 0,
+                      "from_datastore": 0, "from_sequence": 0}
 
     @property
     def num_drafting_tokens(self) -> int:
@@ -253,65 +275,51 @@ class DatastoreDrafter(CandidateGenerator):
 
     def get_candidates(self, input_ids: torch.LongTensor, **kwargs) -> tuple[torch.LongTensor, None]:
         self.drafted = 0
-        if self.pause > 0:  # backing off after failed drafts
-            self.pause -= 1
-            return input_ids, None
-        n = min(self.length, self.max_length - input_ids.shape[1] - 1)  # the model adds one token itself
+        n = min(self.max_draft, self.max_length - input_ids.shape[1] - 1)  # the model adds one token itself
         step = self.proc.steps.get(input_ids.shape[1] - 1)  # the neighbours that chose the last token
         if step is None or n <= 0:
             return input_ids, None
-        draft = self._draft(step, input_ids[0, -1], n)
+        draft = self._draft(step, input_ids[0].cpu(), n)
         if draft is None:
             return input_ids, None
         self.drafted = int(draft.numel())
         return torch.cat([input_ids, draft.to(input_ids.device)[None]], dim=1), None
 
-    def _draft(self, step, token: torch.Tensor, n: int) -> torch.Tensor | None:
-        """Up to ``n`` tokens: the consensus of the continuations of the (at most ``VOTERS``)
-        nearest neighbours of ``step`` whose value is ``token`` -- position by position, the token
-        with the largest kNN weight among the continuations that agree with the draft so far."""
-        ids, values, dists = step.ids[0], step.values[0], step.dists[0]  # (k,) ascending distance
-        hit = ((ids >= 0) & (values == token.to(values.device))).nonzero().squeeze(1)[: self.VOTERS]
-        if not hit.numel():
+    def _draft(self, step, seq: torch.Tensor, n: int) -> torch.Tensor | None:
+        """Up to ``n`` tokens continuing ``seq`` (T,): the continuation of the longest match of its
+        end, in the datastore (neighbours of ``step`` whose value is ``seq[-1]``) or in ``seq``."""
+        token, m = seq[-1], min(self.MATCH, seq.numel() - 1)
+        recent = seq[seq.numel() - 1 - m: -1].flip(0)  # (m,) the tokens before the last, nearest first
+        best, draft, where = 0, None, None
+        at = (seq[:-1] == token).nonzero().squeeze(1)  # (P,) earlier occurrences of the last token
+        if at.numel():
+            idx = at[:, None] - torch.arange(1, m + 1)  # (P, m) the positions before each
+            run = 1 + agreeing_run(seq[idx.clamp(min=0)], idx >= 0, recent)  # (P,)
+            i = at.numel() - 1 - int(run.flip(0).argmax())  # the latest of the longest
+            best, where = int(run[i]), "from_sequence"
+            draft = seq[int(at[i]) + 1: int(at[i]) + 1 + min(n, best)]
+        ids, values = step.ids[0].cpu(), step.values[0].cpu()  # (k,) ascending distance
+        hit = ((ids >= 0) & (values == token)).nonzero().squeeze(1)
+        if hit.numel():
+            retriever = self.proc.knnlm.retriever
+            run = retriever.match_before(ids[hit], recent)  # (H,)
+            j = int(run.argmax())  # the nearest of the longest
+            if int(run[j]) > best:
+                best, where = int(run[j]), "from_datastore"
+                draft = retriever.continuation(int(ids[hit[j]]), min(n, best))
+        if draft is None or not draft.numel():
             return None
-        retriever = self.proc.knnlm.retriever
-        conts = [retriever.continuation(int(ids[h]), n) for h in hit.tolist()]
-        weight = torch.softmax(-dists[hit].double().cpu(), 0).tolist()
-        draft, alive = [], list(range(len(conts)))
-        for j in range(n):
-            votes: dict[int, float] = {}
-            for a in alive:
-                if conts[a].numel() > j:
-                    t = int(conts[a][j])
-                    votes[t] = votes.get(t, 0.0) + weight[a]
-            if not votes:
-                break
-            best = max(votes, key=votes.get)
-            draft.append(best)
-            alive = [a for a in alive if conts[a].numel() > j and int(conts[a][j]) == best]
-        return torch.tensor(draft, dtype=torch.int64) if draft else None
+        self.stats[where] += 1
+        return draft.clone()
 
     def update_candidate_strategy(self, input_ids: torch.LongTensor, scores: torch.Tensor, num_matches: int):
         st = self.stats
         st["forwards"] += 1
         st["tokens"] += int(num_matches) + 1
-        if not self.drafted:
-            return
-        kept = min(int(num_matches), self.drafted)
-        st["drafts"] += 1
-        st["drafted"] += self.drafted
-        st["accepted"] += kept
-        if kept == self.drafted:
-            self.length = min(self.max_draft, 2 * self.length)
-        else:
-            self.length = kept + 1
-        if kept:
-            self.misses, self.next_pause = 0, self.FIRST_PAUSE
-            return
-        self.misses += 1
-        if self.misses >= self.MISSES:  # drafts keep failing: stop drafting for a while
-            self.pause, self.misses = self.next_pause, 0
-            self.next_pause = min(2 * self.next_pause, self.MAX_PAUSE)
+        if self.drafted:
+            st["drafts"] += 1
+            st["drafted"] += self.drafted
+            st["accepted"] += min(int(num_matches), self.drafted)
 
 
 def draft_summary(proc: KNNLogitsProcessor) -> dict:
@@ -359,6 +367,9 @@ def _run(knnlm, inputs, proc, procs, draft_tokens, kwargs):
 
     def candidate_generator(generation_config, **_):
         proc.drafter = DatastoreDrafter(proc, draft_tokens, generation_config.max_length)
+        # greedy, and no processor after this one (the caller's, a watermark) that could move the argmax
+        proc.score_until_rejected = (not generation_config.do_sample and len(procs) == 1
+                                     and generation_config.watermarking_config is None)
         return proc.drafter
 
     model._get_candidate_generator = candidate_generator  # an instance attribute over the method

@@ -60,6 +60,14 @@ def one_thread() -> Iterator[None]:
         torch.set_num_threads(before)
 
 
+def agreeing_run(tokens: torch.Tensor, ok: torch.Tensor, recent: torch.Tensor) -> torch.Tensor:
+    """tokens (H, M) int64, the M tokens before each of H places, nearest first; ok (H, M) bool,
+    which exist; recent (M,) the tokens before a sequence's end, nearest first -> (H,) int64: how
+    many of them each place agrees with, counting from the nearest until the first disagreement."""
+    same = ok & (tokens == recent.to(tokens.device)[None, :])
+    return torch.cumprod(same.long(), 1).sum(1)
+
+
 class Step(NamedTuple):
     """The neighbours of a set of rows: (Q, k) as ``search`` returns them, and per row whether it
     searched / used pointers (Q,) bool. A row with no neighbour (every id -1: skipped by the
@@ -209,6 +217,18 @@ class Retriever:
         nxt = self.has_next[row: row + n]  # row + i + 1 is in row's document while these hold
         m = int(torch.cumprod(nxt.long(), 0).sum()) if nxt.numel() else 0
         return self._values[row + 1: row + 1 + m].clone()
+
+    def match_before(self, rows: torch.Tensor, recent: torch.Tensor) -> torch.Tensor:
+        """rows (H,) whose value is a sequence's last token, recent (M,) the tokens before that one,
+        nearest first -> (H,) int64: for each row, how many of the sequence's last tokens its
+        document had there, counting the value (1 + those of ``recent`` that agree in a row, within
+        the row's document)."""
+        rows = rows.detach().cpu().long()
+        idx = rows[:, None] - torch.arange(1, recent.numel() + 1)  # (H, M): the rows holding the earlier tokens
+        ok = idx >= 0
+        idx = idx.clamp(min=0)
+        ok &= self.has_next[idx]  # row idx + 1 is in row idx's document: the chain stays in one document
+        return 1 + agreeing_run(self._values[idx], ok, recent)
 
     def candidates(self, queries: torch.Tensor, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Score given candidate rows (Q, K) (-1: none) like search results: exact squared L2 from

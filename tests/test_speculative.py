@@ -14,13 +14,14 @@ from collections import Counter
 
 import pytest
 import torch
+from transformers import LogitsProcessor
 
 from knnlm import KNNLM
 from knnlm.cli import main
 from knnlm.corpora import stdlib_root
 from knnlm.datastore import open_datastore
 from knnlm.errors import GenerateError
-from knnlm.generate import KNNLogitsProcessor, draft_summary
+from knnlm.generate import DatastoreDrafter, KNNLogitsProcessor, draft_summary
 from knnlm.testing import corpus_paths
 
 TIE = 1e-3  # nats: a greedy choice this close to the runner-up may flip with the shape of the forward pass
@@ -78,6 +79,74 @@ def test_greedy_drafting_gives_the_plain_knnlm_tokens(gated, tiny_tokenizer, set
         accepted += d["accepted"]
     if settings.get("lam") == 0.9:
         assert accepted > 0  # drafts were kept: the verification path was exercised
+
+
+def test_greedy_verification_searches_only_the_positions_it_keeps(tiny_store, tiny_tokenizer):
+    """Greedy: a drafted position after the first token the kNN-LM rejects is neither searched
+    nor scored (transformers discards it), so there is one search per generated token; with a
+    processor after the kNN-LM's (it could move the argmax) every drafted position is scored,
+    and the output is still plain kNN-LM greedy's under that processor."""
+    model, ds = tiny_store
+    knn = KNNLM(model, ds, tiny_tokenizer, k=32, lam=0.9)
+    kw = dict(max_new_tokens=24, pad_token_id=0)
+    rejected = 0
+    for ids in _prompts(tiny_tokenizer):
+        proc = KNNLogitsProcessor(knn)
+        knn.generate(ids, processor=proc, draft_tokens=6, **kw)
+        d = draft_summary(proc)
+        assert d["searches"] == d["tokens"]
+        rejected += d["drafted"] - d["accepted"]
+    assert rejected > 0  # some drafted positions were rejected, so the test is not vacuous
+
+    class Ban(LogitsProcessor):  # bans the token the kNN-LM likes best at every third step
+        def __call__(self, input_ids, scores):
+            if input_ids.shape[1] % 3 == 0:
+                scores = scores.clone()
+                scores[:, scores.argmax(-1)] = -math.inf
+            return scores
+
+    ids = _prompts(tiny_tokenizer, 1)[0]
+    plain = knn.generate(ids, logits_processor=[Ban()], return_dict_in_generate=True, output_scores=True, **kw)
+    proc = KNNLogitsProcessor(knn)
+    got = knn.generate(ids, logits_processor=[Ban()], processor=proc, draft_tokens=6, **kw)
+    _assert_same_up_to_ties(plain, got, ids.shape[1])
+    d = draft_summary(proc)
+    assert d["searches"] == d["forwards"] + d["drafted"]  # every position of every forward was scored
+
+
+def test_drafts_continue_the_longest_match_of_the_sequence_end(tiny_store, tiny_tokenizer):
+    """``Retriever.match_before`` counts the sequence's last tokens a datastore row's document had
+    there, never across a document boundary; the drafter continues the longest match, from the
+    datastore or from the sequence itself, for as many tokens as matched (at most N)."""
+    model, ds = tiny_store
+    knn = KNNLM(model, ds, tiny_tokenizer, k=32, lam=0.9)
+    retriever = knn.retriever
+    prev, doc = ds.documents[0], ds.documents[1]
+    toks = torch.from_numpy(ds.document_tokens(1).astype("int64"))
+    before = torch.from_numpy(ds.document_tokens(0).astype("int64"))[-20:]
+    row = doc["first_row"] + 40  # its value is toks[41]; rows first_row.. hold toks[1:]
+    assert int(retriever._values[row]) == int(toks[41])
+    seq = torch.cat([before, toks[:42]])  # the previous document's end, then this one's start
+    recent = seq[:-1].flip(0)
+    assert int(retriever.match_before(torch.tensor([row]), recent[:10])[0]) == 11
+    # toks[0] is no row's value, and the previous document's rows are not looked at
+    assert int(retriever.match_before(torch.tensor([row]), recent)[0]) == 41
+    assert int(retriever.match_before(torch.tensor([row]), (recent + 1) % 384)[0]) == 1
+
+    from knnlm.retrieval import Step
+
+    drafter = DatastoreDrafter(KNNLogitsProcessor(knn), draft_tokens=6, max_length=10_000)
+    k = 4
+    step = Step(dists=torch.zeros(1, k), values=torch.full((1, k), int(toks[41])),
+                ids=torch.tensor([[row, -1, -1, -1]]), searched=torch.ones(1, dtype=torch.bool),
+                pointed=torch.zeros(1, dtype=torch.bool))
+    draft = drafter._draft(step, toks[30:42], 6)  # 12 tokens of the document: a match of 12
+    assert draft.tolist() == toks[42:48].tolist() and drafter.stats["from_datastore"] == 1
+    short = drafter._draft(step, torch.cat([torch.tensor([int(toks[40]) + 1]), toks[41:42]]), 6)
+    assert short.tolist() == toks[42:43].tolist()  # a match of one token drafts one token
+    looped = torch.cat([toks[30:42], toks[30:42]])  # the sequence repeats itself: a longer match there
+    assert drafter._draft(step, looped, 6).tolist() == toks[30:36].tolist()
+    assert drafter.stats["from_sequence"] == 1
 
 
 def test_a_left_padded_batch_gives_each_prompts_plain_tokens(tiny_store, tiny_tokenizer):

@@ -1,0 +1,20 @@
+#!/usr/bin/env bash
+# #26 with the match-length drafter (the longest exact match of the sequence's end, in the
+# datastore's neighbours or in the sequence itself; drafts as long as the match) and greedy
+# verification that stops scoring at the first rejected token: speculative kNN-LM greedy vs plain
+# kNN-LM vs plain model.generate, batch 1, 64 new tokens, SmolLM2-135M, the 1.1M-key stdlib
+# datastore (IVF4096,PQ64, nprobe 32, k 1024), the datastore's default lambda (adaptive).
+REPO=${REPO:-$(git rev-parse --show-toplevel)}
+set -x
+cd $REPO; export PYTHONPATH=$REPO HF_HUB_OFFLINE=1
+source /tmp/venv0/bin/activate
+R=${R:-/work/runs/spec4}; N=${N:-16}
+L=/root/.pyenv/versions/3.11.7/lib/python3.11
+
+run() { local name=$1; shift; [ -s $R/$name.done ] && return 0
+  python benchmarks/bench_generate.py --datastore /work/runs/stdlib-1m --draft-tokens $N --prompts 8 --prompt-tokens 64 \
+      --max-new-tokens 64 --lambda adaptive --json $R/$name.json "$@" > $R/$name.txt 2> $R/$name.err && date > $R/$name.done; }
+run neardup --prompt-set heldout --prompt-files $L/encodings/cp874.py $L/encodings/kz1048.py --prompts-per-file 4
+run datastore --prompt-set datastore
+run prose --prompt-set prose --prose /work/runs/prose.txt
+run heldout --prompt-set heldout
