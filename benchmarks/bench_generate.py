@@ -115,6 +115,9 @@ def main(argv=None) -> int:
     p.add_argument("--json", default=None, help="write the measurements here")
     p.add_argument("--draft-tokens", type=int, default=0, help="speculative decoding mode (see above)")
     p.add_argument("--prompt-set", choices=["heldout", "datastore", "prose"], default="heldout")
+    p.add_argument("--draft-from", choices=["both", "datastore", "sequence"], default="both",
+                   help="speculative mode, an ablation: draft only from the datastore's neighbours or only from "
+                        "the sequence itself (default: %(default)s, as the library does)")
     p.add_argument("--prompts", type=int, default=8, help="speculative mode: prompts (default: %(default)s)")
     p.add_argument("--prompt-offset", type=int, default=256,
                    help="speculative mode: where in each document a prompt starts, in tokens (default: %(default)s)")
@@ -230,19 +233,22 @@ def _spec_prompts(args, tok, ds) -> list[tuple[str, list[int]]]:
 def _speculative(args, model, tok, knn, ds, what, index_desc, pad) -> int:
     import torch
 
-    from knnlm.generate import KNNLogitsProcessor, draft_summary
+    from knnlm.generate import DatastoreDrafter, KNNLogitsProcessor, draft_summary
 
+    if args.draft_from != "both":
+        DatastoreDrafter.SOURCES = (args.draft_from,)
     n_new = args.max_new_tokens
     prompts = _spec_prompts(args, tok, ds)
     kw = dict(max_new_tokens=n_new, do_sample=False, pad_token_id=pad)
     print(f"{what}; index {index_desc}, k {knn.k}, lambda {args.lam}; greedy, batch 1, {n_new} new tokens, "
           f"{len(prompts)} prompts of {args.prompt_tokens} tokens ({args.prompt_set}), drafts <= "
-          f"{args.draft_tokens}, {torch.get_num_threads()} torch threads")
+          f"{args.draft_tokens}, {torch.get_num_threads()} torch threads, drafts from {args.draft_from}")
     enc0 = torch.tensor([prompts[0][1]])
     model.generate(enc0, max_new_tokens=2, pad_token_id=pad)  # warm-up
     knn.generate(enc0, max_new_tokens=2, pad_token_id=pad, draft_tokens=args.draft_tokens)
     tot = {"plain": [0, 0.0], "knn": [0, 0.0], "spec": [0, 0.0]}
-    rows, same, agg = [], 0, {"forwards": 0, "tokens": 0, "drafted": 0, "accepted": 0, "searches": 0}
+    rows, same, agg = [], 0, {"forwards": 0, "tokens": 0, "drafted": 0, "accepted": 0, "searches": 0,
+                              "from_datastore": 0, "from_sequence": 0}
     print(f"{'prompt':<44} {'plain':>7} {'kNN':>7} {'spec':>7} {'x plain':>8} {'tok/fwd':>8} {'same':>5}")
     for name, ids in prompts:
         enc = torch.tensor([ids])
@@ -278,16 +284,19 @@ def _speculative(args, model, tok, knn, ds, what, index_desc, pad) -> int:
                "speculative_vs_knn": t["spec"] / t["knn"], "identical_prompts": same, "prompts": len(prompts),
                "tokens_per_forward": agg["tokens"] / max(agg["forwards"], 1),
                "acceptance": agg["accepted"] / agg["drafted"] if agg["drafted"] else None,
-               "searches_per_token": agg["searches"] / max(agg["tokens"], 1)}
+               "searches_per_token": agg["searches"] / max(agg["tokens"], 1),
+               "drafts_from_datastore": agg["from_datastore"], "drafts_from_sequence": agg["from_sequence"]}
     print(f"all: plain {t['plain']:.1f} tok/s, kNN-LM {t['knn']:.1f}, speculative {t['spec']:.1f} = "
           f"{summary['speculative_vs_plain']:.2f}x plain, {summary['speculative_vs_knn']:.2f}x kNN-LM; identical to "
           f"kNN-LM greedy on {same}/{len(prompts)} prompts; {summary['tokens_per_forward']:.2f} tokens per forward, "
-          f"acceptance {summary['acceptance'] or 0:.2f}, {summary['searches_per_token']:.2f} searches per token")
+          f"acceptance {summary['acceptance'] or 0:.2f}, {summary['searches_per_token']:.2f} searches per token; "
+          f"drafts from the datastore {agg['from_datastore']}, from the sequence itself {agg['from_sequence']}")
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"setup": what, "index": index_desc, "k": knn.k, "lambda": args.lam, "new_tokens": n_new,
-                       "draft_tokens": args.draft_tokens, "prompt_set": args.prompt_set, "summary": summary,
-                       "rows": rows, "command": " ".join(sys.argv)}, f, indent=1)
+                       "draft_tokens": args.draft_tokens, "draft_from": args.draft_from,
+                       "prompt_set": args.prompt_set, "summary": summary, "rows": rows,
+                       "command": " ".join(sys.argv)}, f, indent=1)
     return 0
 
 

@@ -246,9 +246,10 @@ class DatastoreDrafter(CandidateGenerator):
       matched the same way (generated text often repeats its own lines, which no datastore holds).
 
     The longest match wins (the sequence on a tie: it is this document; among neighbours the
-    nearest), and the draft is its continuation, at most ``min(draft_tokens, match)`` tokens: a
-    draft is as long as the evidence for it, so where the text is unlike anything seen, drafts are
-    a token or two and a failed one costs little more than a plain step. The model runs once over
+    nearest), and the draft is its continuation, at most ``min(draft_tokens, match)`` tokens, and
+    none from a match shorter than ``MIN_MATCH``: a draft is as long as the evidence for it, so
+    where the text is unlike anything seen there are few drafts, short ones, and a failed one costs
+    little more than a plain step. The model runs once over
     the draft; ``KNNLogitsProcessor`` scores the drafted positions with the kNN-LM mixture;
     transformers keeps the longest prefix the kNN-LM itself produces (greedy: its argmax at each
     position; sampling: a token drawn from it at each position, kept while it equals the draft --
@@ -261,6 +262,8 @@ class DatastoreDrafter(CandidateGenerator):
     """
 
     MATCH = 32  # the most tokens compared when matching the sequence's end
+    MIN_MATCH = 2  # no draft from a shorter match (the last token alone is too weak a clue)
+    SOURCES = ("datastore", "sequence")  # where drafts may come from (a subset: for ablations)
 
     def __init__(self, processor: KNNLogitsProcessor, draft_tokens: int, max_length: int):
         self.proc, self.max_draft, self.max_length = processor, int(draft_tokens), int(max_length)
@@ -292,7 +295,7 @@ class DatastoreDrafter(CandidateGenerator):
         recent = seq[seq.numel() - 1 - m: -1].flip(0)  # (m,) the tokens before the last, nearest first
         best, draft, where = 0, None, None
         at = (seq[:-1] == token).nonzero().squeeze(1)  # (P,) earlier occurrences of the last token
-        if at.numel():
+        if at.numel() and "sequence" in self.SOURCES:
             idx = at[:, None] - torch.arange(1, m + 1)  # (P, m) the positions before each
             run = 1 + agreeing_run(seq[idx.clamp(min=0)], idx >= 0, recent)  # (P,)
             i = at.numel() - 1 - int(run.flip(0).argmax())  # the latest of the longest
@@ -300,14 +303,14 @@ class DatastoreDrafter(CandidateGenerator):
             draft = seq[int(at[i]) + 1: int(at[i]) + 1 + min(n, best)]
         ids, values = step.ids[0].cpu(), step.values[0].cpu()  # (k,) ascending distance
         hit = ((ids >= 0) & (values == token)).nonzero().squeeze(1)
-        if hit.numel():
+        if hit.numel() and "datastore" in self.SOURCES:
             retriever = self.proc.knnlm.retriever
             run = retriever.match_before(ids[hit], recent)  # (H,)
             j = int(run.argmax())  # the nearest of the longest
             if int(run[j]) > best:
                 best, where = int(run[j]), "from_datastore"
                 draft = retriever.continuation(int(ids[hit[j]]), min(n, best))
-        if draft is None or not draft.numel():
+        if draft is None or best < self.MIN_MATCH:
             return None
         self.stats[where] += 1
         return draft.clone()

@@ -117,19 +117,19 @@ def test_greedy_verification_searches_only_the_positions_it_keeps(tiny_store, ti
 def test_drafts_continue_the_longest_match_of_the_sequence_end(tiny_store, tiny_tokenizer):
     """``Retriever.match_before`` counts the sequence's last tokens a datastore row's document had
     there, never across a document boundary; the drafter continues the longest match, from the
-    datastore or from the sequence itself, for as many tokens as matched (at most N)."""
+    datastore or from the sequence itself, for as many tokens as matched (at most N), and drafts
+    nothing from a match of the last token alone."""
     model, ds = tiny_store
     knn = KNNLM(model, ds, tiny_tokenizer, k=32, lam=0.9)
     retriever = knn.retriever
-    prev, doc = ds.documents[0], ds.documents[1]
+    doc = ds.documents[1]
     toks = torch.from_numpy(ds.document_tokens(1).astype("int64"))
-    before = torch.from_numpy(ds.document_tokens(0).astype("int64"))[-20:]
-    row = doc["first_row"] + 40  # its value is toks[41]; rows first_row.. hold toks[1:]
+    row = doc["first_row"] + 40  # its value is toks[41]; the rows first_row.. hold toks[1:]
     assert int(retriever._values[row]) == int(toks[41])
-    seq = torch.cat([before, toks[:42]])  # the previous document's end, then this one's start
-    recent = seq[:-1].flip(0)
-    assert int(retriever.match_before(torch.tensor([row]), recent[:10])[0]) == 11
-    # toks[0] is no row's value, and the previous document's rows are not looked at
+    assert int(retriever.match_before(torch.tensor([row]), toks[31:41].flip(0))[0]) == 11
+    # before the document's first row come the previous document's rows: even tokens equal to
+    # their values do not extend the match across the boundary
+    recent = torch.cat([toks[1:41].flip(0), retriever._values[row - 50: row - 40].flip(0)])
     assert int(retriever.match_before(torch.tensor([row]), recent)[0]) == 41
     assert int(retriever.match_before(torch.tensor([row]), (recent + 1) % 384)[0]) == 1
 
@@ -142,8 +142,9 @@ def test_drafts_continue_the_longest_match_of_the_sequence_end(tiny_store, tiny_
                 pointed=torch.zeros(1, dtype=torch.bool))
     draft = drafter._draft(step, toks[30:42], 6)  # 12 tokens of the document: a match of 12
     assert draft.tolist() == toks[42:48].tolist() and drafter.stats["from_datastore"] == 1
-    short = drafter._draft(step, torch.cat([torch.tensor([int(toks[40]) + 1]), toks[41:42]]), 6)
-    assert short.tolist() == toks[42:43].tolist()  # a match of one token drafts one token
+    assert drafter._draft(step, torch.cat([toks[40:41] + 1, toks[41:42]]), 6) is None  # the last token alone
+    two = drafter._draft(step, torch.cat([toks[39:40] + 1, toks[40:42]]), 6)
+    assert two.tolist() == toks[42:44].tolist()  # a match of two tokens drafts two
     looped = torch.cat([toks[30:42], toks[30:42]])  # the sequence repeats itself: a longer match there
     assert drafter._draft(step, looped, 6).tolist() == toks[30:36].tolist()
     assert drafter.stats["from_sequence"] == 1

@@ -8,7 +8,7 @@ REPO=${REPO:-$(git rev-parse --show-toplevel)}
 set -x
 cd $REPO; export PYTHONPATH=$REPO HF_HUB_OFFLINE=1
 source /tmp/venv0/bin/activate
-R=${R:-/work/runs/spec4}; N=${N:-16}
+R=${R:-/work/runs/spec5}; N=${N:-16}
 L=/root/.pyenv/versions/3.11.7/lib/python3.11
 
 run() { local name=$1; shift; [ -s $R/$name.done ] && return 0
@@ -18,3 +18,20 @@ run neardup --prompt-set heldout --prompt-files $L/encodings/cp874.py $L/encodin
 run datastore --prompt-set datastore
 run prose --prompt-set prose --prose /work/runs/prose.txt
 run heldout --prompt-set heldout
+
+# a second corpus: the Python 3.11 docs reST sources (Debian python3.11-doc), the 100k-token datastore of #27
+# (/work/runs/pydoc/ds, IVF256,SQfp16); prompts from its documents and from its held-out files
+P=/work/runs/pydoc
+runp() { local name=$1; shift; [ -s $R/$name.done ] && return 0
+  python benchmarks/bench_generate.py --datastore $P/ds --draft-tokens $N --prompts 8 --prompt-tokens 64 \
+      --max-new-tokens 64 --lambda adaptive --json $R/$name.json "$@" > $R/$name.txt 2> $R/$name.err && date > $R/$name.done; }
+runp pydoc_datastore --prompt-set datastore
+runp pydoc_heldout --prompt-set heldout --prompt-files $(cat $P/test.txt)
+
+# ablation: drafts from the datastore only, or from the sequence itself only (prompt lookup)
+run neardup_ds --prompt-set heldout --prompt-files $L/encodings/cp874.py $L/encodings/kz1048.py --prompts-per-file 4 --draft-from datastore
+run datastore_ds --prompt-set datastore --draft-from datastore
+run prose_ds --prompt-set prose --prose /work/runs/prose.txt --draft-from datastore
+run prose_seq --prompt-set prose --prose /work/runs/prose.txt --draft-from sequence
+run neardup_seq --prompt-set heldout --prompt-files $L/encodings/cp874.py $L/encodings/kz1048.py --prompts-per-file 4 --draft-from sequence
+run datastore_seq --prompt-set datastore --draft-from sequence
