@@ -20,8 +20,8 @@ kNN-LM greedy with drafts of up to N tokens run back to back; it prints the toke
 tokens over all time), the speculative / plain ratios, how many prompts gave token-identical
 output to plain kNN-LM greedy, tokens per model forward, acceptance and searches per token::
 
-    python benchmarks/bench_generate.py --datastore runs/stdlib-1m --draft-tokens 8 --prompt-set heldout
-    python benchmarks/bench_generate.py --datastore runs/stdlib-1m --draft-tokens 8 --prompt-set prose \
+    python benchmarks/bench_generate.py --datastore runs/stdlib-1m --draft-tokens 16 --prompt-set heldout
+    python benchmarks/bench_generate.py --datastore runs/stdlib-1m --draft-tokens 16 --prompt-set prose \
         --prose handbook.txt
 """
 
