@@ -331,12 +331,14 @@ def _faiss_quiet():
         os.close(saved)
 
 
-def check_finite_keys(x: np.ndarray, row0: int) -> None:
-    """Key rows ``x`` (rows ``row0...`` of the datastore's keys, fp32, in memory) all finite: an
-    index over inf / NaN keys silently loses those rows (a crafted or corrupt ``keys.npy``)."""
+def check_finite_keys(x: np.ndarray, rows: int | np.ndarray) -> None:
+    """Key rows ``x`` (fp32, in memory) all finite: an index over inf / NaN keys silently loses
+    those rows (a crafted or corrupt ``keys.npy``). ``rows``: the datastore row of each of them
+    (an array), or of the first when they are consecutive (an int)."""
     finite = np.isfinite(x).all(axis=1)
     if not finite.all():
-        bad = row0 + int(np.flatnonzero(~finite)[0])
+        i = int(np.flatnonzero(~finite)[0])
+        bad = rows + i if isinstance(rows, int) else int(rows[i])
         raise DatastoreError(f"key row {bad} holds inf or NaN; the stored keys are corrupt: rebuild the datastore "
                              "from the corpus (with `key_dtype` float32 if the model's hidden states overflow "
                              "float16)")
@@ -367,10 +369,7 @@ def train_index(keys, plan: IndexPlan, out_path: str | os.PathLike, *, seed: int
         rng = np.random.default_rng(seed)
         sample = np.sort(rng.choice(n, size=plan.train_rows, replace=False))
         x = np.ascontiguousarray(keys[sample], dtype=np.float32)  # (train_rows, D)
-        with np.errstate(invalid="ignore"):
-            bad = ~np.isfinite(x).all(axis=1)
-        if bad.any():
-            check_finite_keys(x[bad][:1], int(sample[bad][0]))
+        check_finite_keys(x, sample)
         ivf = _ivf(index)
         inner = faiss.downcast_index(ivf) if ivf is not None else _inner(index)
         if hasattr(inner, "do_polysemous_training"):

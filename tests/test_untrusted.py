@@ -10,6 +10,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 import shutil
 from pathlib import Path
 
@@ -241,6 +242,22 @@ def test_non_finite_stored_keys_fail_a_reindex_and_keep_the_old_index(copy):
     with pytest.raises(DatastoreError, match="key row 100 holds inf or NaN") as exc:
         reindex_datastore(copy, index="flat", progress=False)
     _one_line(exc.value)
+    assert {p.name: _digest(p) for p in copy.iterdir()} == before
+
+
+def test_non_finite_keys_in_the_training_sample_fail_an_ivf_reindex(copy):
+    """The IVF training sample is checked too (``train_index``): rows 100.. are NaN, so the
+    refusal names a sampled row among them, and nothing of the datastore changes."""
+    keys = np.load(copy / "keys.npy", mmap_mode="r+")
+    keys[100:] = np.nan
+    keys.flush()
+    del keys
+    before = {p.name: _digest(p) for p in copy.iterdir()}
+    with pytest.raises(DatastoreError, match=r"key row \d+ holds inf or NaN") as exc:
+        reindex_datastore(copy, index="IVF4,Flat", progress=False)
+    _one_line(exc.value)
+    assert int(re.search(r"key row (\d+)", str(exc.value)).group(1)) >= 100
+    assert any(entry.name == "train_index" for entry in exc.traceback)  # refused before any row was added
     assert {p.name: _digest(p) for p in copy.iterdir()} == before
 
 
