@@ -100,6 +100,8 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--datastore", help="datastore directory (not with --tiny)")
     p.add_argument("--model", default="smollm2")
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+                   help="model weights dtype, as knnlm's --dtype (default: %(default)s: float32 on CPU)")
     p.add_argument("--tiny", action="store_true", help="tiny random model + tiny flat datastore, built on the fly")
     p.add_argument("--batch-sizes", default="1,8", help="comma list (default: %(default)s)")
     p.add_argument("--max-new-tokens", type=int, default=32)
@@ -152,8 +154,8 @@ def main(argv=None) -> int:
         from knnlm.loading import load_model
 
         ds = open_datastore(args.datastore)
-        model, tok = load_model(args.model)
-        what = f"{args.model}, datastore {args.datastore} ({len(ds):,} keys)"
+        model, tok = load_model(args.model, dtype=args.dtype)
+        what = f"{args.model} ({next(model.parameters()).dtype}), datastore {args.datastore} ({len(ds):,} keys)"
     knn = KNNLM(model, ds, tok, lam=args.lam, k=args.k, nprobe=args.nprobe)
     if args.flat:
         knn.retriever.index = _flat_index(ds, args.max_keys)
