@@ -3,15 +3,26 @@
 ``--model`` accepts an alias of a model shipped as a Python package (``smollm2``, the default), a
 local directory saved with ``save_pretrained`` (or holding one ``.gguf`` file), or a Hugging Face
 hub name that is already in the local cache.
+
+A GGUF checkpoint is converted once: transformers parses a GGUF file three times per load (config,
+tokenizer, weights; ~30 s for SmolLM2-135M on a small CPU), so the first load saves the
+de-quantised model (fp32 safetensors) and its tokenizer under ``$KNNLM_MODEL_CACHE`` (default
+``$XDG_CACHE_HOME/knnlm/models``, i.e. ``~/.cache/knnlm/models``), one directory per GGUF file
+(its path, size and mtime) and transformers version, and later loads read that directory (~2 s):
+the same weights, config and tokenizer. ``KNNLM_MODEL_CACHE=off`` turns the cache off. The
+directory appears whole (written aside, then renamed) or not at all; a cache that cannot be
+written only logs a warning.
 """
 
 from __future__ import annotations
 
 import contextlib
 import functools
+import hashlib
 import importlib.util
 import logging
 import os
+import shutil
 from pathlib import Path
 
 import torch
@@ -86,14 +97,71 @@ def _locate(name: str) -> tuple[str, str | None]:
     return name, None
 
 
+def _cache_dir(where: str, gguf: str) -> Path | None:
+    """Where the converted copy of the GGUF file ``where/gguf`` lives (None: cache off / no such file)."""
+    setting = os.environ.get("KNNLM_MODEL_CACHE", "").strip()
+    if setting.lower() in ("off", "0", "false", "no"):
+        return None
+    root = Path(setting) if setting else \
+        Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "knnlm" / "models"
+    import transformers
+
+    path = (Path(where) / gguf).resolve()
+    try:
+        st = path.stat()
+    except OSError:
+        return None
+    key = f"{path}\0{st.st_size}\0{st.st_mtime_ns}\0{transformers.__version__}"
+    return root / f"{path.stem}-{hashlib.sha256(key.encode()).hexdigest()[:16]}"
+
+
+def _converted(where: str, gguf: str | None, part: str) -> tuple[str, str | None]:
+    """``(where, gguf)``, or the directory of the converted ``part`` (model / tokenizer) when the
+    cache holds it."""
+    cache = _cache_dir(where, gguf) if gguf else None
+    if cache is not None and (cache / part / _DONE).is_file():
+        return str(cache / part), None
+    return where, gguf
+
+
+_DONE = "knnlm-converted"  # written last into a converted copy: it is complete
+
+
+def _save_converted(path: Path, obj) -> None:
+    """``obj.save_pretrained`` into ``path``, written aside and renamed into place."""
+    tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(tmp, ignore_errors=True)
+        obj.save_pretrained(tmp)
+        (tmp / _DONE).write_text("converted from GGUF by knnlm\n")
+        try:
+            os.rename(tmp, path)
+        except OSError:  # another process converted it meanwhile
+            if not (path / _DONE).is_file():
+                raise
+        logger.info("saved the converted %s to %s (later loads read it)", path.name, path)
+    except (OSError, ValueError, RuntimeError) as e:
+        logger.warning("could not cache the converted %s in %s (%s); set KNNLM_MODEL_CACHE to a writable "
+                       "directory, or off", path.name, path, e)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
 def load_tokenizer(name: str = DEFAULT_MODEL):
     """The tokenizer of the model ``load_model(name)`` loads, alone (seconds, not the weights):
     enough to refuse a datastore built with another tokenizer before the model loads."""
     from transformers import AutoTokenizer
 
-    where, gguf = _locate(name)
+    source = _locate(name)
+    where, gguf = _converted(*source, "tokenizer")
     with _loading(name):
-        return AutoTokenizer.from_pretrained(where, local_files_only=True, **({"gguf_file": gguf} if gguf else {}))
+        tok = AutoTokenizer.from_pretrained(where, local_files_only=True, **({"gguf_file": gguf} if gguf else {}))
+    cache = _cache_dir(*source) if gguf else None  # a GGUF file the cache does not hold yet
+    if cache is not None:
+        _save_converted(cache / "tokenizer", tok)  # before the caller can change it
+    tok.name_or_path = source[0]
+    return tok
 
 
 def load_model(name: str = DEFAULT_MODEL, *, device: str | None = "auto", dtype: str = "auto",
@@ -105,17 +173,44 @@ def load_model(name: str = DEFAULT_MODEL, *, device: str | None = "auto", dtype:
 
     dev = resolve_device(device)
     torch_dtype = _resolve_dtype(dtype, dev)
-    where, gguf = _locate(name)
+    source = _locate(name)
+    where, gguf = _converted(*source, "model")
     kwargs = {"gguf_file": gguf} if gguf else {}
     logger.info("loading model %s (%s) on %s", name, gguf or where, dev)
     if tokenizer is None:
         tokenizer = load_tokenizer(name)
-    with _loading(name), _gguf_bar(progress and gguf is not None):
-        model = AutoModelForCausalLM.from_pretrained(where, dtype=torch_dtype, local_files_only=True, **kwargs)
+    model = None
+    if gguf and _cache_dir(*source) is not None:  # a GGUF file the cache does not hold yet: convert it
+        with _loading(name), _gguf_bar(progress):  # in fp32, what the GGUF loader de-quantises to
+            model = AutoModelForCausalLM.from_pretrained(where, dtype=torch.float32, local_files_only=True, **kwargs)
+        with _plain(model):
+            _save_converted(_cache_dir(*source) / "model", model)
+        if torch_dtype != torch.float32:  # load it as every later load will, in the dtype asked for
+            model = None
+            where, gguf = _converted(*source, "model")
+            kwargs = {"gguf_file": gguf} if gguf else {}
+    if model is None:
+        with _loading(name), _gguf_bar(progress and gguf is not None):
+            model = AutoModelForCausalLM.from_pretrained(where, dtype=torch_dtype, local_files_only=True, **kwargs)
     model.to(dev).eval()
-    if not getattr(model, "name_or_path", None):
-        model.name_or_path = name
+    model.name_or_path = source[0]  # the checkpoint's place, whether read from it or from its converted copy
     return model, tokenizer
+
+
+@contextlib.contextmanager
+def _plain(model):
+    """The GGUF-loaded ``model`` as the plain checkpoint it is (its weights are de-quantised at load)
+    while it is saved: transformers refuses to save a model with its GGUF quantiser attached."""
+    quantizer, config = getattr(model, "hf_quantizer", None), getattr(model.config, "quantization_config", None)
+    model.hf_quantizer = None
+    if config is not None:
+        del model.config.quantization_config
+    try:
+        yield model
+    finally:
+        model.hf_quantizer = quantizer
+        if config is not None:
+            model.config.quantization_config = config
 
 
 @contextlib.contextmanager

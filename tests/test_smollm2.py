@@ -1,6 +1,7 @@
 """Integration: the real SmolLM2-135M (bundled GGUF weights) on a few CPython stdlib files."""
 import math
 import os
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -93,13 +94,58 @@ def test_gemma_alias_assembles_the_gguf_from_its_chunk_packages():
     assert fname.endswith(".gguf") and os.path.getsize(os.path.join(directory, fname)) > 100 << 20
 
 
-def test_quiet_loading_draws_no_bar(capfd):
-    """``load_model(progress=False)`` (``--quiet``): transformers' GGUF de-quantisation bar is not drawn."""
-    from knnlm.errors import ModelLoadError
-    from knnlm.loading import load_model
+def test_a_gguf_model_is_converted_once_and_loads_the_same_from_the_cache(tmp_path, monkeypatch, capfd):
+    """The first load of a GGUF file converts it into ``KNNLM_MODEL_CACHE``, drawing no bar with
+    ``progress=False`` (``--quiet``); the next load reads the converted copy without parsing the
+    GGUF file and gives the same model: identity (config, weights, tokenizer), token ids, logits."""
+    import gguf
+    import torch
 
+    from knnlm.capture import find_key_module
+    from knnlm.datastore import model_identity
+    from knnlm.errors import ModelLoadError
+    from knnlm.loading import load_model, load_tokenizer
+
+    monkeypatch.setenv("KNNLM_MODEL_CACHE", str(tmp_path / "models"))
     try:
-        load_model("smollm2", device="cpu", progress=False)
+        model, tok = load_model("smollm2", device="cpu", progress=False)
     except ModelLoadError as e:
         pytest.skip(f"SmolLM2 weights not installed: {e}")
     assert "de-quantizing" not in capfd.readouterr().err
+    (converted,) = (tmp_path / "models").iterdir()
+    assert sorted(p.name for p in converted.iterdir()) == ["model", "tokenizer"]  # no temporary left
+
+    def parsed(*args, **kwargs):
+        raise AssertionError("the GGUF file was parsed again")
+
+    monkeypatch.setattr(gguf, "GGUFReader", parsed)
+    model2, tok2 = load_model("smollm2", device="cpu", tokenizer=load_tokenizer("smollm2"))
+    key = find_key_module(model)
+    assert model_identity(model2, tok2, key) == model_identity(model, tok, key)
+    assert (model2.name_or_path, tok2.name_or_path) == (model.name_or_path, tok.name_or_path)
+    text = (stdlib_root() / "colorsys.py").read_text()[:2000]
+    ids = tok(text, return_tensors="pt").input_ids
+    assert tok2(text, return_tensors="pt").input_ids.tolist() == ids.tolist()
+    assert (tok2.bos_token_id, tok2.eos_token_id, tok2.pad_token_id) == (tok.bos_token_id, tok.eos_token_id,
+                                                                         tok.pad_token_id)
+    with torch.no_grad():
+        assert torch.equal(model2(ids[:, :256]).logits, model(ids[:, :256]).logits)
+
+
+def test_an_unwritable_model_cache_only_warns(tmp_path, caplog):
+    """A converted copy that cannot be written is a warning, and leaves no partial directory."""
+    from knnlm import loading
+
+    class Saves:
+        def save_pretrained(self, path):
+            os.makedirs(path)
+            (Path(path) / "weights").write_text("x")
+
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    with caplog.at_level("WARNING", logger="knnlm.loading"):
+        loading._save_converted(blocker / "m-0123" / "model", Saves())  # its parent is a file
+    assert "could not cache the converted model" in caplog.text and "KNNLM_MODEL_CACHE" in caplog.text
+    loading._save_converted(tmp_path / "m-0123" / "model", Saves())
+    assert sorted(p.name for p in (tmp_path / "m-0123").iterdir()) == ["model"]
+    assert (tmp_path / "m-0123" / "model" / loading._DONE).is_file()
