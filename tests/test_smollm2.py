@@ -94,30 +94,27 @@ def test_gemma_alias_assembles_the_gguf_from_its_chunk_packages():
     assert fname.endswith(".gguf") and os.path.getsize(os.path.join(directory, fname)) > 100 << 20
 
 
-def test_a_gguf_model_is_converted_once_and_loads_the_same_from_the_cache(tmp_path, monkeypatch, capfd):
-    """The first load of a GGUF file converts it into ``KNNLM_MODEL_CACHE``, drawing no bar with
-    ``progress=False`` (``--quiet``); the next load reads the converted copy without parsing the
-    GGUF file and gives the same model: identity (config, weights, tokenizer), token ids, logits."""
+def test_a_gguf_model_is_converted_once_and_loads_the_same_from_the_cache(smollm2_load, monkeypatch):
+    """The session's SmolLM2 load (``conftest.smollm2_load``) converted the GGUF file into an empty
+    ``KNNLM_MODEL_CACHE``, drawing no bar with ``progress=False`` (``--quiet``); the next load reads
+    the converted copy without parsing the GGUF file and gives the same model: identity (config,
+    weights, tokenizer), token ids, logits."""
     import gguf
     import torch
 
     from knnlm.capture import find_key_module
     from knnlm.datastore import model_identity
-    from knnlm.errors import ModelLoadError
     from knnlm.loading import load_model, load_tokenizer
 
-    monkeypatch.setenv("KNNLM_MODEL_CACHE", str(tmp_path / "models"))
-    try:
-        model, tok = load_model("smollm2", device="cpu", progress=False)
-    except ModelLoadError as e:
-        pytest.skip(f"SmolLM2 weights not installed: {e}")
-    assert "de-quantizing" not in capfd.readouterr().err
-    (converted,) = (tmp_path / "models").iterdir()
+    model, tok, cache = smollm2_load["model"], smollm2_load["tokenizer"], smollm2_load["cache"]
+    assert "de-quantizing" not in smollm2_load["stderr"]
+    (converted,) = cache.iterdir()
     assert sorted(p.name for p in converted.iterdir()) == ["model", "tokenizer"]  # no temporary left
 
     def parsed(*args, **kwargs):
         raise AssertionError("the GGUF file was parsed again")
 
+    monkeypatch.setenv("KNNLM_MODEL_CACHE", str(cache))
     monkeypatch.setattr(gguf, "GGUFReader", parsed)
     model2, tok2 = load_model("smollm2", device="cpu", tokenizer=load_tokenizer("smollm2"))
     key = find_key_module(model)
