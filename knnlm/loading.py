@@ -155,7 +155,7 @@ def load_tokenizer(name: str = DEFAULT_MODEL):
 
     source = _locate(name)
     where, gguf = _converted(*source, "tokenizer")
-    with _loading(name):
+    with _loading(name, where):
         tok = AutoTokenizer.from_pretrained(where, local_files_only=True, **({"gguf_file": gguf} if gguf else {}))
     cache = _cache_dir(*source) if gguf else None  # a GGUF file the cache does not hold yet
     if cache is not None:
@@ -190,7 +190,7 @@ def load_model(name: str = DEFAULT_MODEL, *, device: str | None = "auto", dtype:
             where, gguf = _converted(*source, "model")
             kwargs = {"gguf_file": gguf} if gguf else {}
     if model is None:
-        with _loading(name), _gguf_bar(progress and gguf is not None):
+        with _loading(name, where), _gguf_bar(progress and gguf is not None):
             model = AutoModelForCausalLM.from_pretrained(where, dtype=torch_dtype, local_files_only=True, **kwargs)
     model.to(dev).eval()
     model.name_or_path = source[0]  # the checkpoint's place, whether read from it or from its converted copy
@@ -214,9 +214,10 @@ def _plain(model):
 
 
 @contextlib.contextmanager
-def _loading(name: str):
+def _loading(name: str, where: str | None = None):
     """transformers' logging quiet (GGUF de-quantisation and hub warnings are noise here), and a
-    load failure as one ``ModelLoadError`` naming `model`."""
+    load failure as one ``ModelLoadError`` naming `model` (and ``where``, when it is a converted
+    copy in the model cache: the copy to delete)."""
     from transformers.utils import logging as hf_logging
 
     verbosity = hf_logging.get_verbosity()
@@ -226,6 +227,10 @@ def _loading(name: str):
         yield
     except (OSError, ValueError, KeyError, ImportError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        if where is not None and Path(where, _DONE).is_file():
+            raise ModelLoadError(f"cannot load model {name!r} from its converted copy {where}: {first[:300]} "
+                                 "(delete that directory to convert the GGUF file again, or set "
+                                 "KNNLM_MODEL_CACHE=off)", param="model") from None
         raise ModelLoadError(
             f"cannot load model {name!r}: {first[:300]} (`model` takes a local directory, a .gguf file, "
             f"an alias ({', '.join(ALIASES)}) or a hub name already in the local cache)", param="model") from None

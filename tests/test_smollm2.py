@@ -1,6 +1,7 @@
 """Integration: the real SmolLM2-135M (bundled GGUF weights) on a few CPython stdlib files."""
 import math
 import os
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -94,16 +95,18 @@ def test_gemma_alias_assembles_the_gguf_from_its_chunk_packages():
     assert fname.endswith(".gguf") and os.path.getsize(os.path.join(directory, fname)) > 100 << 20
 
 
-def test_a_gguf_model_is_converted_once_and_loads_the_same_from_the_cache(smollm2_load, monkeypatch):
+def test_a_gguf_model_is_converted_once_and_loads_the_same_from_the_cache(smollm2_load, monkeypatch, tmp_path):
     """The session's SmolLM2 load (``conftest.smollm2_load``) converted the GGUF file into an empty
     ``KNNLM_MODEL_CACHE``, drawing no bar with ``progress=False`` (``--quiet``); the next load reads
     the converted copy without parsing the GGUF file and gives the same model: identity (config,
-    weights, tokenizer), token ids, logits."""
+    weights, tokenizer), token ids, logits. A broken copy is refused naming the directory to delete."""
     import gguf
     import torch
 
+    from knnlm import loading
     from knnlm.capture import find_key_module
     from knnlm.datastore import model_identity
+    from knnlm.errors import ModelLoadError
     from knnlm.loading import load_model, load_tokenizer
 
     model, tok, cache = smollm2_load["model"], smollm2_load["tokenizer"], smollm2_load["cache"]
@@ -127,6 +130,16 @@ def test_a_gguf_model_is_converted_once_and_loads_the_same_from_the_cache(smollm
                                                                          tok.pad_token_id)
     with torch.no_grad():
         assert torch.equal(model2(ids[:, :256]).logits, model(ids[:, :256]).logits)
+
+    # a converted copy that lost its weights: the error names the copy to delete
+    broken = tmp_path / "cache" / converted.name
+    shutil.copytree(converted / "tokenizer", broken / "tokenizer")
+    (broken / "model").mkdir()
+    for name in ("config.json", loading._DONE):
+        shutil.copy(converted / "model" / name, broken / "model" / name)
+    monkeypatch.setenv("KNNLM_MODEL_CACHE", str(tmp_path / "cache"))
+    with pytest.raises(ModelLoadError, match=r"from its converted copy .*/model: .*delete that directory"):
+        load_model("smollm2", device="cpu")
 
 
 def test_an_unwritable_model_cache_only_warns(tmp_path, caplog):
