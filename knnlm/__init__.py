@@ -32,9 +32,9 @@ _API = {
     "BuildConfig": "knnlm.config",
     "build_datastore": "knnlm.build",
     "open_datastore": "knnlm.datastore",
-    "merge_datastores": "knnlm.datastore",
-    "subset_datastore": "knnlm.datastore",
-    "reindex_datastore": "knnlm.datastore",
+    "merge_datastores": "knnlm.derive",
+    "subset_datastore": "knnlm.derive",
+    "reindex_datastore": "knnlm.derive",
     # errors (every one a KnnlmError; the others are in knnlm.errors)
     "KnnlmError": "knnlm.errors",
     "ConfigError": "knnlm.errors",

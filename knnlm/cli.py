@@ -887,7 +887,7 @@ def cmd_demo(args) -> int:
 
 
 def cmd_merge(args) -> int:
-    from knnlm.datastore import merge_datastores
+    from knnlm.derive import merge_datastores
 
     ds = merge_datastores(args.inputs, args.out, index=args.index, index_storage=args.index_storage, seed=args.seed,
                           progress=not args.quiet)
@@ -896,7 +896,8 @@ def cmd_merge(args) -> int:
 
 
 def cmd_subset(args) -> int:
-    from knnlm.datastore import open_datastore, subset_datastore
+    from knnlm.datastore import open_datastore
+    from knnlm.derive import subset_datastore
 
     src = open_datastore(args.datastore, require_index=False)
     ds = subset_datastore(src, args.out, args.max_tokens, index=args.index, index_storage=args.index_storage,
@@ -910,7 +911,7 @@ def cmd_subset(args) -> int:
 
 
 def cmd_reindex(args) -> int:
-    from knnlm.datastore import reindex_datastore
+    from knnlm.derive import reindex_datastore
 
     ds = reindex_datastore(args.datastore, index=args.index, index_storage=args.index_storage, seed=args.seed,
                            progress=not args.quiet, index_shards=args.index_shards,

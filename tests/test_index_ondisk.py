@@ -17,7 +17,8 @@ import torch
 import knnlm.index as kindex
 from knnlm import BuildConfig, DatastoreError, build_datastore, open_datastore
 from knnlm.cli import main
-from knnlm.datastore import Header, build_index, reindex_datastore
+from knnlm.datastore import Header, build_index
+from knnlm.derive import reindex_datastore
 from knnlm.errors import ConfigError, IndexSpecError
 from knnlm.index import gpu_clone_settings, load_index, merge_shards, plan_index
 from knnlm.retrieval import Retriever

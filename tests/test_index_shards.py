@@ -109,7 +109,7 @@ def _eval(model_dir, ds, out, *more) -> list[str]:
 
 
 def test_keep_training_refuses_another_recipe_and_an_index_without_training(stores, tmp_path):
-    from knnlm.datastore import reindex_datastore
+    from knnlm.derive import reindex_datastore
     from knnlm.errors import KnnlmError
 
     with pytest.raises(KnnlmError, match=r"^`keep_training` keeps the current recipe IVF16,PQ8; `index` 'flat'"):

@@ -26,11 +26,10 @@ from knnlm.datastore import (
     open_datastore,
     read_gate,
     read_header,
-    reindex_datastore,
-    subset_datastore,
     write_gate,
     write_json_atomic,
 )
+from knnlm.derive import reindex_datastore, subset_datastore
 from knnlm.errors import DatastoreError, GenerateError
 from knnlm.testing import corpus_paths
 
