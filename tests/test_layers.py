@@ -21,7 +21,7 @@ FLOORS = [
     ["datastore"],
     ["retrieval"],
     ["gate"],
-    ["build", "evaluation", "generate"],
+    ["build", "derive", "evaluation", "generate"],  # derive: datastores from other datastores (subset, merge, reindex)
     ["model"],
     ["testing", "cli", "harness"],  # front ends over KNNLM: the command line, lm-evaluation-harness
 ]
