@@ -133,7 +133,8 @@ def _save_converted(path: Path, obj) -> None:
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         shutil.rmtree(tmp, ignore_errors=True)
-        obj.save_pretrained(tmp)
+        with _no_bars():  # transformers draws a bar while it writes the weights
+            obj.save_pretrained(tmp)
         (tmp / _DONE).write_text("converted from GGUF by knnlm\n")
         try:
             os.rename(tmp, path)
@@ -195,6 +196,20 @@ def load_model(name: str = DEFAULT_MODEL, *, device: str | None = "auto", dtype:
     model.to(dev).eval()
     model.name_or_path = source[0]  # the checkpoint's place, whether read from it or from its converted copy
     return model, tokenizer
+
+
+@contextlib.contextmanager
+def _no_bars():
+    """transformers' own progress bars off (as they were before, after)."""
+    from transformers.utils import logging as hf_logging
+
+    was = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was:
+            hf_logging.enable_progress_bar()
 
 
 @contextlib.contextmanager
