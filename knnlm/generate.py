@@ -313,7 +313,7 @@ class DatastoreDrafter(CandidateGenerator):
         if draft is None or best < self.MIN_MATCH:
             return None
         self.stats[where] += 1
-        return draft.clone()
+        return draft  # may view ``seq``: get_candidates concatenates it into a new tensor
 
     def update_candidate_strategy(self, input_ids: torch.LongTensor, scores: torch.Tensor, num_matches: int):
         st = self.stats

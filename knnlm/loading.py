@@ -97,8 +97,11 @@ def _locate(name: str) -> tuple[str, str | None]:
     return name, None
 
 
-def _cache_dir(where: str, gguf: str) -> Path | None:
-    """Where the converted copy of the GGUF file ``where/gguf`` lives (None: cache off / no such file)."""
+def _cache_dir(where: str, gguf: str | None) -> Path | None:
+    """Where the converted copy of the GGUF file ``where/gguf`` lives (None: not a GGUF file, cache
+    off or no such file)."""
+    if gguf is None:
+        return None
     setting = os.environ.get("KNNLM_MODEL_CACHE", "").strip()
     if setting.lower() in ("off", "0", "false", "no"):
         return None
@@ -115,13 +118,12 @@ def _cache_dir(where: str, gguf: str) -> Path | None:
     return root / f"{path.stem}-{hashlib.sha256(key.encode()).hexdigest()[:16]}"
 
 
-def _converted(where: str, gguf: str | None, part: str) -> tuple[str, str | None]:
-    """``(where, gguf)``, or the directory of the converted ``part`` (model / tokenizer) when the
-    cache holds it."""
-    cache = _cache_dir(where, gguf) if gguf else None
+def _converted(source: tuple[str, str | None], cache: Path | None, part: str) -> tuple[str, str | None]:
+    """``source`` (where, gguf), or the directory of its converted ``part`` (model / tokenizer)
+    when ``cache`` (``_cache_dir(*source)``) holds it."""
     if cache is not None and (cache / part / _DONE).is_file():
         return str(cache / part), None
-    return where, gguf
+    return source
 
 
 _DONE = "knnlm-converted"  # written last into a converted copy: it is complete
@@ -155,11 +157,11 @@ def load_tokenizer(name: str = DEFAULT_MODEL):
     from transformers import AutoTokenizer
 
     source = _locate(name)
-    where, gguf = _converted(*source, "tokenizer")
+    cache = _cache_dir(*source)
+    where, gguf = _converted(source, cache, "tokenizer")
     with _loading(name, where):
         tok = AutoTokenizer.from_pretrained(where, local_files_only=True, **({"gguf_file": gguf} if gguf else {}))
-    cache = _cache_dir(*source) if gguf else None  # a GGUF file the cache does not hold yet
-    if cache is not None:
+    if gguf and cache is not None:  # a GGUF file the cache does not hold yet
         _save_converted(cache / "tokenizer", tok)  # before the caller can change it
     tok.name_or_path = source[0]
     return tok
@@ -175,20 +177,21 @@ def load_model(name: str = DEFAULT_MODEL, *, device: str | None = "auto", dtype:
     dev = resolve_device(device)
     torch_dtype = _resolve_dtype(dtype, dev)
     source = _locate(name)
-    where, gguf = _converted(*source, "model")
+    cache = _cache_dir(*source)
+    where, gguf = _converted(source, cache, "model")
     kwargs = {"gguf_file": gguf} if gguf else {}
     logger.info("loading model %s (%s) on %s", name, gguf or where, dev)
     if tokenizer is None:
         tokenizer = load_tokenizer(name)
     model = None
-    if gguf and _cache_dir(*source) is not None:  # a GGUF file the cache does not hold yet: convert it
+    if gguf and cache is not None:  # a GGUF file the cache does not hold yet: convert it
         with _loading(name), _gguf_bar(progress):  # in fp32, what the GGUF loader de-quantises to
             model = AutoModelForCausalLM.from_pretrained(where, dtype=torch.float32, local_files_only=True, **kwargs)
         with _plain(model):
-            _save_converted(_cache_dir(*source) / "model", model)
+            _save_converted(cache / "model", model)
         if torch_dtype != torch.float32:  # load it as every later load will, in the dtype asked for
             model = None
-            where, gguf = _converted(*source, "model")
+            where, gguf = _converted(source, cache, "model")
             kwargs = {"gguf_file": gguf} if gguf else {}
     if model is None:
         with _loading(name, where), _gguf_bar(progress and gguf is not None):
