@@ -42,6 +42,7 @@ import torch
 from transformers import LogitsProcessor, LogitsProcessorList
 from transformers.generation.candidate_generator import CandidateGenerator
 
+from knnlm.cpu_head import packed_output_layer
 from knnlm.errors import GenerateError
 from knnlm.retrieval import agreeing_run, one_thread
 
@@ -377,7 +378,7 @@ def _run(knnlm, inputs, proc, procs, draft_tokens, kwargs):
 
     model._get_candidate_generator = candidate_generator  # an instance attribute over the method
     try:
-        with proc:
+        with proc, packed_output_layer(model):  # on the CPU: the few-row products of verification, cheaper
             return model.generate(inputs, logits_processor=procs, prompt_lookup_num_tokens=draft_tokens, **kwargs)
     finally:
         del model._get_candidate_generator

@@ -1,0 +1,120 @@
+"""The output layer of speculative verification on the CPU (``knnlm.cpu_head``): oneDNN with a
+prepacked weight gives ``F.linear``'s values up to float32 rounding, is used only inside its block,
+packs once per weight version, and stands aside wherever it cannot apply."""
+
+from __future__ import annotations
+
+import weakref
+
+import pytest
+import torch
+import torch.nn.functional as F
+import transformers
+
+from knnlm import KNNLM, cpu_head
+from knnlm.generate import KNNLogitsProcessor, draft_summary
+from knnlm.testing import assert_greedy_up_to_ties, corpus_paths
+
+pytestmark = pytest.mark.skipif(not cpu_head.available(), reason="this torch has no oneDNN linear ops")
+
+
+def _model(bias: bool = False) -> transformers.LlamaForCausalLM:
+    cfg = transformers.LlamaConfig(vocab_size=300, hidden_size=48, intermediate_size=96, num_hidden_layers=1,
+                                   num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False)
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(cfg).eval()
+    if bias:
+        head = torch.nn.Linear(48, 300, bias=True)
+        model.lm_head = head
+    return model
+
+
+@pytest.fixture
+def fresh_cache(monkeypatch):
+    monkeypatch.setattr(cpu_head, "_PACKED", weakref.WeakKeyDictionary())
+    monkeypatch.delenv("KNNLM_PACKED_HEAD", raising=False)
+    return cpu_head
+
+
+@pytest.mark.parametrize("bias", [False, True])
+def test_the_packed_layer_gives_the_linear_values_inside_its_block_only(fresh_cache, bias):
+    model = _model(bias)
+    head = model.lm_head
+    with torch.no_grad():
+        for rows in (1, 3, 17):
+            x = torch.randn(2, rows, 48)
+            want = F.linear(x, head.weight, head.bias)
+            with cpu_head.packed_output_layer(model) as used:
+                assert used and "forward" in head.__dict__
+                got = head(x)
+            assert "forward" not in head.__dict__  # the module's own forward again
+            assert got.shape == want.shape and got.dtype == torch.float32
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_the_weight_is_packed_once_per_version(fresh_cache):
+    model = _model()
+    head = model.lm_head
+    with torch.no_grad():
+        with cpu_head.packed_output_layer(model):
+            first = fresh_cache._PACKED[head][1]
+        with cpu_head.packed_output_layer(model):
+            assert fresh_cache._PACKED[head][1] is first  # reused, not packed again
+        head.weight.mul_(2)  # an in-place change: the copy is stale
+        x = torch.randn(1, 5, 48)
+        with cpu_head.packed_output_layer(model):
+            assert fresh_cache._PACKED[head][1] is not first
+            torch.testing.assert_close(head(x), F.linear(x, head.weight), rtol=1e-5, atol=1e-5)
+
+
+def test_autograd_and_other_dtypes_use_the_layer_as_it_is(fresh_cache):
+    model = _model()
+    head = model.lm_head
+    x = torch.randn(1, 4, 48)
+    with cpu_head.packed_output_layer(model):
+        assert head(x).requires_grad  # autograd records: F.linear, with its gradient
+    model.to(torch.bfloat16)
+    with cpu_head.packed_output_layer(model) as used:
+        assert not used and "forward" not in head.__dict__
+
+
+@pytest.mark.parametrize("how", ["env", "replaced"])
+def test_it_stands_aside_when_turned_off_or_when_forward_is_replaced(fresh_cache, monkeypatch, how):
+    model = _model()
+    head = model.lm_head
+    if how == "env":
+        monkeypatch.setenv("KNNLM_PACKED_HEAD", "off")
+    else:
+        mine = head.forward
+        head.forward = mine  # e.g. accelerate's hook
+    with cpu_head.packed_output_layer(model) as used:
+        assert not used
+    assert head not in fresh_cache._PACKED
+    if how == "replaced":
+        assert head.__dict__["forward"] is mine  # left in place
+
+
+def test_drafting_verifies_through_the_packed_layer(fresh_cache, tiny_store, tiny_tokenizer):
+    """``KNNLM.generate(draft_tokens=N)`` on the CPU runs every forward pass through the packed
+    output layer and gives plain kNN-LM greedy's tokens; plain kNN-LM generation leaves the layer
+    as it is."""
+    model, ds = tiny_store
+    head = model.get_output_embeddings()
+    knn = KNNLM(model, ds, tiny_tokenizer, k=32, lam=0.9)
+    calls = []  # (rows, packed) of each call of the output layer
+    hook = head.register_forward_pre_hook(lambda m, args: calls.append((args[0].shape[-2], "forward" in m.__dict__)))
+    try:
+        text = open(corpus_paths()[0], encoding="utf-8").read()
+        ids = tiny_tokenizer(text[400:560], return_tensors="pt")["input_ids"]
+        kw = dict(max_new_tokens=24, pad_token_id=0)
+        plain = knn.generate(ids, return_dict_in_generate=True, output_scores=True, **kw)
+        assert calls and not any(packed for _, packed in calls)
+        calls.clear()
+        proc = KNNLogitsProcessor(knn)
+        got = knn.generate(ids, processor=proc, draft_tokens=6, **kw)
+    finally:
+        hook.remove()
+    assert "forward" not in head.__dict__ and head in fresh_cache._PACKED
+    assert len(calls) == draft_summary(proc)["forwards"] and all(packed for _, packed in calls)
+    assert draft_summary(proc)["accepted"] > 0 and max(rows for rows, _ in calls[1:]) > 1  # drafts were verified
+    assert_greedy_up_to_ties(plain, got, ids.shape[1])
