@@ -3,7 +3,7 @@
 For each P (the last token and P - 1 drafted ones) it times, side by side in one run, interleaved
 round by round on the same inputs: the model's forward pass over P new positions after a
 ``--context``-token cache with the output layer as it is (``F.linear``), and with the output layer
-multiplied by oneDNN from a prepacked weight (``knnlm.cpu_head``, what ``draft_tokens`` uses on the
+multiplied by oneDNN from a prepacked weight (``knnlm.cpu``, what ``draft_tokens`` uses on the
 CPU). It prints the median milliseconds of each, their ratio, and each one's cost relative to the
 one-position pass of the layer as it is (what plain decoding pays per token): a draft pays where
 its kept tokens outnumber that relative cost. It checks that both give the same logits up to
@@ -37,10 +37,10 @@ def main(argv=None) -> int:
     import torch
     from transformers import DynamicCache
 
-    from knnlm import cpu_head
+    from knnlm import cpu
     from knnlm.loading import load_model
 
-    if not cpu_head.available():
+    if not cpu.available():
         print("this torch has no oneDNN linear ops: nothing to compare", file=sys.stderr)
         return 1
     model, _ = load_model(args.model, dtype="float32")
@@ -61,13 +61,13 @@ def main(argv=None) -> int:
     with torch.no_grad():
         for n in positions:  # warm-up (and the packed copy, made once)
             forward(n)
-            with cpu_head.packed_output_layer(model):
+            with cpu.packed_output_layer(model):
                 forward(n)
         for _ in range(args.repeats):
             for n in positions:
                 t, ref = forward(n)
                 times[(n, "as_is")].append(t)
-                with cpu_head.packed_output_layer(model):
+                with cpu.packed_output_layer(model):
                     t, got = forward(n)
                 times[(n, "packed")].append(t)
                 diff[n] = max(diff[n], float((got - ref).abs().max()))

@@ -42,7 +42,7 @@ import torch
 from transformers import LogitsProcessor, LogitsProcessorList
 from transformers.generation.candidate_generator import CandidateGenerator
 
-from knnlm.cpu_head import packed_output_layer
+from knnlm.cpu import packed_output_layer, row_argmax
 from knnlm.errors import GenerateError
 from knnlm.retrieval import agreeing_run, one_thread
 
@@ -172,10 +172,11 @@ class KNNLogitsProcessor(LogitsProcessor):
         out = self._mix(query, scores, searched)
         if self.drafter is not None:
             self.steps[input_ids.shape[1]] = self._pending  # what the drafter continues from
-        banned = torch.isneginf(scores)  # bans set by processors that ran before this one
-        out = out.masked_fill(banned, -math.inf) if bool(banned.any()) else out
+        low = scores.amin()  # bans (-inf) set by processors that ran before this one (NaN: look too)
+        if not bool(low > -math.inf):
+            out = out.masked_fill(torch.isneginf(scores), -math.inf)
         if self.score_until_rejected:
-            self._choice = out.argmax(-1)  # (rows,) what greedy search takes here
+            self._choice = row_argmax(out)  # (rows,) what greedy search takes here
         return out
 
     def _search_draft(self, queries: torch.Tensor, first: int):

@@ -155,16 +155,18 @@ class KNNLM:
             self._counts = torch.from_numpy(self.datastore.token_counts())
         return self._counts
 
-    def _unseen_mask(self, device: torch.device) -> torch.Tensor:
-        """(V,) bool: the tokens the datastore never saw, on ``device`` (kept: generation asks every step)."""
-        mask = getattr(self, "_unseen", None)
-        if mask is None or mask.device != device:
-            self._unseen = mask = (self._token_counts() == 0).to(device)
-        return mask
+    def _unseen_mask(self, device: torch.device, dtype: torch.dtype = torch.bool) -> torch.Tensor:
+        """(V,) the tokens the datastore never saw (True / 1), on ``device`` (kept per device and
+        dtype: generation asks every step)."""
+        masks = self.__dict__.setdefault("_unseen", {})
+        key = (torch.device(device), dtype)
+        if key not in masks:
+            masks[key] = (self._token_counts() == 0).to(device=device, dtype=dtype)
+        return masks[key]
 
     def lm_features(self, logits: torch.Tensor) -> torch.Tensor:
         """The gate's LM features (B, NL + 1) of logits (B, V) (``knnlm.gate.lm_features``)."""
-        return lm_features(logits, self._token_counts())[0]
+        return lm_features(logits, self._token_counts(), unseen=self._unseen_mask(logits.device, torch.float32))[0]
 
     def needs_lm_features(self) -> bool:
         """Whether scoring rows (``mix_rows``: ``log_probs``, generation) needs the gate's LM

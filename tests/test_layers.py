@@ -15,7 +15,7 @@ PKG = Path(knnlm.__file__).parent
 # lowest first; a module may import only modules on lower floors
 FLOORS = [
     ["errors"],
-    ["config", "corpora", "loading", "ops", "cpu_head", "distributed"],
+    ["config", "corpora", "loading", "ops", "cpu", "distributed"],
     ["scoring", "capture", "index", "sharding"],
     ["data"],
     ["datastore"],

@@ -47,6 +47,43 @@ def test_reference_matches_brute_force(lam, temp):
     torch.testing.assert_close(t[torch.isfinite(w)], w[torch.isfinite(w)], rtol=1e-5, atol=1e-5)
 
 
+def test_per_row_lambda_matches_brute_force_and_the_dense_mixture():
+    """A per-row λ (the adaptive gate's) on the CPU mixes only at the voted tokens
+    (``scoring._mix_at_votes``): the definition per row, and the dense ``mix`` of the two
+    log-distributions up to float32 rounding, with the same -inf / NaN entries (a NaN kNN row is
+    NaN everywhere, a banned token stays -inf); a batch with a row of λ 0 or 1 takes the dense
+    path, which returns that side exactly."""
+    from knnlm.scoring import mix, reference_knn_log_probs
+
+    g = torch.Generator().manual_seed(3)
+    B, V, K, temp = 6, 50, 12, 2.0
+    logits = torch.randn(B, V, generator=g) * 3
+    dists = torch.rand(B, K, generator=g) * 5
+    values = torch.randint(0, 9, (B, K), generator=g)  # duplicates are common
+    dists[1, 4:] = math.inf  # missing neighbours
+    dists[2] = math.inf  # no neighbour at all
+    logits[3, :20] = -math.inf  # banned tokens
+    lam = torch.tensor([0.1, 0.5, 0.7, 0.9, 0.3, 0.999])
+    got = reference_interpolate(logits, dists, values, lam, temp)
+    want = torch.cat([_brute(logits[i:i + 1], dists[i:i + 1], values[i:i + 1], float(lam[i]), temp) for i in range(B)])
+    finite = torch.isfinite(want)
+    assert torch.equal(finite, torch.isfinite(got)) and not torch.isnan(got).any()
+    torch.testing.assert_close(got.double()[finite], want[finite], rtol=1e-5, atol=1e-5)
+
+    dists[4, 2] = math.nan  # a NaN kNN row
+    dense = mix(torch.log_softmax(logits, -1), reference_knn_log_probs(dists, values, V, temp), lam)
+    got = reference_interpolate(logits, dists, values, lam, temp)
+    assert torch.isnan(got[4]).all() and torch.equal(torch.isnan(got), torch.isnan(dense))
+    assert torch.equal(torch.isneginf(got), torch.isneginf(dense))
+    ok = torch.isfinite(dense)
+    torch.testing.assert_close(got[ok], dense[ok], rtol=1e-6, atol=1e-6)
+
+    edge = torch.tensor([0.0, 1.0, 0.5, 0.9, 0.3, 0.2])  # rows of weight 0 and 1: those sides exactly
+    got = reference_interpolate(logits, dists, values, edge, temp)
+    assert torch.equal(got[0], torch.log_softmax(logits[0], -1))
+    assert torch.equal(got[1], reference_knn_log_probs(dists[1:2], values[1:2], V, temp)[0])
+
+
 def test_fp16_logits_are_upcast():
     g = torch.Generator().manual_seed(1)
     logits = torch.randn(2, 30, generator=g)

@@ -1,9 +1,10 @@
-"""The output layer of speculative verification on the CPU (``knnlm.cpu_head``): oneDNN with a
+"""The output layer of speculative verification on the CPU (``knnlm.cpu``): oneDNN with a
 prepacked weight gives ``F.linear``'s values up to float32 rounding, is used only inside its block,
 packs once per weight version, and stands aside wherever it cannot apply."""
 
 from __future__ import annotations
 
+import math
 import weakref
 
 import pytest
@@ -11,11 +12,11 @@ import torch
 import torch.nn.functional as F
 import transformers
 
-from knnlm import KNNLM, cpu_head
+from knnlm import KNNLM, cpu
 from knnlm.generate import KNNLogitsProcessor, draft_summary
 from knnlm.testing import assert_greedy_up_to_ties, corpus_paths
 
-pytestmark = pytest.mark.skipif(not cpu_head.available(), reason="this torch has no oneDNN linear ops")
+pytestmark = pytest.mark.skipif(not cpu.available(), reason="this torch has no oneDNN linear ops")
 
 
 def _model(bias: bool = False) -> transformers.LlamaForCausalLM:
@@ -31,9 +32,9 @@ def _model(bias: bool = False) -> transformers.LlamaForCausalLM:
 
 @pytest.fixture
 def fresh_cache(monkeypatch):
-    monkeypatch.setattr(cpu_head, "_PACKED", weakref.WeakKeyDictionary())
+    monkeypatch.setattr(cpu, "_PACKED", weakref.WeakKeyDictionary())
     monkeypatch.delenv("KNNLM_PACKED_HEAD", raising=False)
-    return cpu_head
+    return cpu
 
 
 @pytest.mark.parametrize("bias", [False, True])
@@ -44,7 +45,7 @@ def test_the_packed_layer_gives_the_linear_values_inside_its_block_only(fresh_ca
         for rows in (1, 3, 17):
             x = torch.randn(2, rows, 48)
             want = F.linear(x, head.weight, head.bias)
-            with cpu_head.packed_output_layer(model) as used:
+            with cpu.packed_output_layer(model) as used:
                 assert used and "forward" in head.__dict__
                 got = head(x)
             assert "forward" not in head.__dict__  # the module's own forward again
@@ -56,13 +57,13 @@ def test_the_weight_is_packed_once_per_version(fresh_cache):
     model = _model()
     head = model.lm_head
     with torch.no_grad():
-        with cpu_head.packed_output_layer(model):
+        with cpu.packed_output_layer(model):
             first = fresh_cache._PACKED[head][1]
-        with cpu_head.packed_output_layer(model):
+        with cpu.packed_output_layer(model):
             assert fresh_cache._PACKED[head][1] is first  # reused, not packed again
         head.weight.mul_(2)  # an in-place change: the copy is stale
         x = torch.randn(1, 5, 48)
-        with cpu_head.packed_output_layer(model):
+        with cpu.packed_output_layer(model):
             assert fresh_cache._PACKED[head][1] is not first
             torch.testing.assert_close(head(x), F.linear(x, head.weight), rtol=1e-5, atol=1e-5)
 
@@ -71,10 +72,10 @@ def test_autograd_and_other_dtypes_use_the_layer_as_it_is(fresh_cache):
     model = _model()
     head = model.lm_head
     x = torch.randn(1, 4, 48)
-    with cpu_head.packed_output_layer(model):
+    with cpu.packed_output_layer(model):
         assert head(x).requires_grad  # autograd records: F.linear, with its gradient
     model.to(torch.bfloat16)
-    with cpu_head.packed_output_layer(model) as used:
+    with cpu.packed_output_layer(model) as used:
         assert not used and "forward" not in head.__dict__
 
 
@@ -87,7 +88,7 @@ def test_it_stands_aside_when_turned_off_or_when_forward_is_replaced(fresh_cache
     else:
         mine = head.forward
         head.forward = mine  # e.g. accelerate's hook
-    with cpu_head.packed_output_layer(model) as used:
+    with cpu.packed_output_layer(model) as used:
         assert not used
     assert head not in fresh_cache._PACKED
     if how == "replaced":
@@ -118,3 +119,18 @@ def test_drafting_verifies_through_the_packed_layer(fresh_cache, tiny_store, tin
     assert len(calls) == draft_summary(proc)["forwards"] and all(packed for _, packed in calls)
     assert draft_summary(proc)["accepted"] > 0 and max(rows for rows, _ in calls[1:]) > 1  # drafts were verified
     assert_greedy_up_to_ties(plain, got, ids.shape[1])
+
+
+@pytest.mark.parametrize("shape", [(49152,), (3, 1000), (2, 4, 300)])
+def test_row_argmax_is_torchs_argmax(shape):
+    """The first maximum of each row, the first NaN where there is one, on any layout."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(shape, generator=g)
+    flat = x.reshape(-1, shape[-1])
+    flat[0, 5] = flat[0, 9] = 100.0  # a tie: the first wins
+    if flat.shape[0] > 1:
+        flat[1, 7] = flat[1, 3] = math.nan  # NaN: the first NaN
+    for t in (x, x[..., ::2], x.double()):
+        got = cpu.row_argmax(t)
+        assert got.dtype == torch.int64 and torch.equal(got, t.argmax(-1))
+    assert torch.equal(cpu.row_argmax(x.half()), x.half().argmax(-1))  # other dtypes: torch's own

@@ -1,19 +1,24 @@
-"""The output layer of a speculative verification pass on the CPU: oneDNN with a prepacked weight.
+"""Two products torch's default CPU kernels are slow at, for the shapes a decoding step has.
 
-A verification forward pass (``draft_tokens``) multiplies a few rows -- the last token and the
-draft -- by the output layer's (V, D) weight. On the CPU in float32, ``F.linear`` (MKL) costs 2 to
-3.5 times the one-row product at 4 to 12 rows (SmolLM2's 49,152 x 576 head: 12-26 ms against
-5-6 ms for one row), while oneDNN with the weight reordered once into its blocked layout costs
-1.2-1.6 times (6-8 ms); a 7-to-13-position forward pass of SmolLM2 gets 10-20 % cheaper
-(``results/speculative/packed/``). ``packed_output_layer(model)`` runs the output layer that way
-inside a ``with`` block: the same products in another summation order, so the values differ from
-``F.linear``'s by float32 rounding only, as a multi-position pass already does from a one-position
-pass. The reordered copy (V x D x 4 bytes: 113 MB for SmolLM2) is made on first use and kept, for
-the next call, while the layer lives; an in-place change of the weight makes a new one.
+**The output layer of a speculative verification pass.** A verification forward pass
+(``draft_tokens``) multiplies a few rows -- the last token and the draft -- by the output layer's
+(V, D) weight. On the CPU in float32, ``F.linear`` (MKL) costs 2 to 3.5 times the one-row product
+at 4 to 12 rows (SmolLM2's 49,152 x 576 head: 12-26 ms against 5-6 ms for one row), while oneDNN
+with the weight reordered once into its blocked layout costs 1.2-1.6 times (6-8 ms); a
+7-to-13-position forward pass of SmolLM2 gets 10-20 % cheaper (``benchmarks/bench_verify.py``).
+``packed_output_layer(model)`` runs the output layer that way inside a ``with`` block: the same
+products in another summation order, so the values differ from ``F.linear``'s by float32 rounding
+only, as a multi-position pass already does from a one-position pass. The reordered copy
+(V x D x 4 bytes: 113 MB for SmolLM2) is made on first use and kept, for the next call, while the
+layer lives; an in-place change of the weight makes a new one. Nothing changes (the layer runs as
+it is) off the CPU, in other dtypes, while autograd records, when this torch has no oneDNN linear
+ops, when the layer's ``forward`` is already replaced (e.g. accelerate's hooks), or with
+``KNNLM_PACKED_HEAD=off``.
 
-Nothing changes (the layer runs as it is) off the CPU, in other dtypes, while autograd records,
-when this torch has no oneDNN linear ops, when the layer's ``forward`` is already replaced (e.g.
-accelerate's hooks), or with ``KNNLM_PACKED_HEAD=off``.
+**The argmax of a row of logits.** torch's CPU ``argmax`` / ``max(dim)`` over 49,152 floats take
+70-120 us (not vectorised in this build), numpy's 7 us; a kNN-LM step takes two (the gate's LM
+features, greedy verification). ``row_argmax`` is numpy's on a CPU tensor, torch's elsewhere: the
+same index (the first maximum; the first NaN where there is one).
 """
 
 from __future__ import annotations
@@ -23,11 +28,12 @@ import logging
 import os
 import weakref
 
+import numpy as np
 import torch
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["available", "packed_output_layer"]
+__all__ = ["available", "packed_output_layer", "row_argmax"]
 
 # output layer -> ((weight data_ptr, weight version), the weight in oneDNN's layout)
 _PACKED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
@@ -87,3 +93,11 @@ def packed_output_layer(model: torch.nn.Module):
     finally:
         if head.__dict__.get("forward") is forward:
             del head.forward
+
+
+def row_argmax(x: torch.Tensor) -> torch.Tensor:
+    """x (..., V) -> (...) int64: the index of each row's first maximum (of its first NaN, if any),
+    as ``x.argmax(-1)``."""
+    if x.device.type != "cpu" or x.requires_grad or x.dtype not in (torch.float32, torch.float64):
+        return x.argmax(-1)
+    return torch.from_numpy(np.asarray(x.numpy().argmax(-1), dtype=np.int64))
