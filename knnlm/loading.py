@@ -10,7 +10,8 @@ de-quantised model (fp32 safetensors) and its tokenizer under ``$KNNLM_MODEL_CAC
 ``$XDG_CACHE_HOME/knnlm/models``, i.e. ``~/.cache/knnlm/models``), one directory per GGUF file
 (its path, size and mtime) and transformers version, and later loads read that directory (~2 s):
 the same weights, config and tokenizer. ``KNNLM_MODEL_CACHE=off`` turns the cache off. The
-directory appears whole (written aside, then renamed) or not at all; a cache that cannot be
+directory appears whole (written aside, then renamed) or not at all, and what a killed
+conversion left aside is removed by the next conversion on that host; a cache that cannot be
 written only logs a warning.
 """
 
@@ -18,11 +19,13 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import glob
 import hashlib
 import importlib.util
 import logging
 import os
 import shutil
+import socket
 from pathlib import Path
 
 import torch
@@ -129,11 +132,34 @@ def _converted(source: tuple[str, str | None], cache: Path | None, part: str) ->
 _DONE = "knnlm-converted"  # written last into a converted copy: it is complete
 
 
+def _aside(path: Path, pid: int) -> Path:
+    """Where process ``pid`` of this host writes ``path`` before renaming it into place."""
+    return path.with_name(f"{path.name}.tmp-{socket.gethostname()}-{pid}")
+
+
+def _remove_abandoned(path: Path) -> None:
+    """Remove what killed processes of this host left aside for ``path`` (another host's, or a
+    live process's, is left alone)."""
+    prefix = _aside(path, 0).name[:-1]
+    for tmp in path.parent.glob(f"{glob.escape(prefix)}*"):
+        pid = tmp.name[len(prefix):]
+        if not pid.isdigit():
+            continue
+        try:
+            os.kill(int(pid), 0)
+        except ProcessLookupError:
+            logger.info("removing %s, left by a killed conversion", tmp)
+            shutil.rmtree(tmp, ignore_errors=True)
+        except OSError:  # alive (another user's): not ours to remove
+            pass
+
+
 def _save_converted(path: Path, obj) -> None:
     """``obj.save_pretrained`` into ``path``, written aside and renamed into place."""
-    tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
+    tmp = _aside(path, os.getpid())
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
+        _remove_abandoned(path)
         shutil.rmtree(tmp, ignore_errors=True)
         with _no_bars():  # transformers draws a bar while it writes the weights
             obj.save_pretrained(tmp)

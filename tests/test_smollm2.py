@@ -159,3 +159,28 @@ def test_an_unwritable_model_cache_only_warns(tmp_path, caplog):
     loading._save_converted(tmp_path / "m-0123" / "model", Saves())
     assert sorted(p.name for p in (tmp_path / "m-0123").iterdir()) == ["model"]
     assert (tmp_path / "m-0123" / "model" / loading._DONE).is_file()
+
+
+def test_a_conversion_removes_what_killed_conversions_of_this_host_left(tmp_path):
+    """A conversion killed while writing leaves its copy aside; the next conversion of that model
+    removes it, and leaves alone what a live process or another host is writing."""
+    import subprocess
+    import sys
+
+    from knnlm import loading
+
+    class Saves:
+        def save_pretrained(self, path):
+            os.makedirs(path)
+            (Path(path) / "weights").write_text("x")
+
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()  # a pid no process of this host has now
+    path = tmp_path / "m-0123" / "model"
+    left = loading._aside(path, dead.pid)
+    live = loading._aside(path, os.getppid())
+    other = path.with_name(f"{path.name}.tmp-another-host-{dead.pid}")
+    for d in (left, live, other):
+        d.mkdir(parents=True)
+    loading._save_converted(path, Saves())
+    assert sorted(p.name for p in path.parent.iterdir()) == sorted(["model", live.name, other.name])
