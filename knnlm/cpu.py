@@ -2,18 +2,18 @@
 
 **The output layer of a speculative verification pass.** A verification forward pass
 (``draft_tokens``) multiplies a few rows -- the last token and the draft -- by the output layer's
-(V, D) weight. On the CPU in float32, ``F.linear`` (MKL) costs 2 to 3.5 times the one-row product
-at 4 to 12 rows (SmolLM2's 49,152 x 576 head: 12-26 ms against 5-6 ms for one row), while oneDNN
-with the weight reordered once into its blocked layout costs 1.2-1.6 times (6-8 ms); a
-7-to-13-position forward pass of SmolLM2 gets 10-20 % cheaper (``benchmarks/bench_verify.py``).
-``packed_output_layer(model)`` runs the output layer that way inside a ``with`` block: the same
-products in another summation order, so the values differ from ``F.linear``'s by float32 rounding
-only, as a multi-position pass already does from a one-position pass. The reordered copy
-(V x D x 4 bytes: 113 MB for SmolLM2) is made on first use and kept, for the next call, while the
-layer lives; an in-place change of the weight makes a new one. Nothing changes (the layer runs as
-it is) off the CPU, in other dtypes, while autograd records, when this torch has no oneDNN linear
-ops, when the layer's ``forward`` is already replaced (e.g. accelerate's hooks), or with
-``KNNLM_PACKED_HEAD=off``.
+(V, D) weight. On the CPU in float32, ``F.linear`` (MKL) costs 1.8 to 4 times the one-row product at
+4 to 14 rows (SmolLM2's 49,152 x 576 head), while oneDNN with the weight reordered once into its
+blocked layout costs 1.4 to 2.2 times; a 10-to-14-position forward pass of SmolLM2 gets 10-27 %
+cheaper (``benchmarks/bench_verify.py``, three runs). ``packed_output_layer(model)`` runs the output
+layer that way inside a ``with`` block, for ``PACKED_MIN_ROWS`` rows or more (fewer go to
+``F.linear``, as fast or faster there): the same products in another summation order, so the values
+differ from ``F.linear``'s by float32 rounding only, as a multi-position pass already does from a
+one-position pass. The reordered copy (V x D x 4 bytes: 113 MB for SmolLM2) is made on first use and
+kept, for the next call, while the layer lives; an in-place change of the weight makes a new one.
+Nothing changes (the layer runs as it is) off the CPU, in other dtypes, while autograd records, when
+this torch has no oneDNN linear ops, when the layer's ``forward`` is already replaced (e.g.
+accelerate's hooks), or with ``KNNLM_PACKED_HEAD=off``.
 
 **The argmax of a row of logits.** torch's CPU ``argmax`` / ``max(dim)`` over 49,152 floats take
 70-120 us (not vectorised in this build), numpy's 7 us; a kNN-LM step takes two (the gate's LM
@@ -35,6 +35,7 @@ logger = logging.getLogger(__name__)
 
 __all__ = ["available", "packed_output_layer", "row_argmax"]
 
+PACKED_MIN_ROWS = 4  # below this, F.linear is as fast or faster (bench_verify: 1-3 rows 0.8-1.3x the packed product)
 # output layer -> ((weight data_ptr, weight version), the weight in oneDNN's layout)
 _PACKED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
@@ -83,7 +84,8 @@ def packed_output_layer(model: torch.nn.Module):
     linear = head.forward
 
     def forward(x: torch.Tensor) -> torch.Tensor:  # (B, P, D) -> (B, P, V)
-        if x.dtype != torch.float32 or x.device.type != "cpu" or torch.is_grad_enabled():
+        if (x.dtype != torch.float32 or x.device.type != "cpu" or torch.is_grad_enabled()
+                or x.numel() < PACKED_MIN_ROWS * x.shape[-1]):
             return linear(x)
         return torch.ops.mkldnn._linear_pointwise(x.contiguous(), packed, bias, "none", [], "")
 

@@ -42,14 +42,16 @@ def test_the_packed_layer_gives_the_linear_values_inside_its_block_only(fresh_ca
     model = _model(bias)
     head = model.lm_head
     with torch.no_grad():
-        for rows in (1, 3, 17):
-            x = torch.randn(2, rows, 48)
+        for batch, rows in ((1, 1), (1, 3), (2, 3), (1, 5), (2, 17)):
+            x = torch.randn(batch, rows, 48)
             want = F.linear(x, head.weight, head.bias)
             with cpu.packed_output_layer(model) as used:
                 assert used and "forward" in head.__dict__
                 got = head(x)
             assert "forward" not in head.__dict__  # the module's own forward again
             assert got.shape == want.shape and got.dtype == torch.float32
+            if batch * rows < cpu.PACKED_MIN_ROWS:
+                assert torch.equal(got, want)  # few rows: F.linear itself
             torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
 
