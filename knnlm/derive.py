@@ -67,8 +67,6 @@ def _new_writer(out: str | os.PathLike, header: Header, command: str) -> Datasto
     return DatastoreWriter.start(out, header)
 
 
-
-
 def cut_document(ds: Datastore) -> int | None:
     """Index of the document that the build's ``max_tokens`` may have cut short (the last one, when
     the build stopped at its budget), else None. A document ending exactly at the budget counts as

@@ -131,9 +131,10 @@ def knn_log_weights(dists: torch.Tensor, temperature: float) -> torch.Tensor:
     return torch.where(undefined, torch.full_like(out, math.nan), out)
 
 
-def reference_knn_log_probs(dists: torch.Tensor, values: torch.Tensor, vocab_size: int,
-                            temperature: float) -> torch.Tensor:
-    """log p_knn as a dense (B, V) fp32 tensor, ``-inf`` where no neighbour votes."""
+def _knn_log_probs_at_votes(dists: torch.Tensor, values: torch.Tensor, vocab_size: int,
+                            temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """log p_knn at each neighbour's token (B, K) fp32 (neighbours of one token share its value),
+    and the rows' largest log weight m (B, 1): 0 for a row without neighbours, NaN for a NaN row."""
     w = knn_log_weights(dists, temperature)  # (B, K)
     # Stable per-token log-sum-exp of the neighbour weights: subtract the row max (0 unless the
     # row is empty), sum in probability space, take the log. exp(w - max) <= 1, never overflows.
@@ -144,8 +145,15 @@ def reference_knn_log_probs(dists: torch.Tensor, values: torch.Tensor, vocab_siz
     mass.scatter_add_(1, idx, torch.exp(w - m))  # (B, V)
     # log(mass) + m, taken only at the K voted tokens (the other V - K entries are log 0 = -inf):
     # torch's log of 0 is ~40x slower than of a normal number on some CPUs, and V >> K
-    out = torch.full_like(mass, -math.inf) + m  # log 0 + m: -inf, or NaN everywhere in a NaN row
-    return out.scatter_(1, idx, mass.gather(1, idx).log() + m)  # (B, V)
+    return mass.gather(1, idx).log() + m, m
+
+
+def reference_knn_log_probs(dists: torch.Tensor, values: torch.Tensor, vocab_size: int,
+                            temperature: float) -> torch.Tensor:
+    """log p_knn as a dense (B, V) fp32 tensor, ``-inf`` where no neighbour votes."""
+    at, m = _knn_log_probs_at_votes(dists, values, vocab_size, temperature)  # (B, K), (B, 1)
+    out = torch.full((at.shape[0], vocab_size), -math.inf, dtype=torch.float32, device=at.device) + m
+    return out.scatter_(1, values.long(), at)  # (B, V): log 0 + m is -inf, or NaN everywhere in a NaN row
 
 
 def unseen_log_mass(lp_lm: torch.Tensor, unseen: torch.Tensor) -> torch.Tensor:
@@ -198,12 +206,8 @@ def _mix_at_votes(lp_lm: torch.Tensor, dists: torch.Tensor, values: torch.Tensor
     NaN everywhere: ``m - m`` below). The same values up to the last bit of a logaddexp (torch's
     vectorised and scalar exp / log round differently); on the CPU the (B, V) logaddexp costs
     ~0.1 ms a row, and dense log p_knn a few more V-wide passes."""
-    lw = knn_log_weights(dists, temperature)  # (B, K)
-    m = lw.max(dim=-1, keepdim=True).values  # (B, 1), as reference_knn_log_probs
-    m = torch.where(torch.isneginf(m), torch.zeros_like(m), m)
+    knn, m = _knn_log_probs_at_votes(dists, values, lp_lm.shape[-1], temperature)  # (B, K), (B, 1)
     idx = values.long()
-    mass = torch.zeros_like(lp_lm).scatter_add_(1, idx, torch.exp(lw - m))  # (B, V) per-token sums
-    knn = mass.gather(1, idx).log() + m  # (B, K) log p_knn at the voted tokens
     log_lm_w = torch.log1p(-w)  # (B, 1)
     out = lp_lm + (log_lm_w + (m - m))  # (B, V) the unvoted tokens
     at = torch.logaddexp(lp_lm.gather(1, idx) + log_lm_w, knn + torch.log(w))  # (B, K)
