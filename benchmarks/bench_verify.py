@@ -1,13 +1,15 @@
 """The cost of a speculative verification pass: one forward pass over P positions after a KV cache.
 
 For each P (the last token and P - 1 drafted ones) it times, side by side in one run, interleaved
-round by round on the same inputs: the model's forward pass over P new positions after a
-``--context``-token cache with the output layer as it is (``F.linear``), and with the output layer
-multiplied by oneDNN from a prepacked weight (``knnlm.cpu``, what ``draft_tokens`` uses on the
-CPU). It prints the median milliseconds of each, their ratio, and each one's cost relative to the
-one-position pass of the layer as it is (what plain decoding pays per token): a draft pays where
-its kept tokens outnumber that relative cost. It checks that both give the same logits up to
-float32 rounding (max |difference| printed). Then the same for the output layer alone.
+round by round on the same inputs, the model's forward pass over P new positions after a
+``--context``-token cache: as it is; with the output layer multiplied by oneDNN from a prepacked
+weight (``knnlm.cpu.packed_output_layer``); with grouped-query attention taking the key / value
+heads uncopied (``knnlm.cpu.grouped_attention``); and with both (what ``draft_tokens`` uses on the
+CPU). It prints the median milliseconds of each, both / as is, and the cost relative to the
+one-position pass as it is (what plain decoding pays per token): a draft pays where its kept tokens
+outnumber that relative cost. It checks the logits against the pass as it is (max |difference|
+printed: float32 rounding for the packed layer, none expected for grouped attention). Then the
+output layer alone.
 
     python benchmarks/bench_verify.py                         # SmolLM2-135M, P = 1..17
     python benchmarks/bench_verify.py --positions 1,4,8,17 --repeats 9 --json verify.json
@@ -16,6 +18,7 @@ float32 rounding (max |difference| printed). Then the same for the output layer 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import statistics
@@ -56,39 +59,54 @@ def main(argv=None) -> int:
         logits = model(ids[:, args.context:args.context + n], past_key_values=cache, use_cache=True).logits
         return time.perf_counter() - t0, logits
 
-    times = {(n, mode): [] for n in positions for mode in ("as_is", "packed")}
-    diff = dict.fromkeys(positions, 0.0)
+    modes = {"as_is": contextlib.nullcontext, "packed": lambda: cpu.packed_output_layer(model),
+             "grouped": lambda: cpu.grouped_attention(model), "both": lambda: _both(model)}
+    times = {(n, mode): [] for n in positions for mode in modes}
+    diff = {(n, mode): 0.0 for n in positions for mode in modes}
     with torch.no_grad():
         for n in positions:  # warm-up (and the packed copy, made once)
-            forward(n)
-            with cpu.packed_output_layer(model):
-                forward(n)
+            for enter in modes.values():
+                with enter():
+                    forward(n)
         for _ in range(args.repeats):
             for n in positions:
-                t, ref = forward(n)
-                times[(n, "as_is")].append(t)
-                with cpu.packed_output_layer(model):
-                    t, got = forward(n)
-                times[(n, "packed")].append(t)
-                diff[n] = max(diff[n], float((got - ref).abs().max()))
+                for mode, enter in modes.items():
+                    with enter():
+                        t, got = forward(n)
+                    times[(n, mode)].append(t)
+                    if mode == "as_is":
+                        ref = got
+                    diff[(n, mode)] = max(diff[(n, mode)], float((got - ref).abs().max()))
     med = {key: 1000 * statistics.median(v) for key, v in times.items()}
     one = med[(positions[0], "as_is")] if positions[0] == 1 else None
     print(f"{args.model}, {torch.get_num_threads()} threads, float32, {args.context}-token cache, "
-          f"median of {args.repeats} rounds")
-    print(f"{'P':>3} {'as is ms':>9} {'packed ms':>10} {'packed/as is':>13} {'as is / P=1':>12} "
-          f"{'packed / P=1':>13} {'max |diff|':>11}")
+          f"median of {args.repeats} rounds; packed: the output layer through oneDNN; grouped: grouped-query "
+          f"attention without copied heads; both: what drafting runs")
+    print(f"{'P':>3} {'as is ms':>9} {'packed':>7} {'grouped':>8} {'both':>6} {'both/as is':>11} "
+          f"{'as is / P=1':>12} {'both / P=1':>11} {'max |diff| packed, grouped':>27}")
     rows = []
     for n in positions:
-        a, b = med[(n, "as_is")], med[(n, "packed")]
-        rows.append({"positions": n, "as_is_ms": a, "packed_ms": b, "max_abs_diff": diff[n]})
-        rel = (f"{a / one:>12.2f} {b / one:>13.2f}" if one else f"{'':>12} {'':>13}")
-        print(f"{n:>3} {a:>9.1f} {b:>10.1f} {b / a:>13.2f} {rel} {diff[n]:>11.1e}")
+        a, b, g, both = (med[(n, m)] for m in modes)
+        rows.append({"positions": n, "as_is_ms": a, "packed_ms": b, "grouped_ms": g, "both_ms": both,
+                     "max_abs_diff": diff[(n, "packed")], "max_abs_diff_grouped": diff[(n, "grouped")],
+                     "max_abs_diff_both": diff[(n, "both")]})
+        rel = (f"{a / one:>12.2f} {both / one:>11.2f}" if one else f"{'':>12} {'':>11}")
+        print(f"{n:>3} {a:>9.1f} {b:>7.1f} {g:>8.1f} {both:>6.1f} {both / a:>11.2f} {rel} "
+              f"{diff[(n, 'packed')]:>14.1e}, {diff[(n, 'grouped')]:.1e}")
     head_rows = _head_alone(model, positions, args.repeats)
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"model": args.model, "threads": torch.get_num_threads(), "context": args.context,
                        "repeats": args.repeats, "rows": rows, "output_layer": head_rows}, f, indent=1)
     return 0
+
+
+@contextlib.contextmanager
+def _both(model):
+    from knnlm import cpu
+
+    with cpu.packed_output_layer(model), cpu.grouped_attention(model):
+        yield
 
 
 def _head_alone(model, positions: list[int], repeats: int) -> list[dict]:

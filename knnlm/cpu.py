@@ -1,4 +1,4 @@
-"""Two products torch's default CPU kernels are slow at, for the shapes a decoding step has.
+"""What torch's and transformers' default CPU paths do slowly, for the shapes a decoding step has.
 
 **The output layer of a speculative verification pass.** A verification forward pass
 (``draft_tokens``) multiplies a few rows -- the last token and the draft -- by the output layer's
@@ -15,6 +15,18 @@ Nothing changes (the layer runs as it is) off the CPU, in other dtypes, while au
 this torch has no oneDNN linear ops, when the layer's ``forward`` is already replaced (e.g.
 accelerate's hooks), or with ``KNNLM_PACKED_HEAD=off``.
 
+**The key / value heads of grouped-query attention in a verification pass.** transformers' SDPA
+attention copies a grouped-query model's K / V heads ``num_key_value_groups`` times per layer for a
+pass over several positions with a mask (one position takes another path), although torch's CPU
+SDPA takes them grouped (``enable_gqa``): per layer the copy costs SmolLM2 ~60 us, and a 4-to-10-
+position forward pass gets 3-7 % cheaper without it, with the same logits bit for bit (the same
+kernel on the same heads). ``grouped_attention(model)`` turns on transformers' own switch for it,
+the ``TRANSFORMERS_SDPA_FORCE_GQA`` environment variable, inside a ``with`` block; it stands aside
+off the CPU (CUDA's fast kernels take no mask with ``enable_gqa``), for other attention
+implementations and models without grouped heads, when the variable is already set, when this
+transformers does not read it, or with ``KNNLM_GROUPED_ATTENTION=off``. The variable is
+process-wide: another thread's CPU attention takes the same path meanwhile.
+
 **The argmax of a row of logits.** torch's CPU ``argmax`` / ``max(dim)`` over 49,152 floats take
 70-120 us (not vectorised in this build), numpy's 7 us; a kNN-LM step takes two (the gate's LM
 features, greedy verification). ``row_argmax`` is numpy's on a CPU tensor, torch's elsewhere: the
@@ -24,6 +36,8 @@ same index (the first maximum; the first NaN where there is one).
 from __future__ import annotations
 
 import contextlib
+import functools
+import inspect
 import logging
 import os
 import weakref
@@ -33,7 +47,7 @@ import torch
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["available", "packed_output_layer", "row_argmax"]
+__all__ = ["available", "grouped_attention", "packed_output_layer", "row_argmax"]
 
 PACKED_MIN_ROWS = 4  # below this, F.linear is as fast or faster (bench_verify: 1-3 rows 0.8-1.3x the packed product)
 # output layer -> ((weight data_ptr, weight version), the weight in oneDNN's layout)
@@ -49,8 +63,8 @@ def available() -> bool:
         return False
 
 
-def _enabled() -> bool:
-    return os.environ.get("KNNLM_PACKED_HEAD", "").strip().lower() not in ("off", "0", "false", "no")
+def _enabled(switch: str = "KNNLM_PACKED_HEAD") -> bool:
+    return os.environ.get(switch, "").strip().lower() not in ("off", "0", "false", "no")
 
 
 def _packed(head: torch.nn.Linear) -> torch.Tensor:
@@ -95,6 +109,41 @@ def packed_output_layer(model: torch.nn.Module):
     finally:
         if head.__dict__.get("forward") is forward:
             del head.forward
+
+
+_GQA_SWITCH = "TRANSFORMERS_SDPA_FORCE_GQA"  # transformers' own (integrations/sdpa_attention.py)
+
+
+@functools.lru_cache(maxsize=1)
+def _transformers_reads_gqa_switch() -> bool:
+    try:
+        from transformers.integrations import sdpa_attention
+
+        return _GQA_SWITCH in inspect.getsource(sdpa_attention.use_gqa_in_sdpa)
+    except (ImportError, AttributeError, OSError, TypeError):
+        return False
+
+
+@contextlib.contextmanager
+def grouped_attention(model: torch.nn.Module):
+    """Inside the block, transformers' SDPA attention takes ``model``'s grouped key / value heads
+    as they are in passes over several positions (where it can: see the module's docstring);
+    yields whether it does."""
+    cfg = getattr(model, "config", None)
+    heads, kv = getattr(cfg, "num_attention_heads", None), getattr(cfg, "num_key_value_heads", None)
+    param = next(model.parameters(), None)
+    if not (isinstance(heads, int) and isinstance(kv, int) and 0 < kv < heads
+            and getattr(cfg, "_attn_implementation", None) == "sdpa"
+            and param is not None and param.device.type == "cpu"
+            and _GQA_SWITCH not in os.environ and _enabled("KNNLM_GROUPED_ATTENTION")
+            and _transformers_reads_gqa_switch()):
+        yield False
+        return
+    os.environ[_GQA_SWITCH] = "1"
+    try:
+        yield True
+    finally:
+        os.environ.pop(_GQA_SWITCH, None)
 
 
 def row_argmax(x: torch.Tensor) -> torch.Tensor:

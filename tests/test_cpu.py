@@ -1,10 +1,12 @@
-"""The output layer of speculative verification on the CPU (``knnlm.cpu``): oneDNN with a
+"""Speculative verification on the CPU (``knnlm.cpu``): the output layer through oneDNN with a
 prepacked weight gives ``F.linear``'s values up to float32 rounding, is used only inside its block,
-packs once per weight version, and stands aside wherever it cannot apply."""
+packs once per weight version, and stands aside wherever it cannot apply; grouped-query attention
+takes the key / value heads without copying them, with the same logits, inside its block only."""
 
 from __future__ import annotations
 
 import math
+import os
 import weakref
 
 import pytest
@@ -33,7 +35,8 @@ def _model(bias: bool = False) -> transformers.LlamaForCausalLM:
 @pytest.fixture
 def fresh_cache(monkeypatch):
     monkeypatch.setattr(cpu, "_PACKED", weakref.WeakKeyDictionary())
-    monkeypatch.delenv("KNNLM_PACKED_HEAD", raising=False)
+    for name in ("KNNLM_PACKED_HEAD", "KNNLM_GROUPED_ATTENTION", cpu._GQA_SWITCH):
+        monkeypatch.delenv(name, raising=False)
     return cpu
 
 
@@ -99,28 +102,88 @@ def test_it_stands_aside_when_turned_off_or_when_forward_is_replaced(fresh_cache
 
 def test_drafting_verifies_through_the_packed_layer(fresh_cache, tiny_store, tiny_tokenizer):
     """``KNNLM.generate(draft_tokens=N)`` on the CPU runs every forward pass through the packed
-    output layer and gives plain kNN-LM greedy's tokens; plain kNN-LM generation leaves the layer
-    as it is."""
+    output layer and grouped attention and gives plain kNN-LM greedy's tokens; plain kNN-LM
+    generation leaves both as they are."""
     model, ds = tiny_store
     head = model.get_output_embeddings()
     knn = KNNLM(model, ds, tiny_tokenizer, k=32, lam=0.9)
     calls = []  # (rows, packed) of each call of the output layer
+    switch = []  # transformers' grouped-attention switch at each forward pass of the model
     hook = head.register_forward_pre_hook(lambda m, args: calls.append((args[0].shape[-2], "forward" in m.__dict__)))
+    hook2 = model.register_forward_pre_hook(lambda m, args: switch.append(os.environ.get(cpu._GQA_SWITCH)))
     try:
         text = open(corpus_paths()[0], encoding="utf-8").read()
         ids = tiny_tokenizer(text[400:560], return_tensors="pt")["input_ids"]
         kw = dict(max_new_tokens=24, pad_token_id=0)
         plain = knn.generate(ids, return_dict_in_generate=True, output_scores=True, **kw)
-        assert calls and not any(packed for _, packed in calls)
+        assert calls and not any(packed for _, packed in calls) and not any(switch)
         calls.clear()
+        switch.clear()
         proc = KNNLogitsProcessor(knn)
         got = knn.generate(ids, processor=proc, draft_tokens=6, **kw)
     finally:
         hook.remove()
-    assert "forward" not in head.__dict__ and head in fresh_cache._PACKED
+        hook2.remove()
+    assert "forward" not in head.__dict__ and head in fresh_cache._PACKED and cpu._GQA_SWITCH not in os.environ
+    assert switch and all(s == "1" for s in switch)  # the model has grouped heads: every pass took them as they are
     assert len(calls) == draft_summary(proc)["forwards"] and all(packed for _, packed in calls)
     assert draft_summary(proc)["accepted"] > 0 and max(rows for rows, _ in calls[1:]) > 1  # drafts were verified
     assert_greedy_up_to_ties(plain, got, ids.shape[1])
+
+
+def _repeats(monkeypatch) -> list:
+    """Counts transformers' copies of the K / V heads (``repeat_kv`` of its SDPA attention)."""
+    from transformers.integrations import sdpa_attention
+
+    calls, repeat = [], sdpa_attention.repeat_kv
+    monkeypatch.setattr(sdpa_attention, "repeat_kv", lambda x, n: calls.append(n) or repeat(x, n))
+    return calls
+
+
+@pytest.mark.skipif(not cpu._transformers_reads_gqa_switch(),
+                    reason="this transformers has no switch for grouped heads in SDPA attention")
+def test_grouped_attention_takes_the_heads_as_they_are_inside_its_block_only(fresh_cache, monkeypatch):
+    """A pass over several positions after a KV cache: inside the block no K / V head is copied
+    and the logits are those of the copying path; outside, transformers copies them again."""
+    model = _model()
+    copies = _repeats(monkeypatch)
+    ids = torch.randint(3, 300, (1, 16), generator=torch.Generator().manual_seed(0))
+
+    def verify():  # a prefix through the cache, then 5 positions at once (a verification pass)
+        cache = transformers.DynamicCache()
+        model(ids[:, :11], past_key_values=cache, use_cache=True)
+        return model(ids[:, 11:], past_key_values=cache, use_cache=True).logits
+
+    with torch.no_grad():
+        want = verify()
+        assert copies  # transformers copies the heads for a masked several-position pass
+        copies.clear()
+        with cpu.grouped_attention(model) as used:
+            assert used and os.environ[cpu._GQA_SWITCH] == "1"
+            got = verify()
+        assert not copies and cpu._GQA_SWITCH not in os.environ
+        verify()
+        assert copies
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("how", ["off", "preset", "one_kv_per_head", "eager"])
+def test_grouped_attention_stands_aside(fresh_cache, monkeypatch, how):
+    model = _model()
+    if how == "off":
+        monkeypatch.setenv("KNNLM_GROUPED_ATTENTION", "off")
+    elif how == "preset":  # the caller's own setting is theirs
+        monkeypatch.setenv(cpu._GQA_SWITCH, "0")
+    elif how == "one_kv_per_head":
+        cfg = transformers.LlamaConfig(vocab_size=300, hidden_size=48, intermediate_size=96, num_hidden_layers=1,
+                                       num_attention_heads=4, num_key_value_heads=4)
+        model = transformers.LlamaForCausalLM(cfg).eval()
+    else:
+        model.set_attn_implementation("eager")
+    with cpu.grouped_attention(model) as used:
+        assert not used
+        assert os.environ.get(cpu._GQA_SWITCH) == ("0" if how == "preset" else None)
+    assert os.environ.get(cpu._GQA_SWITCH) == ("0" if how == "preset" else None)
 
 
 @pytest.mark.parametrize("shape", [(49152,), (3, 1000), (2, 4, 300)])
