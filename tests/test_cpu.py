@@ -16,7 +16,7 @@ import transformers
 
 from knnlm import KNNLM, cpu
 from knnlm.generate import KNNLogitsProcessor, draft_summary
-from knnlm.testing import assert_greedy_up_to_ties, corpus_paths
+from knnlm.testing import assert_greedy_up_to_ties, corpus_paths, make_tiny_model
 
 pytestmark = pytest.mark.skipif(not cpu.available(), reason="this torch has no oneDNN linear ops")
 
@@ -142,10 +142,11 @@ def _repeats(monkeypatch) -> list:
 
 @pytest.mark.skipif(not cpu._transformers_reads_gqa_switch(),
                     reason="this transformers has no switch for grouped heads in SDPA attention")
-def test_grouped_attention_takes_the_heads_as_they_are_inside_its_block_only(fresh_cache, monkeypatch):
+@pytest.mark.parametrize("arch", ["llama", "gemma3"])  # gemma3: sliding-window layers too
+def test_grouped_attention_takes_the_heads_as_they_are_inside_its_block_only(fresh_cache, monkeypatch, arch):
     """A pass over several positions after a KV cache: inside the block no K / V head is copied
     and the logits are those of the copying path; outside, transformers copies them again."""
-    model = _model()
+    model = _model() if arch == "llama" else make_tiny_model(arch, vocab_size=300, sliding_window=8).eval()
     copies = _repeats(monkeypatch)
     ids = torch.randint(3, 300, (1, 16), generator=torch.Generator().manual_seed(0))
 
