@@ -257,7 +257,7 @@ def _speculative(args, model, tok, knn, ds, what, index_desc, pad) -> int:
     reps = max(args.repeats, 1)
     for name, ids in prompts:
         enc = torch.tensor([ids])
-        res, secs, outs = {}, {m: [] for m in tot}, {m: [] for m in tot}
+        secs, outs = {m: [] for m in tot}, {m: [] for m in tot}
         for _ in range(reps):  # rounds of the three modes back to back: a slow spell hits all three
             for mode in ("plain", "knn", "spec"):
                 t0 = time.perf_counter()
@@ -271,19 +271,19 @@ def _speculative(args, model, tok, knn, ds, what, index_desc, pad) -> int:
                                        draft_tokens=args.draft_tokens, **kw)
                 secs[mode].append(time.perf_counter() - t0)
                 outs[mode].append(out[0, enc.shape[1]:].tolist())
+        med = {m: statistics.median(secs[m]) for m in tot}
+        count = {m: len(outs[m][0]) for m in tot}  # tokens generated (the first round's)
         for mode in tot:
-            dt = statistics.median(secs[mode])
-            res[mode] = (outs[mode][0], dt)
-            tot[mode][0] += len(res[mode][0])
-            tot[mode][1] += dt
+            tot[mode][0] += count[mode]
+            tot[mode][1] += med[mode]
         d = draft_summary(proc)
         for k in agg:
             agg[k] += d[k]
         ok = all(o == outs["knn"][0] for o in outs["knn"] + outs["spec"])  # every round's
         same += ok
-        tps = {m: len(res[m][0]) / res[m][1] for m in res}
+        tps = {m: count[m] / med[m] for m in tot}
         rows.append({"prompt": name, "tokens_per_second": tps, "seconds": secs, "identical_to_knn": ok, "draft": d,
-                     "tokens": {m: len(res[m][0]) for m in res}})
+                     "tokens": count})
         print(f"{name[-44:]:<44} {tps['plain']:>7.1f} {tps['knn']:>7.1f} {tps['spec']:>7.1f} "
               f"{tps['spec'] / tps['plain']:>7.2f}x {d['tokens_per_forward']:>8.2f} {'yes' if ok else 'NO':>5}")
     t = {m: tot[m][0] / tot[m][1] for m in tot}

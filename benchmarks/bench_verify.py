@@ -4,8 +4,8 @@ For each P (the last token and P - 1 drafted ones) it times, side by side in one
 round by round on the same inputs, the model's forward pass over P new positions after a
 ``--context``-token cache: as it is; with the output layer multiplied by oneDNN from a prepacked
 weight (``knnlm.cpu.packed_output_layer``); with grouped-query attention taking the key / value
-heads uncopied (``knnlm.cpu.grouped_attention``); and with both (what ``draft_tokens`` uses on the
-CPU). It prints the median milliseconds of each, both / as is, and the cost relative to the
+heads uncopied (``knnlm.cpu.grouped_attention``); and with both (``knnlm.cpu.verification``, what
+``draft_tokens`` uses on the CPU). It prints the median milliseconds of each, both / as is, and the cost relative to the
 one-position pass as it is (what plain decoding pays per token): a draft pays where its kept tokens
 outnumber that relative cost. It checks the logits against the pass as it is (max |difference|
 printed: float32 rounding for the packed layer, none expected for grouped attention). Then the
@@ -60,7 +60,7 @@ def main(argv=None) -> int:
         return time.perf_counter() - t0, logits
 
     modes = {"as_is": contextlib.nullcontext, "packed": lambda: cpu.packed_output_layer(model),
-             "grouped": lambda: cpu.grouped_attention(model), "both": lambda: _both(model)}
+             "grouped": lambda: cpu.grouped_attention(model), "both": lambda: cpu.verification(model)}
     times = {(n, mode): [] for n in positions for mode in modes}
     diff = {(n, mode): 0.0 for n in positions for mode in modes}
     with torch.no_grad():
@@ -99,14 +99,6 @@ def main(argv=None) -> int:
             json.dump({"model": args.model, "threads": torch.get_num_threads(), "context": args.context,
                        "repeats": args.repeats, "rows": rows, "output_layer": head_rows}, f, indent=1)
     return 0
-
-
-@contextlib.contextmanager
-def _both(model):
-    from knnlm import cpu
-
-    with cpu.packed_output_layer(model), cpu.grouped_attention(model):
-        yield
 
 
 def _head_alone(model, positions: list[int], repeats: int) -> list[dict]:

@@ -47,7 +47,7 @@ import torch
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["available", "grouped_attention", "packed_output_layer", "row_argmax"]
+__all__ = ["available", "grouped_attention", "packed_output_layer", "row_argmax", "verification"]
 
 PACKED_MIN_ROWS = 4  # below this, F.linear is as fast or faster (bench_verify: 1-3 rows 0.8-1.3x the packed product)
 # output layer -> ((weight data_ptr, weight version), the weight in oneDNN's layout)
@@ -63,7 +63,7 @@ def available() -> bool:
         return False
 
 
-def _enabled(switch: str = "KNNLM_PACKED_HEAD") -> bool:
+def _enabled(switch: str) -> bool:
     return os.environ.get(switch, "").strip().lower() not in ("off", "0", "false", "no")
 
 
@@ -85,7 +85,8 @@ def packed_output_layer(model: torch.nn.Module):
     get = getattr(model, "get_output_embeddings", None)
     head = get() if callable(get) else None
     if not (isinstance(head, torch.nn.Linear) and head.weight.device.type == "cpu"
-            and head.weight.dtype == torch.float32 and "forward" not in head.__dict__ and _enabled() and available()):
+            and head.weight.dtype == torch.float32 and "forward" not in head.__dict__
+            and _enabled("KNNLM_PACKED_HEAD") and available()):
         yield False
         return
     try:
@@ -144,6 +145,14 @@ def grouped_attention(model: torch.nn.Module):
         yield True
     finally:
         os.environ.pop(_GQA_SWITCH, None)
+
+
+@contextlib.contextmanager
+def verification(model: torch.nn.Module):
+    """Both of the above inside the block: what a speculative verification pass runs on the CPU
+    (each stands aside where it cannot apply)."""
+    with packed_output_layer(model), grouped_attention(model):
+        yield
 
 
 def row_argmax(x: torch.Tensor) -> torch.Tensor:

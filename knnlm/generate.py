@@ -42,7 +42,7 @@ import torch
 from transformers import LogitsProcessor, LogitsProcessorList
 from transformers.generation.candidate_generator import CandidateGenerator
 
-from knnlm.cpu import grouped_attention, packed_output_layer, row_argmax
+from knnlm.cpu import row_argmax, verification
 from knnlm.errors import GenerateError
 from knnlm.retrieval import agreeing_run, one_thread
 
@@ -379,8 +379,7 @@ def _run(knnlm, inputs, proc, procs, draft_tokens, kwargs):
 
     model._get_candidate_generator = candidate_generator  # an instance attribute over the method
     try:
-        # on the CPU: the few-row products and the attention of verification passes, cheaper
-        with proc, packed_output_layer(model), grouped_attention(model):
+        with proc, verification(model):  # on the CPU: the few-row products and the attention, cheaper
             return model.generate(inputs, logits_processor=procs, prompt_lookup_num_tokens=draft_tokens, **kwargs)
     finally:
         del model._get_candidate_generator
