@@ -3,13 +3,14 @@
 For each P (the last token and P - 1 drafted ones) it times, side by side in one run, interleaved
 round by round on the same inputs, the model's forward pass over P new positions after a
 ``--context``-token cache: as it is; with the output layer multiplied by oneDNN from a prepacked
-weight (``knnlm.cpu.packed_output_layer``); with grouped-query attention taking the key / value
-heads uncopied (``knnlm.cpu.grouped_attention``); and with both (``knnlm.cpu.verification``, what
-``draft_tokens`` uses on the CPU). It prints the median milliseconds of each, both / as is, and the cost relative to the
-one-position pass as it is (what plain decoding pays per token): a draft pays where its kept tokens
-outnumber that relative cost. It checks the logits against the pass as it is (max |difference|
-printed: float32 rounding for the packed layer, none expected for grouped attention). Then the
-output layer alone.
+weight (``knnlm.cpu.packed_output_layer``); with the other linear layers through the few-row kernel
+(``knnlm.cpu.small_linears``); with grouped-query attention taking the key / value heads uncopied
+(``knnlm.cpu.grouped_attention``); and with all three (``knnlm.cpu.verification``, what
+``draft_tokens`` uses on the CPU). It prints the median milliseconds of each, all / as is, and the
+cost relative to the one-position pass as it is (what plain decoding pays per token): a draft pays
+where its kept tokens outnumber that relative cost. It checks the logits against the pass as it is
+(max |difference| printed: float32 rounding for the packed layer and the few-row kernel, none
+expected for grouped attention). Then the output layer alone.
 
     python benchmarks/bench_verify.py                         # SmolLM2-135M, P = 1..17
     python benchmarks/bench_verify.py --positions 1,4,8,17 --repeats 9 --json verify.json
@@ -60,7 +61,8 @@ def main(argv=None) -> int:
         return time.perf_counter() - t0, logits
 
     modes = {"as_is": contextlib.nullcontext, "packed": lambda: cpu.packed_output_layer(model),
-             "grouped": lambda: cpu.grouped_attention(model), "both": lambda: cpu.verification(model)}
+             "small": lambda: cpu.small_linears(model), "grouped": lambda: cpu.grouped_attention(model),
+             "all": lambda: cpu.verification(model)}
     times = {(n, mode): [] for n in positions for mode in modes}
     diff = {(n, mode): 0.0 for n in positions for mode in modes}
     with torch.no_grad():
@@ -77,22 +79,25 @@ def main(argv=None) -> int:
                     if mode == "as_is":
                         ref = got
                     diff[(n, mode)] = max(diff[(n, mode)], float((got - ref).abs().max()))
+    with cpu.small_linears(model) as small:
+        pass
     med = {key: 1000 * statistics.median(v) for key, v in times.items()}
     one = med[(positions[0], "as_is")] if positions[0] == 1 else None
     print(f"{args.model}, {torch.get_num_threads()} threads, float32, {args.context}-token cache, "
-          f"median of {args.repeats} rounds; packed: the output layer through oneDNN; grouped: grouped-query "
-          f"attention without copied heads; both: what drafting runs")
-    print(f"{'P':>3} {'as is ms':>9} {'packed':>7} {'grouped':>8} {'both':>6} {'both/as is':>11} "
-          f"{'as is / P=1':>12} {'both / P=1':>11} {'max |diff| packed, grouped':>27}")
+          f"median of {args.repeats} rounds; packed: the output layer through oneDNN; small: the other "
+          f"linear layers through knnlm.small_linear ({small} layers{'' if small else ': not available here'}, "
+          f"{cpu.SMALL_MIN_ROWS}-{cpu.SMALL_MAX_ROWS} rows); grouped: grouped-query attention without "
+          f"copied heads; all: the three, what drafting runs")
+    print(f"{'P':>3} {'as is ms':>9} {'packed':>7} {'small':>6} {'grouped':>8} {'all':>6} {'all/as is':>10} "
+          f"{'as is / P=1':>12} {'all / P=1':>10} {'max |diff| packed, small, grouped, all':>39}")
     rows = []
     for n in positions:
-        a, b, g, both = (med[(n, m)] for m in modes)
-        rows.append({"positions": n, "as_is_ms": a, "packed_ms": b, "grouped_ms": g, "both_ms": both,
-                     "max_abs_diff": diff[(n, "packed")], "max_abs_diff_grouped": diff[(n, "grouped")],
-                     "max_abs_diff_both": diff[(n, "both")]})
-        rel = (f"{a / one:>12.2f} {both / one:>11.2f}" if one else f"{'':>12} {'':>11}")
-        print(f"{n:>3} {a:>9.1f} {b:>7.1f} {g:>8.1f} {both:>6.1f} {both / a:>11.2f} {rel} "
-              f"{diff[(n, 'packed')]:>14.1e}, {diff[(n, 'grouped')]:.1e}")
+        a, b, sm, g, al = (med[(n, m)] for m in modes)
+        rows.append({"positions": n, "as_is_ms": a, "packed_ms": b, "small_ms": sm, "grouped_ms": g, "all_ms": al,
+                     **{f"max_abs_diff_{m}": diff[(n, m)] for m in modes if m != "as_is"}})
+        rel = (f"{a / one:>12.2f} {al / one:>10.2f}" if one else f"{'':>12} {'':>10}")
+        print(f"{n:>3} {a:>9.1f} {b:>7.1f} {sm:>6.1f} {g:>8.1f} {al:>6.1f} {al / a:>10.2f} {rel} "
+              f"{'':>7}" + ", ".join(f"{diff[(n, m)]:.1e}" for m in ("packed", "small", "grouped", "all")))
     head_rows = _head_alone(model, positions, args.repeats)
     if args.json:
         with open(args.json, "w") as f:

@@ -15,6 +15,21 @@ Nothing changes (the layer runs as it is) off the CPU, in other dtypes, while au
 this torch has no oneDNN linear ops, when the layer's ``forward`` is already replaced (e.g.
 accelerate's hooks), or with ``KNNLM_PACKED_HEAD=off``.
 
+**The decoder's linear layers in a verification pass.** The same few rows go through every
+attention projection and MLP layer; MKL's ``F.linear`` costs SmolLM2's 576 x 1536 layers 1.5 to 3
+times the one-row product at 4 to 16 rows, although the weight is read from memory once either way.
+``small_linears(model)`` runs them, inside a ``with`` block, for ``SMALL_MIN_ROWS`` to
+``SMALL_MAX_ROWS`` rows, through ``torch.ops.knnlm.small_linear`` (``knnlm/csrc/cpu``: each panel of
+4 weight rows read once, the next one prefetched, up to 6 x 4 AVX-512 accumulators): a 4-to-12-position
+forward pass of SmolLM2 gets another 15-25 % cheaper on top of the output layer and the attention
+(``benchmarks/bench_verify.py``). The values differ from ``F.linear``'s by float32 rounding only,
+and each row's are the same whatever the number of rows or threads. No extra memory: the layer's
+own weight is read. Nothing changes (the layers run as they are) off the CPU, on CPUs without
+AVX-512 (as torch sees them: ``ATEN_CPU_CAPABILITY`` lowers it), in other dtypes, while autograd
+records, when the ``csrc`` ops are not built (``knnlm.ops``; ``KNNLM_DISABLE_KERNEL``), for a layer
+whose ``forward`` is already replaced, or with ``KNNLM_SMALL_LINEAR=off``. The output layer is left
+to ``packed_output_layer``.
+
 **The key / value heads of grouped-query attention in a verification pass.** transformers' SDPA
 attention copies a grouped-query model's K / V heads ``num_key_value_groups`` times per layer for a
 pass over several positions with a mask (one position takes another path), although torch's CPU
@@ -47,7 +62,7 @@ import torch
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["available", "grouped_attention", "packed_output_layer", "row_argmax", "verification"]
+__all__ = ["available", "grouped_attention", "packed_output_layer", "row_argmax", "small_linears", "verification"]
 
 PACKED_MIN_ROWS = 4  # below this, F.linear is as fast or faster (bench_verify: 1-3 rows 0.8-1.3x the packed product)
 # output layer -> ((weight data_ptr, weight version), the weight in oneDNN's layout)
@@ -112,6 +127,61 @@ def packed_output_layer(model: torch.nn.Module):
             del head.forward
 
 
+SMALL_MIN_ROWS, SMALL_MAX_ROWS = 4, 32  # bench_verify: as fast as F.linear below 4 rows, MKL's gemm wins from ~32
+
+
+def _small_linear_op():
+    """``torch.ops.knnlm.small_linear`` where it runs here (built, AVX-512 as torch sees this CPU),
+    else None."""
+    try:
+        if torch.backends.cpu.get_cpu_capability() != "AVX512":
+            return None
+    except (AttributeError, RuntimeError):
+        return None
+    from knnlm import ops
+
+    return ops.get_op("small_linear", "cpu")
+
+
+@contextlib.contextmanager
+def small_linears(model: torch.nn.Module):
+    """Inside the block, ``model``'s linear layers other than the output layer multiply a few rows
+    with ``torch.ops.knnlm.small_linear`` (where they can: see the module's docstring); yields how
+    many layers do."""
+    get = getattr(model, "get_output_embeddings", None)
+    head = get() if callable(get) else None
+    layers = [m for m in model.modules() if isinstance(m, torch.nn.Linear) and m is not head
+              and m.weight.device.type == "cpu" and m.weight.dtype == torch.float32
+              and (m.bias is None or m.bias.dtype == torch.float32) and "forward" not in m.__dict__]
+    op = _small_linear_op() if layers and _enabled("KNNLM_SMALL_LINEAR") else None
+    if op is None:
+        yield 0
+        return
+    lo, hi = SMALL_MIN_ROWS, SMALL_MAX_ROWS
+
+    def swap(layer: torch.nn.Linear):
+        linear, weight = layer.forward, layer.weight.detach()
+        bias = None if layer.bias is None else layer.bias.detach()
+
+        def forward(x: torch.Tensor) -> torch.Tensor:  # (..., K) -> (..., N)
+            rows = x.numel() // max(x.shape[-1], 1)
+            if (not lo <= rows <= hi or x.dtype != torch.float32 or x.device.type != "cpu"
+                    or torch.is_grad_enabled()):
+                return linear(x)
+            return op(x.reshape(rows, x.shape[-1]), weight, bias).reshape(*x.shape[:-1], weight.shape[0])
+
+        layer.forward = forward  # an instance attribute over the method, for this block only
+        return forward
+
+    swapped = [(layer, swap(layer)) for layer in layers]
+    try:
+        yield len(swapped)
+    finally:
+        for layer, forward in swapped:
+            if layer.__dict__.get("forward") is forward:
+                del layer.forward
+
+
 _GQA_SWITCH = "TRANSFORMERS_SDPA_FORCE_GQA"  # transformers' own (integrations/sdpa_attention.py)
 
 
@@ -149,9 +219,9 @@ def grouped_attention(model: torch.nn.Module):
 
 @contextlib.contextmanager
 def verification(model: torch.nn.Module):
-    """Both of the above inside the block: what a speculative verification pass runs on the CPU
-    (each stands aside where it cannot apply)."""
-    with packed_output_layer(model), grouped_attention(model):
+    """All three of the above inside the block: what a speculative verification pass runs on the
+    CPU (each stands aside where it cannot apply)."""
+    with packed_output_layer(model), small_linears(model), grouped_attention(model):
         yield
 
 

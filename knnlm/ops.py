@@ -1,9 +1,10 @@
-"""Loading the fused ``csrc`` kNN-LM interpolation op.
+"""Loading the ``csrc`` ops: the fused kNN-LM interpolation and the few-row linear layer.
 
-The op is a C++ (and, with a CUDA build of torch, CUDA) extension JIT-compiled with
+The ops are a C++ (and, with a CUDA build of torch, CUDA) extension JIT-compiled with
 ``torch.utils.cpp_extension.load`` (ninja) the first time it is asked for, once per process and
-thread-safely. It registers ``torch.ops.knnlm.knn_interpolate`` (schema in ``knnlm/csrc/knnlm.cpp``); this module
-adds its fake kernel for ``torch.compile`` / ``opcheck``.
+thread-safely. It registers ``torch.ops.knnlm.knn_interpolate`` and, CPU only,
+``torch.ops.knnlm.small_linear`` (schemas in ``knnlm/csrc/knnlm.cpp``; ``knnlm.cpu`` says where the
+latter is used); this module adds their fake kernels for ``torch.compile`` / ``opcheck``.
 
 Sources: ``knnlm/csrc/`` is package data, so a wheel or a non-editable ``pip install .`` carries
 the sources and builds the op on first use exactly like a source checkout (``csrc_dir()``). The
@@ -50,7 +51,7 @@ __all__ = ["OP_NAMES", "csrc_dir", "get_op", "kernel_required", "load_extension"
 
 logger = logging.getLogger(__name__)
 
-OP_NAMES = ("knn_interpolate",)
+OP_NAMES = ("knn_interpolate", "small_linear")
 
 _lock = threading.Lock()
 _tried = False
@@ -134,14 +135,20 @@ def _register_fakes() -> None:
         torch._check(dists.shape == values.shape, lambda: "knnlm: values must have the shape of dists")
         return logits.new_empty(logits.shape, dtype=torch.float32)
 
+    def _fake_small_linear(x, weight, bias):
+        torch._check(x.dim() == 2 and weight.dim() == 2, lambda: "knnlm: small_linear takes x [M, K], weight [N, K]")
+        torch._check(x.shape[1] == weight.shape[1], lambda: "knnlm: small_linear: x and weight differ in K")
+        return x.new_empty((x.shape[0], weight.shape[0]), dtype=torch.float32)
+
     torch.library.register_fake("knnlm::knn_interpolate")(_fake_interpolate)
+    torch.library.register_fake("knnlm::small_linear")(_fake_small_linear)
 
 
 def source_files(*, cuda: bool) -> list[Path]:
     """The translation units the JIT build compiles (the CPU ones, plus the CUDA binding and
     kernels when ``cuda``); headers are found through ``csrc_dir()`` as include path."""
     src = csrc_dir()
-    files = [src / "knnlm.cpp", src / "cpu" / "interp_cpu.cpp"]
+    files = [src / "knnlm.cpp", src / "cpu" / "interp_cpu.cpp", src / "cpu" / "small_linear_cpu.cpp"]
     if cuda:
         files += [src / "cuda" / "knnlm_cuda.cpp", src / "cuda" / "interp_kernels.cu"]
     return files

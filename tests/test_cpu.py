@@ -1,7 +1,9 @@
 """Speculative verification on the CPU (``knnlm.cpu``): the output layer through oneDNN with a
 prepacked weight gives ``F.linear``'s values up to float32 rounding, is used only inside its block,
 packs once per weight version, and stands aside wherever it cannot apply; grouped-query attention
-takes the key / value heads without copying them, with the same logits, inside its block only."""
+takes the key / value heads without copying them, with the same logits, inside its block only; the
+other linear layers multiply 4 to 32 rows through ``knnlm.small_linear`` inside their block only,
+and stand aside wherever they cannot."""
 
 from __future__ import annotations
 
@@ -35,7 +37,7 @@ def _model(bias: bool = False) -> transformers.LlamaForCausalLM:
 @pytest.fixture
 def fresh_cache(monkeypatch):
     monkeypatch.setattr(cpu, "_PACKED", weakref.WeakKeyDictionary())
-    for name in ("KNNLM_PACKED_HEAD", "KNNLM_GROUPED_ATTENTION", cpu._GQA_SWITCH):
+    for name in ("KNNLM_PACKED_HEAD", "KNNLM_GROUPED_ATTENTION", "KNNLM_SMALL_LINEAR", cpu._GQA_SWITCH):
         monkeypatch.delenv(name, raising=False)
     return cpu
 
@@ -102,8 +104,8 @@ def test_it_stands_aside_when_turned_off_or_when_forward_is_replaced(fresh_cache
 
 def test_drafting_verifies_through_the_packed_layer(fresh_cache, tiny_store, tiny_tokenizer):
     """``KNNLM.generate(draft_tokens=N)`` on the CPU runs every forward pass through the packed
-    output layer and grouped attention and gives plain kNN-LM greedy's tokens; plain kNN-LM
-    generation leaves both as they are."""
+    output layer, the few-row linear layers (where they run here) and grouped attention and gives
+    plain kNN-LM greedy's tokens; plain kNN-LM generation leaves them all as they are."""
     model, ds = tiny_store
     head = model.get_output_embeddings()
     knn = KNNLM(model, ds, tiny_tokenizer, k=32, lam=0.9)
@@ -111,25 +113,101 @@ def test_drafting_verifies_through_the_packed_layer(fresh_cache, tiny_store, tin
     switch = []  # transformers' grouped-attention switch at each forward pass of the model
     hook = head.register_forward_pre_hook(lambda m, args: calls.append((args[0].shape[-2], "forward" in m.__dict__)))
     hook2 = model.register_forward_pre_hook(lambda m, args: switch.append(os.environ.get(cpu._GQA_SWITCH)))
+    layer = _decoder_linears(model)[-1]
+    small = []  # whether that decoder layer ran swapped, at each call
+    hook3 = layer.register_forward_pre_hook(lambda m, args: small.append("forward" in m.__dict__))
     try:
         text = open(corpus_paths()[0], encoding="utf-8").read()
         ids = tiny_tokenizer(text[400:560], return_tensors="pt")["input_ids"]
         kw = dict(max_new_tokens=24, pad_token_id=0)
         plain = knn.generate(ids, return_dict_in_generate=True, output_scores=True, **kw)
-        assert calls and not any(packed for _, packed in calls) and not any(switch)
+        assert calls and not any(packed for _, packed in calls) and not any(switch) and not any(small)
         calls.clear()
         switch.clear()
+        small.clear()
         proc = KNNLogitsProcessor(knn)
         got = knn.generate(ids, processor=proc, draft_tokens=6, **kw)
     finally:
         hook.remove()
         hook2.remove()
-    assert "forward" not in head.__dict__ and head in fresh_cache._PACKED and cpu._GQA_SWITCH not in os.environ
+        hook3.remove()
+    assert "forward" not in head.__dict__ and "forward" not in layer.__dict__
+    assert head in fresh_cache._PACKED and cpu._GQA_SWITCH not in os.environ
     on = "1" if cpu._transformers_reads_gqa_switch() else None  # the model has grouped heads
     assert switch and all(s == on for s in switch)  # every pass took them as they are, where transformers can
     assert len(calls) == draft_summary(proc)["forwards"] and all(packed for _, packed in calls)
+    assert len(small) == len(calls) and all(s == (cpu._small_linear_op() is not None) for s in small)
     assert draft_summary(proc)["accepted"] > 0 and max(rows for rows, _ in calls[1:]) > 1  # drafts were verified
     assert_greedy_up_to_ties(plain, got, ids.shape[1])
+
+
+NEEDS_SMALL_LINEAR = pytest.mark.skipif(cpu._small_linear_op() is None,
+                                        reason="knnlm.small_linear does not run here (no AVX-512, or not built)")
+
+
+def _decoder_linears(model) -> list[torch.nn.Linear]:
+    head = model.get_output_embeddings()
+    return [m for m in model.modules() if isinstance(m, torch.nn.Linear) and m is not head]
+
+
+@NEEDS_SMALL_LINEAR
+def test_small_linears_give_the_linear_values_inside_their_block_only(fresh_cache):
+    model = _model()
+    layers = _decoder_linears(model)
+    mlp = model.model.layers[0].mlp.down_proj  # 96 -> 48
+    with torch.no_grad():
+        with cpu.small_linears(model) as used:
+            assert used == len(layers) == 7 and "forward" not in model.lm_head.__dict__
+            assert all("forward" in m.__dict__ for m in layers)
+            for batch, rows in ((1, 1), (1, 3), (1, 4), (2, 3), (1, 17), (2, 16), (1, 33)):
+                x = torch.randn(batch, rows, 96)
+                got, want = mlp(x), F.linear(x, mlp.weight)
+                assert got.shape == want.shape == (batch, rows, 48)
+                if cpu.SMALL_MIN_ROWS <= batch * rows <= cpu.SMALL_MAX_ROWS:
+                    assert torch.equal(got, torch.ops.knnlm.small_linear(x.reshape(-1, 96), mlp.weight, None)
+                                       .reshape(batch, rows, 48))
+                else:
+                    assert torch.equal(got, want)  # F.linear itself
+                torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+            x = torch.randn(1, 5, 48, requires_grad=True)
+            with torch.enable_grad():
+                assert layers[0](x).requires_grad  # autograd records: F.linear, with its gradient
+        assert not any("forward" in m.__dict__ for m in layers)  # each module's own forward again
+        ids = torch.randint(3, 300, (1, 16), generator=torch.Generator().manual_seed(0))
+
+        def verify():  # a prefix through the cache, then 6 positions at once (a verification pass)
+            cache = transformers.DynamicCache()
+            model(ids[:, :10], past_key_values=cache, use_cache=True)
+            return model(ids[:, 10:], past_key_values=cache, use_cache=True).logits
+
+        want = verify()
+        with cpu.verification(model):
+            got = verify()
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("how", ["off", "disabled", "capability", "bfloat16", "replaced"])
+def test_small_linears_stand_aside(fresh_cache, monkeypatch, how):
+    model = _model()
+    layers = _decoder_linears(model)
+    if how == "off":
+        monkeypatch.setenv("KNNLM_SMALL_LINEAR", "off")
+    elif how == "disabled":  # the csrc ops turned off
+        monkeypatch.setenv("KNNLM_DISABLE_KERNEL", "1")
+    elif how == "capability":  # torch sees no AVX-512 (e.g. ATEN_CPU_CAPABILITY=avx2)
+        monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX2")
+    elif how == "bfloat16":
+        model.to(torch.bfloat16)
+    else:
+        mine = layers[0].forward
+        layers[0].forward = mine  # e.g. accelerate's hook
+    with cpu.small_linears(model) as used:
+        if how == "replaced" and cpu._small_linear_op() is not None:
+            assert used == len(layers) - 1 and layers[0].__dict__["forward"] is mine  # left in place
+        else:
+            assert not used and not any("forward" in m.__dict__ for m in layers[1:])
+    if how == "replaced":
+        assert layers[0].__dict__["forward"] is mine
 
 
 def _repeats(monkeypatch) -> list:

@@ -491,3 +491,72 @@ def test_a_stale_torch_build_lock_is_removed_not_waited_on(tmp_path):
 
     with open(tmp_path / ".knnlm-build.flock") as f:  # released on exit: another holder gets it at once
         fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+
+
+# ---- small_linear: x W^T (+ b) for a few rows (knnlm.cpu.small_linears) ---------------------------
+
+NEEDS_AVX512 = pytest.mark.skipif(torch.backends.cpu.get_cpu_capability() != "AVX512",
+                                  reason="small_linear needs a CPU with AVX-512 (as torch sees it)")
+
+
+def _small(M, N, K, bias, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x, w = torch.randn(M, K, generator=g), torch.randn(N, K, generator=g)
+    return x, w, (torch.randn(N, generator=g) if bias else None)
+
+
+@NEEDS_AVX512
+@pytest.mark.parametrize("M", [1, 4, 6, 7, 13, 32])
+@pytest.mark.parametrize("N,K", [(1, 1), (5, 15), (4, 16), (7, 17), (576, 576), (130, 1537)])
+@pytest.mark.parametrize("bias", [False, True])
+def test_small_linear_is_the_linear_product(M, N, K, bias):
+    """Within the float32 error bound of a K-term sum (plus the bias add) of the exact product."""
+    op = _op("small_linear", "cpu")
+    x, w, b = _small(M, N, K, bias, seed=M * 10_000 + N * 10 + K)
+    got = op(x, w, b)
+    assert got.shape == (M, N) and got.dtype == torch.float32
+    exact = x.double() @ w.double().T + (0.0 if b is None else b.double())
+    scale = x.double().abs() @ w.double().abs().T + (0.0 if b is None else b.double().abs())
+    assert ((got.double() - exact).abs() <= (K + 2) * 2.0 ** -24 * scale).all()
+
+
+@NEEDS_AVX512
+def test_small_linear_rows_do_not_depend_on_the_batch_or_the_threads():
+    """Each output is summed in one fixed order: a row alone, in any batch, on any number of
+    threads, gives the same bits."""
+    op = _op("small_linear", "cpu")
+    x, w, b = _small(13, 130, 577, True)
+    got = op(x, w, b)
+    for i in range(13):
+        assert torch.equal(op(x[i:i + 1], w, b), got[i:i + 1])
+    assert torch.equal(op(x[3:10], w, b), got[3:10])
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        assert torch.equal(op(x, w, b), got)
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(op(x.t().contiguous().t(), w.t().contiguous().t(), b), got)  # any layout
+
+
+@NEEDS_AVX512
+def test_small_linear_input_validation():
+    op = _op("small_linear", "cpu")
+    x, w, b = _small(3, 5, 8, True)
+    with pytest.raises(RuntimeError, match="takes x \\[M, K\\] and weight \\[N, K\\]"):
+        op(x[None], w, b)
+    with pytest.raises(RuntimeError, match="x has 7 columns, weight 8"):
+        op(x[:, :7], w, b)
+    with pytest.raises(RuntimeError, match="takes float32 x and weight"):
+        op(x.double(), w.double(), b)
+    with pytest.raises(RuntimeError, match="bias must be float32 \\[N\\] with N = 5"):
+        op(x, w, b[:4])
+    assert op(x[:0], w, b).shape == (0, 5)
+    assert torch.equal(op(x[:, :0], w[:, :0], b), b.expand(3, 5))  # K = 0: the bias alone
+
+
+@NEEDS_AVX512
+def test_small_linear_opcheck():
+    _op("small_linear", "cpu")
+    for bias in (False, True):
+        torch.library.opcheck(torch.ops.knnlm.small_linear, _small(5, 7, 33, bias))

@@ -1,9 +1,9 @@
 """Simulate draft-selection rules on what ``record.py`` saved: replay each prompt's kNN-LM greedy
 output, draft by a rule at every forward pass, keep the longest agreeing prefix plus the model's own
-token, and charge each pass the measured cost of a forward over its positions (``both_ms`` of
-``bench_verify.py``'s JSON: what drafting runs on the CPU; positions between those measured are
-interpolated, past the last one extrapolated) plus ``--step-ms`` per generated token (the kNN-LM's
-own step). Prints tokens per forward and tokens/s of each rule, relative to today's rule (the
+token, and charge each pass the measured cost of a forward over its positions (``all_ms`` of
+``bench_verify.py``'s JSON, ``both_ms`` in older ones: what drafting runs on the CPU; positions
+between those measured are interpolated, past the last one extrapolated) plus ``--step-ms`` per
+generated token (the kNN-LM's own step). Prints tokens per forward and tokens/s of each rule, relative to today's rule (the
 longest match, the sequence on a tie, its latest occurrence; the nearest neighbour among the
 longest; drafts as long as the match, at most 16, none from a 1-token match).
 
@@ -26,7 +26,7 @@ def lcp(a, b) -> int:
 
 
 def costs(verify: str) -> dict[int, float]:
-    rows = sorted((r["positions"], r["both_ms"]) for r in json.load(open(verify))["rows"])
+    rows = sorted((r["positions"], r.get("all_ms", r.get("both_ms"))) for r in json.load(open(verify))["rows"])
     out = {}
     for p in range(1, 200):
         lo = max((r for r in rows if r[0] <= p), default=rows[0])
