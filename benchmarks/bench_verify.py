@@ -10,7 +10,7 @@ weight (``knnlm.cpu.packed_output_layer``); with the other linear layers through
 cost relative to the one-position pass as it is (what plain decoding pays per token): a draft pays
 where its kept tokens outnumber that relative cost. It checks the logits against the pass as it is
 (max |difference| printed: float32 rounding for the packed layer and the few-row kernel, none
-expected for grouped attention). Then the output layer alone.
+expected for grouped attention). Then the output layer alone, and the other linear layers alone.
 
     python benchmarks/bench_verify.py                         # SmolLM2-135M, P = 1..17
     python benchmarks/bench_verify.py --positions 1,4,8,17 --repeats 9 --json verify.json
@@ -99,10 +99,12 @@ def main(argv=None) -> int:
         print(f"{n:>3} {a:>9.1f} {b:>7.1f} {sm:>6.1f} {g:>8.1f} {al:>6.1f} {al / a:>10.2f} {rel} "
               f"{'':>7}" + ", ".join(f"{diff[(n, m)]:.1e}" for m in ("packed", "small", "grouped", "all")))
     head_rows = _head_alone(model, positions, args.repeats)
+    linear_rows = _linears_alone(model, positions, args.repeats)
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"model": args.model, "threads": torch.get_num_threads(), "context": args.context,
-                       "repeats": args.repeats, "rows": rows, "output_layer": head_rows}, f, indent=1)
+                       "repeats": args.repeats, "rows": rows, "output_layer": head_rows,
+                       "linear_layers": linear_rows}, f, indent=1)
     return 0
 
 
@@ -137,6 +139,54 @@ def _head_alone(model, positions: list[int], repeats: int) -> list[dict]:
         out.append({"positions": n, "as_is_ms": a, "packed_ms": b})
         rel = f"{a / one:>12.2f} {b / one:>13.2f}" if one else ""
         print(f"{n:>3} {a:>9.2f} {b:>10.2f} {rel}")
+    return out
+
+
+def _linears_alone(model, positions: list[int], repeats: int) -> list[dict]:
+    """The decoder's linear layers alone, by shape, on P rows: ``F.linear`` against
+    ``knnlm.small_linear``, each timed over all the model's layers of that shape in turn (as a
+    forward pass reads them: from memory, not from cache), interleaved."""
+    import torch
+    import torch.nn.functional as F
+
+    from knnlm import cpu
+
+    op = cpu._small_linear_op()
+    if op is None:
+        print("the decoder's linear layers alone: knnlm.small_linear does not run here")
+        return []
+    head = model.get_output_embeddings()
+    shapes: dict[tuple[int, int], list[torch.nn.Linear]] = {}
+    for m in model.modules():
+        if isinstance(m, torch.nn.Linear) and m is not head:
+            shapes.setdefault((m.out_features, m.in_features), []).append(m)
+    gen = torch.Generator().manual_seed(2)
+    times: dict[tuple, list[float]] = {}
+    with torch.no_grad():
+        for r in range(repeats + 1):  # the first round warms up
+            for (n_out, n_in), layers in shapes.items():
+                for n in positions:
+                    x = torch.randn(n, n_in, generator=gen)
+                    for mode in ("as_is", "small"):
+                        t0 = time.perf_counter()
+                        for m in layers:
+                            F.linear(x, m.weight, m.bias) if mode == "as_is" else op(x, m.weight, m.bias)
+                        if r:
+                            times.setdefault((n_out, n_in, n, mode), []).append(
+                                (time.perf_counter() - t0) / len(layers))
+    us = {key: 1e6 * statistics.median(v) for key, v in times.items()}
+    print("the decoder's linear layers alone, by shape (us per layer, each shape's layers in turn; "
+          "small: knnlm.small_linear, what drafting runs from "
+          f"{cpu.SMALL_MIN_ROWS} to {cpu.SMALL_MAX_ROWS} rows; as is / P=1: F.linear's cost over its one-row cost):")
+    out = []
+    for n_out, n_in in shapes:
+        one = us.get((n_out, n_in, 1, "as_is"))
+        cells = []
+        for n in positions:
+            a, b = us[(n_out, n_in, n, "as_is")], us[(n_out, n_in, n, "small")]
+            out.append({"out": n_out, "in": n_in, "positions": n, "as_is_us": a, "small_us": b})
+            cells.append(f"P{n} {a:.0f}/{b:.0f}" + (f" ({a / one:.1f}x)" if one else ""))
+        print(f"  {n_out:>5} x {n_in:<5} as is / small: " + "  ".join(cells))
     return out
 
 

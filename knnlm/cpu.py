@@ -15,20 +15,21 @@ Nothing changes (the layer runs as it is) off the CPU, in other dtypes, while au
 this torch has no oneDNN linear ops, when the layer's ``forward`` is already replaced (e.g.
 accelerate's hooks), or with ``KNNLM_PACKED_HEAD=off``.
 
-**The decoder's linear layers in a verification pass.** The same few rows go through every
-attention projection and MLP layer; MKL's ``F.linear`` costs SmolLM2's 576 x 1536 layers 1.5 to 3
-times the one-row product at 4 to 16 rows, although the weight is read from memory once either way.
+**The decoder's linear layers in a verification pass.** The same few rows go through every attention
+projection and MLP layer; MKL's ``F.linear`` costs SmolLM2's 1536 x 576 layers 1.3 to 2.2 times its
+one-row product at 4 to 17 rows, although the weight is read from memory once either way.
 ``small_linears(model)`` runs them, inside a ``with`` block, for ``SMALL_MIN_ROWS`` to
 ``SMALL_MAX_ROWS`` rows, through ``torch.ops.knnlm.small_linear`` (``knnlm/csrc/cpu``: each panel of
-4 weight rows read once, the next one prefetched, up to 6 x 4 AVX-512 accumulators): a 4-to-12-position
-forward pass of SmolLM2 gets another 15-25 % cheaper on top of the output layer and the attention
-(``benchmarks/bench_verify.py``). The values differ from ``F.linear``'s by float32 rounding only,
-and each row's are the same whatever the number of rows or threads. No extra memory: the layer's
-own weight is read. Nothing changes (the layers run as they are) off the CPU, on CPUs without
-AVX-512 (as torch sees them: ``ATEN_CPU_CAPABILITY`` lowers it), in other dtypes, while autograd
-records, when the ``csrc`` ops are not built (``knnlm.ops``; ``KNNLM_DISABLE_KERNEL``), for a layer
-whose ``forward`` is already replaced, or with ``KNNLM_SMALL_LINEAR=off``. The output layer is left
-to ``packed_output_layer``.
+4 weight rows read once, the next one prefetched, up to 6 x 4 AVX-512 accumulators; 0.84 to 1.7
+times F.linear's one-row cost there): alone it makes a 4-to-17-position forward pass of SmolLM2
+7-27 % cheaper, and with the other two below such a pass costs 0.61-0.91 times the pass as it is,
+1.07-1.74 times a one-position pass (``benchmarks/bench_verify.py``, two runs of 11 rounds). The
+values differ from ``F.linear``'s by float32 rounding only, and each row's are the same whatever the
+number of rows or threads. No extra memory: the layer's own weight is read. Nothing changes (the
+layers run as they are) off the CPU, on CPUs without AVX-512 (as torch sees them:
+``ATEN_CPU_CAPABILITY`` lowers it), in other dtypes, while autograd records, when the ``csrc`` ops
+are not built (``knnlm.ops``; ``KNNLM_DISABLE_KERNEL``), for a layer whose ``forward`` is already
+replaced, or with ``KNNLM_SMALL_LINEAR=off``. The output layer is left to ``packed_output_layer``.
 
 **The key / value heads of grouped-query attention in a verification pass.** transformers' SDPA
 attention copies a grouped-query model's K / V heads ``num_key_value_groups`` times per layer for a

@@ -36,3 +36,6 @@ KNNLM_SMALL_LINEAR=off run datastore_nosmall $S --prompt-set datastore
 KNNLM_SMALL_LINEAR=off run neardup_nosmall $S $NEARDUP
 [ -s $R/verify.done ] || { python benchmarks/bench_verify.py --json $R/verify.json > $R/verify.txt 2> $R/verify.err \
   && date > $R/verify.done; }
+# a third run of the two stdlib sets (pooled with the first two: ../final/pool.py --dir)
+run datastore_r3 $S --prompt-set datastore
+run neardup_r3 $S $NEARDUP
