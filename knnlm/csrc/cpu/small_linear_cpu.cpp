@@ -14,11 +14,17 @@
 
 #include <ATen/Parallel.h>
 #include <c10/util/Exception.h>
-#include <immintrin.h>
 
 #include <algorithm>
 
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+#define KNNLM_SMALL_LINEAR_X86 1
+#include <immintrin.h>
+#endif
+
 namespace knnlm {
+
+#ifdef KNNLM_SMALL_LINEAR_X86
 namespace {
 
 constexpr int kPanel = 4;    // rows of W per panel
@@ -84,6 +90,9 @@ bool small_linear_supported() {
   static const bool ok = __builtin_cpu_supports("avx512f");
   return ok;
 }
+#else  // not x86-64 (or not GCC / clang): the op is registered but never runs; knnlm.cpu does not use it
+bool small_linear_supported() { return false; }
+#endif
 
 at::Tensor small_linear_cpu(const at::Tensor& x, const at::Tensor& weight, const c10::optional<at::Tensor>& bias) {
   TORCH_CHECK(small_linear_supported(), "knnlm: small_linear needs a CPU with AVX-512F");
@@ -105,6 +114,7 @@ at::Tensor small_linear_cpu(const at::Tensor& x, const at::Tensor& weight, const
   at::Tensor y = at::empty({M, N}, xc.options());
   if (M == 0 || N == 0) return y;
   if (K == 0) return has_bias ? y.copy_(bc.expand({M, N})) : y.zero_();
+#ifdef KNNLM_SMALL_LINEAR_X86
   const float* xp = xc.data_ptr<float>();
   const float* wp = wc.data_ptr<float>();
   const float* bp = has_bias ? bc.data_ptr<float>() : nullptr;
@@ -121,6 +131,7 @@ at::Tensor small_linear_cpu(const at::Tensor& x, const at::Tensor& weight, const
       }
     }
   });
+#endif
   return y;
 }
 
