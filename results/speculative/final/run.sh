@@ -8,13 +8,15 @@
 # drafts <= 16; the 1.1M-key stdlib datastore (IVF4096,PQ64, nprobe 32) and the 100k-key
 # python3.11-doc one (IVF256,SQfp16). Then the two stdlib sets again, and with
 # KNNLM_GROUPED_ATTENTION=off (the difference grouped attention makes), and bench_verify.py.
-# Resumable: a set with a .done file is skipped.
+# Resumable: a set with a .done file is skipped. ../small/run.sh runs it with another ablation
+# (ABLATE=KNNLM_SMALL_LINEAR TAG=nosmall) and a third run of the two stdlib sets (THIRD=1).
 REPO=${REPO:-$(git rev-parse --show-toplevel)}
 set -x
 cd $REPO; export PYTHONPATH=$REPO HF_HUB_OFFLINE=1
 source /tmp/venv0/bin/activate
-R=${R:-/work/runs/spec12}; N=${N:-16}
+R=${R:-/work/runs/spec12}; N=${N:-16}; ABLATE=${ABLATE:-KNNLM_GROUPED_ATTENTION}; TAG=${TAG:-nogqa}
 mkdir -p $R
+python -c "from knnlm import ops; assert ops.load_extension()"  # build the csrc ops before timing
 L=/root/.pyenv/versions/3.11.7/lib/python3.11
 P=/work/runs/pydoc
 run() { local name=$1 ds=$2; shift 2; [ -s $R/$name.done ] && return 0
@@ -31,7 +33,13 @@ run pydoc_datastore $P/ds --prompt-set datastore
 run pydoc_heldout $P/ds --prompt-set heldout --prompt-files $(cat $P/test.txt)
 run datastore_r2 $S --prompt-set datastore
 run neardup_r2 $S $NEARDUP
-KNNLM_GROUPED_ATTENTION=off run datastore_nogqa $S --prompt-set datastore
-KNNLM_GROUPED_ATTENTION=off run neardup_nogqa $S $NEARDUP
+export "$ABLATE=off"  # the ablation: these two runs without it
+run datastore_$TAG $S --prompt-set datastore
+run neardup_$TAG $S $NEARDUP
+unset "$ABLATE"
 [ -s $R/verify.done ] || { python benchmarks/bench_verify.py --json $R/verify.json > $R/verify.txt 2> $R/verify.err \
   && date > $R/verify.done; }
+if [ -n "${THIRD:-}" ]; then  # a third run of the two stdlib sets (pooled with the first two: pool.py --dir)
+  run datastore_r3 $S --prompt-set datastore
+  run neardup_r3 $S $NEARDUP
+fi
