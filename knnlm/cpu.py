@@ -128,7 +128,7 @@ def packed_output_layer(model: torch.nn.Module):
             del head.forward
 
 
-SMALL_MIN_ROWS, SMALL_MAX_ROWS = 4, 32  # bench_verify: whole passes gain nothing below 4 rows; MKL's gemm catches up by 48
+SMALL_MIN_ROWS, SMALL_MAX_ROWS = 4, 32  # bench_verify: passes gain nothing below 4 rows; MKL catches up by 48
 
 
 def _small_linear_op():
