@@ -94,15 +94,46 @@ def _packed(head: torch.nn.Linear) -> torch.Tensor:
     return packed
 
 
+def _output_layer(model: torch.nn.Module):
+    get = getattr(model, "get_output_embeddings", None)
+    return get() if callable(get) else None
+
+
+def _float32_cpu_linear(layer) -> bool:
+    """A float32 ``nn.Linear`` on the CPU whose ``forward`` is its own (not replaced, e.g. by
+    accelerate's hooks): the layers the blocks below may run another way."""
+    return (isinstance(layer, torch.nn.Linear) and layer.weight.device.type == "cpu"
+            and layer.weight.dtype == torch.float32 and "forward" not in layer.__dict__)
+
+
+def _as_is(x: torch.Tensor, min_rows: int, max_rows: int | None = None) -> bool:
+    """Whether a replaced forward hands ``x`` (..., K) to the layer's own: other dtypes or devices,
+    autograd recording, or a row count outside [min_rows, max_rows]."""
+    rows = x.numel() // max(x.shape[-1], 1)
+    return (x.dtype != torch.float32 or x.device.type != "cpu" or torch.is_grad_enabled()
+            or rows < min_rows or (max_rows is not None and rows > max_rows))
+
+
+@contextlib.contextmanager
+def _forwards(replaced: dict):
+    """Each module's ``forward`` replaced by ``replaced[module]`` (an instance attribute over the
+    method) inside the block; afterwards the module's own again, unless someone replaced it meanwhile."""
+    for module, forward in replaced.items():
+        module.forward = forward
+    try:
+        yield
+    finally:
+        for module, forward in replaced.items():
+            if module.__dict__.get("forward") is forward:
+                del module.forward
+
+
 @contextlib.contextmanager
 def packed_output_layer(model: torch.nn.Module):
     """Inside the block, ``model``'s output layer multiplies with oneDNN and a prepacked weight
     (where it can: see the module's docstring); yields whether it does."""
-    get = getattr(model, "get_output_embeddings", None)
-    head = get() if callable(get) else None
-    if not (isinstance(head, torch.nn.Linear) and head.weight.device.type == "cpu"
-            and head.weight.dtype == torch.float32 and "forward" not in head.__dict__
-            and _enabled("KNNLM_PACKED_HEAD") and available()):
+    head = _output_layer(model)
+    if not (_float32_cpu_linear(head) and _enabled("KNNLM_PACKED_HEAD") and available()):
         yield False
         return
     try:
@@ -115,17 +146,12 @@ def packed_output_layer(model: torch.nn.Module):
     linear = head.forward
 
     def forward(x: torch.Tensor) -> torch.Tensor:  # (B, P, D) -> (B, P, V)
-        if (x.dtype != torch.float32 or x.device.type != "cpu" or torch.is_grad_enabled()
-                or x.numel() < PACKED_MIN_ROWS * x.shape[-1]):
+        if _as_is(x, PACKED_MIN_ROWS):
             return linear(x)
         return torch.ops.mkldnn._linear_pointwise(x.contiguous(), packed, bias, "none", [], "")
 
-    head.forward = forward  # an instance attribute over the method, for this block only
-    try:
+    with _forwards({head: forward}):
         yield True
-    finally:
-        if head.__dict__.get("forward") is forward:
-            del head.forward
 
 
 SMALL_MIN_ROWS, SMALL_MAX_ROWS = 4, 32  # bench_verify: passes gain nothing below 4 rows; MKL catches up by 48
@@ -149,38 +175,27 @@ def small_linears(model: torch.nn.Module):
     """Inside the block, ``model``'s linear layers other than the output layer multiply a few rows
     with ``torch.ops.knnlm.small_linear`` (where they can: see the module's docstring); yields how
     many layers do."""
-    get = getattr(model, "get_output_embeddings", None)
-    head = get() if callable(get) else None
-    layers = [m for m in model.modules() if isinstance(m, torch.nn.Linear) and m is not head
-              and m.weight.device.type == "cpu" and m.weight.dtype == torch.float32
-              and (m.bias is None or m.bias.dtype == torch.float32) and "forward" not in m.__dict__]
+    head = _output_layer(model)
+    layers = [m for m in model.modules() if m is not head and _float32_cpu_linear(m)
+              and (m.bias is None or m.bias.dtype == torch.float32)]
     op = _small_linear_op() if layers and _enabled("KNNLM_SMALL_LINEAR") else None
     if op is None:
         yield 0
         return
-    lo, hi = SMALL_MIN_ROWS, SMALL_MAX_ROWS
 
-    def swap(layer: torch.nn.Linear):
+    def small(layer: torch.nn.Linear):
         linear, weight = layer.forward, layer.weight.detach()
         bias = None if layer.bias is None else layer.bias.detach()
 
         def forward(x: torch.Tensor) -> torch.Tensor:  # (..., K) -> (..., N)
-            rows = x.numel() // max(x.shape[-1], 1)
-            if (not lo <= rows <= hi or x.dtype != torch.float32 or x.device.type != "cpu"
-                    or torch.is_grad_enabled()):
+            if _as_is(x, SMALL_MIN_ROWS, SMALL_MAX_ROWS):
                 return linear(x)
-            return op(x.reshape(rows, x.shape[-1]), weight, bias).reshape(*x.shape[:-1], weight.shape[0])
+            return op(x.reshape(-1, x.shape[-1]), weight, bias).reshape(*x.shape[:-1], weight.shape[0])
 
-        layer.forward = forward  # an instance attribute over the method, for this block only
         return forward
 
-    swapped = [(layer, swap(layer)) for layer in layers]
-    try:
-        yield len(swapped)
-    finally:
-        for layer, forward in swapped:
-            if layer.__dict__.get("forward") is forward:
-                del layer.forward
+    with _forwards({layer: small(layer) for layer in layers}):
+        yield len(layers)
 
 
 _GQA_SWITCH = "TRANSFORMERS_SDPA_FORCE_GQA"  # transformers' own (integrations/sdpa_attention.py)

@@ -84,14 +84,17 @@ using PanelFn = void (*)(const float*, int64_t, const float*, int64_t, int, bool
 constexpr PanelFn kPanels[kMaxRows + 1] = {nullptr,   &panel<1>, &panel<2>, &panel<3>,
                                            &panel<4>, &panel<5>, &panel<6>};
 
-}  // namespace
-
+// Whether this CPU runs the kernel (AVX-512F).
 bool small_linear_supported() {
   static const bool ok = __builtin_cpu_supports("avx512f");
   return ok;
 }
+
+}  // namespace
 #else  // not x86-64 (or not GCC / clang): the op is registered but never runs; knnlm.cpu does not use it
+namespace {
 bool small_linear_supported() { return false; }
+}  // namespace
 #endif
 
 at::Tensor small_linear_cpu(const at::Tensor& x, const at::Tensor& weight, const c10::optional<at::Tensor>& bias) {

@@ -5,9 +5,6 @@
 
 namespace knnlm {
 
-// Whether this CPU runs the kernel (AVX-512F).
-bool small_linear_supported();
-
 at::Tensor small_linear_cpu(const at::Tensor& x, const at::Tensor& weight, const c10::optional<at::Tensor>& bias);
 
 }  // namespace knnlm
